@@ -1,0 +1,154 @@
+# Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
+"""EmoVLM-KD configuration: a Qwen2-VL sub-config plus the label set, prompt and fusion heads."""
+
+from huggingface_hub.dataclasses import strict
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Label sets are named and ordered once, here. The order is the class index order of every checkpoint
+# trained with them; nothing in this project derives an order from a directory listing.
+LABEL_SETS = {
+    # Mikels' eight emotions, in EmoSet's and FI's published order.
+    "mikels8": ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"],
+    # Emotion6: Ekman's six basic emotions, in the data set's ground-truth column order.
+    "ekman6": ["anger", "disgust", "fear", "joy", "sadness", "surprise"],
+    # Flickr and Instagram sentiment (majority of per-image votes).
+    "binary": ["negative", "positive"],
+}
+DATASET_LABEL_SETS = {
+    "emoset": "mikels8",
+    "fi": "mikels8",
+    "emotion6": "ekman6",
+    "flickr": "binary",
+    "instagram": "binary",
+}
+
+GATE_TYPES = ("concat_linear", "moe", "bilinear", "dynamic_weighting", "cross_gating")
+GATE_VLM_SIGNALS = ("one_hot", "probs")
+POOLING_TYPES = ("mean", "max")
+
+DEFAULT_CATEGORICAL_PROMPT = (
+    "Which emotion does this image evoke? Choose one of: {labels}. "
+    "Answer in the format {{'emotion': '<label>'}}."
+)
+
+
+def resolve_label_set(label_set: str | list[str]) -> list[str]:
+    """Return the ordered labels of a named set (`mikels8`, `ekman6`, `binary`, or a data set name) or a list."""
+    if isinstance(label_set, str):
+        name = DATASET_LABEL_SETS.get(label_set.lower(), label_set.lower())
+        if name not in LABEL_SETS:
+            known = sorted(LABEL_SETS) + sorted(DATASET_LABEL_SETS)
+            raise ValueError(f"Unknown label set {label_set!r}; use one of {known} or pass a list of labels.")
+        return list(LABEL_SETS[name])
+    labels = [str(label) for label in label_set]
+    if len(labels) < 2:
+        raise ValueError(f"A label set needs at least two labels, got {labels}.")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Labels must be unique, got {labels}.")
+    return labels
+
+
+@strict(accept_kwargs=True)
+class EmoVLMKDConfig(PretrainedConfig):
+    r"""
+    Configuration of [`EmoVLMKDForImageClassification`]: a Qwen2-VL model whose visual features also feed a
+    distillation head, with a gate fusing the VLM's label and the head's probabilities (arXiv 2505.07164).
+
+    Args:
+        vlm_config (`dict` or `PretrainedConfig`, *optional*):
+            Configuration of the wrapped vision-language model (`Qwen2VLConfig` by default).
+        label_set (`str`, *optional*, defaults to `"custom"`):
+            Name of the label set (`mikels8`, `ekman6`, `binary` or `custom`); `id2label` holds the ordered labels.
+        categorical_prompt (`str`, *optional*):
+            The categorical instruction, with the class list already filled in.
+        answer_prefix (`str`, *optional*, defaults to `"{'emotion': '"`):
+            Forced start of the assistant's answer; label strings are scored right after it.
+        answer_suffix (`str`, *optional*, defaults to `"'}"`):
+            End of the answer; scored with each label so that a label that prefixes another is not favoured.
+        prompt_token_ids (`dict`, *optional*):
+            Token ids of the classification prompt, written by `EmoVLMKDProcessor.prepare_config`:
+            `before_image`, `after_image` (ending with the answer prefix) and `label_continuations`.
+        head_hidden_dims (`list[int]`, *optional*, defaults to `[1024]`):
+            Hidden sizes of the distillation head's MLP.
+        head_activation (`str`, *optional*, defaults to `"gelu"`):
+            Activation between the head's layers (any key of `transformers.activations.ACT2FN`).
+        head_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout before each of the head's linear layers but the first.
+        pooling (`str`, *optional*, defaults to `"mean"`):
+            How each image's merged visual tokens are pooled into one vector (`mean` or `max`).
+        gate_type (`str`, *optional*, defaults to `"concat_linear"`):
+            Fusion of the two branches (paper, Table 4): `concat_linear`, `moe`, `bilinear`, `dynamic_weighting`
+            or `cross_gating`.
+        gate_vlm_signal (`str`, *optional*, defaults to `"one_hot"`):
+            What the gate sees of the VLM: the paper's one-hot of its label, or its label probabilities (`probs`).
+        gate_num_experts (`int`, *optional*, defaults to 4):
+            Number of experts of the `moe` gate.
+
+    Example:
+
+    ```python
+    >>> from modeling_emovlm_kd import EmoVLMKDConfig
+    >>> config = EmoVLMKDConfig.from_label_set("mikels8")
+    >>> config.num_labels, config.id2label[1]
+    (8, 'awe')
+    ```"""
+
+    model_type = "emovlm_kd"
+    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_vl")}
+
+    vlm_config: dict | PretrainedConfig | None = None
+    label_set: str = "custom"
+    categorical_prompt: str | None = None
+    answer_prefix: str = "{'emotion': '"
+    answer_suffix: str = "'}"
+    prompt_token_ids: dict | None = None
+    head_hidden_dims: list[int] | tuple[int, ...] = (1024,)
+    head_activation: str = "gelu"
+    head_dropout: float = 0.1
+    pooling: str = "mean"
+    gate_type: str = "concat_linear"
+    gate_vlm_signal: str = "one_hot"
+    gate_num_experts: int = 4
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.head_hidden_dims = [int(d) for d in self.head_hidden_dims]
+        if self.gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}.")
+        if self.gate_vlm_signal not in GATE_VLM_SIGNALS:
+            raise ValueError(f"gate_vlm_signal must be one of {GATE_VLM_SIGNALS}, got {self.gate_vlm_signal!r}.")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}.")
+        if self.problem_type is None:
+            self.problem_type = "single_label_classification"
+        if self.categorical_prompt is None:
+            self.categorical_prompt = DEFAULT_CATEGORICAL_PROMPT.format(labels=", ".join(self.labels))
+
+    @classmethod
+    def from_label_set(cls, label_set: str | list[str], **kwargs) -> "EmoVLMKDConfig":
+        """Build a config whose `id2label` is the given named set (or list), in its fixed order."""
+        labels = resolve_label_set(label_set)
+        if isinstance(label_set, str):
+            name = DATASET_LABEL_SETS.get(label_set.lower(), label_set.lower())
+        else:
+            name = "custom"
+        return cls(
+            label_set=name,
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            **kwargs,
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.id2label[i] for i in range(len(self.id2label))]
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the merged visual tokens, which equals the language model's hidden size."""
+        return self.vlm_config.get_text_config().hidden_size
+
+
+__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "resolve_label_set"]

@@ -1,0 +1,403 @@
+# Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
+"""EmoVLM-KD: a Qwen2-VL classifier fused with a distilled head on the same visual features (arXiv 2505.07164)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_emovlm_kd import EmoVLMKDConfig
+
+
+@dataclass
+class EmoVLMKDImageClassifierOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        Cross-entropy of the fused `logits`.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+        Fused class scores of the gate.
+    vlm_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+        Log-likelihood the VLM gives each label string after the answer prefix; `softmax` gives its label
+        probabilities and `argmax` its label.
+    head_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+        Logits of the distillation head.
+    visual_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Pooled merged visual tokens, the head's input.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vlm_logits: torch.FloatTensor | None = None
+    head_logits: torch.FloatTensor | None = None
+    visual_features: torch.FloatTensor | None = None
+
+
+class EmoVLMKDDistillationHead(nn.Module):
+    """`Linear(D, h1) -> act -> ... -> Linear(h_n, C)`: the student distilled from the ViT teacher."""
+
+    def __init__(self, in_features: int, hidden_dims: list[int], num_labels: int, activation: str, dropout: float):
+        super().__init__()
+        layers = []
+        for i, width in enumerate(hidden_dims):
+            layers += [nn.Dropout(dropout) if i else nn.Identity(), nn.Linear(in_features, width), ACT2FN[activation]]
+            in_features = width
+        layers += [nn.Dropout(dropout) if hidden_dims else nn.Identity(), nn.Linear(in_features, num_labels)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features)
+
+
+# Gates fuse the VLM's signal `v` (one-hot label or label probabilities) with the head's probabilities `h`,
+# both `(batch, C)`, into class logits `(batch, C)`. `branch_weights` says how much each branch drove the
+# decision, from the gate's own computation, as `(batch, 2)` rows [vlm, head] summing to 1.
+
+
+def _linear_share(weight: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Relative size of the logit contributions `W_v v` and `W_h h` of a linear layer over `cat(v, h)`."""
+    num_labels = v.shape[-1]
+    parts = torch.stack([v @ weight[:, :num_labels].T, h @ weight[:, num_labels:].T], dim=1).abs().sum(-1)
+    return parts / parts.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class ConcatLinearGate(nn.Module):
+    """The paper's gate: `Linear(2C, C)` over `cat(v, h)`."""
+
+    def __init__(self, num_labels: int, **kwargs):
+        super().__init__()
+        self.proj = nn.Linear(2 * num_labels, num_labels)
+
+    def forward(self, v, h):
+        return self.proj(torch.cat([v, h], dim=-1))
+
+    def branch_weights(self, v, h):
+        return _linear_share(self.proj.weight, v, h)
+
+
+class MoEGate(nn.Module):
+    """Mixture of experts: a softmax router over `num_experts` linear experts, all reading `cat(v, h)`."""
+
+    def __init__(self, num_labels: int, num_experts: int = 4, **kwargs):
+        super().__init__()
+        self.router = nn.Linear(2 * num_labels, num_experts)
+        self.experts = nn.Linear(2 * num_labels, num_experts * num_labels)
+        self.num_experts = num_experts
+
+    def forward(self, v, h):
+        x = torch.cat([v, h], dim=-1)
+        weights = self.router(x).softmax(-1).unsqueeze(-1)
+        outputs = self.experts(x).view(x.shape[0], self.num_experts, -1)
+        return (weights * outputs).sum(1)
+
+    def branch_weights(self, v, h):
+        x = torch.cat([v, h], dim=-1)
+        weights = self.router(x).softmax(-1)
+        effective = torch.einsum("be,eco->bco", weights, self.experts.weight.view(self.num_experts, -1, x.shape[-1]))
+        num_labels = v.shape[-1]
+        parts = torch.stack(
+            [
+                torch.einsum("bco,bo->bc", effective[..., :num_labels], v),
+                torch.einsum("bco,bo->bc", effective[..., num_labels:], h),
+            ],
+            dim=1,
+        ).abs().sum(-1)
+        return parts / parts.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class BilinearGate(nn.Module):
+    """Bilinear pooling `v^T W_k h` per class plus a linear term over `cat(v, h)`."""
+
+    def __init__(self, num_labels: int, **kwargs):
+        super().__init__()
+        self.bilinear = nn.Bilinear(num_labels, num_labels, num_labels, bias=False)
+        self.proj = nn.Linear(2 * num_labels, num_labels)
+
+    def forward(self, v, h):
+        return self.bilinear(v, h) + self.proj(torch.cat([v, h], dim=-1))
+
+    def branch_weights(self, v, h):
+        # The bilinear term needs both branches; split it evenly and add the linear parts.
+        num_labels = v.shape[-1]
+        joint = self.bilinear(v, h).abs().sum(-1)
+        own_v = (v @ self.proj.weight[:, :num_labels].T).abs().sum(-1)
+        own_h = (h @ self.proj.weight[:, num_labels:].T).abs().sum(-1)
+        parts = torch.stack([own_v + joint / 2, own_h + joint / 2], dim=-1)
+        return parts / parts.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class DynamicWeightingGate(nn.Module):
+    """Per-image convex weights over the two branches, predicted from `cat(v, h)`, mixing their projections."""
+
+    def __init__(self, num_labels: int, **kwargs):
+        super().__init__()
+        self.weigher = nn.Linear(2 * num_labels, 2)
+        self.vlm_proj = nn.Linear(num_labels, num_labels)
+        self.head_proj = nn.Linear(num_labels, num_labels)
+
+    def forward(self, v, h):
+        w = self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
+        return w[:, :1] * self.vlm_proj(v) + w[:, 1:] * self.head_proj(h)
+
+    def branch_weights(self, v, h):
+        return self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
+
+
+class CrossGatingGate(nn.Module):
+    """Each branch is gated by a sigmoid of the other before a linear fusion of the gated signals."""
+
+    def __init__(self, num_labels: int, **kwargs):
+        super().__init__()
+        self.gate_from_head = nn.Linear(num_labels, num_labels)
+        self.gate_from_vlm = nn.Linear(num_labels, num_labels)
+        self.proj = nn.Linear(2 * num_labels, num_labels)
+
+    def _gated(self, v, h):
+        return v * torch.sigmoid(self.gate_from_head(h)), h * torch.sigmoid(self.gate_from_vlm(v))
+
+    def forward(self, v, h):
+        return self.proj(torch.cat(self._gated(v, h), dim=-1))
+
+    def branch_weights(self, v, h):
+        return _linear_share(self.proj.weight, *self._gated(v, h))
+
+
+GATES = {
+    "concat_linear": ConcatLinearGate,
+    "moe": MoEGate,
+    "bilinear": BilinearGate,
+    "dynamic_weighting": DynamicWeightingGate,
+    "cross_gating": CrossGatingGate,
+}
+
+
+def pool_visual_tokens(image_embeds: tuple[torch.Tensor, ...], pooling: str) -> torch.Tensor:
+    """`(n_i, D)` merged tokens per image -> `(num_images, D)`."""
+    if pooling == "max":
+        return torch.stack([tokens.max(dim=0).values for tokens in image_embeds])
+    return torch.stack([tokens.mean(dim=0) for tokens in image_embeds])
+
+
+class EmoVLMKDPreTrainedModel(PreTrainedModel):
+    config_class = EmoVLMKDConfig
+    base_model_prefix = "emovlm_kd"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    _supports_sdpa = True
+    # Label scoring uses a custom 4D attention mask, which flash-attention kernels cannot take.
+    _supports_flash_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Bilinear)) and not isinstance(module, PreTrainedModel):
+            std = getattr(self.config.vlm_config.get_text_config(), "initializer_range", 0.02)
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        else:
+            super()._init_weights(module)
+
+
+class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
+    r"""
+    Qwen2-VL with a distillation head and a gate. One forward pass runs the vision tower once; its merged visual
+    tokens are pooled for the head and fed to the language model, which scores every label string after the
+    categorical prompt's forced answer prefix (no sampling, no parsing). The gate fuses both branches.
+    """
+
+    def __init__(self, config: EmoVLMKDConfig):
+        super().__init__(config)
+        self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
+        self.distillation_head = EmoVLMKDDistillationHead(
+            in_features=config.feature_dim,
+            hidden_dims=config.head_hidden_dims,
+            num_labels=config.num_labels,
+            activation=config.head_activation,
+            dropout=config.head_dropout,
+        )
+        self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
+        self._prompt_cache = None
+        self.post_init()
+
+    # ---- visual features -------------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor):
+        """Run the vision tower once; `pooler_output` holds each image's merged tokens `(n_i, D)`."""
+        return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
+    # ---- VLM label scoring -----------------------------------------------------------------------------
+
+    def _prompt_tensors(self, device):
+        ids = self.config.prompt_token_ids
+        if not ids:
+            raise ValueError(
+                "The config has no `prompt_token_ids`; run `EmoVLMKDProcessor.prepare_config(config)` so the model "
+                "knows its classification prompt."
+            )
+        if len(ids["label_continuations"]) != self.config.num_labels:
+            raise ValueError(
+                f"The prompt scores {len(ids['label_continuations'])} labels but the config has "
+                f"{self.config.num_labels}; re-run `EmoVLMKDProcessor.prepare_config(config)`."
+            )
+        if self._prompt_cache is None or self._prompt_cache["device"] != device:
+            continuations = [torch.tensor(c, dtype=torch.long) for c in ids["label_continuations"]]
+            label_index = torch.cat([torch.full((len(c),), i) for i, c in enumerate(continuations)])
+            offset = torch.cat([torch.arange(len(c)) for c in continuations])
+            self._prompt_cache = {
+                "device": device,
+                "before": torch.tensor(ids["before_image"], device=device),
+                "after": torch.tensor(ids["after_image"], device=device),
+                "continuations": torch.cat(continuations).to(device),
+                "label_index": label_index.to(device),
+                "offset": offset.to(device),
+            }
+        return self._prompt_cache
+
+    def _classification_inputs(self, image_grid_thw: torch.LongTensor):
+        """Left-padded prompts (one per image) followed by every label's continuation tokens, side by side."""
+        device = image_grid_thw.device
+        prompt = self._prompt_tensors(device)
+        vlm_config = self.config.vlm_config
+        merge = vlm_config.vision_config.spatial_merge_size
+        num_image_tokens = (image_grid_thw.prod(-1) // merge**2).tolist()
+        prefix_lengths = [len(prompt["before"]) + n + len(prompt["after"]) for n in num_image_tokens]
+        prefix_len = max(prefix_lengths)
+        num_cont = len(prompt["continuations"])
+        pad_id = self.config.prompt_token_ids.get("pad_token_id", 0)
+        input_ids = torch.full((len(num_image_tokens), prefix_len + num_cont), pad_id, device=device)
+        valid = torch.zeros_like(input_ids, dtype=torch.bool)
+        for b, (n, length) in enumerate(zip(num_image_tokens, prefix_lengths)):
+            image = torch.full((n,), vlm_config.image_token_id, device=device)
+            input_ids[b, prefix_len - length : prefix_len] = torch.cat([prompt["before"], image, prompt["after"]])
+            valid[b, prefix_len - length :] = True
+        input_ids[:, prefix_len:] = prompt["continuations"]
+        mm_token_type_ids = (input_ids == vlm_config.image_token_id).int()
+        return input_ids, valid, mm_token_type_ids, prefix_len
+
+    def _label_scoring_mask(self, valid: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """4D additive mask: the prompt is causal; each label's tokens see the prompt and their own label only."""
+        prompt = self._prompt_cache
+        length = valid.shape[1]
+        device = valid.device
+        positions = torch.arange(length, device=device)
+        allowed = positions[None, :] <= positions[:, None]
+        same_label = prompt["label_index"][:, None] == prompt["label_index"][None, :]
+        allowed[prefix_len:, prefix_len:] &= same_label
+        allowed = allowed[None] & valid[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool, device=device)[None]  # padding rows must see something
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def _position_ids(self, input_ids, mm_token_type_ids, image_grid_thw, valid, prefix_len):
+        """M-RoPE positions for the prompts; every label starts right after its prompt."""
+        position_ids, _ = self.vlm.model.get_rope_index(
+            input_ids[:, :prefix_len],
+            mm_token_type_ids=mm_token_type_ids[:, :prefix_len],
+            image_grid_thw=image_grid_thw,
+            attention_mask=valid[:, :prefix_len].long(),
+        )
+        start = position_ids[:, :, -1:] + 1
+        label_positions = start + self._prompt_cache["offset"].view(1, 1, -1)
+        return torch.cat([position_ids, label_positions], dim=-1)
+
+    def score_labels(self, image_features: BaseModelOutputWithPooling, image_grid_thw: torch.LongTensor):
+        """Log-likelihood of each label string (and the answer's closing suffix) after the answer prefix.
+
+        One forward pass of the language model over `prompt + all label continuations`, with a tree-shaped
+        attention mask, so labels that share leading tokens are each scored on their own path.
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_labels)`.
+        """
+        input_ids, valid, mm_token_type_ids, prefix_len = self._classification_inputs(image_grid_thw)
+        prompt = self._prompt_cache
+        dtype = self.vlm.get_input_embeddings().weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        # Each continuation token is predicted by the previous token of its own label (the prompt's last one
+        # for a label's first token); only those positions need logits.
+        first = prompt["offset"] == 0
+        predictor = torch.arange(len(prompt["offset"]), device=input_ids.device) + prefix_len - 1
+        predictor = torch.where(first, torch.full_like(predictor, prefix_len - 1), predictor)
+        outputs = self.vlm(
+            input_ids=input_ids,
+            attention_mask=self._label_scoring_mask(valid, prefix_len, dtype),
+            position_ids=self._position_ids(input_ids, mm_token_type_ids, image_grid_thw, valid, prefix_len),
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            mm_encoder_outputs={"image": image_features},
+            use_cache=False,
+            logits_to_keep=predictor,
+        )
+        log_probs = outputs.logits.float().log_softmax(-1)
+        targets = prompt["continuations"].view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
+        token_scores = log_probs.gather(-1, targets).squeeze(-1)
+        scores = torch.zeros(log_probs.shape[0], self.config.num_labels, device=log_probs.device)
+        return scores.index_add_(1, prompt["label_index"], token_scores)
+
+    # ---- fusion ----------------------------------------------------------------------------------------
+
+    def vlm_signal(self, vlm_logits: torch.Tensor) -> torch.Tensor:
+        """What the gate sees of the VLM: one-hot of its label (the paper) or its label probabilities."""
+        if self.config.gate_vlm_signal == "probs":
+            return vlm_logits.float().softmax(-1)
+        return F.one_hot(vlm_logits.argmax(-1), self.config.num_labels).float()
+
+    def fuse(self, vlm_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        gate_dtype = self.gate_dtype
+        return self.gate(self.vlm_signal(vlm_logits).to(gate_dtype), head_logits.float().softmax(-1).to(gate_dtype))
+
+    @property
+    def gate_dtype(self) -> torch.dtype:
+        return next(self.gate.parameters()).dtype
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        visual_features: torch.FloatTensor | None = None,
+        vlm_logits: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> EmoVLMKDImageClassifierOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(total_patches, channels * temporal_patch * patch * patch)`):
+            Flattened patches of the images, as the image processor returns them.
+        image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`):
+            Temporal, height and width patch grid of each image.
+        labels (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+            Class indices; when given, `loss` is the cross-entropy of the fused logits.
+        visual_features, vlm_logits (*optional*):
+            Cached pooled visual features `(num_images, D)` and VLM label scores `(num_images, C)`. When both are
+            given, the VLM is not run at all (used by the training stages' caches).
+        """
+        if visual_features is None or vlm_logits is None:
+            if pixel_values is None or image_grid_thw is None:
+                raise ValueError("Pass `pixel_values` and `image_grid_thw` (or cached `visual_features` and `vlm_logits`).")
+            image_features = self.get_image_features(pixel_values, image_grid_thw)
+            visual_features = pool_visual_tokens(image_features.pooler_output, self.config.pooling)
+            vlm_logits = self.score_labels(image_features, image_grid_thw)
+        head_dtype = self.distillation_head.mlp[-1].weight.dtype
+        head_logits = self.distillation_head(visual_features.to(head_dtype))
+        logits = self.fuse(vlm_logits, head_logits)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        return EmoVLMKDImageClassifierOutput(
+            loss=loss, logits=logits, vlm_logits=vlm_logits, head_logits=head_logits, visual_features=visual_features
+        )
+
+
+__all__ = [
+    "EmoVLMKDPreTrainedModel",
+    "EmoVLMKDForImageClassification",
+    "EmoVLMKDImageClassifierOutput",
+    "EmoVLMKDDistillationHead",
+    "GATES",
+]
