@@ -2,7 +2,6 @@
 """EmoVLM-KD configuration: a Qwen2-VL sub-config plus the label set, prompt and fusion heads."""
 
 from huggingface_hub.dataclasses import strict
-
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 

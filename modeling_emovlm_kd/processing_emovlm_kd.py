@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 

@@ -1,0 +1,29 @@
+# `make demo` and `make test` each build their own virtualenv; torch is installed first, from the exact version
+# (a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
+RUN_DIR ?= runs/demo
+
+.PHONY: demo test lint clean
+
+$(STAMP): setup.py $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m train demo --output-dir $(RUN_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

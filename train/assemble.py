@@ -1,0 +1,111 @@
+"""Put an EmoVLM-KD model together from a (tuned) Qwen2-VL checkpoint, and save it as a Hub-ready folder.
+
+    model, processor = assemble("runs/demo/sft/merged", labels="mikels8")
+    save_hub_folder(model, processor, "runs/demo/final")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, BitsAndBytesConfig
+
+from modeling_emovlm_kd import (
+    EmoVLMKDConfig,
+    EmoVLMKDForImageClassification,
+    EmoVLMKDImageProcessor,
+    EmoVLMKDProcessor,
+    register_for_auto_class,
+    resolve_label_set,
+)
+
+# Modules that stay in full precision when the VLM is loaded in 4 bits: the heads are tiny, and bitsandbytes'
+# CPU kernels need Linear input sizes that are multiples of 64.
+FULL_PRECISION_MODULES = ["distillation_head", "gate", "lm_head", "merger"]
+
+
+def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit NF4 with double quantisation, or `None` for a full-precision model."""
+    if not load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=FULL_PRECISION_MODULES,
+    )
+
+
+def load_processor(vlm_path: str | Path, labels, categorical_prompt: str | None = None) -> EmoVLMKDProcessor:
+    """An `EmoVLMKDProcessor` from a Qwen2-VL checkpoint's tokenizer and image processor, for a label set."""
+    labels = resolve_label_set(labels)
+    config = EmoVLMKDConfig.from_label_set(labels, categorical_prompt=categorical_prompt)
+    tokenizer = AutoTokenizer.from_pretrained(vlm_path)
+    image_processor = EmoVLMKDImageProcessor.from_pretrained(vlm_path)
+    return EmoVLMKDProcessor.from_config(image_processor, tokenizer, config)
+
+
+def assemble(
+    vlm_path: str | Path,
+    labels,
+    load_in_4bit: bool = False,
+    dtype: torch.dtype | str = "auto",
+    device_map=None,
+    **config_kwargs,
+) -> tuple[EmoVLMKDForImageClassification, EmoVLMKDProcessor]:
+    """Wrap a Qwen2-VL checkpoint with freshly initialised distillation head and gate."""
+    named = labels if isinstance(labels, str) else None
+    processor = load_processor(vlm_path, labels, config_kwargs.pop("categorical_prompt", None))
+    config = EmoVLMKDConfig.from_label_set(
+        named or processor.labels, vlm_config=AutoConfig.from_pretrained(vlm_path).to_dict(), **config_kwargs
+    )
+    processor.prepare_config(config)
+    # Build the wrapper on the meta device so no random 7B VLM is ever allocated, then load the real one.
+    with torch.device("meta"):
+        model = EmoVLMKDForImageClassification(config)
+    model.vlm = AutoModelForImageTextToText.from_pretrained(
+        vlm_path,
+        dtype=dtype,
+        device_map=device_map,
+        quantization_config=quantization_config(load_in_4bit),
+    )
+    model.config.vlm_config = model.vlm.config
+    device = model.vlm.get_input_embeddings().weight.device
+    for module in (model.distillation_head, model.gate):
+        module.to_empty(device=device)
+        module.apply(model._init_weights)
+    return model, processor
+
+
+def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDProcessor, output_dir) -> Path:
+    """Save weights (safetensors), config with `auto_map`, remote-code files and processor, atomically.
+
+    The folder is written next to its destination and renamed into place, so an interrupted save never leaves
+    a folder that loads with wrong or partial weights.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    register_for_auto_class(model.config)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if output_dir.exists():
+            backup = output_dir.with_name(f".{output_dir.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(output_dir, backup)
+            os.replace(staging, output_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+__all__ = ["FULL_PRECISION_MODULES", "assemble", "load_processor", "quantization_config", "save_hub_folder"]

@@ -1,0 +1,589 @@
+"""Emotion data sets as `datasets.DatasetDict`s with fixed label orders and reproducible splits.
+
+Every loader returns a `DatasetDict` with the splits `train`, `validation` and `test` and the columns `image`
+(`datasets.Image()`, decoded lazily from the file), `label` (`datasets.ClassLabel` in the label set's fixed order
+from `modeling_emovlm_kd.configuration_emovlm_kd.LABEL_SETS`, never a directory listing's order) and `image_path`
+(the file's path relative to the data set root). Data sets without an official split are split once, seeded and
+stratified 80/5/15, into a JSON split file; later calls read that file, so a split is reproducible and shareable.
+What a loader skipped (neutral votes, missing images, ...) is logged and kept in `dataset_summary(...)`.
+
+    from train.data import dataset_summary, load_dataset_from_config, load_emoset, load_fi
+
+    emoset = load_emoset("data/EmoSet-118K")
+    fi = load_fi("data/FI", split_file="splits/fi_seed42.json", seed=42)
+    fi["train"].features["label"].names  # ['amusement', 'awe', 'contentment', ..., 'sadness']
+    flickr = load_dataset_from_config(
+        "flickr", root="data/flickr", label_file="labels.txt", split_file="splits/flickr_seed42.json"
+    )
+    dataset_summary(flickr)["skipped"]  # e.g. {'neutral': 812, 'tie': 95, 'missing_image': 3}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value
+
+from modeling_emovlm_kd.configuration_emovlm_kd import LABEL_SETS, resolve_label_set
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_FRACTIONS = (0.8, 0.05, 0.15)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Names under which data sets ship their validation split.
+_VALIDATION_ALIASES = ("validation", "val", "valid", "dev")
+_VOTE_VALUES = {"positive": 1, "pos": 1, "1": 1, "+1": 1, "neutral": 0, "neu": 0, "0": 0,
+                "negative": -1, "neg": -1, "-1": -1}
+
+PathLike = str | os.PathLike
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _label_lookup(labels: Sequence[str]) -> dict[str, int]:
+    """Case-insensitive name -> class index, so a folder `Amusement` still means `amusement`."""
+    lookup = {label.strip().casefold(): index for index, label in enumerate(labels)}
+    if len(lookup) != len(labels):
+        raise ValueError(f"Labels must be unique ignoring case, got {list(labels)}.")
+    return lookup
+
+
+def _label_id(name: str, lookup: Mapping[str, int], where: str) -> int:
+    """The class index of `name`; an unknown label is an error, never a silently shifted index."""
+    index = lookup.get(str(name).strip().casefold())
+    if index is None:
+        raise ValueError(f"Unknown label {name!r} in {where}; the label set is {list(lookup)}.")
+    return index
+
+
+def _check_nonempty(label_ids: Iterable[int], labels: Sequence[str], where: str) -> None:
+    """Raise if a class has no examples: it would train nothing and make per-class metrics meaningless."""
+    counts = Counter(label_ids)
+    empty = [label for index, label in enumerate(labels) if counts[index] == 0]
+    if empty:
+        raise ValueError(f"Empty class(es) {empty} in {where}: every label of {list(labels)} needs examples.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders, sorted, without hidden ones (`.ipynb_checkpoints`, `.DS_Store` folders, ...)."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a directory.")
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_class_folders(folder: Path, labels: Sequence[str], base: Path, skipped: Counter) -> dict[str, int]:
+    """Map the images under `folder/<label>/` to class indices, keyed by their posix path relative to `base`.
+
+    Every visible sub-folder must be a known label; files that are not images are skipped and counted.
+    """
+    lookup = _label_lookup(labels)
+    examples = {}
+    for class_dir in _visible_dirs(folder):
+        label_id = _label_id(class_dir.name, lookup, f"folder {class_dir}")
+        for path in sorted(class_dir.iterdir()):
+            if _is_image(path):
+                examples[path.relative_to(base).as_posix()] = label_id
+            elif not path.name.startswith("."):
+                skipped["non_image_file"] += 1
+    return examples
+
+
+def _index_images_by_stem(folder: Path) -> dict[str, list[Path]]:
+    """Image files of `folder` by file name without extension, to find `<id>.jpg`, `<id>.png`, ..."""
+    if not folder.is_dir():
+        raise ValueError(f"Image folder {folder} does not exist.")
+    index: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if _is_image(path):
+            index.setdefault(path.stem, []).append(path)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeded stratified splits, written to and read from a split file
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0:
+        raise ValueError(f"fractions must be three non-negative (train, validation, test) shares, got {fractions}.")
+    total = sum(fractions)
+    return tuple(f / total for f in fractions)
+
+
+def _split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    """Per-class (train, validation, test) sizes; train takes the rounding remainder."""
+    n_validation = round(n * fractions[1])
+    n_test = min(round(n * fractions[2]), n - n_validation)
+    return n - n_validation - n_test, n_validation, n_test
+
+
+def _stratified_split(examples: Mapping[str, int], seed: int, fractions: Sequence[float]) -> dict[str, list[str]]:
+    """Shuffle each class with one seeded generator (classes in label order) and cut it 80/5/15.
+
+    Splits keep the input order of `examples`, so a split does not depend on the shuffle's order.
+    """
+    rng = random.Random(seed)
+    order = {key: i for i, key in enumerate(examples)}
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for label_id in sorted(set(examples.values())):
+        keys = [key for key in examples if examples[key] == label_id]
+        rng.shuffle(keys)
+        _, n_validation, n_test = _split_counts(len(keys), fractions)
+        splits["validation"] += keys[:n_validation]
+        splits["test"] += keys[n_validation : n_validation + n_test]
+        splits["train"] += keys[n_validation + n_test :]
+    return {name: sorted(keys, key=order.__getitem__) for name, keys in splits.items()}
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    """Write via a temporary file and rename, so concurrent ranks never read half a split file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(content, handle, indent=1)
+    os.replace(handle.name, path)
+
+
+def _check_split_file(content: dict, examples: Mapping[str, int], header: dict, split_file: Path) -> None:
+    """A split file must match the data and the settings it is read for; otherwise the split would drift."""
+    for key, value in header.items():
+        if content.get(key) != value:
+            raise ValueError(
+                f"Split file {split_file} has {key}={content.get(key)!r}, but {value!r} was asked for; "
+                "pass matching arguments or another split_file."
+            )
+    listed = [key for name in SPLITS for key in content[name]]
+    unknown = sorted(set(listed) - set(examples))
+    unlisted = sorted(set(examples) - set(listed))
+    if unknown or unlisted or len(listed) != len(set(listed)):
+        raise ValueError(
+            f"Split file {split_file} does not match the data: {len(unknown)} listed entries are not in it "
+            f"(e.g. {unknown[:3]}), {len(unlisted)} entries are not listed (e.g. {unlisted[:3]}), "
+            f"{len(listed) - len(set(listed))} are listed twice. Delete it to make a new split."
+        )
+
+
+def _read_or_create_split(
+    split_file: PathLike, examples: Mapping[str, int], labels: Sequence[str], seed: int, fractions: Sequence[float]
+) -> dict[str, list[str]]:
+    """Read the split from `split_file` if it exists; else make the seeded stratified split and write it there."""
+    split_file = Path(split_file)
+    header = {"seed": seed, "fractions": list(fractions), "labels": list(labels)}
+    if split_file.exists():
+        content = json.loads(split_file.read_text())
+        _check_split_file(content, examples, header, split_file)
+        logger.info("Read the split from %s.", split_file)
+        return {name: list(content[name]) for name in SPLITS}
+    splits = _stratified_split(examples, seed, fractions)
+    _write_json_atomically(split_file, {**header, **splits})
+    logger.info("Wrote a seeded (seed=%d) stratified split to %s.", seed, split_file)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the DatasetDict and its summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _features(labels: Sequence[str]) -> Features:
+    return Features({"image": Image(), "label": ClassLabel(names=list(labels)), "image_path": Value("string")})
+
+
+def _summary(name: str, dataset_dict: Mapping[str, Dataset], skipped: Mapping[str, int], **extra) -> dict:
+    """Rows and class counts per split plus skip counts, logged and stored in every split's `info.description`."""
+    names = dataset_dict["train"].features["label"].names
+    counters = {split: Counter(ds["label"]) for split, ds in dataset_dict.items()}
+    class_counts = {split: {name: counts[i] for i, name in enumerate(names)} for split, counts in counters.items()}
+    summary = {"dataset": name, "num_rows": {split: len(ds) for split, ds in dataset_dict.items()},
+               "class_counts": class_counts, "skipped": dict(skipped), **extra}
+    logger.info("Loaded %s: %s rows per split.", name, summary["num_rows"])
+    if skipped:
+        logger.warning("Skipped while loading %s: %s.", name, dict(skipped))
+    return summary
+
+
+def _attach_summary(dataset_dict: DatasetDict, summary: dict) -> DatasetDict:
+    for ds in dataset_dict.values():
+        ds.info.description = json.dumps(summary)
+    return dataset_dict
+
+
+def _build(
+    name: str, root: Path, splits: Mapping[str, Sequence[str]], examples: Mapping[str, int], labels: Sequence[str],
+    skipped: Mapping[str, int], **extra,
+) -> DatasetDict:
+    """One lazily decoded `Dataset` per split from relative image paths and their class indices."""
+    features = _features(labels)
+    dataset_dict = DatasetDict({
+        split: Dataset.from_dict(
+            {"image": [str(root / key) for key in keys], "label": [examples[key] for key in keys],
+             "image_path": list(keys)},
+            features=features, info=DatasetInfo(features=features),
+        )
+        for split, keys in splits.items()
+    })
+    return _attach_summary(dataset_dict, _summary(name, dataset_dict, skipped, root=str(root), **extra))
+
+
+def _build_with_split_file(
+    name: str, root: Path, examples: dict[str, int], labels: Sequence[str], split_file: PathLike, seed: int,
+    fractions: Sequence[float], skipped: Mapping[str, int],
+) -> DatasetDict:
+    """Check every class has examples, split them (or read the split) and build the `DatasetDict`."""
+    _check_nonempty(examples.values(), labels, str(root))
+    fractions = _check_fractions(fractions)
+    splits = _read_or_create_split(split_file, examples, labels, seed, fractions)
+    return _build(name, root, splits, examples, labels, skipped, split_file=str(split_file), seed=seed)
+
+
+def dataset_summary(dataset_dict: DatasetDict) -> dict:
+    """What a loader of this module loaded and skipped: `num_rows`, `class_counts`, `skipped`, `split_file`, ..."""
+    return json.loads(dataset_dict["train"].info.description)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EmoSet-118K
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_emoset_split(root: Path, split_json: str, lookup: Mapping[str, int]) -> dict[str, int]:
+    """Entries `[label, id, image_path, annotation_path]` of one official split -> {image path: class index}."""
+    examples = {}
+    for entry in json.loads((root / split_json).read_text()):
+        label, _, image_path = entry[:3]
+        examples[Path(image_path).as_posix()] = _label_id(label, lookup, f"{root / split_json} ({image_path})")
+    missing = [key for key in examples if not (root / key).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} images listed in {root / split_json} are missing, e.g. {missing[:3]}.")
+    return examples
+
+
+def load_emoset(root: PathLike) -> DatasetDict:
+    """EmoSet-118K with its official splits from `root/{train,val,test}.json` (val -> `validation`), mikels8 labels.
+
+    Raises `ValueError` for a missing image, an unknown label or a class without images in a split.
+    """
+    root, labels = Path(root), LABEL_SETS["mikels8"]
+    lookup = _label_lookup(labels)
+    examples, splits = {}, {}
+    for split, split_json in zip(SPLITS, ("train.json", "val.json", "test.json")):
+        split_examples = _read_emoset_split(root, split_json, lookup)
+        _check_nonempty(split_examples.values(), labels, str(root / split_json))
+        examples.update(split_examples)
+        splits[split] = list(split_examples)
+    return _build("emoset", root, splits, examples, labels, {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FI, Emotion6 and generic image folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_fi(
+    root: PathLike, split_file: PathLike, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> DatasetDict:
+    """FI from `root/<emotion>/<emotion>_<n>.jpg` (mikels8), split seeded and stratified 80/5/15 via `split_file`.
+
+    `split_file` is read if it exists and written otherwise (relative image paths per split), so it can live next to
+    the run's outputs when `root` is read-only.
+    """
+    root, labels, skipped = Path(root), LABEL_SETS["mikels8"], Counter()
+    examples = _scan_class_folders(root, labels, root, skipped)
+    return _build_with_split_file("fi", root, examples, labels, split_file, seed, fractions, skipped)
+
+
+def _read_emotion6_ground_truth(path: Path) -> set[str]:
+    """Image names (`anger/1.jpg`) of Emotion6's tab-separated `ground_truth.txt`, header line skipped."""
+    if not path.is_file():
+        raise ValueError(f"Emotion6 ground truth {path} is missing.")
+    lines = path.read_text().splitlines()[1:]
+    return {Path(line.split("\t")[0].strip()).as_posix() for line in lines if line.strip()}
+
+
+def load_emotion6(
+    root: PathLike, split_file: PathLike, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> DatasetDict:
+    """Emotion6 from `root/images/<emotion>/<n>.jpg` (ekman6; label = folder), split like `load_fi`.
+
+    Cross-checked with `root/ground_truth.txt`: images missing from it are kept (their folder is their label) and
+    counted as `not_in_ground_truth`; entries without an image on disk are counted as `missing_image`.
+    """
+    root, labels, skipped = Path(root), LABEL_SETS["ekman6"], Counter()
+    examples = _scan_class_folders(root / "images", labels, root, skipped)
+    listed = _read_emotion6_ground_truth(root / "ground_truth.txt")
+    on_disk = {key.removeprefix("images/") for key in examples}
+    if on_disk - listed:
+        skipped["not_in_ground_truth"] = len(on_disk - listed)
+    if listed - on_disk:
+        skipped["missing_image"] = len(listed - on_disk)
+    return _build_with_split_file("emotion6", root, examples, labels, split_file, seed, fractions, skipped)
+
+
+def _split_folders(root: Path) -> dict[str, Path] | None:
+    """`{split: folder}` if `root` holds `train/`, `validation/` (or `val/`, ...) and `test/`; None if none."""
+    found = {p.name.lower(): p for p in _visible_dirs(root)}
+    validation = next((found[a] for a in _VALIDATION_ALIASES if a in found), None)
+    folders = {"train": found.get("train"), "validation": validation, "test": found.get("test")}
+    if all(folder is None for folder in folders.values()):
+        return None
+    if any(folder is None for folder in folders.values()):
+        raise ValueError(f"{root} has split folders {sorted(found)}; it needs all of train, validation and test.")
+    return folders
+
+
+def load_imagefolder(
+    root: PathLike, labels: str | list[str], split_file: PathLike | None = None, seed: int = 42,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> DatasetDict:
+    """Images in `root/<split>/<label>/*` (splits used as they are) or `root/<label>/*` (split like `load_fi`, which
+    needs `split_file`). `labels` is a label set name or an ordered list; it fixes the class indices."""
+    root, labels, skipped = Path(root), resolve_label_set(labels), Counter()
+    folders = _split_folders(root)
+    if folders is None:
+        if split_file is None:
+            raise ValueError(f"{root} has no train/validation/test folders, so pass a split_file to split it.")
+        examples = _scan_class_folders(root, labels, root, skipped)
+        return _build_with_split_file("imagefolder", root, examples, labels, split_file, seed, fractions, skipped)
+    by_split = {split: _scan_class_folders(folder, labels, root, skipped) for split, folder in folders.items()}
+    _check_nonempty(by_split["train"].values(), labels, str(folders["train"]))
+    examples = {key: label_id for split_examples in by_split.values() for key, label_id in split_examples.items()}
+    return _build("imagefolder", root, {s: list(e) for s, e in by_split.items()}, examples, labels, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flickr and Instagram sentiment
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_votes(tokens: Sequence[str], where: str) -> list[int]:
+    """Votes written as words or numbers -> +1 / 0 / -1."""
+    votes = [_VOTE_VALUES.get(token.lower()) for token in tokens]
+    if not votes or None in votes:
+        raise ValueError(f"Cannot read the votes {list(tokens)} in {where}; use positive/neutral/negative or 1/0/-1.")
+    return votes
+
+
+def _read_vote_file(path: Path) -> dict[str, list[int]]:
+    """`<id> <vote> <vote> ...` lines (whitespace- or comma-separated); a first line without votes is a header."""
+    rows: dict[str, list[int]] = {}
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    for number, line in lines:
+        image_id, *tokens = re.split(r"[\s,;]+", line.strip())
+        if number == lines[0][0] and tokens and not any(token.lower() in _VOTE_VALUES for token in tokens):
+            continue
+        if image_id in rows:
+            raise ValueError(f"Image id {image_id!r} is listed twice in {path} (line {number}).")
+        rows[image_id] = _parse_votes(tokens, f"{path} line {number}")
+    return rows
+
+
+def _majority(votes: Sequence[int]) -> int | str:
+    """Class index (0 negative, 1 positive) of the votes, or why they are skipped (`neutral`, `tie`).
+
+    The winning sentiment must outnumber both the other sentiment and the neutral votes.
+    """
+    counts = Counter(votes)
+    positive, negative, neutral = counts[1], counts[-1], counts[0]
+    if neutral >= max(positive, negative):
+        return "neutral"
+    if positive == negative:
+        return "tie"
+    return 1 if positive > negative else 0
+
+
+def _find_image(image_id: str, index: Mapping[str, list[Path]]) -> Path | None:
+    paths = index.get(image_id, [])
+    if len(paths) > 1:
+        raise ValueError(f"Image id {image_id!r} matches several files: {[p.name for p in paths]}.")
+    return paths[0] if paths else None
+
+
+def load_flickr_instagram(
+    root: PathLike, label_file: PathLike, split_file: PathLike, image_dir: str = "images", seed: int = 42,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS, name: str = "flickr_instagram",
+) -> DatasetDict:
+    """Flickr or Instagram sentiment: `label_file` (relative to `root` or absolute) has one line per image, its id and
+    per-annotator votes; images are `root/<image_dir>/<id>.<ext>`. Labels are binary: 0 `negative`, 1 `positive`.
+
+    Neutral-majority and tied votes, and ids without an image, are skipped and counted (`neutral`, `tie`,
+    `missing_image`). Split like `load_fi`.
+    """
+    root, labels, skipped = Path(root), LABEL_SETS["binary"], Counter()
+    index = _index_images_by_stem(root / image_dir)
+    examples = {}
+    for image_id, votes in _read_vote_file(root / label_file).items():
+        label_id, path = _majority(votes), _find_image(image_id, index)
+        if isinstance(label_id, str):
+            skipped[label_id] += 1
+        elif path is None:
+            skipped["missing_image"] += 1
+        else:
+            examples[path.relative_to(root).as_posix()] = label_id
+    return _build_with_split_file(name, root, examples, labels, split_file, seed, fractions, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub or local data sets with an image and a label column
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _source_label_ids(ds: Dataset, label_column: str, labels: Sequence[str], where: str) -> list[int]:
+    """The source's labels as indices of `labels`: ClassLabel values and strings by name, plain ints as indices."""
+    feature, values = ds.features[label_column], ds[label_column]
+    lookup = _label_lookup(labels)
+    if isinstance(feature, ClassLabel):
+        # Map by name: the source's own index order need not be ours.
+        mapping = {index: lookup.get(name.strip().casefold()) for index, name in enumerate(feature.names)}
+        unknown = sorted({feature.names[v] if v in mapping else str(v) for v in values if mapping.get(v) is None})
+        if unknown:
+            raise ValueError(f"Unknown or missing label(s) {unknown} in {where}; the label set is {list(labels)}.")
+        return [mapping[v] for v in values]
+    if all(isinstance(v, str) for v in values):
+        return [_label_id(v, lookup, where) for v in values]
+    bad = sorted({v for v in values if not isinstance(v, int) or not 0 <= v < len(labels)}, key=str)
+    if bad:
+        raise ValueError(f"Label values {bad[:5]} in {where} are not indices of {list(labels)}.")
+    return list(values)
+
+
+def _source_image_paths(ds: Dataset, image_column: str) -> list[str]:
+    """Each row's image file path ('' for images stored as bytes), read without decoding an image."""
+    if isinstance(ds.features[image_column], Value):
+        return [str(path) for path in ds[image_column]]
+    column = ds.cast_column(image_column, Image(decode=False)).with_format("arrow")[image_column]
+    return [path or "" for path in column.combine_chunks().field("path").to_pylist()]
+
+
+def _convert_hub_split(
+    ds: Dataset, labels: Sequence[str], image_column: str, label_column: str, where: str
+) -> Dataset:
+    """Keep the image and label columns as `image`, `label` (in our order) and `image_path`."""
+    for column in (image_column, label_column):
+        if column not in ds.column_names:
+            raise ValueError(f"Column {column!r} is not in {where}; its columns are {ds.column_names}.")
+    label_ids = _source_label_ids(ds, label_column, labels, where)
+    paths = _source_image_paths(ds, image_column)
+    ds = ds.select_columns([image_column]).rename_column(image_column, "image")
+    ds = ds.add_column("label", label_ids).add_column("image_path", paths)
+    return ds.cast(_features(labels))
+
+
+def _canonical_splits(source: DatasetDict, where: str) -> dict[str, Dataset]:
+    """Source splits under our names (`val`, `valid`, `dev` -> `validation`); a `train` split is required."""
+    renamed = {("validation" if name in _VALIDATION_ALIASES else name): ds for name, ds in source.items()}
+    if "train" not in renamed:
+        raise ValueError(f"{where} has no train split; its splits are {list(source)}.")
+    return {name: renamed[name] for name in SPLITS if name in renamed}
+
+
+def _carve_missing_splits(
+    splits: dict[str, Dataset], labels: Sequence[str], split_file: PathLike | None, seed: int,
+    fractions: Sequence[float], where: str,
+) -> dict[str, Dataset]:
+    """Cut missing validation/test splits from train, seeded and stratified; the split file lists train row indices."""
+    missing = [name for name in SPLITS if name not in splits]
+    if split_file is None:
+        raise ValueError(f"{where} has no {missing} split(s); pass a split_file to cut them from train.")
+    shares = [share if name == "train" or name in missing else 0.0 for name, share in zip(SPLITS, fractions)]
+    train = splits["train"]
+    examples = {str(i): label_id for i, label_id in enumerate(train["label"])}
+    _check_nonempty(examples.values(), labels, f"{where} train")
+    rows = _read_or_create_split(split_file, examples, labels, seed, _check_fractions(shares))
+    return {**splits, **{name: train.select([int(i) for i in rows[name]]) for name in ["train", *missing]}}
+
+
+def load_hub_dataset(
+    name_or_path: str, labels: str | list[str], image_column: str = "image", label_column: str = "label",
+    split_file: PathLike | None = None, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    **load_kwargs,
+) -> DatasetDict:
+    """`datasets.load_dataset(name_or_path, **load_kwargs)` with its labels mapped onto `labels`' order.
+
+    ClassLabel sources are mapped by name, string labels by name and int labels taken as indices of `labels`.
+    Missing validation/test splits are cut from train like `load_fi` (then `split_file` is required).
+    """
+    labels = resolve_label_set(labels)
+    source = datasets.load_dataset(name_or_path, **load_kwargs)
+    if not isinstance(source, DatasetDict):
+        raise ValueError(f"load_dataset({name_or_path!r}) returned no DatasetDict; do not pass `split`.")
+    splits = {
+        name: _convert_hub_split(ds, labels, image_column, label_column, f"{name_or_path} [{name}]")
+        for name, ds in _canonical_splits(source, name_or_path).items()
+    }
+    if len(splits) < len(SPLITS):
+        splits = _carve_missing_splits(splits, labels, split_file, seed, fractions, name_or_path)
+    dataset_dict = DatasetDict({name: splits[name] for name in SPLITS})
+    summary = _summary("hub", dataset_dict, {}, source=name_or_path,
+                       split_file=None if split_file is None else str(split_file), seed=seed)
+    return _attach_summary(dataset_dict, summary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _flickr(**kwargs) -> DatasetDict:
+    return load_flickr_instagram(name="flickr", **kwargs)
+
+
+def _instagram(**kwargs) -> DatasetDict:
+    return load_flickr_instagram(name="instagram", **kwargs)
+
+
+LOADERS = {
+    "emoset": load_emoset,
+    "fi": load_fi,
+    "emotion6": load_emotion6,
+    "flickr": _flickr,
+    "instagram": _instagram,
+    "imagefolder": load_imagefolder,
+    "hub": load_hub_dataset,
+}
+
+
+def load_dataset_from_config(kind: str, **kwargs) -> DatasetDict:
+    """Call the loader named `kind` (`emoset`, `fi`, `emotion6`, `flickr`, `instagram`, `imagefolder`, `hub`)."""
+    loader = LOADERS.get(kind.lower())
+    if loader is None:
+        raise ValueError(f"Unknown data set kind {kind!r}; use one of {sorted(LOADERS)}.")
+    return loader(**kwargs)
+
+
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "IMAGE_EXTENSIONS",
+    "LOADERS",
+    "SPLITS",
+    "dataset_summary",
+    "load_dataset_from_config",
+    "load_emoset",
+    "load_emotion6",
+    "load_fi",
+    "load_flickr_instagram",
+    "load_hub_dataset",
+    "load_imagefolder",
+]

@@ -1,0 +1,668 @@
+# Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
+"""Stage-1 instruction data: categorical, conversation and reasoning turns for every image.
+
+Categorical answers come from the label (`{'emotion': 'awe'}`). Conversation and reasoning answers are written by a
+vision-language model that is *told* the label but asked not to name it, so that the descriptions explain the
+emotion without leaking the class word. Those answers are expensive (one API call each), so they are cached in a
+JSONL file keyed by the image's content hash and the kind: an interrupted run resumes where it stopped, duplicates
+of an image are asked for once, and failures are reported rather than dropped silently.
+
+    from train.instructions import OpenAIChatGenerator, build_instruction_dataset
+
+    generator = OpenAIChatGenerator(base_url="https://api.openai.com/v1", model="gpt-4o-mini")
+    train_set, summary = build_instruction_dataset(
+        dataset, processor, generator=generator, cache_path="runs/emoset/answers.jsonl", return_summary=True
+    )
+    # train_set has `images`, `messages`, `kind` and `label` columns, ready for TRL's SFTTrainer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from datasets import ClassLabel, Dataset, Features, List, Value, concatenate_datasets
+from datasets import Image as ImageFeature
+from PIL import Image
+from tqdm.auto import tqdm
+
+from modeling_emovlm_kd.processing_emovlm_kd import load_image
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("categorical", "conversation", "reasoning")
+GENERATED_KINDS = ("conversation", "reasoning")
+
+# What the answer-writing model is asked, per kind. It is given the label so that the description is consistent
+# with the ground truth, and told not to name it so that the student learns to *see* the emotion, not to copy it.
+_GENERATION_TASKS = {
+    "conversation": (
+        "This image evokes the emotion '{label}'. Describe the key elements of the image that convey this feeling: "
+        "the subjects and their expressions or postures, the setting, the colours, the light and the composition."
+    ),
+    "reasoning": (
+        "This image evokes the emotion '{label}'. Describe step by step the process of inferring the emotion from the "
+        "image: which elements you notice first, what each of them suggests, and how together they lead to the "
+        "feeling."
+    ),
+}
+_DO_NOT_MENTION = (
+    "Do not mention the word '{label}', any synonym of it, or the name of any emotion in your answer: a reader "
+    "must be able to infer the feeling from your description alone. Answer in plain prose, in at most {words} words."
+)
+
+# Chat messages as an Arrow type. Image parts are bare `{"type": "image"}` placeholders (their `text` reads back as
+# None): TRL's vision collator fills every part of type "image" that has no "image" key from the `images` column.
+MESSAGES_FEATURE = List(
+    {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
+)
+
+
+class AnswerGenerationError(RuntimeError):
+    """An answer could not be generated (after retries, where retrying made sense)."""
+
+
+def generation_prompt(kind: str, label: str, max_words: int = 120) -> str:
+    """The instruction given to the answer-writing model: it names `label` and asks the model not to mention it."""
+    if kind not in _GENERATION_TASKS:
+        raise ValueError(f"No generation prompt for kind {kind!r}; expected one of {GENERATED_KINDS}.")
+    return f"{_GENERATION_TASKS[kind].format(label=label)} {_DO_NOT_MENTION.format(label=label, words=max_words)}"
+
+
+def mentions_label(answer: str, label: str) -> bool:
+    """Whether `answer` names `label` as a word (case-insensitive) despite being asked not to."""
+    return re.search(rf"\b{re.escape(label)}\b", answer, flags=re.IGNORECASE) is not None
+
+
+def image_key(image: Image.Image) -> str:
+    """SHA-256 of an image's decoded pixels, mode and size: identical pictures share a key whatever their file."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    if image.mode in ("P", "PA"):  # the same palette indices are different pictures under different palettes
+        digest.update(bytes(image.getpalette() or []))
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def encode_data_url(image: Image.Image, max_size: int | None = 1024, quality: int = 90) -> str:
+    """An RGB JPEG `data:` URL of `image`, downscaled so its longer side is at most `max_size` (saves tokens)."""
+    image = load_image(image)
+    if max_size is not None and max(image.size) > max_size:
+        image = image.copy()
+        image.thumbnail((max_size, max_size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---- answer generators ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class AnswerGenerator(Protocol):
+    """Writes the assistant answer of one conversation or reasoning instruction for an image and its label."""
+
+    def generate(self, image: Image.Image, kind: str, label: str) -> str: ...
+
+
+class _RetryableError(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OpenAIChatGenerator:
+    r"""
+    Answers from any OpenAI-compatible `/chat/completions` endpoint that accepts images (OpenAI, vLLM, TGI, ...).
+
+    Connection errors, timeouts, HTTP 429, HTTP 5xx and malformed responses are retried with exponential backoff
+    (`backoff * 2**attempt` seconds, or the server's `Retry-After` when longer); other 4xx errors are not, since
+    repeating a bad request cannot fix it. Calls are independent, so one instance may serve several threads.
+
+    Args:
+        base_url (`str`, *optional*): API root such as `https://api.openai.com/v1`; defaults to
+            `$EMOVLM_OPENAI_BASE_URL`.
+        model (`str`, *optional*): model name; defaults to `$EMOVLM_OPENAI_MODEL`.
+        api_key (`str`, *optional*): bearer token; defaults to `$OPENAI_API_KEY` (local servers may need none).
+        timeout (`float`): seconds per HTTP request.
+        max_retries (`int`): retries after the first attempt.
+        backoff (`float`): delay before the first retry, doubled at each further one.
+        temperature (`float`), max_tokens (`int`): sampling settings sent with every request.
+        max_image_size (`int`, *optional*): longer image side sent to the endpoint, in pixels.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        temperature: float = 0.2,
+        max_tokens: int = 512,
+        max_image_size: int | None = 1024,
+    ):
+        base_url = base_url or os.environ.get("EMOVLM_OPENAI_BASE_URL")
+        model = model or os.environ.get("EMOVLM_OPENAI_MODEL")
+        if not base_url:
+            raise ValueError("No endpoint: pass `base_url=` or set EMOVLM_OPENAI_BASE_URL (e.g. https://api.openai.com/v1).")
+        if not model:
+            raise ValueError("No model: pass `model=` or set EMOVLM_OPENAI_MODEL.")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.max_image_size = max_image_size
+
+    @property
+    def name(self) -> str:
+        return f"openai:{self.model}"
+
+    def request_body(self, image: Image.Image, kind: str, label: str) -> dict[str, Any]:
+        """The JSON body of one request: the prompt and the image as a base64 JPEG data URL."""
+        content = [
+            {"type": "image_url", "image_url": {"url": encode_data_url(image, self.max_image_size)}},
+            {"type": "text", "text": generation_prompt(kind, label)},
+        ]
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+
+    def generate(self, image: Image.Image, kind: str, label: str) -> str:
+        body = json.dumps(self.request_body(image, kind, label)).encode("utf-8")
+        error: _RetryableError | None = None
+        for attempt in range(self.max_retries + 1):
+            if error is not None:
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), min(error.retry_after or 0.0, 60.0)))
+            try:
+                return self._post(body)
+            except _RetryableError as err:
+                error = err
+                logger.debug("Attempt %d/%d at %s failed: %s", attempt + 1, self.max_retries + 1, self.url, err)
+        raise AnswerGenerationError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {error}")
+
+    def _post(self, body: bytes) -> str:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as err:  # before URLError: HTTPError is its subclass
+            detail = _error_detail(err)
+            if err.code == 429 or err.code >= 500:
+                raise _RetryableError(f"HTTP {err.code}: {detail}", _retry_after(err.headers)) from err
+            raise AnswerGenerationError(f"{self.url} answered HTTP {err.code} (not retried): {detail}") from err
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # refused, reset, timed out
+            raise _RetryableError(f"connection error: {err}") from err
+        return _parse_completion(payload)
+
+
+def _error_detail(err: urllib.error.HTTPError, limit: int = 300) -> str:
+    try:
+        return err.read().decode("utf-8", "replace")[:limit] or err.reason
+    except OSError:
+        return str(err.reason)
+
+
+def _retry_after(headers) -> float | None:
+    try:
+        return float(headers.get("Retry-After")) if headers is not None else None
+    except (TypeError, ValueError):  # absent, or an HTTP date: fall back to our own backoff
+        return None
+
+
+def _parse_completion(payload: bytes) -> str:
+    """The first choice's text; a response without one is treated as a transient server fault."""
+    try:
+        content = json.loads(payload)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise _RetryableError(f"malformed response ({type(err).__name__}): {payload[:200]!r}") from err
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str) or not content.strip():
+        raise _RetryableError(f"empty answer in response: {payload[:200]!r}")
+    return content.strip()
+
+
+class LocalVLMGenerator:
+    """
+    Answers from a local Qwen2-VL (`Qwen2VLForConditionalGeneration`) with greedy decoding, so runs are repeatable.
+
+    Args:
+        model_path_or_model (`str`, `os.PathLike` or `Qwen2VLForConditionalGeneration`): a checkpoint or a model.
+        processor: a Qwen2-VL processor (e.g. `EmoVLMKDProcessor`) with the model's chat template.
+        max_new_tokens (`int`): length limit of an answer.
+    """
+
+    def __init__(self, model_path_or_model, processor, max_new_tokens: int = 128):
+        if isinstance(model_path_or_model, (str, os.PathLike)):
+            from transformers import Qwen2VLForConditionalGeneration
+
+            model_path_or_model = Qwen2VLForConditionalGeneration.from_pretrained(model_path_or_model)
+        self.model = model_path_or_model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def name(self) -> str:
+        return f"local:{getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__}"
+
+    def generate(self, image: Image.Image, kind: str, label: str) -> str:
+        import torch
+
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": generation_prompt(kind, label)}]}
+        ]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(images=[load_image(image)], text=[text], return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+# ---- the answer cache ----------------------------------------------------------------------------------------------
+
+
+def failures_path(cache_path: str | os.PathLike) -> Path:
+    """Where the failures of the latest generation run are written, next to the cache."""
+    return Path(f"{os.fspath(cache_path)}.failures.jsonl")
+
+
+class AnswerCache:
+    """
+    Append-only JSONL of generated answers, one record per (image key, kind).
+
+    Every record is written, flushed and fsynced as soon as it exists, so killing a run loses at most the answers
+    in flight. A partially written last line (the kill came mid-write) is ignored on read and cut off before the
+    next append, so the new record starts on a line of its own. When a key appears twice, the later record wins.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.skipped_lines = 0
+        self._repair_at: int | None = None  # byte offset of a partial last line, cut before the next append
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            self._repair_at = end
+            self.skipped_lines += 1
+            logger.warning("Ignoring a partially written last line of %s (an interrupted run).", self.path)
+        for line in data[:end].splitlines():
+            record = _parse_record(line)
+            if record is None:
+                self.skipped_lines += line.strip() != b""
+                continue
+            self.records[(record["key"], record["kind"])] = record
+        if self.skipped_lines:
+            logger.warning("Skipped %d unreadable line(s) of %s.", self.skipped_lines, self.path)
+
+    def get(self, key: str, kind: str) -> dict[str, Any] | None:
+        return self.records.get((key, kind))
+
+    def __contains__(self, key_kind: tuple[str, str]) -> bool:
+        return key_kind in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._repair_at is not None:
+            with open(self.path, "r+b") as file:
+                file.truncate(self._repair_at)
+            self._repair_at = None
+        _append_jsonl(self.path, record)
+        self.records[(record["key"], record["kind"])] = record
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    fields_ok = isinstance(record, dict) and all(isinstance(record.get(f), str) for f in ("key", "kind", "answer"))
+    return record if fields_ok else None
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    # One write per record, flushed and synced: a kill can only ever truncate the line being written.
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+# ---- generation ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSummary:
+    """What a generation run did. `failures` lists `{"key", "kind", "label", "index", "error"}` per failed answer."""
+
+    cached: int = 0
+    generated: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    answers_naming_label: int = 0
+    failures_path: Path | None = None
+    rows: int = 0
+    rows_left_out: int = 0
+
+    @property
+    def num_failed(self) -> int:
+        return len(self.failures)
+
+
+def image_keys(dataset: Dataset, image_column: str = "image", show_progress: bool = True) -> list[str]:
+    """The `image_key` of every row, in order."""
+    images = dataset.select_columns([image_column])
+    return [
+        image_key(row[image_column])
+        for row in tqdm(images, desc="Hashing images", unit="image", disable=not show_progress)
+    ]
+
+
+def generate_answers(
+    dataset: Dataset,
+    generator: AnswerGenerator,
+    cache_path: str | os.PathLike,
+    kinds: Sequence[str] = GENERATED_KINDS,
+    label_names: Sequence[str] | None = None,
+    num_workers: int = 1,
+    max_consecutive_failures: int | None = 10,
+    show_progress: bool = True,
+    keys: Sequence[str] | None = None,
+) -> GenerationSummary:
+    """
+    Fill the cache at `cache_path` with the conversation/reasoning answers of every image of `dataset`.
+
+    Answers already cached are not asked for again, and identical images are asked for once (the first row's label
+    is used). Failed answers (after the generator's retries) are logged, listed in the summary and written to
+    `<cache_path>.failures.jsonl`, which describes the latest run only. After `max_consecutive_failures` failures in
+    a row the run stops with an `AnswerGenerationError`, since the endpoint is then most likely down or misconfigured;
+    everything generated so far stays cached. `num_workers > 1` sends that many requests at a time (remote
+    generators only: a local model is not thread-safe).
+    """
+    kinds = _check_kinds(kinds, allowed=GENERATED_KINDS)
+    label_names = _label_names(dataset, label_names)
+    keys = list(keys) if keys is not None else image_keys(dataset, show_progress=show_progress)
+    cache = AnswerCache(cache_path)
+    summary = GenerationSummary(failures_path=failures_path(cache_path))
+    summary.failures_path.unlink(missing_ok=True)
+
+    tasks: dict[tuple[str, str], int] = {}  # (key, kind) -> first row index; dicts keep the dataset's order
+    for index, key in enumerate(keys):
+        for kind in kinds:
+            if (key, kind) in cache:
+                summary.cached += (key, kind) not in tasks
+                tasks.setdefault((key, kind), -1)
+            else:
+                tasks.setdefault((key, kind), index)
+    pending = [(key, kind, index) for (key, kind), index in tasks.items() if index >= 0]
+    labels = list(dataset["label"]) if pending else []
+    name = getattr(generator, "name", type(generator).__name__)
+
+    consecutive_failures = 0
+    progress = tqdm(total=len(pending), desc="Generating answers", unit="answer", disable=not show_progress)
+
+    def submit(pool: ThreadPoolExecutor | None, task: tuple[str, str, int]) -> Future:
+        key, kind, index = task
+        image, label = dataset[index]["image"], label_names[labels[index]]
+        if pool is None:  # run inline, keeping exceptions inside a Future like the threaded path
+            future: Future = Future()
+            try:
+                future.set_result(generator.generate(image, kind, label))
+            except Exception as err:  # noqa: BLE001 - any per-image error becomes a reported failure
+                future.set_exception(err)
+            return future
+        return pool.submit(generator.generate, image, kind, label)
+
+    def on_done(task: tuple[str, str, int], future: Future) -> None:
+        nonlocal consecutive_failures
+        key, kind, index = task
+        label = label_names[labels[index]]
+        error = future.exception()
+        answer = future.result() if error is None else None
+        if error is None and (not isinstance(answer, str) or not answer.strip()):
+            error = AnswerGenerationError(f"empty answer: {answer!r}")
+        if error is None:
+            cache.append({"key": key, "kind": kind, "label": label, "answer": answer.strip(), "generator": name})
+            summary.generated += 1
+            summary.answers_naming_label += mentions_label(answer, label)
+            consecutive_failures = 0
+        else:
+            failure = {"key": key, "kind": kind, "label": label, "index": index, "error": f"{type(error).__name__}: {error}"}
+            summary.failures.append(failure)
+            _append_jsonl(summary.failures_path, failure)
+            logger.warning("No %s answer for row %d (image %s): %s", kind, index, key[:12], failure["error"])
+            consecutive_failures += 1
+        progress.update(1)
+        progress.set_postfix(failed=summary.num_failed)
+        if max_consecutive_failures is not None and consecutive_failures >= max_consecutive_failures:
+            raise AnswerGenerationError(
+                f"{consecutive_failures} answers failed in a row (last: {failure['error']}); stopping. "
+                f"{len(cache)} answers are cached in {cache.path} and failures listed in {summary.failures_path}: "
+                "fix the endpoint and rerun to resume."
+            )
+
+    try:
+        _run(pending, submit, on_done, num_workers)
+    finally:
+        progress.close()
+    _log_summary(summary, cache.path)
+    return summary
+
+
+def _run(
+    tasks: Iterable[tuple[str, str, int]],
+    submit: Callable[[ThreadPoolExecutor | None, tuple[str, str, int]], Future],
+    on_done: Callable[[tuple[str, str, int], Future], None],
+    num_workers: int,
+) -> None:
+    """Run tasks inline or on a thread pool; results are handled (and written) on this thread, in completion order."""
+    tasks = iter(tasks)
+    if num_workers <= 1:
+        for task in tasks:
+            on_done(task, submit(None, task))
+        return
+    pool = ThreadPoolExecutor(num_workers)
+    try:
+        # A bounded window keeps only a few decoded images in memory, however large the data set.
+        in_flight = {submit(pool, task): task for task in islice(tasks, 2 * num_workers)}
+        while in_flight:
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_done(in_flight.pop(future), future)
+                for task in islice(tasks, 1):
+                    in_flight[submit(pool, task)] = task
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _log_summary(summary: GenerationSummary, cache_path: Path) -> None:
+    logger.info(
+        "Answers: %d cached, %d generated, %d failed (cache: %s).",
+        summary.cached, summary.generated, summary.num_failed, cache_path,
+    )
+    if summary.answers_naming_label:
+        logger.warning("%d generated answers name their label despite the prompt.", summary.answers_naming_label)
+    if summary.failures:
+        logger.warning(
+            "%d answers failed after retries; they are listed in %s. Rerun to retry them.",
+            summary.num_failed, summary.failures_path,
+        )
+
+
+# ---- the instruction data set --------------------------------------------------------------------------------------
+
+
+def build_instruction_dataset(
+    dataset: Dataset,
+    processor,
+    kinds: Sequence[str] = KINDS,
+    generator: AnswerGenerator | None = None,
+    cache_path: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+    num_workers: int = 1,
+    max_consecutive_failures: int | None = 10,
+    show_progress: bool = True,
+    return_summary: bool = False,
+) -> Dataset | tuple[Dataset, GenerationSummary]:
+    """
+    The stage-1 instruction data of `dataset` (columns `image`: PIL, `label`: int `ClassLabel`).
+
+    Returns a data set with columns `images` (a list of one image), `messages` (user: image placeholder + prompt;
+    assistant: answer, as `EmoVLMKDProcessor` builds them), `kind` and `label`: one row per image and kind, in the
+    data set's order. This is the format TRL's `SFTTrainer` trains on directly.
+
+    Categorical rows need no model. Conversation and reasoning answers are generated with `generator` through the
+    cache at `cache_path` (see `generate_answers`); with `generator=None` they are read from the cache alone, and
+    a missing one is an error. Rows whose answer failed are left out, with a logged count; `return_summary=True`
+    also returns the `GenerationSummary` that lists them.
+    """
+    kinds = _check_kinds(kinds, allowed=KINDS)
+    label_names = _label_names(dataset, label_names)
+    generated_kinds = [kind for kind in kinds if kind in GENERATED_KINDS]
+    summary = GenerationSummary()
+    cache = None
+    if generated_kinds:
+        if cache_path is None:
+            raise ValueError(f"Kinds {generated_kinds} need `cache_path=` (the JSONL file of generated answers).")
+        keys = image_keys(dataset, show_progress=show_progress)
+        if generator is not None:
+            summary = generate_answers(
+                dataset, generator, cache_path, generated_kinds, label_names, num_workers,
+                max_consecutive_failures, show_progress, keys,
+            )
+        cache = AnswerCache(cache_path)
+        missing = sum((key, kind) not in cache for key in set(keys) for kind in generated_kinds)
+        if generator is None and missing:
+            raise ValueError(f"{missing} answers are missing from {cache_path} and no `generator` was given.")
+
+    rows: dict[str, list] = {"index": [], "messages": [], "kind": [], "label": []}
+    for index, label_id in enumerate(list(dataset["label"])):
+        label = label_names[label_id]
+        for kind in kinds:
+            if kind == "categorical":
+                messages = processor.categorical_messages(None, label)
+            else:
+                record = cache.get(keys[index], kind)
+                if record is None:  # failed in this run: reported by generate_answers, counted below
+                    summary.rows_left_out += 1
+                    continue
+                messages = getattr(processor, f"{kind}_messages")(None, record["answer"])
+            rows["index"].append(index)
+            rows["messages"].append(_with_image_placeholders(messages))
+            rows["kind"].append(kind)
+            rows["label"].append(label_id)
+    summary.rows = len(rows["kind"])
+    if summary.rows_left_out:
+        logger.warning(
+            "Left out %d of %d instruction rows whose answers could not be generated (listed in %s).",
+            summary.rows_left_out, summary.rows + summary.rows_left_out, summary.failures_path,
+        )
+
+    label_feature = dataset.features["label"]
+    if not isinstance(label_feature, ClassLabel):
+        label_feature = ClassLabel(names=list(label_names))
+    table = Dataset.from_dict(
+        {name: rows[name] for name in ("messages", "kind", "label")},
+        features=Features({"messages": MESSAGES_FEATURE, "kind": Value("string"), "label": label_feature}),
+    )
+    instructions = concatenate_datasets([_image_lists(dataset, rows["index"]), table], axis=1)
+    return (instructions, summary) if return_summary else instructions
+
+
+def _with_image_placeholders(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The processor's messages with each image part reduced to `{"type": "image"}`; images live in `images`."""
+    return [
+        {
+            "role": message["role"],
+            "content": [{"type": "image"} if part["type"] == "image" else dict(part) for part in message["content"]],
+        }
+        for message in messages
+    ]
+
+
+def _image_lists(dataset: Dataset, indices: list[int]) -> Dataset:
+    """An `images` column holding `[dataset[i]["image"]]` for each of `indices`, without decoding stored images."""
+    source = dataset.select_columns(["image"])
+    stored = isinstance(source.features["image"], ImageFeature)
+    if stored:  # copy the encoded bytes as they are instead of decoding and re-encoding every image
+        source = source.cast_column("image", ImageFeature(decode=False))
+    images = source.select(indices).map(
+        lambda batch: {"images": [[image] for image in batch["image"]]},
+        batched=True,
+        remove_columns=["image"],
+        features=Features({"images": List(ImageFeature(decode=not stored))}),
+        desc="Attaching images",
+    )
+    return images.cast_column("images", List(ImageFeature())) if stored else images
+
+
+def _check_kinds(kinds: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    unknown = [kind for kind in kinds if kind not in allowed]
+    if unknown or not kinds:
+        raise ValueError(f"Unknown or no instruction kinds {unknown or kinds}; choose among {tuple(allowed)}.")
+    return kinds
+
+
+def _label_names(dataset: Dataset, label_names: Sequence[str] | None) -> list[str]:
+    if label_names is not None:
+        return list(label_names)
+    feature = dataset.features.get("label")
+    if not isinstance(feature, ClassLabel):
+        raise ValueError("The `label` column is not a `ClassLabel`; pass `label_names=`.")
+    return list(feature.names)
+
+
+__all__ = [
+    "GENERATED_KINDS",
+    "KINDS",
+    "MESSAGES_FEATURE",
+    "AnswerCache",
+    "AnswerGenerationError",
+    "AnswerGenerator",
+    "GenerationSummary",
+    "LocalVLMGenerator",
+    "OpenAIChatGenerator",
+    "build_instruction_dataset",
+    "encode_data_url",
+    "failures_path",
+    "generate_answers",
+    "generation_prompt",
+    "image_key",
+    "image_keys",
+    "mentions_label",
+]
