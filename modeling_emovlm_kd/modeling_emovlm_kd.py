@@ -175,6 +175,16 @@ GATES = {
 }
 
 
+def gate_inputs(vlm_logits: torch.Tensor, head_logits: torch.Tensor, vlm_signal: str):
+    """The gate's two inputs: the VLM's one-hot label (the paper) or label probabilities, and the head's
+    probabilities; both `(batch, C)` float32."""
+    if vlm_signal == "probs":
+        vlm = vlm_logits.float().softmax(-1)
+    else:
+        vlm = F.one_hot(vlm_logits.argmax(-1), vlm_logits.shape[-1]).float()
+    return vlm, head_logits.float().softmax(-1)
+
+
 def pool_visual_tokens(image_embeds: tuple[torch.Tensor, ...], pooling: str) -> torch.Tensor:
     """`(n_i, D)` merged tokens per image -> `(num_images, D)`."""
     if pooling == "max":
@@ -342,15 +352,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     # ---- fusion ----------------------------------------------------------------------------------------
 
-    def vlm_signal(self, vlm_logits: torch.Tensor) -> torch.Tensor:
-        """What the gate sees of the VLM: one-hot of its label (the paper) or its label probabilities."""
-        if self.config.gate_vlm_signal == "probs":
-            return vlm_logits.float().softmax(-1)
-        return F.one_hot(vlm_logits.argmax(-1), self.config.num_labels).float()
-
     def fuse(self, vlm_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
-        gate_dtype = self.gate_dtype
-        return self.gate(self.vlm_signal(vlm_logits).to(gate_dtype), head_logits.float().softmax(-1).to(gate_dtype))
+        """Gate logits from the VLM's label scores and the head's logits."""
+        dtype = self.gate_dtype
+        vlm, head = gate_inputs(vlm_logits, head_logits, self.config.gate_vlm_signal)
+        return self.gate(vlm.to(dtype), head.to(dtype))
 
     @property
     def gate_dtype(self) -> torch.dtype:
@@ -399,4 +405,6 @@ __all__ = [
     "EmoVLMKDImageClassifierOutput",
     "EmoVLMKDDistillationHead",
     "GATES",
+    "gate_inputs",
+    "pool_visual_tokens",
 ]

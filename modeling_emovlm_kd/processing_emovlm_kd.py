@@ -75,11 +75,13 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessorPil):
     """Qwen2-VL's image processor that also takes paths, any PIL mode and 8/16-bit arrays."""
 
     def preprocess(self, images, **kwargs):
+        return super().preprocess(self._load(images), **kwargs)
+
+    def _load(self, images):
+        # Batched chat templates pass one list of images per sample: keep the nesting, load the leaves.
         if isinstance(images, (list, tuple)):
-            images = [load_image(image) for image in images]
-        else:
-            images = load_image(images)
-        return super().preprocess(images, **kwargs)
+            return [self._load(image) for image in images]
+        return load_image(images)
 
 
 class EmoVLMKDProcessor(Qwen2VLProcessor):

@@ -131,7 +131,8 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0:
         raise ValueError(f"fractions must be three non-negative (train, validation, test) shares, got {fractions}.")
     total = sum(fractions)
-    return tuple(f / total for f in fractions)
+    # Rounded so that the shares written to a split file read back equal and stay legible.
+    return tuple(round(f / total, 10) for f in fractions)
 
 
 def _split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
@@ -164,6 +165,7 @@ def _write_json_atomically(path: Path, content: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         json.dump(content, handle, indent=1)
+    os.chmod(handle.name, 0o644)  # temporary files are private; a split file is meant to be shared
     os.replace(handle.name, path)
 
 
@@ -403,15 +405,15 @@ def _read_vote_file(path: Path) -> dict[str, list[int]]:
 def _majority(votes: Sequence[int]) -> int | str:
     """Class index (0 negative, 1 positive) of the votes, or why they are skipped (`neutral`, `tie`).
 
-    The winning sentiment must outnumber both the other sentiment and the neutral votes.
+    The winner must have strictly more votes than each of the two other answers; neutral winning is `neutral`,
+    no strict winner (1 positive, 1 negative, 1 neutral, say) is a `tie`.
     """
     counts = Counter(votes)
-    positive, negative, neutral = counts[1], counts[-1], counts[0]
-    if neutral >= max(positive, negative):
-        return "neutral"
-    if positive == negative:
+    ranked = sorted((counts[vote], vote) for vote in (-1, 0, 1))
+    if ranked[-1][0] == ranked[-2][0]:
         return "tie"
-    return 1 if positive > negative else 0
+    winner = ranked[-1][1]
+    return "neutral" if winner == 0 else int(winner == 1)
 
 
 def _find_image(image_id: str, index: Mapping[str, list[Path]]) -> Path | None:
@@ -486,7 +488,9 @@ def _convert_hub_split(
             raise ValueError(f"Column {column!r} is not in {where}; its columns are {ds.column_names}.")
     label_ids = _source_label_ids(ds, label_column, labels, where)
     paths = _source_image_paths(ds, image_column)
-    ds = ds.select_columns([image_column]).rename_column(image_column, "image")
+    ds = ds.select_columns([image_column])
+    if image_column != "image":
+        ds = ds.rename_column(image_column, "image")
     ds = ds.add_column("label", label_ids).add_column("image_path", paths)
     return ds.cast(_features(labels))
 

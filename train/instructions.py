@@ -418,17 +418,9 @@ def generate_answers(
     keys = list(keys) if keys is not None else image_keys(dataset, show_progress=show_progress)
     cache = AnswerCache(cache_path)
     summary = GenerationSummary(failures_path=failures_path(cache_path))
+    summary.failures_path.parent.mkdir(parents=True, exist_ok=True)
     summary.failures_path.unlink(missing_ok=True)
-
-    tasks: dict[tuple[str, str], int] = {}  # (key, kind) -> first row index; dicts keep the dataset's order
-    for index, key in enumerate(keys):
-        for kind in kinds:
-            if (key, kind) in cache:
-                summary.cached += (key, kind) not in tasks
-                tasks.setdefault((key, kind), -1)
-            else:
-                tasks.setdefault((key, kind), index)
-    pending = [(key, kind, index) for (key, kind), index in tasks.items() if index >= 0]
+    pending, summary.cached = _plan(keys, kinds, cache)
     labels = list(dataset["label"]) if pending else []
     name = getattr(generator, "name", type(generator).__name__)
 
@@ -481,6 +473,16 @@ def generate_answers(
         progress.close()
     _log_summary(summary, cache.path)
     return summary
+
+
+def _plan(keys: Sequence[str], kinds: Sequence[str], cache: AnswerCache) -> tuple[list[tuple[str, str, int]], int]:
+    """The `(key, kind, first row index)` answers still to generate, in data set order, and the number cached."""
+    first_rows: dict[tuple[str, str], int] = {}
+    for index, key in enumerate(keys):
+        for kind in kinds:
+            first_rows.setdefault((key, kind), index)
+    pending = [(key, kind, index) for (key, kind), index in first_rows.items() if (key, kind) not in cache]
+    return pending, len(first_rows) - len(pending)
 
 
 def _run(
@@ -561,8 +563,15 @@ def build_instruction_dataset(
         keys = image_keys(dataset, show_progress=show_progress)
         if generator is not None:
             summary = generate_answers(
-                dataset, generator, cache_path, generated_kinds, label_names, num_workers,
-                max_consecutive_failures, show_progress, keys,
+                dataset,
+                generator,
+                cache_path,
+                kinds=generated_kinds,
+                label_names=label_names,
+                num_workers=num_workers,
+                max_consecutive_failures=max_consecutive_failures,
+                show_progress=show_progress,
+                keys=keys,
             )
         cache = AnswerCache(cache_path)
         missing = sum((key, kind) not in cache for key in set(keys) for kind in generated_kinds)
@@ -595,11 +604,13 @@ def build_instruction_dataset(
     label_feature = dataset.features["label"]
     if not isinstance(label_feature, ClassLabel):
         label_feature = ClassLabel(names=list(label_names))
-    table = Dataset.from_dict(
-        {name: rows[name] for name in ("messages", "kind", "label")},
-        features=Features({"messages": MESSAGES_FEATURE, "kind": Value("string"), "label": label_feature}),
-    )
-    instructions = concatenate_datasets([_image_lists(dataset, rows["index"]), table], axis=1)
+    features = Features({"messages": MESSAGES_FEATURE, "kind": Value("string"), "label": label_feature})
+    if not rows["index"]:  # `map` and `concatenate_datasets` would drop the columns of an empty data set
+        features = Features({"images": List(ImageFeature()), **features})
+        instructions = Dataset.from_dict({name: [] for name in features}, features=features)
+    else:
+        table = Dataset.from_dict({name: rows[name] for name in features}, features=features)
+        instructions = concatenate_datasets([_image_lists(dataset, rows["index"]), table], axis=1)
     return (instructions, summary) if return_summary else instructions
 
 

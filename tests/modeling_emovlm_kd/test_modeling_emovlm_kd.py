@@ -16,6 +16,7 @@ from modeling_emovlm_kd import (
     EmoVLMKDImageProcessor,
     EmoVLMKDProcessor,
 )
+from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
 from train.assemble import FULL_PRECISION_MODULES, assemble
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json, written out so no download is needed.
@@ -249,5 +250,5 @@ def test_every_gate_trains_one_step_and_everything_else_stays_frozen(tiny_base, 
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("gate.") for n in changed)
-    weights = model.gate.branch_weights(model.vlm_signal(out.vlm_logits), out.head_logits.softmax(-1))
+    weights = model.gate.branch_weights(*gate_inputs(out.vlm_logits, out.head_logits, model.config.gate_vlm_signal))
     torch.testing.assert_close(weights.sum(-1), torch.ones(4))

@@ -1,0 +1,180 @@
+"""Stage 2: distil the ViT teacher into the head on the frozen VLM's pooled visual features.
+
+Only the head trains, on cached features and teacher logits (see `train/features.py`), so an epoch costs a few
+matrix products instead of a VLM and a ViT forward per image.
+
+    python -m train distill --config recipes/tiny/demo.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.utils import ModelOutput
+
+from modeling_emovlm_kd import EmoVLMKDDistillationHead
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """`TrainingArguments` for stage 2, plus the distillation loss's own fields."""
+
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term; 1 - alpha weighs the CE term."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of teacher and student."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the head."})
+    num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs over the cached features."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size (features are small)."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation every epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept besides the best."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the head best on validation."})
+    metric_for_best_model: str = field(default="accuracy", metadata={"help": "Validation metric to select on."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""`α·τ²·KL(p_t^τ ‖ p_s^τ) + (1−α)·CE(y, p_s)`, with its two parts.
+
+    Args:
+        student_logits, teacher_logits (`torch.Tensor` of shape `(batch, num_labels)`):
+            Logits of the head and of the teacher.
+        labels (`torch.LongTensor` of shape `(batch,)`):
+            Class indices; `-100` rows are left out of both terms.
+        num_items_in_batch (*optional*):
+            Labelled rows in the whole (accumulated) batch; when given, terms are summed and divided by it, so that
+            gradient accumulation gives the same loss as one large batch.
+
+    Returns:
+        `(loss, kl, ce)`: scalars; `kl` already includes the `τ²` factor.
+    """
+    keep = labels != -100
+    student, teacher, labels = student_logits[keep].float(), teacher_logits[keep].float(), labels[keep]
+    kl_rows = F.kl_div(
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher / temperature, dim=-1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    ce_rows = F.cross_entropy(student, labels, reduction="none")
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
+    kl = temperature**2 * kl_rows.sum() / denominator
+    ce = ce_rows.sum() / denominator
+    return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+class DistillationStudent(nn.Module):
+    """The head as a `Trainer` model: `visual_features -> logits`. Teacher logits ride along in the batch."""
+
+    accepts_loss_kwargs = True  # the loss divides by `num_items_in_batch` itself
+
+    def __init__(self, head: EmoVLMKDDistillationHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, visual_features: torch.Tensor, **kwargs) -> ModelOutput:
+        return ModelOutput(logits=self.head(visual_features))
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parts = {"kl": [], "ce": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, teacher_logits = inputs["labels"], inputs["teacher_logits"]
+        outputs = model(visual_features=inputs["visual_features"])
+        loss, kl, ce = distillation_loss(
+            outputs.logits, teacher_logits, labels, self.args.alpha, self.args.temperature, num_items_in_batch
+        )
+        if model.training:
+            self._parts["kl"].append(kl.detach())
+            self._parts["ce"].append(ce.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Log the mean of each loss part since the last log, next to the total loss.
+        if "loss" in logs and self._parts["kl"]:
+            for name, values in self._parts.items():
+                logs[f"loss_{name}"] = round(torch.stack(values).mean().item(), 6)
+                values.clear()
+        super().log(logs, start_time)
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Rows of equally long tensors as dicts, for `Trainer`'s default collator."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"Cached tensors disagree on the number of rows: {lengths}.")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
+def accuracy_metrics(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def train_distillation(
+    head: EmoVLMKDDistillationHead,
+    train: dict[str, torch.Tensor],
+    validation: dict[str, torch.Tensor],
+    args: DistillationConfig,
+    resume_from_checkpoint: str | bool | None = None,
+) -> tuple[EmoVLMKDDistillationHead, DistillationTrainer]:
+    """Train `head` on cached `visual_features`/`teacher_logits`/`labels`; returns the best head on validation."""
+    if train["teacher_logits"].shape[-1] != head.mlp[-1].out_features:
+        raise ValueError(
+            f"The teacher has {train['teacher_logits'].shape[-1]} classes but the head has "
+            f"{head.mlp[-1].out_features}; train the teacher on the same label set."
+        )
+    keys = ("visual_features", "teacher_logits", "labels")
+    trainer = DistillationTrainer(
+        model=DistillationStudent(head),
+        args=args,
+        train_dataset=FeatureDataset(**{k: train[k] for k in keys}),
+        eval_dataset=FeatureDataset(**{k: validation[k] for k in keys}),
+        compute_metrics=accuracy_metrics,
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer.model.head, trainer
+
+
+__all__ = [
+    "DistillationConfig",
+    "DistillationStudent",
+    "DistillationTrainer",
+    "FeatureDataset",
+    "distillation_loss",
+    "train_distillation",
+]

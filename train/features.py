@@ -1,0 +1,132 @@
+"""Feature caches for stages 2 and 3: computed once, keyed by model and data fingerprint, never read half-written.
+
+For every image of a split, one pass of the frozen fused model gives the pooled visual features (the head's
+input) and the VLM's label scores (the gate's input); one pass of the teacher gives its logits. They are stored
+as safetensors with the fingerprint in the file's metadata. Files are written to a temporary name and renamed, so
+a killed build leaves no file at the cache's path; a cache whose fingerprint, size or contents do not check out is
+rebuilt, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = "1"
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Hash of a checkpoint folder's config and weight files (names, sizes and first/last MiB)."""
+    path = Path(path)
+    digest = hashlib.sha256(CACHE_FORMAT_VERSION.encode())
+    for file in sorted(path.iterdir()):
+        if file.suffix not in (".json", ".safetensors") or not file.is_file():
+            continue
+        digest.update(file.name.encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 1 << 20:
+                handle.seek(-min(size - (1 << 20), 1 << 20), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(dataset) -> str:
+    """`datasets` fingerprint of a split (it changes with any transform of the data)."""
+    return getattr(dataset, "_fingerprint", None) or hashlib.sha256(repr(dataset).encode()).hexdigest()[:16]
+
+
+def _read(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("fingerprint") != fingerprint or metadata.get("complete") != "1":
+                return None
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        logger.warning("Cache %s is unreadable (%s); rebuilding it.", path, err)
+        return None
+    sizes = {t.shape[0] for t in tensors.values()}
+    if len(sizes) != 1 or int(metadata.get("rows", -1)) not in sizes:
+        logger.warning("Cache %s has inconsistent row counts; rebuilding it.", path)
+        return None
+    return tensors
+
+
+def cached(path: str | Path, fingerprint: str, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Load the tensors at `path` if they were built with `fingerprint`, else build and store them atomically."""
+    path = Path(path)
+    if path.exists() and (tensors := _read(path, fingerprint)) is not None:
+        logger.info("Using cached features %s", path)
+        return tensors
+    tensors = {key: value.contiguous().cpu() for key, value in build().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = next(iter(tensors.values())).shape[0]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata={"fingerprint": fingerprint, "complete": "1", "rows": str(rows)})
+    os.replace(tmp, path)
+    return tensors
+
+
+def _batches(dataset, batch_size: int, description: str):
+    for start in tqdm(range(0, len(dataset), batch_size), desc=description, unit="batch"):
+        rows = dataset[start : start + batch_size]
+        yield rows["image"], torch.tensor(rows["label"])
+
+
+@torch.inference_mode()
+def compute_vlm_features(model, image_processor, dataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Pooled visual features, VLM label scores and labels for every image, one fused-model pass per batch."""
+    model.eval()
+    device = model.vlm.get_input_embeddings().weight.device
+    features, scores, labels = [], [], []
+    for images, label in _batches(dataset, batch_size, "VLM features"):
+        inputs = image_processor(images, return_tensors="pt").to(device)
+        image_features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        features.append(pool_visual_tokens(image_features.pooler_output, model.config.pooling).float().cpu())
+        scores.append(model.score_labels(image_features, inputs["image_grid_thw"]).float().cpu())
+        labels.append(label)
+    return {"visual_features": torch.cat(features), "vlm_logits": torch.cat(scores), "labels": torch.cat(labels)}
+
+
+@torch.inference_mode()
+def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The fine-tuned teacher's logits for every image, in the data set's order."""
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    logits, labels = [], []
+    for images, label in _batches(dataset, batch_size, "Teacher logits"):
+        images = [image.convert("RGB") for image in images]
+        inputs = image_processor(images, return_tensors="pt").to(device)
+        logits.append(teacher(**inputs).logits.float().cpu())
+        labels.append(label)
+    return {"teacher_logits": torch.cat(logits), "labels": torch.cat(labels)}
+
+
+def cache_key(*parts: str) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "cache_key",
+    "cached",
+    "compute_teacher_logits",
+    "compute_vlm_features",
+    "data_fingerprint",
+    "model_fingerprint",
+]

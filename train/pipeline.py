@@ -1,0 +1,320 @@
+"""All stages in order, from a YAML recipe: base models -> stage 1 (SFT) -> teacher -> feature caches -> stage 2
+(distillation) -> stage 3 (gate) -> evaluation -> Hub-ready folder.
+
+A finished stage leaves `<output_dir>/<stage>/stage_done.json` and is skipped on rerun; an interrupted stage
+resumes from its last `Trainer` checkpoint. Runs under `torchrun`/`accelerate launch` too: `Trainer` stages use all
+processes, the other stages run on the main process while the others wait.
+
+    python -m train pipeline --config recipes/tiny/demo.yaml
+    python -m train pipeline --config recipes/qwen2-vl-7b/emoset.yaml --set sft.per_device_train_batch_size=2
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import PartialState
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, resolve_label_set
+
+from .assemble import assemble, save_hub_folder
+from .data import load_dataset_from_config
+from .distill import DistillationConfig, train_distillation
+from .evaluation import evaluate_branches, format_table, plot_confusion_matrices, write_json_atomic
+from .features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
+from .gate import GateConfig, build_gate, head_logits, train_gate
+from .instructions import LocalVLMGenerator, OpenAIChatGenerator
+from .sft import SFTStageConfig, train_sft
+from .teacher import TeacherConfig, train_teacher
+from .tiny import build_tiny_base_models
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("base", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")
+SPLITS = ("train", "validation", "test")
+MODEL_KEYS = ("head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
+              "gate_num_experts", "categorical_prompt")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A YAML recipe with `section.key=value` overrides (values parsed as YAML)."""
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"Override {override!r} is not of the form section.key=value.")
+        *parents, leaf = key.split(".")
+        node = recipe
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    return recipe
+
+
+class Pipeline:
+    """The stages of one run, sharing its recipe, output folder, data and label set."""
+
+    def __init__(self, recipe: dict):
+        self.recipe = copy.deepcopy(recipe)
+        self.output_dir = Path(self.recipe["output_dir"])
+        self.seed = int(self.recipe.get("seed", 42))
+        self.labels = resolve_label_set(self.recipe["labels"])
+        self.state = PartialState()
+
+    # ---- shared pieces ---------------------------------------------------------------------------------
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_dir / stage
+
+    def is_done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "stage_done.json").exists()
+
+    def mark_done(self, stage: str, **info) -> None:
+        if self.state.is_main_process:
+            self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            write_json_atomic({"stage": stage, "finished": time.time(), **info},
+                              self.stage_dir(stage) / "stage_done.json")
+        self.state.wait_for_everyone()
+
+    def require(self, stage: str) -> Path:
+        if not self.is_done(stage):
+            raise FileNotFoundError(
+                f"Stage {stage!r} has not finished in {self.output_dir}; run `python -m train {stage}` "
+                "or the whole pipeline first."
+            )
+        return self.stage_dir(stage)
+
+    @cached_property
+    def data(self):
+        data = dict(self.recipe["data"])
+        kind = data.pop("kind")
+        if kind in ("imagefolder", "hub"):
+            data.setdefault("labels", self.labels)
+        if "split_file" in data and data["split_file"] is None:
+            data["split_file"] = str(self.output_dir / "split.json")
+        dataset = load_dataset_from_config(kind, **data)
+        names = dataset["train"].features["label"].names
+        if names != self.labels:
+            raise ValueError(f"The data set's labels {names} differ from the recipe's {self.labels}.")
+        return dataset
+
+    @property
+    def base_models(self) -> dict[str, str]:
+        models = self.recipe.get("base_models", {})
+        if models.get("tiny"):
+            root = self.require("base")
+            return {"vlm": str(root / "vlm"), "teacher": str(root / "teacher")}
+        return {"vlm": models.get("vlm", "Qwen/Qwen2-VL-7B-Instruct"),
+                "teacher": models.get("teacher", "google/vit-base-patch16-384")}
+
+    def stage_args(self, stage: str, config_class, **fixed):
+        values = {"seed": self.seed, **self.recipe.get(stage, {}), **fixed}
+        return config_class(output_dir=str(self.stage_dir(stage)), **values)
+
+    def model_kwargs(self) -> dict:
+        model = self.recipe.get("model", {})
+        unknown = set(model) - set(MODEL_KEYS) - {"load_in_4bit", "dtype", "feature_batch_size"}
+        if unknown:
+            raise ValueError(f"Unknown model options {sorted(unknown)}; known: {MODEL_KEYS}.")
+        return {key: model[key] for key in MODEL_KEYS if key in model}
+
+    def fused_config(self) -> EmoVLMKDConfig:
+        vlm_config = AutoConfig.from_pretrained(self.require("sft") / "merged")
+        return EmoVLMKDConfig.from_label_set(self.labels, vlm_config=vlm_config.to_dict(), **self.model_kwargs())
+
+    def resume(self, stage: str):
+        directory = self.stage_dir(stage)
+        return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+
+    # ---- stages ----------------------------------------------------------------------------------------
+
+    def run_base(self) -> None:
+        """Tiny offline base models (only for recipes with `base_models.tiny: true`)."""
+        if self.recipe.get("base_models", {}).get("tiny") and self.state.is_main_process:
+            build_tiny_base_models(self.stage_dir("base"), self.labels, seed=self.seed)
+        self.mark_done("base")
+
+    def run_sft(self) -> None:
+        set_seed(self.seed)
+        args = self.stage_args("sft", SFTStageConfig, model_name_or_path=self.base_models["vlm"])
+        train_sft(self.data, self.labels, args, generator=self.answer_generator(),
+                  answers_cache=self.output_dir / "answers.jsonl", resume_from_checkpoint=self.resume("sft"))
+        self.mark_done("sft")
+
+    def answer_generator(self):
+        spec = dict(self.recipe.get("instructions", {}) or {})
+        kind = spec.pop("generator", "none")
+        if kind == "openai":
+            return OpenAIChatGenerator(**spec)
+        if kind == "local":
+            from .assemble import load_processor
+
+            processor = load_processor(self.base_models["vlm"], self.labels)
+            return LocalVLMGenerator(self.base_models["vlm"], processor, **spec)
+        if kind != "none":
+            raise ValueError(f"instructions.generator must be openai, local or none, got {kind!r}.")
+        return None
+
+    def run_teacher(self) -> None:
+        set_seed(self.seed)
+        args = self.stage_args("teacher", TeacherConfig, teacher_model_name_or_path=self.base_models["teacher"])
+        trainer = train_teacher(self.data, self.labels, args, resume_from_checkpoint=self.resume("teacher"))
+        self.mark_done("teacher", best_validation_accuracy=trainer.state.best_metric)
+
+    def feature_path(self, split: str) -> Path:
+        return self.stage_dir("features") / f"{split}.safetensors"
+
+    def run_features(self) -> None:
+        """Pooled visual features, VLM label scores and teacher logits of every split, computed once."""
+        merged, teacher_dir = self.require("sft") / "merged", self.require("teacher")
+        if self.state.is_main_process:
+            options = self.recipe.get("model", {})
+            model, processor = assemble(merged, self.labels, load_in_4bit=options.get("load_in_4bit", False),
+                                        dtype=options.get("dtype", "auto"),
+                                        device_map="auto" if torch.cuda.is_available() else None,
+                                        **self.model_kwargs())
+            teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
+            teacher.to(model.vlm.get_input_embeddings().weight.device)
+            teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
+            batch_size = int(options.get("feature_batch_size", 8))
+            vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
+            for split in SPLITS:
+                dataset = self.data[split]
+                fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
+
+                def build(dataset=dataset):
+                    vlm = compute_vlm_features(model, processor.image_processor, dataset, batch_size)
+                    teacher_out = compute_teacher_logits(teacher, teacher_processor, dataset, batch_size * 4)
+                    if not torch.equal(vlm["labels"], teacher_out["labels"]):
+                        raise RuntimeError("VLM and teacher passes saw the data in different orders.")
+                    return {**vlm, "teacher_logits": teacher_out["teacher_logits"]}
+
+                cached(self.feature_path(split), fingerprint, build)
+        self.mark_done("features")
+
+    def features(self, split: str) -> dict[str, torch.Tensor]:
+        self.require("features")
+        return load_file(self.feature_path(split))
+
+    def new_head(self) -> EmoVLMKDDistillationHead:
+        config = self.fused_config()
+        torch.manual_seed(self.seed)
+        return EmoVLMKDDistillationHead(config.feature_dim, config.head_hidden_dims, config.num_labels,
+                                        config.head_activation, config.head_dropout)
+
+    def run_distill(self) -> None:
+        set_seed(self.seed)
+        args = self.stage_args("distill", DistillationConfig)
+        head, trainer = train_distillation(self.new_head(), self.features("train"), self.features("validation"),
+                                           args, resume_from_checkpoint=self.resume("distill"))
+        if self.state.is_main_process:
+            save_file(head.state_dict(), self.stage_dir("distill") / "head.safetensors")
+        self.mark_done("distill", best_validation_accuracy=trainer.state.best_metric)
+
+    def trained_head(self) -> EmoVLMKDDistillationHead:
+        head = self.new_head()
+        head.load_state_dict(load_file(self.require("distill") / "head.safetensors"))
+        return head.eval()
+
+    def gate_inputs(self, split: str) -> dict[str, torch.Tensor]:
+        features = self.features(split)
+        return {"vlm_logits": features["vlm_logits"], "labels": features["labels"],
+                "head_logits": head_logits(self.trained_head(), features["visual_features"])}
+
+    def run_gate(self) -> None:
+        set_seed(self.seed)
+        config = self.fused_config()
+        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts, seed=self.seed)
+        args = self.stage_args("gate", GateConfig)
+        gate, trainer = train_gate(gate, config.gate_vlm_signal, self.gate_inputs("train"),
+                                   self.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"))
+        if self.state.is_main_process:
+            save_file(gate.state_dict(), self.stage_dir("gate") / "gate.safetensors")
+        self.mark_done("gate", best_validation_accuracy=trainer.state.best_metric)
+
+    def fused_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+
+        config = self.fused_config()
+        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
+        gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
+        with torch.inference_mode():
+            return gate.eval()(*gate_inputs(inputs["vlm_logits"], inputs["head_logits"], config.gate_vlm_signal))
+
+    def run_evaluate(self) -> None:
+        if self.state.is_main_process:
+            results = {}
+            for split in ("validation", "test"):
+                inputs = self.gate_inputs(split)
+                logits = {"vlm": inputs["vlm_logits"], "head": inputs["head_logits"],
+                          "teacher": self.features(split)["teacher_logits"], "fused": self.fused_logits(inputs)}
+                results[split] = evaluate_branches(logits, inputs["labels"], self.labels)
+            results["test"]["split"] = "test"
+            results["test"]["validation"] = results["validation"]["branches"]
+            results["test"]["recipe"] = self.recipe
+            results["test"]["parameters"] = self.parameter_counts()
+            write_json_atomic(results["test"], self.stage_dir("evaluate") / "results.json")
+            plot_confusion_matrices(results["test"], self.stage_dir("evaluate") / "confusion_matrix.png")
+        self.mark_done("evaluate")
+
+    def parameter_counts(self) -> dict[str, int]:
+        config = self.fused_config()
+        with torch.device("meta"):
+            teacher = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(self.require("teacher")))
+        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
+
+        def count(module):
+            return sum(p.numel() for p in module.parameters())
+
+        with torch.device("meta"):
+            from transformers import AutoModelForImageTextToText
+
+            vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
+        return {"vlm": count(vlm), "head": count(self.new_head()), "gate": count(gate), "teacher": count(teacher)}
+
+    def run_export(self) -> None:
+        """The fused model with the trained head and gate, as a Hub-ready folder with results and figures."""
+        if self.state.is_main_process:
+            model, processor = assemble(self.require("sft") / "merged", self.labels, dtype=torch.float32,
+                                        **self.model_kwargs())
+            model.distillation_head.load_state_dict(self.trained_head().state_dict())
+            model.gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
+            final = save_hub_folder(model, processor, self.output_dir / "final")
+            for name in ("results.json", "confusion_matrix.png"):
+                shutil.copy2(self.require("evaluate") / name, final / name)
+        self.mark_done("export", folder=str(self.output_dir / "final"))
+
+    # ---- driver ----------------------------------------------------------------------------------------
+
+    def run(self, stages=STAGES, force: bool = False) -> dict:
+        for stage in stages:
+            if self.is_done(stage) and not force:
+                logger.info("Stage %s already finished; skipping.", stage)
+                continue
+            logger.info("Stage %s ...", stage)
+            getattr(self, f"run_{stage}")()
+        return self.results()
+
+    def results(self) -> dict:
+        path = self.stage_dir("evaluate") / "results.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+def print_results(results: dict) -> None:
+    if results:
+        print(f"\nHeld-out {results['split']} split ({results['num_examples']} images):\n")
+        print(format_table(results))
+
+
+__all__ = ["STAGES", "Pipeline", "load_recipe", "print_results"]

@@ -1,0 +1,150 @@
+"""Stage 1: instruction-tune Qwen2-VL with TRL's `SFTTrainer` (QLoRA on `q_proj`, `k_proj`, `v_proj` by default).
+
+Trains on the categorical, conversation and reasoning instructions of every training image, with the loss on the
+assistant's answers only. Saves the LoRA adapter and a merged full model (tokenizer and image processor included),
+which stages 2 and 3 freeze. Full fine-tuning (`use_peft: false`) is an option; the tiny offline model needs it,
+since its vision tower is random.
+
+    python -m train sft --config recipes/qwen2-vl-7b/emoset.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForImageTextToText
+from trl import SFTConfig, SFTTrainer
+
+from .assemble import load_processor, quantization_config
+from .instructions import KINDS, build_instruction_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTStageConfig(SFTConfig):
+    """`SFTConfig` for stage 1, plus the base model, LoRA/QLoRA and instruction-data fields."""
+
+    model_name_or_path: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM to tune."})
+    use_peft: bool = field(default=True, metadata={"help": "LoRA (True) or full fine-tuning (False)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit NF4 + double quant."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        metadata={"help": "Modules LoRA adapts (Qwen2-VL's vision attention is a fused `qkv`: LLM only)."},
+    )
+    instruction_kinds: list[str] = field(
+        default_factory=lambda: list(KINDS), metadata={"help": "Instruction formats to train on."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on the assistant's answers only."})
+    max_length: int | None = field(default=None, metadata={"help": "No truncation: it would cut image tokens."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints to keep."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = set(self.instruction_kinds) - set(KINDS)
+        if unknown or not self.instruction_kinds:
+            raise ValueError(f"instruction_kinds must be a non-empty subset of {KINDS}, got {self.instruction_kinds}.")
+        if self.load_in_4bit and not self.use_peft:
+            raise ValueError("load_in_4bit (QLoRA) needs use_peft: 4-bit weights cannot be fine-tuned directly.")
+
+    def peft_config(self) -> LoraConfig | None:
+        if not self.use_peft:
+            return None
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+
+def _compute_dtype(args: SFTStageConfig) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def _avoid_cpu_4bit_repacking(model) -> None:
+    """bitsandbytes repacks 4-bit weights in place during a no-grad forward on AVX512-BF16 CPUs, which breaks the
+    next training step (see ../shared/STACK-NOTES.md); turning that path off keeps CPU QLoRA runs trainable."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrainer:
+    """`SFTTrainer` over an instruction data set (`images`, `messages` columns) for the configured base model."""
+    args.model_init_kwargs = dict(args.model_init_kwargs or {})
+    args.model_init_kwargs.setdefault("dtype", _compute_dtype(args))
+    if args.load_in_4bit:
+        args.model_init_kwargs["quantization_config"] = quantization_config(True, _compute_dtype(args))
+        if not torch.cuda.is_available():
+            args.model_init_kwargs.setdefault("device_map", "cpu")
+    trainer = SFTTrainer(
+        model=args.model_name_or_path,
+        args=args,
+        train_dataset=train_dataset.select_columns(["images", "messages"]),
+        processing_class=processor,
+        peft_config=args.peft_config(),
+    )
+    if args.load_in_4bit and not torch.cuda.is_available():
+        _avoid_cpu_4bit_repacking(trainer.model)
+    return trainer
+
+
+def save_merged(trainer: SFTTrainer, processor, args: SFTStageConfig, output_dir: Path) -> Path:
+    """Save the adapter (LoRA) and a merged full-precision model with tokenizer and image processor."""
+    merged_dir = output_dir / "merged"
+    if args.use_peft:
+        adapter_dir = output_dir / "adapter"
+        trainer.model.save_pretrained(adapter_dir)
+        if args.load_in_4bit:
+            # Merging into 4-bit weights would lose precision: merge into a fresh full-precision base instead.
+            base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=_compute_dtype(args))
+            model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        else:
+            model = trainer.model.merge_and_unload()
+    else:
+        model = trainer.model
+    model.save_pretrained(merged_dir)
+    processor.tokenizer.save_pretrained(merged_dir)
+    processor.image_processor.save_pretrained(merged_dir)
+    return merged_dir
+
+
+def train_sft(
+    dataset_dict,
+    labels,
+    args: SFTStageConfig,
+    generator=None,
+    answers_cache: str | Path | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+) -> Path:
+    """Build the instruction data of `dataset_dict["train"]`, tune the VLM, and return the merged model's folder."""
+    processor = load_processor(args.model_name_or_path, labels)
+    train_set = build_instruction_dataset(
+        dataset_dict["train"],
+        processor,
+        kinds=args.instruction_kinds,
+        generator=generator,
+        cache_path=answers_cache,
+    )
+    logger.info("Stage 1 trains on %d instructions (%s).", len(train_set), ", ".join(args.instruction_kinds))
+    trainer = build_sft_trainer(train_set, processor, args)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return save_merged(trainer, processor, args, Path(args.output_dir))
+
+
+__all__ = ["SFTStageConfig", "build_sft_trainer", "save_merged", "train_sft"]

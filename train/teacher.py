@@ -1,0 +1,96 @@
+"""Teacher: fine-tune any `AutoModelForImageClassification` (default `google/vit-base-patch16-384`) per data set.
+
+The best checkpoint on validation is kept; its logits become stage 2's soft targets.
+
+    python -m train teacher --config recipes/tiny/demo.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+
+from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
+
+from .distill import accuracy_metrics
+
+
+@dataclass
+class TeacherConfig(TrainingArguments):
+    """`TrainingArguments` for the teacher, plus its base model and augmentation."""
+
+    teacher_model_name_or_path: str = field(
+        default="google/vit-base-patch16-384", metadata={"help": "Base image classifier to fine-tune."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Random resized crops and horizontal flips in training."})
+    crop_scale: float = field(default=0.7, metadata={"help": "Smallest crop area (fraction) of the augmentation."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation every epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept besides the best."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the teacher best on validation."})
+    metric_for_best_model: str = field(default="accuracy", metadata={"help": "Validation metric to select on."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+
+def augment(image: Image.Image, crop_scale: float) -> Image.Image:
+    """A random resized crop (area in [crop_scale, 1], aspect ratio in [3/4, 4/3]) and a random horizontal flip.
+
+    Draws from torch's global generator, which `Trainer` seeds and restores on resume, so a resumed run sees the
+    same augmentations as an uninterrupted one.
+    """
+    width, height = image.size
+    u = torch.rand(5).tolist()
+    area = width * height * (crop_scale + (1 - crop_scale) * u[0])
+    ratio = 3 / 4 + (4 / 3 - 3 / 4) * u[1]
+    w = min(width, max(1, round((area * ratio) ** 0.5)))
+    h = min(height, max(1, round((area / ratio) ** 0.5)))
+    left, top = int(u[2] * (width - w + 1)) % (width - w + 1), int(u[3] * (height - h + 1)) % (height - h + 1)
+    image = image.crop((left, top, left + w, top + h)).resize((width, height), Image.BICUBIC)
+    return ImageOps.mirror(image) if u[4] < 0.5 else image
+
+
+def image_transform(image_processor, train: bool, crop_scale: float):
+    def transform(batch):
+        images = [to_rgb(image) for image in batch["image"]]
+        if train:
+            images = [augment(image, crop_scale) for image in images]
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor(batch["label"])}
+
+    return transform
+
+
+def load_teacher(name_or_path: str, labels: list[str]):
+    """The base classifier with a fresh `len(labels)`-way head (kept if it already has exactly these labels)."""
+    return AutoModelForImageClassification.from_pretrained(
+        name_or_path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+
+
+def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_from_checkpoint=None) -> Trainer:
+    """Fine-tune the teacher on `train`, select on `validation`, save the best to `args.output_dir`."""
+    image_processor = AutoImageProcessor.from_pretrained(args.teacher_model_name_or_path)
+    model = load_teacher(args.teacher_model_name_or_path, labels)
+    train_set = dataset_dict["train"].with_transform(image_transform(image_processor, args.augment, args.crop_scale))
+    eval_set = dataset_dict["validation"].with_transform(image_transform(image_processor, False, 1.0))
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      compute_metrics=accuracy_metrics)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    image_processor.save_pretrained(args.output_dir)
+    return trainer
+
+
+__all__ = ["TeacherConfig", "augment", "load_teacher", "train_teacher"]
