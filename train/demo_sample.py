@@ -21,7 +21,7 @@ from PIL import Image
 FASHION_MNIST_LABELS = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
 ]
-PER_CLASS = {"train": 80, "validation": 20, "test": 40}
+PER_CLASS = {"train": 300, "validation": 50, "test": 100}
 NOTICE = """Fashion-MNIST sample for the EmoVLM-KD offline demo.
 
 Source: Fashion-MNIST, https://github.com/zalandoresearch/fashion-mnist (Debian package dataset-fashion-mnist).

@@ -61,6 +61,7 @@ def plot_confusion_matrices(results: dict, path: str | Path) -> Path:
         ax.set_ylabel("true")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -68,6 +69,7 @@ def plot_confusion_matrices(results: dict, path: str | Path) -> Path:
 
 def write_json_atomic(data: dict, path: str | Path) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

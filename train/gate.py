@@ -38,6 +38,7 @@ class GateConfig(TrainingArguments):
     report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every cached tensor in the batch."})
 
 
 class GateStudent(nn.Module):

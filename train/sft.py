@@ -51,6 +51,9 @@ class SFTStageConfig(SFTConfig):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
     def __post_init__(self):
+        # TRL turns bf16 on by default; use it only where the hardware has it, so one recipe runs on CPU and GPU.
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
         unknown = set(self.instruction_kinds) - set(KINDS)
         if unknown or not self.instruction_kinds:

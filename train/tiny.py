@@ -141,7 +141,7 @@ def build_tiny_vit(output_dir: str | Path, labels: list[str], seed: int = 0) -> 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=56, patch_size=14, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=56, patch_size=7, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
