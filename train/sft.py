@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
 from .assemble import load_processor, quantization_config
@@ -87,6 +87,24 @@ def _avoid_cpu_4bit_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+class EmoVLMSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose resume also works for fully fine-tuned Qwen2-VL.
+
+    `Trainer._load_from_checkpoint` reads the checkpoint's state dict as saved (Hub key layout: `model.layers.*`,
+    `visual.*`) into a model whose modules are named `model.language_model.*`, `model.visual.*`, and loads it
+    non-strictly, so nothing but `lm_head` is restored (transformers issue #43701). Loading the checkpoint with
+    `from_pretrained` applies the model's own key conversion; the weights are then copied strictly.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        if not isinstance(model, PreTrainedModel) or not weights.exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype, device_map="cpu")
+        model.load_state_dict(restored.state_dict(), strict=True)
+
+
 def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrainer:
     """`SFTTrainer` over an instruction data set (`images`, `messages` columns) for the configured base model."""
     args.model_init_kwargs = dict(args.model_init_kwargs or {})
@@ -95,7 +113,7 @@ def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrai
         args.model_init_kwargs["quantization_config"] = quantization_config(True, _compute_dtype(args))
         if not torch.cuda.is_available():
             args.model_init_kwargs.setdefault("device_map", "cpu")
-    trainer = SFTTrainer(
+    trainer = EmoVLMSFTTrainer(
         model=args.model_name_or_path,
         args=args,
         train_dataset=train_dataset.select_columns(["images", "messages"]),
@@ -150,4 +168,4 @@ def train_sft(
     return save_merged(trainer, processor, args, Path(args.output_dir))
 
 
-__all__ = ["SFTStageConfig", "build_sft_trainer", "save_merged", "train_sft"]
+__all__ = ["EmoVLMSFTTrainer", "SFTStageConfig", "build_sft_trainer", "save_merged", "train_sft"]
