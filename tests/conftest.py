@@ -8,9 +8,15 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="emovlm-hf-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_emovlm_kd import LABEL_SETS  # noqa: E402
@@ -39,3 +45,71 @@ def random_images(n, seed=0, sizes=((28, 28), (40, 64), (64, 40), (56, 56), (100
     return [
         Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)
     ]
+
+
+# ---- a tiny end-to-end run, shared by the pipeline, publishing, analysis and app tests ----
+
+LABELS = ["red", "green", "blue"]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
+SIZES = {"train": 12, "validation": 4, "test": 6}
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory):
+    """A tiny image folder (train/validation/test of three colour classes), real PNG files."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in SIZES.items():
+        for label in LABELS:
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(COLOURS[label]) + rng.integers(-60, 61, (28, 28, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / label / f"{i}.png")
+    return root
+
+
+def write_recipe(path: Path, image_folder: Path, output_dir: Path, sft_epochs=4, distill_epochs=40) -> Path:
+    """A tiny pipeline recipe. Stages 1 and 2 run long enough for the kill/resume tests to land mid-stage."""
+    recipe = {
+        "output_dir": str(output_dir),
+        "seed": 7,
+        "labels": LABELS,
+        "data": {"kind": "imagefolder", "root": str(image_folder)},
+        "base_models": {"tiny": True},
+        "model": {"head_hidden_dims": [32], "gate_vlm_signal": "probs", "feature_batch_size": 16},
+        "sft": {"use_peft": False, "gradient_checkpointing": False, "instruction_kinds": ["categorical"],
+                "learning_rate": 2e-3, "num_train_epochs": sft_epochs, "per_device_train_batch_size": 6,
+                "disable_tqdm": True},
+        "teacher": {"learning_rate": 2e-3, "num_train_epochs": 2, "per_device_train_batch_size": 12,
+                    "disable_tqdm": True},
+        "distill": {"num_train_epochs": distill_epochs, "per_device_train_batch_size": 4, "disable_tqdm": True},
+        "gate": {"learning_rate": 1e-2, "num_train_epochs": 3, "per_device_train_batch_size": 4, "disable_tqdm": True},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_pipeline(recipe: Path, *extra, wait=True):
+    """`python -m train pipeline` in a fresh process, as a user runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "train", "pipeline", "--config", str(recipe), *extra]
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+
+
+def final_metrics(output_dir: Path) -> dict:
+    results = json.loads((output_dir / "evaluate" / "results.json").read_text())
+    return {branch: (m["accuracy"], m["macro_f1"]) for branch, m in results["branches"].items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(colour_folder, tmp_path_factory):
+    """A finished tiny pipeline run: (output_dir, recipe path, stdout). Its `final/` folder is Hub-ready."""
+    root = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(root / "recipe.yaml", colour_folder, root / "out")
+    result = run_pipeline(recipe)
+    return root / "out", recipe, result.stdout
+
+
