@@ -24,6 +24,7 @@ EXTRAS = {
         "matplotlib>=3.11.2",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "jinja2>=3.1.6",
     ],
     "test": ["pytest>=9.2.0", "ruff>=0.17.6"],
 }
@@ -37,8 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_emovlm_kd", "train", "train.*"]),
-    package_data={"train": ["recipes/**/*.yaml", "demo_data/**/*"]},
+    packages=find_packages(include=["modeling_emovlm_kd", "train", "train.*", "hub_cards"]),
+    package_data={"train": ["recipes/**/*.yaml", "demo_data/**/*", "metrics/*.py"], "hub_cards": ["*.j2", "*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

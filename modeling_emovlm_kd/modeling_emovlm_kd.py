@@ -203,6 +203,12 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     # Label scoring uses a custom 4D attention mask, which flash-attention kernels cannot take.
     _supports_flash_attn = False
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Weights come from safetensors only: a pickle file in a stranger's checkpoint could run code.
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Bilinear)) and not isinstance(module, PreTrainedModel):

@@ -45,17 +45,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image) -> Image.Image:
-    """Open a path, PIL image or numpy array as RGB; errors name the offending file."""
+def load_image(image, max_pixels: int | None = None) -> Image.Image:
+    """Open a path, PIL image or numpy array as RGB; errors name the offending file.
+
+    With `max_pixels`, a large JPEG is decoded at a reduced scale (still at least `max_pixels`), so memory stays
+    bounded by what the model will see; PIL's decompression-bomb guard stays in force.
+    """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Image file not found: {path}")
         try:
             with Image.open(path) as opened:
+                if max_pixels and opened.width * opened.height > 4 * max_pixels:
+                    scale = (max_pixels / (opened.width * opened.height)) ** 0.5
+                    opened.draft("RGB", (max(1, int(opened.width * scale)), max(1, int(opened.height * scale))))
                 opened.load()
                 return to_rgb(opened)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"Cannot read image file {path}: {err}") from err
     if isinstance(image, Image.Image):
         return to_rgb(image)
@@ -81,7 +88,7 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessorPil):
         # Batched chat templates pass one list of images per sample: keep the nesting, load the leaves.
         if isinstance(images, (list, tuple)):
             return [self._load(image) for image in images]
-        return load_image(images)
+        return load_image(images, max_pixels=getattr(self.size, "longest_edge", None))
 
 
 class EmoVLMKDProcessor(Qwen2VLProcessor):

@@ -3,6 +3,9 @@
     python -m train demo [--output-dir runs/demo]                 # the whole pipeline on the bundled sample
     python -m train pipeline --config RECIPE.yaml [--set sft.num_train_epochs=2 ...]
     python -m train {base,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml
+    python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
+    python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME \
+        [--private] [--revision BRANCH] [--dry-run DIR]
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
 """
 
@@ -10,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from .pipeline import STAGES, Pipeline, load_recipe, print_results
 
@@ -32,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     demo = commands.add_parser("demo", help="the whole pipeline offline on the bundled sample")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    from . import predict
+
+    predict.add_arguments(commands.add_parser("predict", help="classify a folder of images into JSONL/CSV"))
+    from .publish import add_arguments as add_push_arguments
+
+    add_push_arguments(commands.add_parser("push", help="upload a run's Hub-ready folder with its model card"))
     tiny = commands.add_parser("tiny", help="build tiny offline base models")
     tiny.add_argument("--output-dir", required=True)
     tiny.add_argument("--labels", default="mikels8", help="A label set name or a comma-separated list.")
@@ -56,10 +68,23 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        # Under torchrun on a CPU-only machine, accelerate and Trainer only form a (gloo) process group when told
+        # to use the CPU; otherwise every process would silently train and write alone.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "push":
+        from .publish import run as run_push
+
+        return run_push(args)
     if args.command == "demo":
         run_demo(args.output_dir, args.set)
         return
+    if args.command == "predict":
+        from . import predict
+
+        summary = predict.run(args)
+        return 1 if summary.failed and not summary.predicted else 0
     if args.command == "tiny":
         from .tiny import build_tiny_base_models
 

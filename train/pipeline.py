@@ -70,7 +70,7 @@ class Pipeline:
         self.output_dir = Path(self.recipe["output_dir"])
         self.seed = int(self.recipe.get("seed", 42))
         self.labels = resolve_label_set(self.recipe["labels"])
-        self.state = PartialState()
+        self.state = PartialState(cpu=not torch.cuda.is_available())
 
     # ---- shared pieces ---------------------------------------------------------------------------------
 
@@ -176,31 +176,50 @@ class Pipeline:
         return self.stage_dir("features") / f"{split}.safetensors"
 
     def run_features(self) -> None:
-        """Pooled visual features, VLM label scores and teacher logits of every split, computed once."""
+        """Pooled visual features, VLM label scores and teacher logits of every split, computed once.
+
+        Under several processes each rank computes a disjoint contiguous shard; the main process concatenates
+        the shards in order and stores the cache atomically.
+        """
         merged, teacher_dir = self.require("sft") / "merged", self.require("teacher")
-        if self.state.is_main_process:
-            options = self.recipe.get("model", {})
-            model, processor = assemble(merged, self.labels, load_in_4bit=options.get("load_in_4bit", False),
-                                        dtype=options.get("dtype", "auto"),
-                                        device_map="auto" if torch.cuda.is_available() else None,
-                                        **self.model_kwargs())
-            teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
-            teacher.to(model.vlm.get_input_embeddings().weight.device)
-            teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
-            batch_size = int(options.get("feature_batch_size", 8))
-            vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
-            for split in SPLITS:
-                dataset = self.data[split]
-                fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
+        options = self.recipe.get("model", {})
+        device_map = {"": self.state.device} if torch.cuda.is_available() else None
+        model, processor = assemble(merged, self.labels, load_in_4bit=options.get("load_in_4bit", False),
+                                    dtype=options.get("dtype", "auto"), device_map=device_map, **self.model_kwargs())
+        teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
+        teacher.to(model.vlm.get_input_embeddings().weight.device)
+        teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
+        batch_size = int(options.get("feature_batch_size", 8))
+        vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
+        for split in SPLITS:
+            dataset = self.data[split]
+            fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
+            shard = dataset.shard(self.state.num_processes, self.state.process_index, contiguous=True)
 
-                def build(dataset=dataset):
-                    vlm = compute_vlm_features(model, processor.image_processor, dataset, batch_size)
-                    teacher_out = compute_teacher_logits(teacher, teacher_processor, dataset, batch_size * 4)
-                    if not torch.equal(vlm["labels"], teacher_out["labels"]):
-                        raise RuntimeError("VLM and teacher passes saw the data in different orders.")
-                    return {**vlm, "teacher_logits": teacher_out["teacher_logits"]}
+            def build(shard=shard):
+                vlm = compute_vlm_features(model, processor.image_processor, shard, batch_size)
+                teacher_out = compute_teacher_logits(teacher, teacher_processor, shard, batch_size * 4)
+                if not torch.equal(vlm["labels"], teacher_out["labels"]):
+                    raise RuntimeError("VLM and teacher passes saw the data in different orders.")
+                return {**vlm, "teacher_logits": teacher_out["teacher_logits"]}
 
+            if self.state.num_processes == 1:
                 cached(self.feature_path(split), fingerprint, build)
+                continue
+            part = self.feature_path(split).with_name(f"{split}.part{self.state.process_index}.safetensors")
+            cached(part, f"{fingerprint}-{self.state.process_index}/{self.state.num_processes}", build)
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                parts = [part.with_name(f"{split}.part{r}.safetensors") for r in range(self.state.num_processes)]
+
+                def gather(parts=parts):
+                    loaded = [load_file(p) for p in parts]
+                    return {key: torch.cat([t[key] for t in loaded]) for key in loaded[0]}
+
+                cached(self.feature_path(split), fingerprint, gather)
+                for p in parts:
+                    p.unlink()
+            self.state.wait_for_everyone()
         self.mark_done("features")
 
     def features(self, split: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,432 @@
+# Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
+"""EmoVLM-KD demo app: the VLM, the distilled head and the gate's fused decision, side by side.
+
+Runs locally (`make app`, or `python app.py --checkpoint PATH_OR_REPO_ID --port 7860`) and as a Hugging Face Space
+(`app.py` at the top of the Space repository; Spaces run `python app.py` and set `GRADIO_SERVER_NAME`/`PORT`).
+
+Settings, each a CLI flag or an environment variable:
+
+- `--checkpoint` / `EMOVLM_CHECKPOINT`: a local EmoVLM-KD folder or a Hub repo id (default: `runs/demo/final`,
+  the output of `make demo`). The model is loaded with `trust_remote_code=True`, so the checkpoint's own
+  modeling code runs, gate included.
+- `--host` / `GRADIO_SERVER_NAME` (default `127.0.0.1`), `--port` / `GRADIO_SERVER_PORT` (default 7860).
+- `--examples` / `EMOVLM_EXAMPLES`: a folder of `<label>/<image>` example images (default: the bundled demo data).
+
+Only `transformers`, `torch`, `PIL` and `gradio` are imported, never the project's packages: what the page shows
+is what a user of the published checkpoint gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Read at import time; this app needs no telemetry and the machine it runs on may have no network.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = HERE / "runs" / "demo" / "final"
+DEFAULT_EXAMPLES = HERE / "train" / "demo_data" / "fashion_mnist_sample" / "test"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+BATCH_SIZE = 16
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BATCH_COLUMNS = [
+    "image", "fused label", "fused p", "VLM label", "VLM p", "head label", "head p", "VLM share", "head share", "error",
+]
+
+# How each gate's `branch_weights` is derived, for the page (the numbers come from the gate module itself).
+GATE_EXPLANATIONS = {
+    "concat_linear": "share of the fused logits' magnitude coming from each half of the gate's Linear(2C→C)",
+    "moe": "share of the fused logits' magnitude from each branch, through the router-weighted mixture of experts",
+    "bilinear": "each branch's linear term, plus half of the joint bilinear term v·W·h",
+    "dynamic_weighting": "the gate's own per-image softmax weights over the two branches",
+    "cross_gating": "share of the fusion layer's logits from each branch after cross-gating",
+}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be found or loaded; the message tells the user what to do."""
+
+
+@dataclass
+class Classifier:
+    """A loaded EmoVLM-KD checkpoint and the pieces of its remote code the app needs."""
+
+    name: str
+    model: Any
+    image_processor: Any
+    labels: list[str]
+    gate_inputs: Callable
+
+    @property
+    def gate_type(self) -> str:
+        return self.model.config.gate_type
+
+
+@dataclass
+class Prediction:
+    """Everything the page shows for one image; probabilities are dicts label -> probability."""
+
+    fused: dict[str, float]
+    vlm: dict[str, float]
+    vlm_log_likelihood: dict[str, float]
+    head: dict[str, float]
+    vlm_share: float
+    head_share: float
+
+    @property
+    def label(self) -> str:
+        return max(self.fused, key=self.fused.get)
+
+
+# ---- checkpoint ------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(reference: str | os.PathLike) -> str:
+    """A local folder or a Hub repo id to pass to `from_pretrained`; raises `CheckpointError` with advice."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.resolve() == DEFAULT_CHECKPOINT:
+        raise CheckpointError(
+            f"No checkpoint at `{DEFAULT_CHECKPOINT}`: the demo model has not been built yet. "
+            "Run `make demo` first (about a minute on a CPU), or point the app at another checkpoint with "
+            "`--checkpoint PATH_OR_REPO_ID` or `EMOVLM_CHECKPOINT=...`."
+        )
+    if REPO_ID.match(str(reference)) and not path.exists():
+        return str(reference)
+    raise CheckpointError(
+        f"`{reference}` is neither a checkpoint folder nor a Hub repo id (`org/name`). "
+        "Pass `--checkpoint PATH_OR_REPO_ID` or set `EMOVLM_CHECKPOINT`."
+    )
+
+
+def load_classifier(reference: str | os.PathLike) -> Classifier:
+    """Load model and image processor with the checkpoint's own code (`trust_remote_code=True`)."""
+    source = resolve_checkpoint(reference)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True).eval()
+        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
+    except Exception as err:  # noqa: BLE001 - any load failure becomes a message on the page
+        raise CheckpointError(f"Could not load the EmoVLM-KD checkpoint `{source}`: {err}") from err
+    # `gate_inputs` lives next to the model class in the checkpoint's modeling file; using it (not a copy)
+    # keeps the contributions identical to what `model.fuse` feeds the gate.
+    modeling = importlib.import_module(type(model).__module__)
+    if not hasattr(modeling, "gate_inputs") or not hasattr(model.gate, "branch_weights"):
+        raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint with a gate that reports branch weights.")
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return Classifier(display_name(source), model, image_processor, labels, modeling.gate_inputs)
+
+
+def display_name(source: str) -> str:
+    """The checkpoint as the page names it: relative to the project when it lies inside, else as given."""
+    try:
+        return str(Path(source).resolve().relative_to(HERE))
+    except ValueError:
+        return source
+
+
+# ---- inference -------------------------------------------------------------------------------------------
+
+
+def check_image_file(path: str | os.PathLike, shown_name: str) -> None:
+    """Fail early, with the user's file name, on files the image processor would reject less legibly."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{shown_name} was not received by the server; please upload it again.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{shown_name} is empty (0 bytes), not an image.")
+
+
+def branch_shares(classifier: Classifier, vlm_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+    """`(batch, 2)` [vlm, head] contributions from the gate's own `branch_weights`, on the inputs `fuse` uses."""
+    model = classifier.model
+    vlm, head = classifier.gate_inputs(vlm_logits, head_logits, model.config.gate_vlm_signal)
+    dtype = model.gate_dtype
+    return model.gate.branch_weights(vlm.to(dtype), head.to(dtype)).float()
+
+
+@torch.no_grad()
+def predict_paths(classifier: Classifier, paths: list[str]) -> list[Prediction]:
+    """One forward pass for a list of readable image files; the processor raises ValueError for bad ones."""
+    inputs = classifier.image_processor(paths, return_tensors="pt")
+    output = classifier.model(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    shares = branch_shares(classifier, output.vlm_logits, output.head_logits)
+    as_dict = lambda row: dict(zip(classifier.labels, row.tolist()))  # noqa: E731
+    return [
+        Prediction(
+            fused=as_dict(output.logits[i].float().softmax(-1)),
+            vlm=as_dict(output.vlm_logits[i].float().softmax(-1)),
+            vlm_log_likelihood=as_dict(output.vlm_logits[i].float()),
+            head=as_dict(output.head_logits[i].float().softmax(-1)),
+            vlm_share=float(shares[i, 0]),
+            head_share=float(shares[i, 1]),
+        )
+        for i in range(len(paths))
+    ]
+
+
+def predict_one(classifier: Classifier, path: str, shown_name: str) -> Prediction:
+    """Validate and classify one file; errors name the user's file."""
+    check_image_file(path, shown_name)
+    try:
+        return predict_paths(classifier, [path])[0]
+    except (ValueError, OSError) as err:
+        # The processor's ValueError wraps PIL's reason; show that reason with the user's file name, not the
+        # server's temporary path.
+        reason = str(err.__cause__ or err).replace(path, shown_name)
+        raise ValueError(f"{shown_name} is not a readable image ({reason}).") from err
+
+
+# ---- presentation ----------------------------------------------------------------------------------------
+
+
+def contribution_html(prediction: Prediction, gate_type: str) -> str:
+    """A stacked bar of the two branches' shares, with how this gate type's shares are computed."""
+    vlm, head = 100 * prediction.vlm_share, 100 * prediction.head_share
+    how = GATE_EXPLANATIONS.get(gate_type, "the gate's own branch weights")
+    return (
+        '<div class="contrib"><p class="title">How much each branch drove this decision</p>'
+        f'<div class="contrib-bar"><span class="vlm" style="width:{vlm:.1f}%"></span>'
+        f'<span class="head" style="width:{head:.1f}%"></span></div>'
+        f'<p><b class="vlm-key">VLM {vlm:.1f}%</b> · <b class="head-key">distilled head {head:.1f}%</b></p>'
+        f"<p class=\"how\">Gate <code>{html.escape(gate_type)}</code>: {html.escape(how)}.</p></div>"
+    )
+
+
+def score_rows(prediction: Prediction) -> list[list]:
+    """Per-label table: fused, VLM and head probabilities and the VLM's raw label log-likelihood."""
+    return [
+        [
+            label,
+            round(prediction.fused[label], 4),
+            round(prediction.vlm[label], 4),
+            round(prediction.vlm_log_likelihood[label], 3),
+            round(prediction.head[label], 4),
+        ]
+        for label in sorted(prediction.fused, key=prediction.fused.get, reverse=True)
+    ]
+
+
+def batch_row(name: str, prediction: Prediction | None = None, error: str = "") -> list:
+    """One row of the batch table; a bad file gets its error instead of scores."""
+    if prediction is None:
+        return [name, "", None, "", None, "", None, None, None, error]
+    top = lambda probs: max(probs, key=probs.get)  # noqa: E731
+    vlm_label, head_label = top(prediction.vlm), top(prediction.head)
+    return [
+        name,
+        prediction.label,
+        round(prediction.fused[prediction.label], 4),
+        vlm_label,
+        round(prediction.vlm[vlm_label], 4),
+        head_label,
+        round(prediction.head[head_label], 4),
+        round(prediction.vlm_share, 4),
+        round(prediction.head_share, 4),
+        "",
+    ]
+
+
+def uploaded_path(payload: Any) -> tuple[str, str] | None:
+    """(server path, user's file name) of a raw Gradio file payload, or None when nothing is uploaded."""
+    if payload is None:
+        return None
+    if isinstance(payload, (str, os.PathLike)):
+        return os.fspath(payload), Path(payload).name
+    path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+    name = payload.get("orig_name") if isinstance(payload, dict) else getattr(payload, "orig_name", None)
+    if not path:
+        return None
+    return path, name or Path(path).name
+
+
+# ---- event handlers --------------------------------------------------------------------------------------
+
+
+def classify_image(classifier: Classifier | None, load_error: str, payload: Any):
+    """Single image: fused label chart, branch shares, VLM and head probabilities, score table, error text."""
+    if classifier is None:
+        raise gr.Error(load_error, duration=None)
+    empty = (None, "", None, None, None)
+    upload = uploaded_path(payload)
+    if upload is None:
+        return (*empty, "")
+    path, name = upload
+    try:
+        prediction = predict_one(classifier, path, name)
+    except ValueError as err:
+        # Clear the previous result (it belongs to another image) and say why in the page; returning instead
+        # of raising keeps the outputs consistent with the input, and the server serves on either way.
+        gr.Warning(str(err))
+        return (*empty, f"**⚠️ {err}**")
+    return (
+        prediction.fused,
+        contribution_html(prediction, classifier.gate_type),
+        prediction.vlm,
+        prediction.head,
+        score_rows(prediction),
+        "",
+    )
+
+
+def classify_batch(classifier: Classifier | None, load_error: str, files: list[Any] | None):
+    """Several images: one table row each; unreadable files get an error row and a warning, not a crash."""
+    if classifier is None:
+        raise gr.Error(load_error, duration=None)
+    uploads = [upload for upload in map(uploaded_path, files or []) if upload is not None]
+    rows: dict[int, list] = {}
+    good: list[tuple[int, str, str]] = []
+    for index, (path, name) in enumerate(uploads):
+        try:
+            check_image_file(path, name)
+            good.append((index, path, name))
+        except ValueError as err:
+            rows[index] = batch_row(name, error=str(err))
+    for start in range(0, len(good), BATCH_SIZE):
+        chunk = good[start : start + BATCH_SIZE]
+        try:
+            predictions = predict_paths(classifier, [path for _, path, _ in chunk])
+        except (ValueError, OSError):
+            # Some file in the chunk is unreadable: classify one by one so only that file gets an error row.
+            predictions = None
+        for position, (index, path, name) in enumerate(chunk):
+            if predictions is not None:
+                rows[index] = batch_row(name, predictions[position])
+                continue
+            try:
+                rows[index] = batch_row(name, predict_one(classifier, path, name))
+            except ValueError as err:
+                rows[index] = batch_row(name, error=str(err))
+    failed = sum(1 for row in rows.values() if row[-1])
+    if failed:
+        gr.Warning(f"{failed} of {len(uploads)} files could not be read as images; see the error column.")
+    return [rows[i] for i in sorted(rows)]
+
+
+# ---- page ------------------------------------------------------------------------------------------------
+
+
+def example_images(folder: str | os.PathLike | None, per_label: int = 1) -> list[str]:
+    """The first `per_label` images of each `<label>/` subfolder (sorted), or none if the folder is absent."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    examples = []
+    for label_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        images = sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        examples += [str(p) for p in images[:per_label]]
+    return examples
+
+
+def header_markdown(classifier: Classifier | None, load_error: str) -> str:
+    """Title and what is loaded, or the loading error in plain words."""
+    title = "# EmoVLM-KD: VLM + distilled head + gate\n"
+    if classifier is None:
+        return title + f"\n**⚠️ No model loaded.** {load_error}"
+    config = classifier.model.config
+    return title + (
+        f"Checkpoint `{classifier.name}` · gate `{config.gate_type}` (VLM signal: `{config.gate_vlm_signal}`) · "
+        f"{len(classifier.labels)} labels: {', '.join(classifier.labels)}. "
+        "The Qwen2-VL scores every label after its prompt; the distilled head reads the same visual features; "
+        "the gate fuses both ([arXiv 2505.07164](https://arxiv.org/abs/2505.07164))."
+    )
+
+
+CSS = """
+.contrib-bar {display:flex; height:22px; border-radius:6px; overflow:hidden; margin:6px 0;}
+.contrib-bar .vlm {background:#2563eb;} .contrib-bar .head {background:#f59e0b;}
+#input-image img {width:100%; height:100%; object-fit:contain;}
+#image-error {color:#b91c1c;}
+.contrib .title {font-weight:600; margin-bottom:0;}
+.vlm-key {color:#2563eb;} .head-key {color:#b45309;} .contrib .how {font-size:0.85em; opacity:0.8;}
+"""
+
+
+def build_demo(classifier: Classifier | None, load_error: str = "", examples_dir: str | None = None) -> gr.Blocks:
+    """The Gradio page: one-image tab (with examples) and batch tab."""
+    num_labels = len(classifier.labels) if classifier else None
+    with gr.Blocks(title="EmoVLM-KD demo") as demo:
+        gr.Markdown(header_markdown(classifier, load_error), elem_id="header")
+        with gr.Tab("One image"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(label="Image (upload or pick an example)", sources=["upload", "clipboard"],
+                                     type="filepath", height=300, elem_id="input-image")
+                    error = gr.Markdown(elem_id="image-error")
+                    examples_slot = gr.Column()  # filled below, once the outputs exist
+                with gr.Column(scale=1):
+                    fused = gr.Label(label="Fused decision (gate)", num_top_classes=num_labels, elem_id="fused-label")
+                    contribution = gr.HTML(label="Branch contributions to the decision", elem_id="contribution")
+            with gr.Row():
+                vlm = gr.Label(label="VLM label probabilities (softmax of label log-likelihoods)",
+                               num_top_classes=num_labels, elem_id="vlm-label")
+                head = gr.Label(label="Distilled head probabilities", num_top_classes=num_labels, elem_id="head-label")
+            table = gr.Dataframe(headers=["label", "fused p", "VLM p", "VLM log-likelihood", "head p"],
+                                 label="All label scores", interactive=False, elem_id="scores")
+            outputs = [fused, contribution, vlm, head, table, error]
+            classify = lambda payload: classify_image(classifier, load_error, payload)  # noqa: E731
+            # `upload` (not `change`, which fires twice per upload here) runs once per file. preprocess=False: the
+            # handler reads the file itself, so a text or empty file gets a message naming it instead of an
+            # exception inside Gradio's image decoding.
+            image.upload(classify, inputs=image, outputs=outputs, preprocess=False)
+            image.clear(lambda: (None, "", None, None, None, ""), outputs=outputs)
+            examples = example_images(examples_dir)
+            if examples:
+                with examples_slot:
+                    # Not cached (Spaces would cache by default): the examples run live, like an upload.
+                    gr.Examples(examples, inputs=image, outputs=outputs, fn=classify, run_on_click=True,
+                                cache_examples=False, preprocess=False, label="Examples (click one)",
+                                examples_per_page=len(examples))
+        with gr.Tab("Batch"):
+            files = gr.File(label="Upload several images", file_count="multiple", elem_id="batch-files")
+            run = gr.Button("Classify all", variant="primary", elem_id="batch-run")
+            results = gr.Dataframe(headers=BATCH_COLUMNS, label="Results", interactive=False, elem_id="batch-table")
+            run.click(lambda payload: classify_batch(classifier, load_error, payload), inputs=files,
+                      outputs=results, preprocess=False)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=os.environ.get("EMOVLM_CHECKPOINT", str(DEFAULT_CHECKPOINT)),
+                        help="local EmoVLM-KD folder or Hub repo id (env EMOVLM_CHECKPOINT)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
+                        help="address to listen on (env GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
+                        help="port to listen on (env GRADIO_SERVER_PORT)")
+    parser.add_argument("--examples", default=os.environ.get("EMOVLM_EXAMPLES", str(DEFAULT_EXAMPLES)),
+                        help="folder of <label>/<image> examples (env EMOVLM_EXAMPLES)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    classifier, load_error = None, ""
+    try:
+        classifier = load_classifier(args.checkpoint)
+    except CheckpointError as err:
+        # Serve the page anyway (a Space must start) and say what is wrong there and on the console.
+        load_error = str(err)
+        print(f"app.py: {load_error}", file=sys.stderr)
+    demo = build_demo(classifier, load_error, args.examples)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, show_error=True, css=CSS,
+        allowed_paths=[args.examples] if args.examples else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks of EmoVLM-KD's fused inference and cached training stages (`python -m bench.<script>`)."""

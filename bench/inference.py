@@ -1,0 +1,193 @@
+"""Inference throughput and latency: our fused model vs the VLM alone vs the authors' (official-style) path.
+
+    python -m bench.inference                  # mid-size model (Qwen2-VL-2B widths, few layers), batch 1, 4, 8
+    python -m bench.inference --tiny           # smoke run
+
+Paths, on the same weights and the same images, in one process, repetitions interleaved:
+
+- `fused`: image processor + one forward of `EmoVLMKDForImageClassification` (one vision pass, labels scored in one
+  language-model pass, head, gate), under `torch.inference_mode`.
+- `fused_pipeline`: the same through `pipeline("image-classification", batch_size=B)`.
+- `vlm_only`: the VLM alone scoring the labels (vision tower + one language-model pass), no head, no gate.
+- `official_genN`: greedy `generate(max_new_tokens=N)` of the answer from the chat prompt + decode + parse, a
+  second vision pass through a separate fp32 copy of the vision tower for the head, a ViT teacher forward, the gate.
+  A random model never emits EOS, so exactly N tokens are generated: N=16 covers a trained model's short answer
+  (`{'emotion': 'contentment'}` + EOS is about 10 tokens), N=256 is what the authors' code allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+
+from transformers import pipeline as hf_pipeline
+
+from bench.common import (
+    OfficialStyle,
+    add_common_arguments,
+    build_models,
+    default_image_size,
+    fused_predict,
+    interleaved_timings,
+    log,
+    make_shape,
+    markdown_table,
+    random_images,
+    setup,
+    summarize,
+    vlm_only_predict,
+    write_json,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, "inference.json")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--reps", type=int, default=None, help="Timed repetitions per case (default 3, tiny 2).")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="Official path, interleaved with the rest.")
+    parser.add_argument("--long-max-new-tokens", type=int, default=256,
+                        help="Official path with the authors' limit, timed after the rest (0: skip).")
+    parser.add_argument("--long-batch-sizes", type=int, nargs="*", default=None,
+                        help="Batch sizes for the long generation (default: smallest and largest).")
+    parser.add_argument("--long-reps", type=int, default=1, help="Repetitions of the long generation.")
+    parser.add_argument("--image-size", type=int, default=None, help="Square image side (default: max_pixels**0.5).")
+    parser.add_argument("--max-pixels", type=int, default=None, help="Image processor max_pixels (mid: 224*224).")
+    parser.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline() case.")
+    return parser.parse_args(argv)
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup(args)
+    reps = args.reps or (2 if args.tiny else 3)
+    shape = make_shape("tiny" if args.tiny else "mid", args.text_layers, args.vision_depth, max_pixels=args.max_pixels)
+    log(f"Building the {shape.name} models ...")
+    bm = build_models(shape, dtype=args.dtype, device=args.device, seed=args.seed)
+    side = args.image_size or default_image_size(shape)[0]
+    batch_sizes = sorted(set(args.batch_sizes))
+    images = random_images(max(batch_sizes), (side, side), seed=args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = None if args.no_pipeline else hf_pipeline("image-classification", model=bm.model,
+                                                         image_processor=bm.image_processor, device=bm.device)
+    official = OfficialStyle(bm, args.max_new_tokens)
+    bm.vision_copy()  # built before timing, as the authors loaded it once
+
+    cases, keys = {}, {}
+    for b in batch_sizes:
+        batch = images[:b]
+        entries = [("fused", lambda batch=batch: fused_predict(bm, batch))]
+        if pipe is not None:
+            entries.append(("fused_pipeline", lambda batch=batch, b=b: pipe(batch, batch_size=b)))
+        entries.append(("vlm_only", lambda batch=batch: vlm_only_predict(bm, batch)))
+        entries.append((f"official_gen{args.max_new_tokens}", lambda batch=batch: official(batch)))
+        for method, fn in entries:
+            name = f"{method}@{b}"
+            cases[name], keys[name] = fn, (method, b, args.max_new_tokens if method.startswith("official") else None)
+    log(f"Timing {len(cases)} cases x {reps} interleaved repetitions (+1 warm-up each) ...")
+    times = interleaved_timings(cases, reps=reps, warmup=1, device=bm.device, log=log)
+    calls = {f"official_gen{args.max_new_tokens}@{b}": [c for c in official.calls if c["batch_size"] == b][-reps:]
+             for b in batch_sizes}
+
+    if args.long_max_new_tokens == args.max_new_tokens:
+        args.long_max_new_tokens = 0
+    if args.long_max_new_tokens and args.long_reps:
+        long_official = OfficialStyle(bm, args.long_max_new_tokens)
+        long_sizes = args.long_batch_sizes if args.long_batch_sizes is not None else sorted({batch_sizes[0],
+                                                                                            batch_sizes[-1]})
+        long_cases = {}
+        for b in long_sizes:
+            name = f"official_gen{args.long_max_new_tokens}@{b}"
+            long_cases[name] = lambda b=b: long_official(images[:b])
+            keys[name] = (f"official_gen{args.long_max_new_tokens}", b, args.long_max_new_tokens)
+        log(f"Timing the official path with max_new_tokens={args.long_max_new_tokens} "
+            f"({args.long_reps} repetition(s), no warm-up: the shorter generation warmed the same kernels) ...")
+        times.update(interleaved_timings(long_cases, reps=args.long_reps, warmup=0, device=bm.device, log=log))
+        calls.update({f"official_gen{args.long_max_new_tokens}@{b}": [c for c in long_official.calls
+                                                                      if c["batch_size"] == b] for b in long_sizes})
+
+    rows = []
+    for name, seconds in times.items():
+        method, b, new_tokens = keys[name]
+        stats = summarize(seconds)
+        row = {"case": name, "method": method, "batch_size": b, "max_new_tokens": new_tokens,
+               "latency_per_call_s": stats, "latency_per_image_ms": 1000 * stats["median_s"] / b,
+               "images_per_s": b / stats["median_s"], "rel_iqr": stats["rel_iqr"]}
+        if name in calls:
+            row["generated_tokens"] = [c["generated_tokens"] for c in calls[name]]
+            row["parsed_answers"] = sum(c["parsed"] for c in calls[name])
+            row["parts_median_s"] = {part: statistics.median(c[part] for c in calls[name]) for part in
+                                     ("generate_and_parse", "second_vision_pass_and_head", "teacher_forward", "gate")}
+        rows.append(row)
+
+    by = {(r["method"], r["batch_size"]): r for r in rows}
+    ratios = {}
+    largest, smallest = batch_sizes[-1], batch_sizes[0]
+    official_names = sorted({r["method"] for r in rows if r["method"].startswith("official")},
+                            key=lambda m: int(m.removeprefix("official_gen")))
+    for method in official_names:
+        for b in batch_sizes:
+            if (method, b) in by:
+                ratios[f"fused_vs_{method}_images_per_s@{b}"] = ratio(by[("fused", b)]["images_per_s"],
+                                                                      by[(method, b)]["images_per_s"])
+                ratios[f"fused_vs_{method}_paired_per_rep@{b}"] = paired(times[f"fused@{b}"],
+                                                                         times[f"{method}@{b}"], b, b)
+        if (method, smallest) in by:
+            # The authors ran batch size 1; we batch.
+            ratios[f"fused@{largest}_vs_{method}@{smallest}_images_per_s"] = ratio(
+                by[("fused", largest)]["images_per_s"], by[(method, smallest)]["images_per_s"])
+    ratios[f"fused_batch{largest}_vs_batch{smallest}_throughput"] = ratio(by[("fused", largest)]["images_per_s"],
+                                                                          by[("fused", smallest)]["images_per_s"])
+    ratios[f"vlm_only_batch{largest}_vs_batch{smallest}_throughput"] = ratio(
+        by[("vlm_only", largest)]["images_per_s"], by[("vlm_only", smallest)]["images_per_s"])
+    for b in batch_sizes:
+        ratios[f"fused_latency_over_vlm_only@{b}"] = ratio(by[("fused", b)]["latency_per_image_ms"],
+                                                          by[("vlm_only", b)]["latency_per_image_ms"])
+        if ("fused_pipeline", b) in by:
+            ratios[f"fused_pipeline_latency_over_fused@{b}"] = ratio(by[("fused_pipeline", b)]["latency_per_image_ms"],
+                                                                    by[("fused", b)]["latency_per_image_ms"])
+    for row in rows:
+        row["speedup_of_fused"] = ratio(by[("fused", row["batch_size"])]["images_per_s"], row["images_per_s"]) \
+            if ("fused", row["batch_size"]) in by else None
+
+    table = markdown_table(
+        sorted(rows, key=lambda r: (r["batch_size"], r["method"])),
+        [("method", "path"), ("batch_size", "batch"), ("latency_per_image_ms", "ms / image"),
+         ("images_per_s", "images / s"), ("rel_iqr", "IQR / median"), ("speedup_of_fused", "fused is x faster")],
+    )
+    description = bm.describe()
+    print(f"\nInference ({description['shape']}, {description['dtype']}, {description['device']}, "
+          f"{side}x{side} images, {reps} interleaved repetitions, median):\n")
+    print(table)
+    print()
+    for key, value in ratios.items():
+        print(f"  {key}: {value if isinstance(value, dict) else round(value, 3)}")
+    payload = {
+        "benchmark": "inference",
+        "config": description,
+        "settings": {"batch_sizes": batch_sizes, "reps": reps, "warmup": 1, "image_size": [side, side],
+                     "max_new_tokens": args.max_new_tokens, "long_max_new_tokens": args.long_max_new_tokens,
+                     "long_reps": args.long_reps, "pipeline": pipe is not None},
+        "results": rows,
+        "ratios": ratios,
+        "table_markdown": table,
+    }
+    path = write_json(args.output, payload)
+    print(f"\nWrote {path}")
+    return payload
+
+
+def paired(fast: list[float], slow: list[float], fast_batch: int, slow_batch: int) -> dict:
+    """Throughput ratio per interleaved repetition (fast over slow): median, min and max."""
+    values = [(fast_batch / f) / (slow_batch / s) for f, s in zip(fast, slow)]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Smoke runs of the benchmark scripts on the tiny model: they run, print a table and write complete JSON.
+
+No timing is asserted here: benchmarks are not tests. The four scripts run side by side, each in its own process.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RUNS = {
+    "inference": ["--reps", "1", "--batch-sizes", "1", "2", "--max-new-tokens", "4", "--long-max-new-tokens", "8"],
+    "overhead": ["--reps", "1", "--inner", "5"],
+    "training": ["--num-images", "4", "--epochs", "2", "--max-new-tokens", "4"],
+    "scaling": ["--reps", "1", "--sides", "56", "112", "--batch-sizes", "1", "2", "--max-new-tokens", "4"],
+}
+
+
+def numbers(value, path=""):
+    """Every number in a JSON value, with where it is."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from numbers(item, f"{path}[{i}]")
+
+
+def test_bench_scripts_smoke(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    processes = {}
+    for name, extra in RUNS.items():
+        command = [sys.executable, "-m", f"bench.{name}", "--tiny", "--threads", "1",
+                   "--output", str(tmp_path / f"{name}.json"), *extra]
+        processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+    outputs = {name: process.communicate(timeout=600) for name, process in processes.items()}
+    for name, process in processes.items():
+        assert process.returncode == 0, f"bench.{name} failed:\n{outputs[name][1][-4000:]}"
+
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in RUNS}
+    for name, result in results.items():
+        assert result["benchmark"] == name
+        assert {"environment", "config", "settings", "ratios", "table_markdown"} <= set(result)
+        assert result["config"]["shape"] == "tiny"
+        assert result["environment"]["command"].startswith(f"python -m bench.{name} --tiny")
+        assert "| " in outputs[name][0]  # the table was printed
+        found = list(numbers(result))
+        assert found
+        bad = [(where, value) for where, value in found if not math.isfinite(value)]
+        assert not bad, f"bench.{name}: non-finite numbers {bad[:5]}"
+
+    inference = results["inference"]
+    cases = {(row["method"], row["batch_size"]) for row in inference["results"]}
+    assert {("fused", 1), ("fused", 2), ("fused_pipeline", 2), ("vlm_only", 2), ("official_gen4", 2),
+            ("official_gen8", 1), ("official_gen8", 2)} <= cases
+    official = [row for row in inference["results"] if row["method"] == "official_gen8"]
+    assert all(tokens == 8 for row in official for tokens in row["generated_tokens"])
+    assert {"fused_vs_official_gen4_images_per_s@2", "fused_batch2_vs_batch1_throughput"} <= set(inference["ratios"])
+
+    overhead = results["overhead"]
+    assert overhead["parameters"]["qwen2_vl_7b"]["distillation_head"] == 3_679_240
+    assert overhead["parameters"]["qwen2_vl_7b"]["gate"] == 136
+    assert "head_and_gate_of_total_params_pct@7b" in overhead["ratios"]
+    assert {row["batch_size"] for row in overhead["latency"]} == {1, 8}
+
+    training = results["training"]["results"]
+    assert {"cache_build_s", "stage2_cached_epoch_s", "stage3_cached_epoch_s", "stage2_recompute_epoch_s",
+            "stage3_recompute_epoch_s", "stage2_official_epoch_s", "stage3_official_epoch_s"} <= set(training)
+    assert len(training["stage2_cached_epoch_s"]["all"]) == 2
+
+    scaling = results["scaling"]["results"]
+    assert {(row["sweep"], row["method"]) for row in scaling} == {
+        ("resolution", "fused"), ("resolution", "official_gen4"), ("batch", "fused")}
+    assert all(row["peak_mib"] is None or row["peak_mib"] > 0 for row in scaling)

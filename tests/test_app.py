@@ -1,0 +1,291 @@
+"""The Gradio demo app (`app.py`): its inference logic, and the real app driven end to end in headless Chromium.
+
+The browser tests start `python app.py` on a free port with the tiny run's Hub-ready checkpoint and drive Debian's
+Chromium through Playwright (`executable_path=/usr/bin/chromium`; Playwright never downloads a browser here).
+They skip, saying why, when gradio, Playwright or Chromium is missing; with `EMOVLM_REQUIRE_BROWSER=1` (CI sets it)
+a missing piece fails instead, so CI cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app.py"
+CHROMIUM = Path(os.environ.get("EMOVLM_CHROMIUM", "/usr/bin/chromium"))
+# No GPU, no network: without the background-networking flags Chromium keeps dialling Google and is refused.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+REQUIRE_BROWSER = os.environ.get("EMOVLM_REQUIRE_BROWSER") == "1"
+START_TIMEOUT_S = 120
+RESULT_TIMEOUT_MS = 30_000
+FUSED_LABEL = "#fused-label [data-testid=label-output-value]"
+VLM_LABEL = "#vlm-label [data-testid=label-output-value]"
+HEAD_LABEL = "#head-label [data-testid=label-output-value]"
+
+
+def unavailable(reason: str):
+    """Skip with `reason`, or fail when CI requires the browser test to really run."""
+    if REQUIRE_BROWSER:
+        pytest.fail(f"EMOVLM_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def import_app():
+    """`app.py` is a top-level script, not a package module: load it from its path."""
+    if importlib.util.find_spec("gradio") is None:
+        unavailable("gradio is not installed (pip install -e '.[app]')")
+    if "emovlm_kd_app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("emovlm_kd_app", APP)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules["emovlm_kd_app"]
+
+
+@pytest.fixture(scope="module")
+def app():
+    return import_app()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run) -> Path:
+    return tiny_run[0] / "final"
+
+
+@pytest.fixture(scope="module")
+def test_images(colour_folder) -> list[Path]:
+    """One real test image per class of the tiny run."""
+    return [sorted((colour_folder / "test" / label).glob("*.png"))[0] for label in ("red", "green", "blue")]
+
+
+@pytest.fixture(scope="module")
+def pipeline_labels(checkpoint, test_images) -> dict[Path, str]:
+    """What `pipeline("image-classification")` says for each test image: the label the page must show."""
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(checkpoint), trust_remote_code=True)
+    return {image: classifier(str(image), top_k=1)[0]["label"] for image in test_images}
+
+
+# ---- inference logic, no browser ----------------------------------------------------------------------------
+
+
+def test_branch_contributions_come_from_every_gate(app, checkpoint, test_images):
+    """For all five gate types, the shares are the gate's own `branch_weights` on `fuse`'s inputs, and the
+    fused probabilities are the model's."""
+    classifier = app.load_classifier(checkpoint)
+    model = classifier.model
+    modeling = importlib.import_module(type(model).__module__)
+    images = [str(path) for path in test_images]
+    inputs = classifier.image_processor(images, return_tensors="pt")
+    torch.manual_seed(0)
+    for gate_type, gate_class in modeling.GATES.items():
+        model.gate = gate_class(model.config.num_labels, num_experts=model.config.gate_num_experts).eval()
+        model.config.gate_type = gate_type
+        predictions = app.predict_paths(classifier, images)
+        with torch.no_grad():
+            output = model(**inputs)
+            v, h = modeling.gate_inputs(output.vlm_logits, output.head_logits, model.config.gate_vlm_signal)
+            expected = model.gate.branch_weights(v, h)
+        shares = torch.tensor([[p.vlm_share, p.head_share] for p in predictions])
+        torch.testing.assert_close(shares, expected.float(), msg=gate_type)
+        torch.testing.assert_close(shares.sum(-1), torch.ones(len(images)), msg=gate_type)
+        fused = torch.tensor([list(p.fused.values()) for p in predictions])
+        torch.testing.assert_close(fused, output.logits.softmax(-1), msg=gate_type)
+        assert f"<code>{gate_type}</code>" in app.contribution_html(predictions[0], gate_type)
+        if gate_type == "dynamic_weighting":  # its weights ARE the mixture: check against the formula itself
+            with torch.no_grad():
+                mixture = model.gate.weigher(torch.cat([v, h], -1)).softmax(-1)
+            torch.testing.assert_close(shares, mixture)
+
+
+def test_bad_files_are_named_errors(app, checkpoint, tmp_path):
+    classifier = app.load_classifier(checkpoint)
+    empty, text = tmp_path / "empty.png", tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match=r"photo.png is empty \(0 bytes\)"):
+        app.predict_one(classifier, str(empty), "photo.png")
+    with pytest.raises(ValueError, match=r"notes.txt is not a readable image") as caught:
+        app.predict_one(classifier, str(text), "notes.txt")
+    assert str(tmp_path) not in str(caught.value)  # the user sees their file name, not the server's temp path
+
+
+def test_missing_checkpoint_says_what_to_do(app, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", tmp_path / "runs" / "demo" / "final")
+    with pytest.raises(app.CheckpointError, match="Run `make demo` first"):
+        app.resolve_checkpoint(tmp_path / "runs" / "demo" / "final")
+    with pytest.raises(app.CheckpointError, match="neither a checkpoint folder nor a Hub repo id"):
+        app.resolve_checkpoint(tmp_path / "nowhere")
+    assert app.resolve_checkpoint("some-org/emovlm-kd-emoset") == "some-org/emovlm-kd-emoset"
+    # The page still starts (a Space must) and shows the message instead of a model.
+    demo = app.build_demo(None, "Run `make demo` first.")
+    header = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header")
+    assert "No model loaded" in header.value and "make demo" in header.value
+
+
+# ---- the app in a browser -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Poll the page until it answers; fail with the app's log if the process dies or never answers."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"app.py did not serve {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def browser_stack():
+    """Playwright's sync API, after checking Chromium and Playwright are here (skip or fail otherwise)."""
+    if importlib.util.find_spec("gradio") is None:
+        unavailable("gradio is not installed (pip install -e '.[app]')")
+    if importlib.util.find_spec("playwright") is None:
+        unavailable("Playwright's Python package is not installed (pip install -e '.[app]')")
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)) and not shutil.which(str(CHROMIUM)):
+        unavailable(f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install -y chromium; CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def server(browser_stack, checkpoint, colour_folder, tmp_path_factory):
+    """`python app.py` on a free port of 127.0.0.1, as `make app` runs it; stopped after the module."""
+    workdir = tmp_path_factory.mktemp("app")
+    log = workdir / "app.log"
+    url = f"http://127.0.0.1:{free_port()}/"
+    command = [sys.executable, str(APP), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+               "--port", url.rsplit(":", 1)[1].strip("/"), "--examples", str(colour_folder / "test")]
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(workdir / "uploads"), "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        wait_until_serving(url, process, log)
+        yield url, process, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def page(browser_stack, tmp_path):
+    """A fresh headless Chromium (new, empty profile) for each test."""
+    context = browser_stack.chromium.launch_persistent_context(
+        str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+        viewport={"width": 1280, "height": 1000},
+    )
+    page = context.new_page()
+    page.set_default_timeout(RESULT_TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def upload_and_read_label(page, url: str, image: Path) -> str:
+    """Open the page, upload `image`, wait for the fused decision and return the label it shows."""
+    page.goto(url)
+    page.locator("#input-image input[type=file]").set_input_files(str(image))
+    label = page.locator(FUSED_LABEL)
+    label.wait_for(state="visible")
+    return label.inner_text().strip()
+
+
+def shown_shares(page) -> tuple[float, float]:
+    """The VLM and head percentages of the contributions panel."""
+    vlm = page.locator("#contribution .vlm-key").inner_text()  # "VLM 62.3%"
+    head = page.locator("#contribution .head-key").inner_text()  # "distilled head 37.7%"
+    return float(vlm.split()[-1].rstrip("%")), float(head.split()[-1].rstrip("%"))
+
+
+def test_page_shows_the_pipeline_label(server, page, checkpoint, test_images, pipeline_labels, app, tmp_path):
+    """Upload each test image; the fused label equals the pipeline's; VLM, head and shares are the model's."""
+    url, process, _ = server
+    classifier = app.load_classifier(checkpoint)
+    for image in test_images:
+        assert upload_and_read_label(page, url, image) == pipeline_labels[image], image
+        (expected,) = app.predict_paths(classifier, [str(image)])
+        assert page.locator(VLM_LABEL).inner_text().strip() == max(expected.vlm, key=expected.vlm.get)
+        assert page.locator(HEAD_LABEL).inner_text().strip() == max(expected.head, key=expected.head.get)
+        vlm, head = shown_shares(page)
+        assert vlm == pytest.approx(100 * expected.vlm_share, abs=0.06)
+        assert head == pytest.approx(100 * expected.head_share, abs=0.06)
+    screenshot = tmp_path / "app.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
+    assert process.poll() is None
+
+
+def test_bad_uploads_show_errors_and_the_app_keeps_serving(server, page, test_images, pipeline_labels, tmp_path):
+    url, process, _ = server
+    empty, fake, text = tmp_path / "empty.png", tmp_path / "fake.png", tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    fake.write_text("a text file named like a PNG")
+    text.write_text("just text")
+    good = test_images[0]
+    page.goto(url)
+    upload = page.locator("#input-image input[type=file]")
+    error = page.locator("#image-error")
+
+    upload.set_input_files(str(empty))
+    error.filter(has_text="empty.png is empty (0 bytes)").wait_for()
+    upload.set_input_files(str(fake))
+    error.filter(has_text="fake.png is not a readable image").wait_for()
+    assert page.locator(FUSED_LABEL).count() == 0  # no stale result next to a bad image
+
+    upload.set_input_files(str(good))  # still serving: a good image right after the bad ones works
+    page.locator(FUSED_LABEL).filter(has_text=pipeline_labels[good]).wait_for()
+    # A .txt never reaches the server: Gradio's upload widget refuses it with a message in the page.
+    upload.set_input_files(str(text))
+    page.locator(".toast-body").filter(has_text="notes.txt").first.wait_for()
+
+    # Batch: the good files get labels, each bad file a row with its error; the table keeps the upload order.
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files([str(good), str(empty), str(text), str(fake)])
+    page.locator("#batch-files").get_by_text("fake").first.wait_for()  # the widget shows stem and suffix apart
+    page.locator("#batch-run").click()
+    table = page.locator("#batch-table")
+    # Only the grid's cells: the table also renders a hidden copy of its values to size the columns.
+    table.locator("[role=gridcell]", has_text="is not a readable image").first.wait_for()
+    rows = table.locator("[role=row]")  # the grid's rows; the first is the header
+    assert rows.count() == 5
+    cells = [rows.nth(i).locator("[role=gridcell]").all_inner_texts() for i in range(1, 5)]
+    assert [row[0].strip() for row in cells] == [good.name, "empty.png", "notes.txt", "fake.png"]
+    assert cells[0][1].strip() == pipeline_labels[good] and not cells[0][-1].strip()
+    assert "empty (0 bytes)" in cells[1][-1] and all("not a readable image" in row[-1] for row in cells[2:])
+    assert process.poll() is None
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200

@@ -1,0 +1,105 @@
+"""Ablations on a finished run's cached features: one finite row per variant with the parameters its config implies."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDDistillationHead
+from train.ablate import (
+    PAPER_DEPTHS,
+    ablate,
+    count_parameters,
+    depth_min_width,
+    head_parameter_count,
+    main,
+    scaled_hidden_dims,
+)
+from train.gate import build_gate
+
+FAST = {"seeds": 2, "epochs": 1, "selection": "last"}
+
+
+def copy_finished_run(source: Path, target: Path) -> Path:
+    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
+    for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
+        shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run, tmp_path_factory) -> Path:
+    return copy_finished_run(tiny_run[0], tmp_path_factory.mktemp("ablate") / "run")
+
+
+def test_paper_widths_scale_with_the_feature_width():
+    assert [scaled_hidden_dims(d, 3584) for d in PAPER_DEPTHS] == [list(d) for d in PAPER_DEPTHS]
+    assert [scaled_hidden_dims(d, 64) for d in PAPER_DEPTHS][-1] == [18, 9, 5, 4, 4]
+    assert scaled_hidden_dims([1024, 512, 64], 64, depth_min_width(10)) == [18, 10, 10]
+    assert depth_min_width(3) == 4
+
+
+def test_parameter_formula_matches_the_head_module():
+    for dims in ([], [18], [18, 9, 5]):
+        head = EmoVLMKDDistillationHead(64, dims, 3, "gelu", 0.1)
+        assert head_parameter_count(64, dims, 3) == count_parameters(head)
+
+
+def load_table(run_dir: Path, what: str) -> dict:
+    return json.loads((run_dir / "ablations" / f"{what}.json").read_text())
+
+
+def assert_finite_rows(table: dict, names: int, seeds: int = 2) -> None:
+    assert len(table["variants"]) == names
+    for row in table["variants"]:
+        assert len(row["runs"]) == seeds
+        for summary in row["summary"].values():
+            assert math.isfinite(summary["mean"]) and math.isfinite(summary["std"]) and summary["n"] == seeds
+
+
+@pytest.mark.slow
+def test_depth_ablation_has_a_row_per_depth_with_the_implied_parameters(run_copy):
+    paths = ablate(run_copy, "depth", **FAST)
+    table = load_table(run_copy, "depth")
+    assert_finite_rows(table, len(PAPER_DEPTHS))
+    dims = [row["settings"]["hidden_dims"] for row in table["variants"]]
+    assert dims == [[18], [18, 9], [18, 9, 5], [18, 9, 5, 4], [18, 9, 5, 4, 4]]  # D=64, 3 classes
+    for row in table["variants"]:
+        assert row["parameters"] == head_parameter_count(64, row["settings"]["hidden_dims"], 3)
+        assert set(row["summary"]) == {"head_accuracy", "head_macro_f1", "fused_accuracy", "fused_macro_f1"}
+        assert all(0 <= run["head_accuracy"] <= 1 for run in row["runs"])
+    markdown = paths["md"].read_text()
+    assert markdown.count("| [18") == 5 and " ± " in markdown
+    assert paths["png"].stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_gate_ablation_covers_every_gate_and_resumes_from_its_cache(run_copy):
+    ablate(run_copy, "gate", **FAST)
+    table = load_table(run_copy, "gate")
+    assert_finite_rows(table, len(GATE_TYPES))
+    assert [row["settings"]["gate_type"] for row in table["variants"]] == list(GATE_TYPES)
+    for row in table["variants"]:
+        assert row["parameters"] == count_parameters(build_gate(row["settings"]["gate_type"], 3))
+    assert table["variants"][0]["parameters"] == 2 * 3 * 3 + 3  # concat_linear: Linear(2C, C)
+    cache = run_copy / "ablations" / "cache" / "gate.jsonl"
+    lines = cache.read_text().count("\n")
+    ablate(run_copy, "gate", **FAST)  # every (variant, seed) is cached: nothing trains, nothing is appended
+    assert cache.read_text().count("\n") == lines
+    assert load_table(run_copy, "gate")["variants"] == table["variants"]
+
+
+@pytest.mark.slow
+def test_alpha_sweep_from_the_command_line(run_copy, capsys):
+    main(["--run", str(run_copy), "--what", "alpha", "--alphas", "0", "1", "--seeds", "2", "--epochs", "1",
+          "--selection", "best"])
+    table = load_table(run_copy, "alpha")
+    assert_finite_rows(table, 2)
+    assert [row["settings"]["alpha"] for row in table["variants"]] == [0.0, 1.0]
+    for row in table["variants"]:
+        assert row["parameters"] == head_parameter_count(64, [32], 3)  # the run's head: hidden [32]
+        assert all(run["kl_to_teacher"] >= 0 for run in row["runs"])
+    out = capsys.readouterr().out
+    assert "| α=0 |" in out and "alpha.png" in out

@@ -1,0 +1,103 @@
+"""The run report: complementarity that adds up, real numbers from the run, and every linked figure present."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.ablate import ablate, open_run
+from train.report import (
+    OUTCOMES,
+    BranchOutputs,
+    branch_outputs,
+    complementarity,
+    main,
+    pair_summary,
+    pick_disagreements,
+    write_report,
+)
+
+
+def copy_finished_run(source: Path, target: Path) -> Path:
+    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
+    for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
+        shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run, tmp_path_factory) -> Path:
+    return copy_finished_run(tiny_run[0], tmp_path_factory.mktemp("report") / "run")
+
+
+def outputs_from(labels, **predictions) -> BranchOutputs:
+    labels = torch.tensor(labels)
+    logits = {b: torch.nn.functional.one_hot(torch.tensor(p), 3).float() for b, p in predictions.items()}
+    return BranchOutputs(logits, labels)
+
+
+def test_complementarity_counts_each_image_once():
+    counts = complementarity(torch.tensor([1, 1, 0, 0, 1]).bool(), torch.tensor([1, 0, 1, 0, 0]).bool())
+    assert counts == dict(zip(OUTCOMES, (1, 2, 1, 1)))
+
+
+def test_disagreements_are_balanced_between_the_branches():
+    labels = [0] * 10
+    outputs = outputs_from(labels, vlm=[0, 0, 0, 1, 1, 1, 2, 0, 0, 0], head=[1, 2, 1, 0, 0, 0, 1, 0, 0, 0],
+                           fused=labels)
+    picked = pick_disagreements(outputs, 4)
+    assert sorted(picked) == [(0, "only VLM right"), (2, "only VLM right"), (3, "only head right"),
+                              (5, "only head right")]
+    # Both groups are too small for 7 images: a row where both are wrong fills the grid.
+    assert [g for _, g in pick_disagreements(outputs, 7)].count("both wrong") == 1
+
+
+def linked_files(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+@pytest.mark.slow
+def test_complementarity_adds_up_and_agrees_with_the_branch_accuracies(run_copy):
+    results = json.loads((run_copy / "evaluate" / "results.json").read_text())
+    outputs = branch_outputs(open_run(run_copy))
+    n = results["num_examples"]
+    for vision in ("teacher", "head"):
+        counts = pair_summary(outputs, vision)["counts"]
+        assert sum(counts.values()) == n == len(outputs.labels)
+        vlm_right = counts["both right"] + counts["only VLM right"]
+        vision_right = counts["both right"] + counts["only vision right"]
+        assert vlm_right == round(results["branches"]["vlm"]["accuracy"] * n)
+        assert vision_right == round(results["branches"][vision]["accuracy"] * n)
+
+
+@pytest.mark.slow
+def test_report_links_only_files_it_wrote_and_shows_the_runs_numbers(run_copy, capsys):
+    ablate(run_copy, "gate", seeds=1, epochs=1, selection="last")  # so the report embeds an ablation too
+    main(["--run", str(run_copy), "--examples", "6"])
+    path = run_copy / "report" / "report.md"
+    assert f"Report: {path}" in capsys.readouterr().out
+    markdown = path.read_text()
+    links = linked_files(markdown)
+    assert {"complementarity.png", "per_class_accuracy.png", "confusion_matrices.png",
+            "ablation_gate.png"} <= set(links)
+    for link in links:
+        assert not Path(link).is_absolute() and (path.parent / link).stat().st_size > 5_000, link
+    results = json.loads((run_copy / "evaluate" / "results.json").read_text())
+    for branch, metrics in results["branches"].items():
+        assert f"{metrics['accuracy']:.4f}" in markdown, branch
+    assert f"| {results['parameters']['head']:,} |" in markdown
+    assert "differs from" not in markdown  # recomputed numbers equal the evaluate stage's
+    for label in results["labels"]:
+        assert f"| {label} |" in markdown  # per-class table with class names
+    assert "Not run yet: `python -m train ablate" in markdown  # depth and alpha were not run here
+
+
+@pytest.mark.slow
+def test_report_without_example_images_still_writes_every_section(run_copy, tmp_path):
+    path = write_report(run_copy, tmp_path / "elsewhere", examples=0)
+    markdown = path.read_text()
+    assert "disagreements.png" not in markdown and "## Per-class accuracy" in markdown
+    assert all((path.parent / link).exists() for link in linked_files(markdown))

@@ -1,0 +1,509 @@
+"""Publish a finished run to the Hugging Face Hub with a rendered model card: `python -m train push`.
+
+    python -m train push --run-dir runs/emoset-qwen2-vl-7b --variant emoset --repo-id my-org/emovlm-kd-emoset
+    python -m train push --config train/recipes/qwen2-vl-7b/fi.yaml --variant fi --repo-id my-org/emovlm-kd-fi --private
+    python -m train push --run-dir runs/demo --variant custom --repo-id me/emovlm-kd-demo --dry-run /tmp/to-upload
+
+The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
+processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
+`hub_cards/README.md.j2` and the variant's entry of `hub_cards/variants.yaml`. The card's `model-index` carries the
+accuracy and macro-F1 measured in the run's `results.json`; a run without results gets a card that says so.
+
+Everything is one commit (`create_commit`), so a push is atomic and a push of a new run replaces the previous one
+in one step, older revisions staying loadable by their commit hash. The token comes from the usual places
+(`HF_TOKEN`, `hf auth login`). `--dry-run DIR` writes exactly the files that would be uploaded into DIR instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import yaml
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+# `hub_cards/` sits next to the `train` package, in the source tree as in an installed wheel.
+CARDS_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
+TEMPLATE_PATH = CARDS_DIR / "README.md.j2"
+VARIANTS_PATH = CARDS_DIR / "variants.yaml"
+VARIANTS = ("emoset", "fi", "emotion6", "flickr", "instagram", "custom")
+# Display names of results.json's branches, as in `train.evaluation.BRANCHES` (not imported: it loads torch).
+BRANCH_TITLES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
+STAGE_TITLES = {
+    "sft": "Stage 1: instruction tuning of the VLM (TRL `SFTTrainer`)",
+    "teacher": "Teacher: fine-tuning the vision teacher on the labels",
+    "distill": "Stage 2: distilling the teacher into the head, on the frozen VLM's visual features",
+    "gate": "Stage 3: training the gate on the frozen VLM's and head's predictions",
+}
+# Recipe keys that describe logging rather than training; the card leaves them out.
+NOT_HYPERPARAMETERS = {"disable_tqdm", "logging_steps", "report_to", "save_steps", "save_strategy", "save_total_limit"}
+# The files a folder needs to load with `from_pretrained(..., trust_remote_code=True)`.
+REQUIRED_FILES = ("config.json",)
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class PublishError(Exception):
+    """A problem the user can fix (wrong variant, missing token, ...): the CLI prints it without a traceback."""
+
+
+# ---- the run's folder ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HubFolder:
+    """A run's Hub-ready folder with its parsed `config.json` and, when the run was evaluated, `results.json`."""
+
+    path: Path
+    config: dict
+    results: dict | None
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> HubFolder:
+        path = find_hub_folder(run_dir)
+        config = json.loads((path / "config.json").read_text())
+        results_path = path / "results.json"
+        results = json.loads(results_path.read_text()) if results_path.exists() else None
+        folder = cls(path, config, results)
+        folder.check()
+        return folder
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.config.get("id2label") or {}
+        return [id2label[key] for key in sorted(id2label, key=int)]
+
+    @property
+    def recipe(self) -> dict:
+        return (self.results or {}).get("recipe") or {}
+
+    def check(self) -> None:
+        """Refuse folders that would not load from the Hub, or whose results belong to another label set."""
+        if not any((self.path / name).exists() for name in WEIGHTS_FILES):
+            raise PublishError(f"{self.path} has no safetensors weights ({' or '.join(WEIGHTS_FILES)}).")
+        modules = {ref.split(".")[0] for ref in (self.config.get("auto_map") or {}).values()}
+        if not modules:
+            raise PublishError(f"{self.path}/config.json has no auto_map: the model would not load with remote code.")
+        missing = sorted(f"{module}.py" for module in modules if not (self.path / f"{module}.py").exists())
+        if missing:
+            raise PublishError(f"{self.path} lacks the remote-code files {missing} named by config.json's auto_map.")
+        if self.results is not None and self.results.get("labels") != self.labels:
+            raise PublishError(f"{self.path}/results.json is for labels {self.results.get('labels')}, but the model "
+                               f"predicts {self.labels}: the results belong to another run.")
+
+
+def find_hub_folder(run_dir: str | Path) -> Path:
+    """The Hub-ready folder of a run: `<run_dir>/final`, or `run_dir` itself when it holds a `config.json`."""
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / "final", run_dir):
+        if all((candidate / name).is_file() for name in REQUIRED_FILES):
+            return candidate
+    raise PublishError(f"No Hub-ready folder in {run_dir}: expected {run_dir / 'final'} with config.json and "
+                       "weights (`python -m train pipeline` writes it in its export stage).")
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """Files of the folder to upload, by path in the repo: all but hidden files, caches and a stale README."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if not path.is_file() or relative == "README.md":
+            continue
+        if any(part.startswith(".") or part == "__pycache__" for part in relative.split("/")):
+            continue
+        files[relative] = path
+    return files
+
+
+# ---- variants and label sets -----------------------------------------------------------------------------------
+
+
+def load_variants(path: str | Path = VARIANTS_PATH) -> dict:
+    """`hub_cards/variants.yaml`: `common` metadata, `label_sets` descriptions and one entry per variant."""
+    data = yaml.safe_load(Path(path).read_text())
+    unknown = set(data["variants"]) ^ set(VARIANTS)
+    if unknown:
+        raise ValueError(f"{path} must describe exactly the variants {VARIANTS}; differs on {sorted(unknown)}.")
+    return data
+
+
+def package_label_sets() -> tuple[dict[str, list[str]], dict[str, str]]:
+    """`LABEL_SETS` and `DATASET_LABEL_SETS` of `modeling_emovlm_kd`, read from its source.
+
+    They are literal tables; importing the package would load torch and transformers (seconds), which a push does
+    not otherwise need. `find_spec` of the top-level package does not import it.
+    """
+    spec = importlib.util.find_spec("modeling_emovlm_kd")
+    source = Path(next(iter(spec.submodule_search_locations))) / "configuration_emovlm_kd.py"
+    tables = {}
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("LABEL_SETS", "DATASET_LABEL_SETS"):
+                tables[node.targets[0].id] = ast.literal_eval(node.value)
+    return tables["LABEL_SETS"], tables["DATASET_LABEL_SETS"]
+
+
+def check_variant(variant: str, folder: HubFolder, variants: dict) -> dict:
+    """The variant's metadata, after checking that the run fits it: same labels in the same order, same data."""
+    if variant not in VARIANTS:
+        raise PublishError(f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}.")
+    meta = variants["variants"][variant]
+    if variant == "custom":
+        return meta
+    label_sets, dataset_label_sets = package_label_sets()
+    if meta["label_set"] != dataset_label_sets[variant]:
+        raise ValueError(f"{VARIANTS_PATH}: {variant} has label_set {meta['label_set']!r}, but "
+                         f"modeling_emovlm_kd says {dataset_label_sets[variant]!r}.")
+    expected = label_sets[meta["label_set"]]
+    if folder.labels != expected:
+        raise PublishError(
+            f"The run's labels {folder.labels} are not the {variant} label set {meta['label_set']} {expected} "
+            f"(same labels, same order). Train with `labels: {variant}` in the recipe, or push with --variant custom."
+        )
+    kind = str((folder.recipe.get("data") or {}).get("kind", "")).lower()
+    if kind in VARIANTS and kind != variant:
+        raise PublishError(f"The run was trained on the {kind!r} data set; pushing it as {variant!r} would name the "
+                           f"wrong data set on its card. Use --variant {kind}.")
+    return meta
+
+
+def custom_dataset(recipe: dict, dataset_name: str | None) -> tuple[str | None, str | None]:
+    """(name, model-index type) of a custom run's data: `--dataset-name`, else what the recipe says."""
+    data = recipe.get("data") or {}
+    kind = data.get("kind")
+    if kind == "hub":
+        source = data.get("name_or_path")
+    elif data.get("root"):
+        source = Path(str(data["root"])).name
+    else:
+        source = kind
+    name = dataset_name or source
+    return name, (source or name or "custom")
+
+
+# ---- the model card --------------------------------------------------------------------------------------------
+
+
+def format_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value) if value else "[]"
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "null"
+    return str(value)
+
+
+def stage_rows(recipe: dict) -> list[dict]:
+    """Each stage's hyperparameters as given in the recipe the run used (results.json's `recipe`)."""
+    stages = []
+    for key, title in STAGE_TITLES.items():
+        values = recipe.get(key) or {}
+        stages.append({"key": key, "title": title, "hyperparameters": [
+            (name, format_value(value)) for name, value in values.items() if name not in NOT_HYPERPARAMETERS
+        ]})
+    return stages
+
+
+def results_context(results: dict, labels: list[str]) -> dict:
+    """The numbers of the card's results table, straight from results.json."""
+    validation = results.get("validation") or {}
+    rows = []
+    for branch, metrics in results["branches"].items():
+        val = validation.get(branch) or {}
+        rows.append({
+            "title": BRANCH_TITLES.get(branch, branch),
+            "accuracy": f"{metrics['accuracy']:.4f}", "macro_f1": f"{metrics['macro_f1']:.4f}",
+            "validation_accuracy": f"{val['accuracy']:.4f}" if "accuracy" in val else "–",
+            "validation_macro_f1": f"{val['macro_f1']:.4f}" if "macro_f1" in val else "–",
+        })
+    per_class = (results["branches"].get("fused") or {}).get("per_class_accuracy") or []
+    return {"split": results.get("split", "test"), "num_examples": results.get("num_examples"), "rows": rows,
+            "has_validation": bool(validation),
+            "fused_per_class": [(label, f"{value:.3f}") for label, value in zip(labels, per_class)]}
+
+
+def parameter_counts(results: dict | None) -> dict | None:
+    """Parameter counts per part (results.json's `parameters`), with every key the template reads."""
+    counts = (results or {}).get("parameters")
+    return {key: counts.get(key) for key in ("vlm", "head", "gate", "teacher")} if counts else None
+
+
+def eval_results(results: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
+    """The model-index entries: the fused model's accuracy and macro-F1 as measured, never typed in."""
+    fused = results["branches"]["fused"]
+    common = {"task_type": "image-classification", "task_name": "Image Classification", "dataset_name": dataset_name,
+              "dataset_type": dataset_type, "dataset_split": results.get("split", "test")}
+    return [
+        EvalResult(metric_type="accuracy", metric_name="Accuracy", metric_value=fused["accuracy"], **common),
+        EvalResult(metric_type="f1", metric_name="Macro F1", metric_value=fused["macro_f1"],
+                   metric_args={"average": "macro"}, **common),
+    ]
+
+
+def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str | None = None,
+               variants: dict | None = None) -> ModelCard:
+    """Render `hub_cards/README.md.j2` for a run and a variant; checks the variant fits the run first."""
+    variants = variants or load_variants()
+    meta = check_variant(variant, folder, variants)
+    common, recipe = variants["common"], folder.recipe
+    if variant == "custom":
+        name, dataset_type = custom_dataset(recipe, dataset_name)
+    else:
+        name, dataset_type = dataset_name or meta["dataset"], meta["dataset_type"]
+    base_models = recipe.get("base_models") or {}
+    tiny_run = bool(base_models.get("tiny"))
+    # A tiny test run derives from no Hub model; naming Qwen2-VL-7B as its base would be false.
+    base_vlm = None if tiny_run else base_models.get("vlm", common["base_model"])
+    teacher = None if tiny_run else base_models.get("teacher", common["teacher_model"])
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=common["license"],
+        library_name=common["library_name"],
+        pipeline_tag=common["pipeline_tag"],
+        base_model=base_vlm,
+        tags=list(dict.fromkeys([*common["tags"], *meta.get("tags", []), *([] if not tiny_run else ["test-run"])])),
+        eval_results=eval_results(folder.results, name or "custom", dataset_type or "custom")
+        if folder.results else None,
+    )
+    label_set = meta["label_set"]
+    if variant == "custom":  # a custom run may still use a named set: say which
+        named = package_label_sets()[0]
+        label_set = next((key for key, labels in named.items() if labels == folder.labels), label_set)
+    model_options = [(k, format_value(v)) for k, v in (recipe.get("model") or {}).items()]
+    return render_card(
+        card_data,
+        model_name=model_name,
+        repo_id=repo_id,
+        dataset_name=name,
+        dataset_url=meta.get("dataset_url"),
+        dataset_citation=meta.get("citation"),
+        licence_note=meta["licence_note"],
+        labels=folder.labels,
+        label_set=label_set,
+        label_set_description=variants["label_sets"][label_set],
+        paper=common["paper"],
+        base_vlm=base_vlm,
+        teacher_model=teacher,
+        tiny_run=tiny_run,
+        parameters=parameter_counts(folder.results),
+        results=results_context(folder.results, folder.labels) if folder.results else None,
+        has_confusion_matrix=(folder.path / "confusion_matrix.png").exists(),
+        stages=stage_rows(recipe) if recipe else None,
+        model_options=model_options,
+    )
+
+
+def render_card(card_data: ModelCardData, template_path: str | Path = TEMPLATE_PATH, **context) -> ModelCard:
+    """`ModelCard.from_template`, with `trim_blocks`/`lstrip_blocks` so that the template can be laid out readably."""
+    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined)
+    template = environment.from_string(Path(template_path).read_text(encoding="utf-8"))
+    return ModelCard(template.render(card_data=card_data.to_yaml(), **context))
+
+
+def check_card(card: ModelCard, folder: HubFolder) -> None:
+    """Parse the rendered card back, as the Hub will, and compare its model-index with results.json."""
+    parsed = ModelCard(str(card))
+    if folder.results is None:
+        if parsed.data.eval_results:
+            raise RuntimeError("A card without results must not carry a model-index.")
+        return
+    measured = {"accuracy": folder.results["branches"]["fused"]["accuracy"],
+                "f1": folder.results["branches"]["fused"]["macro_f1"]}
+    found = {result.metric_type: result.metric_value for result in parsed.data.eval_results or []}
+    if found != measured:
+        raise RuntimeError(f"The card's model-index {found} differs from results.json {measured}.")
+
+
+# ---- what gets uploaded ----------------------------------------------------------------------------------------
+
+
+def upload_plan(folder: HubFolder, card: ModelCard) -> dict[str, Path | bytes]:
+    """Path in the repo -> local file or bytes: the folder's files and the rendered README.md, nothing else."""
+    plan: dict[str, Path | bytes] = dict(folder_files(folder.path))
+    plan["README.md"] = str(card).encode()
+    return dict(sorted(plan.items()))
+
+
+def write_plan(plan: dict[str, Path | bytes], destination: str | Path) -> Path:
+    """Write a plan's files into `destination` (the dry run), refusing a non-empty folder so nothing else mixes in."""
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()):
+        raise PublishError(f"{destination} is not empty; give --dry-run a new or empty folder.")
+    for path_in_repo, source in plan.items():
+        target = destination / path_in_repo
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+        else:
+            shutil.copy2(source, target)
+    return destination
+
+
+# ---- talking to the Hub ----------------------------------------------------------------------------------------
+
+
+def authenticate(api: HfApi) -> dict:
+    """`whoami`, turned into messages that say where the token came from and what to do."""
+    try:
+        user = api.whoami()
+    except OfflineModeIsEnabled:
+        raise PublishError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push.") from None
+    except LocalTokenNotFoundError:
+        raise PublishError("No Hugging Face token found: set HF_TOKEN or run `hf auth login` "
+                           "(a token with write access, https://huggingface.co/settings/tokens).") from None
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 401:
+            raise PublishError(f"The Hub at {api.endpoint} rejected the token: {error}".rstrip(".") +
+                               ". Set HF_TOKEN to a valid write token or run `hf auth login --force`.") from None
+        raise
+    role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PublishError(f"The token of {user.get('name')} is read-only; pushing needs a token with write access.")
+    return user
+
+
+def push(
+    run_dir: str | Path,
+    variant: str,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    dataset_name: str | None = None,
+    dry_run: str | Path | None = None,
+    token: str | None = None,
+):
+    """Upload a run's Hub-ready folder and its card in one commit; with `dry_run`, write them there instead.
+
+    Returns the `CommitInfo` of the push, or the dry-run folder.
+    """
+    folder = HubFolder.load(run_dir)
+    card = build_card(folder, variant, repo_id, dataset_name)
+    check_card(card, folder)
+    plan = upload_plan(folder, card)
+    if dry_run is not None:
+        return write_plan(plan, dry_run)
+
+    api = HfApi(token=token)
+    user = authenticate(api)
+    branch = revision or "main"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        info = api.repo_info(repo_id, revision=branch)
+        if private and not info.private:
+            logger.warning("%s already exists and is public: --private only applies to new repos.", repo_id)
+        remote = set(api.list_repo_files(repo_id, revision=info.sha))
+        # The repo mirrors the folder: a file of an earlier push that this run lacks (another shard layout, say)
+        # would otherwise be loaded along with the new files. `.gitattributes` belongs to the repo, not the run.
+        stale = sorted(remote - set(plan) - {".gitattributes"})
+        operations = [CommitOperationDelete(path) for path in stale] + [
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes) else str(source))
+            for path, source in plan.items()
+        ]
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload EmoVLM-KD ({variant}) from {folder.path.parent.name}",
+            commit_description=f"Pushed by {user.get('name')} with `python -m train push --variant {variant}`.",
+            revision=branch,
+            # Fails instead of overwriting if someone pushed since `info`: the deletions above were computed from it.
+            parent_commit=info.sha,
+        )
+    except RepositoryNotFoundError as error:
+        raise PublishError(f"Cannot reach {repo_id} with this token: {error}") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise PublishError(f"The Hub refused to write to {repo_id} (HTTP {status}): {error}") from None
+        if status == 412:
+            raise PublishError(f"{repo_id}@{branch} changed while pushing (someone else pushed); nothing was "
+                               "committed. Run the push again.") from None
+        raise
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `push` subcommand's arguments (used by `python -m train push` and `python -m train.publish`)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="The run's output_dir (or its final/ folder).")
+    source.add_argument("--config", help="The run's YAML recipe; its output_dir is the run.")
+    parser.add_argument("--variant", required=True, choices=VARIANTS,
+                        help="Data set the model was trained on; sets the card's metadata and checks the labels.")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--revision", help="Branch to push to (created from main if missing); default main.")
+    parser.add_argument("--commit-message", help="Commit title; default names the variant and the run.")
+    parser.add_argument("--dataset-name", help="Data set name on the card (custom variant; default from the recipe).")
+    parser.add_argument("--dry-run", metavar="DIR", help="Write the files that would be uploaded into DIR instead.")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run `push` from parsed arguments; user errors exit with status 1 and a message, without a traceback."""
+    run_dir = args.run_dir
+    if run_dir is None:
+        run_dir = (yaml.safe_load(Path(args.config).read_text()) or {}).get("output_dir")
+        if not run_dir:
+            sys.exit(f"push: error: {args.config} has no output_dir.")
+    try:
+        result = push(run_dir, args.variant, args.repo_id, private=args.private, revision=args.revision,
+                      commit_message=args.commit_message, dataset_name=args.dataset_name, dry_run=args.dry_run)
+    except PublishError as error:
+        sys.exit(f"push: error: {error}")
+    if args.dry_run is not None:
+        files = sorted(p for p in Path(result).rglob("*") if p.is_file())
+        print(f"Dry run: the {len(files)} files that would be pushed to {args.repo_id} are in {result}:")
+        for path in files:
+            print(f"  {path.relative_to(result).as_posix():<32} {path.stat().st_size:>12,} bytes")
+        return
+    print(f"Pushed to {args.repo_id}@{args.revision or 'main'}: commit {result.oid}\n  {result.commit_url}\n"
+          f"Load it with pipeline('image-classification', model={args.repo_id!r}, trust_remote_code=True)"
+          + (f" and revision={args.revision!r}" if args.revision else ""))
+
+
+def main(argv=None) -> None:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m train push", description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    run(parser.parse_args(argv))
+
+
+__all__ = [
+    "VARIANTS",
+    "HubFolder",
+    "PublishError",
+    "add_arguments",
+    "build_card",
+    "check_variant",
+    "find_hub_folder",
+    "load_variants",
+    "package_label_sets",
+    "push",
+    "run",
+    "upload_plan",
+    "write_plan",
+]
+
+if __name__ == "__main__":
+    main()
