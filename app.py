@@ -104,7 +104,7 @@ def resolve_checkpoint(reference: str | os.PathLike) -> str:
     if path.resolve() == DEFAULT_CHECKPOINT:
         raise CheckpointError(
             f"No checkpoint at `{DEFAULT_CHECKPOINT}`: the demo model has not been built yet. "
-            "Run `make demo` first (about a minute on a CPU), or point the app at another checkpoint with "
+            "Run `make demo` first, or point the app at another checkpoint with "
             "`--checkpoint PATH_OR_REPO_ID` or `EMOVLM_CHECKPOINT=...`."
         )
     if REPO_ID.match(str(reference)) and not path.exists():
@@ -260,7 +260,7 @@ def uploaded_path(payload: Any) -> tuple[str, str] | None:
 def classify_image(classifier: Classifier | None, load_error: str, payload: Any):
     """Single image: fused label chart, branch shares, VLM and head probabilities, score table, error text."""
     if classifier is None:
-        raise gr.Error(load_error, duration=None)
+        raise gr.Error(load_error.replace("`", ""), duration=None)  # toasts show no Markdown
     empty = (None, "", None, None, None)
     upload = uploaded_path(payload)
     if upload is None:
@@ -286,7 +286,7 @@ def classify_image(classifier: Classifier | None, load_error: str, payload: Any)
 def classify_batch(classifier: Classifier | None, load_error: str, files: list[Any] | None):
     """Several images: one table row each; unreadable files get an error row and a warning, not a crash."""
     if classifier is None:
-        raise gr.Error(load_error, duration=None)
+        raise gr.Error(load_error.replace("`", ""), duration=None)  # toasts show no Markdown
     uploads = [upload for upload in map(uploaded_path, files or []) if upload is not None]
     rows: dict[int, list] = {}
     good: list[tuple[int, str, str]] = []

@@ -8,6 +8,7 @@ Paths, on the same weights and the same images, in one process, repetitions inte
 - `fused`: image processor + one forward of `EmoVLMKDForImageClassification` (one vision pass, labels scored in one
   language-model pass, head, gate), under `torch.inference_mode`.
 - `fused_pipeline`: the same through `pipeline("image-classification", batch_size=B)`.
+- `fused_fp32`: the fused model in float32, when the benchmark runs in bf16/fp16 (what bf16 buys on this hardware).
 - `vlm_only`: the VLM alone scoring the labels (vision tower + one language-model pass), no head, no gate.
 - `official_genN`: greedy `generate(max_new_tokens=N)` of the answer from the chat prompt + decode + parse, a
   second vision pass through a separate fp32 copy of the vision tower for the head, a ViT teacher forward, the gate.
@@ -18,9 +19,12 @@ Paths, on the same weights and the same images, in one process, repetitions inte
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 import warnings
 
+import torch
 from transformers import pipeline as hf_pipeline
 
 from bench.common import (
@@ -55,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=None, help="Square image side (default: max_pixels**0.5).")
     parser.add_argument("--max-pixels", type=int, default=None, help="Image processor max_pixels (mid: 224*224).")
     parser.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline() case.")
+    parser.add_argument("--no-fp32-baseline", action="store_true",
+                        help="Skip the float32 copy of the fused model (only built when --dtype is not fp32).")
     return parser.parse_args(argv)
 
 
@@ -78,6 +84,9 @@ def main(argv=None) -> dict:
                                                          image_processor=bm.image_processor, device=bm.device)
     official = OfficialStyle(bm, args.max_new_tokens)
     bm.vision_copy()  # built before timing, as the authors loaded it once
+    bm32 = None
+    if bm.dtype != torch.float32 and not args.no_fp32_baseline:
+        bm32 = dataclasses.replace(bm, model=copy.deepcopy(bm.model).float(), dtype=torch.float32)
 
     cases, keys = {}, {}
     for b in batch_sizes:
@@ -85,6 +94,8 @@ def main(argv=None) -> dict:
         entries = [("fused", lambda batch=batch: fused_predict(bm, batch))]
         if pipe is not None:
             entries.append(("fused_pipeline", lambda batch=batch, b=b: pipe(batch, batch_size=b)))
+        if bm32 is not None:
+            entries.append(("fused_fp32", lambda batch=batch: fused_predict(bm32, batch)))
         entries.append(("vlm_only", lambda batch=batch: vlm_only_predict(bm, batch)))
         entries.append((f"official_gen{args.max_new_tokens}", lambda batch=batch: official(batch)))
         for method, fn in entries:
@@ -149,6 +160,9 @@ def main(argv=None) -> dict:
     for b in batch_sizes:
         ratios[f"fused_latency_over_vlm_only@{b}"] = ratio(by[("fused", b)]["latency_per_image_ms"],
                                                           by[("vlm_only", b)]["latency_per_image_ms"])
+        if ("fused_fp32", b) in by:
+            ratios[f"fused_fp32_latency_over_fused@{b}"] = ratio(by[("fused_fp32", b)]["latency_per_image_ms"],
+                                                                by[("fused", b)]["latency_per_image_ms"])
         if ("fused_pipeline", b) in by:
             ratios[f"fused_pipeline_latency_over_fused@{b}"] = ratio(by[("fused_pipeline", b)]["latency_per_image_ms"],
                                                                     by[("fused", b)]["latency_per_image_ms"])

@@ -83,7 +83,7 @@ def write_recipe(path: Path, image_folder: Path, output_dir: Path, sft_epochs=4,
         "teacher": {"learning_rate": 2e-3, "num_train_epochs": 2, "per_device_train_batch_size": 12,
                     "disable_tqdm": True},
         "distill": {"num_train_epochs": distill_epochs, "per_device_train_batch_size": 4, "disable_tqdm": True},
-        "gate": {"learning_rate": 1e-2, "num_train_epochs": 3, "per_device_train_batch_size": 4, "disable_tqdm": True},
+        "gate": {"learning_rate": 1e-2, "num_train_epochs": 20, "per_device_train_batch_size": 4, "disable_tqdm": True},
     }
     path.write_text(yaml.safe_dump(recipe))
     return path

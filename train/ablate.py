@@ -493,7 +493,7 @@ def plot_gate(table: dict, ax) -> None:
     # Categories, not a series: no connecting line.
     _errorbar(ax, x, rows, "fused_accuracy", "fused model, gate retrained", "tab:green", marker="s", linestyle="none")
     _references(ax, table["references"], ("VLM alone", "run's head", "run's fused model"))
-    ax.set_xticks(x, [f"{r['settings']['gate_type']}\n{r['parameters']:,} params" for r in rows], fontsize=8)
+    ax.set_xticks(x, [f"{r['name']}\n{r['parameters']:,} params" for r in rows], fontsize=8)
     ax.set_xlabel("gate (trainable parameters)")
     ax.set_ylabel("test accuracy of the fused model")
 
@@ -555,7 +555,7 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
              "feature_dim": run.feature_dim, "min_width": depth_min_width(run.num_labels, min_width),
              "seeds": settings.seeds,
              "selection": selection, "training": {"epochs_note": _epochs_note(run, settings, what)},
-             "references": references, "variants": rows}
+             "references": references, "run_fingerprint": run.fingerprint(), "variants": rows}
     _check_finite(table)
     paths = {"json": write_json_atomic(table, out / f"{what}.json"), "png": plot_table(table, out / f"{what}.png")}
     paths["md"] = out / f"{what}.md"

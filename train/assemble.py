@@ -32,11 +32,14 @@ def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.b
     """QLoRA's 4-bit NF4 with double quantisation, or `None` for a full-precision model."""
     if not load_in_4bit:
         return None
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP shards flat parameters of one dtype: store the 4-bit weights in the compute dtype (peft's recipe).
+        bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
         llm_int8_skip_modules=FULL_PRECISION_MODULES,
     )
 

@@ -14,6 +14,7 @@ rerun after evaluation) is pointed out in the report.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import shutil
@@ -34,7 +35,7 @@ from safetensors import safe_open  # noqa: E402
 
 from .ablate import TITLES as ABLATION_TITLES  # noqa: E402
 from .ablate import WHAT as ABLATIONS  # noqa: E402
-from .ablate import open_run  # noqa: E402
+from .ablate import RunData, open_run  # noqa: E402
 from .evaluation import BRANCHES, evaluate_branches, plot_confusion_matrices  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 
@@ -101,13 +102,17 @@ def adapter_parameters(run_dir: Path) -> int | None:
         return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
 
 
+def _vlm_trained(pipeline: Pipeline, total: int) -> str:
+    """What stage 1 trained of the VLM: all of it, or a LoRA adapter (`use_peft` defaults to LoRA)."""
+    if not pipeline.recipe.get("sft", {}).get("use_peft", True):
+        return f"{total:,} (stage 1, full fine-tuning)"
+    lora = adapter_parameters(pipeline.output_dir)
+    return f"{lora:,} (stage 1, LoRA)" if lora is not None else "a LoRA adapter (stage 1; adapter file not found)"
+
+
 def module_rows(pipeline: Pipeline, metrics: dict, validation: dict, parameters: dict) -> list[dict]:
     """Table 2: each module's parameters, what trains it, and its accuracy (test and validation)."""
-    sft = pipeline.recipe.get("sft", {})
-    lora = adapter_parameters(pipeline.output_dir) if sft.get("use_peft", True) else None
-    vlm_trained = (f"{lora:,} (stage 1, LoRA)" if lora is not None
-                   else f"{parameters['vlm']:,} (stage 1, full fine-tuning)" if not sft.get("use_peft", True)
-                   else "stage 1, LoRA")
+    vlm_trained = _vlm_trained(pipeline, parameters["vlm"])
     fused_total = parameters["vlm"] + parameters["head"] + parameters["gate"]
     rows = [
         ("vlm", "VLM (Qwen2-VL, tuned)", parameters["vlm"], vlm_trained),
@@ -323,18 +328,29 @@ def disagreement_section(outputs: BranchOutputs, picked: list, figure: str | Non
     return lines
 
 
-def ablation_section(run_dir: Path, report_dir: Path) -> list[str]:
+def ablation_section(pipeline: Pipeline, report_dir: Path) -> list[str]:
     """The run's ablation tables and plots, copied next to the report; a pointer to the command where missing."""
+    run_dir = pipeline.output_dir
+    current = RunData(pipeline).fingerprint()
     lines = ["## Ablations (paper Tables 3-4, Figure 3)", ""]
     for what in ABLATIONS:
         table, figure = run_dir / "ablations" / f"{what}.md", run_dir / "ablations" / f"{what}.png"
         if table.exists() and figure.exists():
             shutil.copy2(figure, report_dir / f"ablation_{what}.png")
-            lines += [table.read_text().rstrip(), "", f"![{ABLATION_TITLES[what]}](ablation_{what}.png)", ""]
+            lines += [table.read_text().rstrip(), ""]
+            if _ablation_fingerprint(run_dir, what) != current:
+                lines += [f"> Note: computed on an earlier state of this run (its features, head or model options "
+                          f"have changed since); rerun `python -m train ablate --run {run_dir} --what {what}`.", ""]
+            lines += [f"![{ABLATION_TITLES[what]}](ablation_{what}.png)", ""]
         else:
             lines += [f"### {ABLATION_TITLES[what]}", "",
                       f"Not run yet: `python -m train ablate --run {run_dir} --what {what}`.", ""]
     return lines
+
+
+def _ablation_fingerprint(run_dir: Path, what: str) -> str | None:
+    path = run_dir / "ablations" / f"{what}.json"
+    return json.loads(path.read_text()).get("run_fingerprint") if path.exists() else None
 
 
 def _stale_note(metrics: dict, stored: dict) -> str | None:
@@ -386,7 +402,7 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None, exam
     lines += ["## Confusion matrices", "", "Rows: true class, normalised; numbers: image counts.", "",
               "![Confusion matrices](confusion_matrices.png)", ""]
     lines += disagreement_section(outputs, picked, figure, note)
-    lines += ablation_section(run_dir, report_dir)
+    lines += ablation_section(pipeline, report_dir)
     lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines))

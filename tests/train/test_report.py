@@ -93,6 +93,21 @@ def test_report_links_only_files_it_wrote_and_shows_the_runs_numbers(run_copy, c
     for label in results["labels"]:
         assert f"| {label} |" in markdown  # per-class table with class names
     assert "Not run yet: `python -m train ablate" in markdown  # depth and alpha were not run here
+    assert "earlier state of this run" not in markdown
+
+
+@pytest.mark.slow
+def test_report_flags_an_ablation_of_an_earlier_run_state(run_copy, tmp_path):
+    if not (run_copy / "ablations" / "gate.json").exists():
+        ablate(run_copy, "gate", seeds=1, epochs=1, selection="last")
+    table_path = run_copy / "ablations" / "gate.json"
+    table = json.loads(table_path.read_text())
+    table_path.write_text(json.dumps({**table, "run_fingerprint": "an-older-run"}))
+    try:
+        markdown = write_report(run_copy, tmp_path / "stale", examples=0).read_text()
+    finally:
+        table_path.write_text(json.dumps(table))
+    assert "earlier state of this run" in markdown
 
 
 @pytest.mark.slow

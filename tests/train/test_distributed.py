@@ -1,0 +1,105 @@
+"""Several processes: the pipeline under `torchrun --nproc_per_node 2` on CPU (gloo), and the launch configs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import ClusterConfig
+from conftest import final_metrics, write_recipe
+from safetensors.torch import load_file
+
+from train.assemble import quantization_config
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "train", "recipes", "accelerate")
+
+
+@pytest.mark.slow
+def test_pipeline_under_torchrun_matches_one_process(tiny_run, colour_folder, tmp_path):
+    single_dir = tiny_run[0]
+    double_dir = tmp_path / "ddp"
+    recipe = write_recipe(tmp_path / "ddp.yaml", colour_folder, double_dir)
+    # Half the per-device batch on two ranks keeps the global batch of the one-process run.
+    halves = ["sft.per_device_train_batch_size=3", "teacher.per_device_train_batch_size=6",
+              "distill.per_device_train_batch_size=2", "gate.per_device_train_batch_size=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+               "-m", "train", "pipeline", "--config", str(recipe), "--set", *halves]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    import json
+
+    for stage in ("sft", "teacher", "distill", "gate"):
+        checkpoints = sorted((double_dir / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        single = sorted((single_dir / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        single_state = json.loads((single[-1] / "trainer_state.json").read_text())
+        # Two ranks with half the per-device batch take as many optimizer steps as one process: each rank
+        # read a disjoint half of every global batch.
+        assert state["global_step"] == single_state["global_step"], stage
+    features = load_file(double_dir / "features" / "test.safetensors")
+    assert features["labels"].tolist() == load_file(single_dir / "features" / "test.safetensors")["labels"].tolist()
+    one, two = final_metrics(single_dir), final_metrics(double_dir)
+    for branch in one:
+        assert abs(one[branch][0] - two[branch][0]) <= 0.25, (branch, one[branch], two[branch])
+
+
+@pytest.mark.slow
+def test_sharded_feature_cache_equals_the_single_process_cache(tiny_run, tmp_path):
+    import shutil
+
+    single_dir = tiny_run[0]
+    double_dir = tmp_path / "features-ddp"
+    for stage in ("base", "sft", "teacher"):
+        shutil.copytree(single_dir / stage, double_dir / stage)
+    recipe_text = tiny_run[1].read_text().replace(str(single_dir), str(double_dir))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29582",
+               "-m", "train", "features", "--config", str(recipe)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for split in ("train", "validation", "test"):
+        a = load_file(single_dir / "features" / f"{split}.safetensors")
+        b = load_file(double_dir / "features" / f"{split}.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    assert not list((double_dir / "features").glob("*.part*"))
+
+
+@pytest.mark.parametrize("name,kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp_qlora.yaml", "FSDP"),
+                                       ("deepspeed_zero2.yaml", "DEEPSPEED")])
+def test_launch_configs_parse(name, kind):
+    config = ClusterConfig.from_yaml_file(os.path.join(RECIPES, name))
+    assert config.distributed_type == kind and config.mixed_precision == "bf16"
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_use_orig_params"] is False
+        assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    assert quantization_config(True, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert quantization_config(True, torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(False) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA with CUDA bitsandbytes kernels needs a GPU")
+def test_qlora_stage_one_on_gpu(tiny_base, tmp_path):
+    import datasets
+    from PIL import Image
+
+    from train.sft import SFTStageConfig, train_sft
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    data = datasets.Dataset.from_dict({"image": [Image.new("RGB", (56, 56), c) for c in ("red", "blue")] * 4,
+                                       "label": [0, 1] * 4}, features=features)
+    args = SFTStageConfig(output_dir=str(tmp_path), model_name_or_path=str(tiny_base["vlm"]), load_in_4bit=True,
+                          max_steps=2, per_device_train_batch_size=4, instruction_kinds=["categorical"],
+                          save_strategy="no", bf16=True)
+    merged = train_sft(datasets.DatasetDict({"train": data}), ["a", "b"], args)
+    assert (merged / "model.safetensors").exists()
