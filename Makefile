@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 RUN_DIR ?= runs/demo
+CHECKPOINT ?= $(RUN_DIR)/final
+APP_PORT ?= 7860
 
-.PHONY: demo test lint clean
+.PHONY: demo app test lint clean
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,10 @@ $(STAMP): setup.py $(CONSTRAINTS)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m train demo --output-dir $(RUN_DIR)
+
+# The Gradio demo on http://127.0.0.1:$(APP_PORT); CHECKPOINT may be a folder or a Hub repo id (then HF_HUB_OFFLINE=0).
+app: $(STAMP)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PY) app.py --checkpoint $(CHECKPOINT) --host 127.0.0.1 --port $(APP_PORT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,7 @@ INSTALL_REQUIRES = [
     "transformers>=5.23.0",
     "safetensors>=0.8.0",
     "huggingface-hub>=2.4.0",
-    "pillow>=13.0.0",
+    "pillow>=12.3.0",
     "numpy>=2.4.6",
 ]
 EXTRAS = {
@@ -26,9 +26,10 @@ EXTRAS = {
         "tqdm>=4.66",
         "jinja2>=3.1.6",
     ],
-    "test": ["pytest>=9.2.0", "ruff>=0.17.6"],
+    "test": ["pytest>=9.2.0", "ruff>=0.17.6", "playwright>=1.65.2"],
+    "app": ["gradio>=6.31.0"],
 }
-EXTRAS["dev"] = EXTRAS["train"] + EXTRAS["test"]
+EXTRAS["dev"] = EXTRAS["train"] + EXTRAS["test"] + EXTRAS["app"]
 
 setup(
     name="emovlm-kd",

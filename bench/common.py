@@ -526,8 +526,10 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "cpu_bf16": cpu_supports_bf16(),
         "cuda": torch.cuda.is_available(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_at_start": _STARTED.get("load_average"),
+        "load_average_at_end": _load_average(),
+        "started": _STARTED.get("time"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -580,7 +582,16 @@ def add_common_arguments(parser, default_output: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+_STARTED: dict = {}
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: how busy the machine was (other processes distort timings)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def setup(args) -> None:
+    _STARTED.update(load_average=_load_average(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
