@@ -9,7 +9,7 @@ RUN_DIR ?= runs/demo
 CHECKPOINT ?= $(RUN_DIR)/final
 APP_PORT ?= 7860
 
-.PHONY: demo app test lint clean
+.PHONY: demo app bench test lint clean
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 # The Gradio demo on http://127.0.0.1:$(APP_PORT); CHECKPOINT may be a folder or a Hub repo id (then HF_HUB_OFFLINE=0).
 app: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PY) app.py --checkpoint $(CHECKPOINT) --host 127.0.0.1 --port $(APP_PORT)
+
+# The benchmarks of bench/ (not part of `make test`): tables on stdout, JSON under bench/results/.
+bench: $(STAMP)
+	for b in inference overhead training scaling; do HF_HUB_OFFLINE=1 $(PY) -m bench.$$b --threads 1 || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

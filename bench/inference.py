@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "inference.json")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--reps", type=int, default=None, help="Timed repetitions per case (default 3, tiny 2).")
+    parser.add_argument("--reps", type=int, default=None, help="Timed repetitions per case (default 5, tiny 2).")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="Official path, interleaved with the rest.")
     parser.add_argument("--long-max-new-tokens", type=int, default=256,
                         help="Official path with the authors' limit, timed after the rest (0: skip).")
@@ -71,7 +71,7 @@ def ratio(a: float, b: float) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup(args)
-    reps = args.reps or (2 if args.tiny else 3)
+    reps = args.reps or (2 if args.tiny else 5)
     shape = make_shape("tiny" if args.tiny else "mid", args.text_layers, args.vision_depth, max_pixels=args.max_pixels)
     log(f"Building the {shape.name} models ...")
     bm = build_models(shape, dtype=args.dtype, device=args.device, seed=args.seed)

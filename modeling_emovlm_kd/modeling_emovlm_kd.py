@@ -340,6 +340,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         first = prompt["offset"] == 0
         predictor = torch.arange(len(prompt["offset"]), device=input_ids.device) + prefix_len - 1
         predictor = torch.where(first, torch.full_like(predictor, prefix_len - 1), predictor)
+        # Every label's first token is predicted from the same (last prompt) position: compute each row once.
+        positions, row = torch.unique(predictor, return_inverse=True)
         outputs = self.vlm(
             input_ids=input_ids,
             attention_mask=self._label_scoring_mask(valid, prefix_len, dtype),
@@ -348,12 +350,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             image_grid_thw=image_grid_thw,
             mm_encoder_outputs={"image": image_features},
             use_cache=False,
-            logits_to_keep=predictor,
+            logits_to_keep=positions,
         )
-        log_probs = outputs.logits.float().log_softmax(-1)
-        targets = prompt["continuations"].view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
-        token_scores = log_probs.gather(-1, targets).squeeze(-1)
-        scores = torch.zeros(log_probs.shape[0], self.config.num_labels, device=log_probs.device)
+        logits = outputs.logits.float()
+        token_scores = logits[:, row, prompt["continuations"]] - torch.logsumexp(logits, -1)[:, row]
+        scores = torch.zeros(logits.shape[0], self.config.num_labels, device=logits.device)
         return scores.index_add_(1, prompt["label_index"], token_scores)
 
     # ---- fusion ----------------------------------------------------------------------------------------
