@@ -7,6 +7,9 @@ import tempfile
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="emovlm-hf-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models' operations are far too small to share between threads: one thread per process is several times
+# faster, and the subprocesses the tests start (pipelines, torchrun ranks) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -23,7 +26,7 @@ from modeling_emovlm_kd import LABEL_SETS  # noqa: E402
 from train.assemble import assemble, save_hub_folder  # noqa: E402
 from train.tiny import build_tiny_base_models  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
     python -m train demo [--output-dir runs/demo]                 # the whole pipeline on the bundled sample
     python -m train pipeline --config RECIPE.yaml [--set sft.num_train_epochs=2 ...]
     python -m train {base,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml
+    python -m train report --run runs/demo                         # the paper's tables and figures for a run
+    python -m train ablate --run runs/demo --what all              # depth, alpha and gate ablations
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME \
         [--private] [--revision BRANCH] [--dry-run DIR]
@@ -41,7 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     from . import predict
 
     predict.add_arguments(commands.add_parser("predict", help="classify a folder of images into JSONL/CSV"))
+    from . import ablate, report
     from .publish import add_arguments as add_push_arguments
+
+    ablate.add_arguments(commands.add_parser("ablate", help="depth / alpha / gate ablations on a run's caches"))
+    report.add_arguments(commands.add_parser("report", help="a run's Markdown report with the paper's figures"))
 
     add_push_arguments(commands.add_parser("push", help="upload a run's Hub-ready folder with its model card"))
     tiny = commands.add_parser("tiny", help="build tiny offline base models")
@@ -64,6 +70,9 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
     samples = [sorted((DEMO_DATA / "test" / label).glob("*.png"))[0] for label in recipe["labels"][:5]]
     for path, prediction in zip(samples, classifier([str(p) for p in samples], batch_size=5, top_k=1)):
         print(f"  {path.parent.name:>10} / {path.name}: {prediction[0]['label']} ({prediction[0]['score']:.2f})")
+    from .report import write_report
+
+    print(f"\nReport with the paper's tables and figures for this run: {write_report(output_dir)}")
 
 
 def main(argv=None) -> None:
@@ -80,6 +89,11 @@ def main(argv=None) -> None:
     if args.command == "demo":
         run_demo(args.output_dir, args.set)
         return
+    if args.command in ("ablate", "report"):
+        from . import ablate, report
+
+        {"ablate": ablate, "report": report}[args.command].run(args)
+        return 0
     if args.command == "predict":
         from . import predict
 

