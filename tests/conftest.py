@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -116,3 +117,10 @@ def tiny_run(colour_folder, tmp_path_factory):
     return root / "out", recipe, result.stdout
 
 
+
+
+def copy_finished_run(source: Path, target: Path) -> Path:
+    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
+    for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
+        shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return target

@@ -2,10 +2,10 @@
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import copy_finished_run
 
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDDistillationHead
 from train.ablate import (
@@ -20,13 +20,6 @@ from train.ablate import (
 from train.gate import build_gate
 
 FAST = {"seeds": 2, "epochs": 1, "selection": "last"}
-
-
-def copy_finished_run(source: Path, target: Path) -> Path:
-    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
-    for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
-        shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,31 @@ def test_memory_stays_flat_over_2000_images(tiny_checkpoint, tmp_path):
     assert after_all <= after_200 * 1.10, (after_200, after_all)
     assert sum(1 for _ in open(tmp_path / "p.jsonl")) == 2000
     assert json.loads(open(tmp_path / "p.jsonl").readline())["label"]
+
+
+@pytest.mark.slow
+def test_sigkill_half_way_then_rerun_gives_every_row_once(tiny_checkpoint, tmp_path):
+    import signal
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(240):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    output = tmp_path / "preds.jsonl"
+    command = [sys.executable, "-m", "train", "predict", "--model", str(tiny_checkpoint), "--input", str(images),
+               "--output", str(output), "--batch-size", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not output.exists() or output.stat().st_size < 5000):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(read_rows(output))
+    assert 0 < written < 240, "the kill must land half-way"
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    rows = read_rows(output)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.iterdir())
+    assert len({r["path"] for r in rows}) == 240

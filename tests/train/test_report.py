@@ -2,11 +2,11 @@
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_finished_run
 
 from train.ablate import ablate, open_run
 from train.report import (
@@ -19,13 +19,6 @@ from train.report import (
     pick_disagreements,
     write_report,
 )
-
-
-def copy_finished_run(source: Path, target: Path) -> Path:
-    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
-    for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
-        shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
-    return target
 
 
 @pytest.fixture(scope="module")
