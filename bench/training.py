@@ -48,11 +48,11 @@ from train.distill import (
     DistillationConfig,
     DistillationStudent,
     DistillationTrainer,
-    FeatureDataset,
     distillation_loss,
 )
 from train.features import cached, compute_teacher_logits, compute_vlm_features
 from train.gate import GateConfig, GateStudent, build_gate, head_logits
+from train.trainer_utils import FeatureDataset
 
 
 class EpochTimer(TrainerCallback):
@@ -112,8 +112,13 @@ def _batches(dataset, batch_size):
         yield rows["image"], torch.tensor(rows["label"], device=None)
 
 
-def recompute_stage2_epoch(bm, dataset, batch_size, seed) -> float:
-    """Ours without caches: fused-model features + teacher logits for every batch, then the head's update."""
+def _fused_features(bm, inputs) -> torch.Tensor:
+    tokens = bm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    return pool_visual_tokens(tokens, bm.model.config.pooling).float()
+
+
+def _stage2_epoch_recomputing(bm, dataset, batch_size, seed, features_of) -> float:
+    """One stage-2 epoch that recomputes the head's features (`features_of`) and the teacher's logits per batch."""
     head = new_head(bm, seed).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     synchronize(bm.device)
@@ -121,8 +126,7 @@ def recompute_stage2_epoch(bm, dataset, batch_size, seed) -> float:
     for images, labels in _batches(dataset, batch_size):
         with torch.no_grad():
             inputs = bm.image_processor(images, return_tensors="pt").to(bm.device)
-            tokens = bm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-            features = pool_visual_tokens(tokens, bm.model.config.pooling).float()
+            features = features_of(bm, inputs)
             teacher_inputs = bm.teacher_processor(images, return_tensors="pt")
             teacher = bm.teacher(pixel_values=teacher_inputs["pixel_values"].to(bm.device, bm.dtype)).logits.float()
         loss, _, _ = distillation_loss(head(features), teacher, labels.to(bm.device))
@@ -131,6 +135,11 @@ def recompute_stage2_epoch(bm, dataset, batch_size, seed) -> float:
         optimizer.zero_grad()
     synchronize(bm.device)
     return time.perf_counter() - start
+
+
+def recompute_stage2_epoch(bm, dataset, batch_size, seed) -> float:
+    """Ours without caches: fused-model features + teacher logits for every batch, then the head's update."""
+    return _stage2_epoch_recomputing(bm, dataset, batch_size, seed, _fused_features)
 
 
 def recompute_stage3_epoch(bm, dataset, batch_size, head, seed) -> float:
@@ -165,22 +174,7 @@ def _vision_copy_features(bm, inputs) -> torch.Tensor:
 
 def official_stage2_epoch(bm, dataset, seed) -> float:
     """The authors' stage 2: batch size 1, the fp32 vision copy and the teacher run for every image every epoch."""
-    head = new_head(bm, seed).train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    synchronize(bm.device)
-    start = time.perf_counter()
-    for images, labels in _batches(dataset, 1):
-        with torch.no_grad():
-            inputs = bm.image_processor(images, return_tensors="pt").to(bm.device)
-            features = _vision_copy_features(bm, inputs)
-            teacher_inputs = bm.teacher_processor(images, return_tensors="pt")
-            teacher = bm.teacher(pixel_values=teacher_inputs["pixel_values"].to(bm.device, bm.dtype)).logits.float()
-        loss, _, _ = distillation_loss(head(features), teacher, labels.to(bm.device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    synchronize(bm.device)
-    return time.perf_counter() - start
+    return _stage2_epoch_recomputing(bm, dataset, 1, seed, _vision_copy_features)
 
 
 def official_stage3_epoch(bm, dataset, head, max_new_tokens, seed) -> tuple[float, list[int]]:

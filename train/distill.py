@@ -13,31 +13,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
 
+from .trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
+
 
 @dataclass
-class DistillationConfig(TrainingArguments):
-    """`TrainingArguments` for stage 2, plus the distillation loss's own fields."""
+class DistillationConfig(CachedFeatureArguments):
+    """Arguments of stage 2: the shared cached-feature stage arguments plus the distillation loss's own fields."""
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term; 1 - alpha weighs the CE term."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of teacher and student."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the head."})
-    num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs over the cached features."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size (features are small)."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation every epoch."})
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept besides the best."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the head best on validation."})
-    metric_for_best_model: str = field(default="accuracy", metadata={"help": "Validation metric to select on."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every cached tensor in the batch."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,28 +113,6 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    """Rows of equally long tensors as dicts, for `Trainer`'s default collator."""
-
-    def __init__(self, **tensors: torch.Tensor):
-        lengths = {len(t) for t in tensors.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"Cached tensors disagree on the number of rows: {lengths}.")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
-
-
-def accuracy_metrics(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
-
-
 def train_distillation(
     head: EmoVLMKDDistillationHead,
     train: dict[str, torch.Tensor],
@@ -175,7 +142,6 @@ __all__ = [
     "DistillationConfig",
     "DistillationStudent",
     "DistillationTrainer",
-    "FeatureDataset",
     "distillation_loss",
     "train_distillation",
 ]

@@ -10,7 +10,6 @@ rebuilt, never read.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -118,12 +117,7 @@ def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 
     return {"teacher_logits": torch.cat(logits), "labels": torch.cat(labels)}
 
 
-def cache_key(*parts: str) -> str:
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
 __all__ = [
-    "cache_key",
     "cached",
     "compute_teacher_logits",
     "compute_vlm_features",

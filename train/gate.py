@@ -8,37 +8,23 @@ training never runs the VLM: the authors' code re-ran sampled generation for eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import GATES, EmoVLMKDDistillationHead
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
 
-from .distill import FeatureDataset, accuracy_metrics
+from .trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
 
 
 @dataclass
-class GateConfig(TrainingArguments):
-    """`TrainingArguments` for stage 3 (CE on the fused logits)."""
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the gate."})
-    num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs over the cached inputs."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation every epoch."})
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept besides the best."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the gate best on validation."})
-    metric_for_best_model: str = field(default="accuracy", metadata={"help": "Validation metric to select on."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every cached tensor in the batch."})
+class GateConfig(CachedFeatureArguments):
+    """Arguments of stage 3 (CE on the fused logits): the shared cached-feature stage arguments."""
 
 
 class GateStudent(nn.Module):

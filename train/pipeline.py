@@ -23,12 +23,19 @@ import torch
 import yaml
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, set_seed
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForImageTextToText,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, resolve_label_set
+from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
 
-from .assemble import assemble, save_hub_folder
+from .assemble import assemble, load_processor, save_hub_folder
 from .data import load_dataset_from_config
 from .distill import DistillationConfig, train_distillation
 from .evaluation import evaluate_branches, format_table, plot_confusion_matrices, write_json_atomic
@@ -158,8 +165,6 @@ class Pipeline:
         if kind == "openai":
             return OpenAIChatGenerator(**spec)
         if kind == "local":
-            from .assemble import load_processor
-
             processor = load_processor(self.base_models["vlm"], self.labels)
             return LocalVLMGenerator(self.base_models["vlm"], processor, **spec)
         if kind != "none":
@@ -246,8 +251,8 @@ class Pipeline:
         head.load_state_dict(load_file(self.require("distill") / "head.safetensors"))
         return head.eval()
 
-    def gate_inputs(self, split: str) -> dict[str, torch.Tensor]:
-        features = self.features(split)
+    def gate_inputs(self, split: str, features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        features = features if features is not None else self.features(split)
         return {"vlm_logits": features["vlm_logits"], "labels": features["labels"],
                 "head_logits": head_logits(self.trained_head(), features["visual_features"])}
 
@@ -263,22 +268,25 @@ class Pipeline:
         self.mark_done("gate", best_validation_accuracy=trainer.state.best_metric)
 
     def fused_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
-
         config = self.fused_config()
         gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
         gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
         with torch.inference_mode():
             return gate.eval()(*gate_inputs(inputs["vlm_logits"], inputs["head_logits"], config.gate_vlm_signal))
 
+    def branch_logits(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The logits of the VLM, the head, the teacher and the fused model on a split, and its labels."""
+        features = self.features(split)
+        inputs = self.gate_inputs(split, features)
+        logits = {"vlm": inputs["vlm_logits"], "head": inputs["head_logits"],
+                  "teacher": features["teacher_logits"], "fused": self.fused_logits(inputs)}
+        return logits, inputs["labels"]
+
     def run_evaluate(self) -> None:
         if self.state.is_main_process:
             results = {}
             for split in ("validation", "test"):
-                inputs = self.gate_inputs(split)
-                logits = {"vlm": inputs["vlm_logits"], "head": inputs["head_logits"],
-                          "teacher": self.features(split)["teacher_logits"], "fused": self.fused_logits(inputs)}
-                results[split] = evaluate_branches(logits, inputs["labels"], self.labels)
+                results[split] = evaluate_branches(*self.branch_logits(split), self.labels)
             results["test"]["split"] = "test"
             results["test"]["validation"] = results["validation"]["branches"]
             results["test"]["recipe"] = self.recipe
@@ -291,15 +299,12 @@ class Pipeline:
         config = self.fused_config()
         with torch.device("meta"):
             teacher = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(self.require("teacher")))
+            vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
         gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
 
         def count(module):
             return sum(p.numel() for p in module.parameters())
 
-        with torch.device("meta"):
-            from transformers import AutoModelForImageTextToText
-
-            vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
         return {"vlm": count(vlm), "head": count(self.new_head()), "gate": count(gate), "teacher": count(teacher)}
 
     def run_export(self) -> None:

@@ -71,10 +71,7 @@ class BranchOutputs:
 
 def branch_outputs(pipeline: Pipeline, split: str = "test") -> BranchOutputs:
     """The four branches' logits on a split, as stage `evaluate` computes them."""
-    inputs = pipeline.gate_inputs(split)
-    logits = {"vlm": inputs["vlm_logits"], "head": inputs["head_logits"],
-              "teacher": pipeline.features(split)["teacher_logits"], "fused": pipeline.fused_logits(inputs)}
-    return BranchOutputs(logits, inputs["labels"])
+    return BranchOutputs(*pipeline.branch_logits(split))
 
 
 def complementarity(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict[str, int]:
@@ -377,8 +374,8 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None, exam
 
     outputs = branch_outputs(pipeline, "test")
     test = evaluate_branches(outputs.logits, outputs.labels, label_names)
-    validation = evaluate_branches(branch_outputs(pipeline, "validation").logits,
-                                   pipeline.features("validation")["labels"], label_names)["branches"]
+    validation_outputs = branch_outputs(pipeline, "validation")
+    validation = evaluate_branches(validation_outputs.logits, validation_outputs.labels, label_names)["branches"]
     metrics, num_examples = test["branches"], test["num_examples"]
     accuracies = {branch: m["accuracy"] for branch, m in metrics.items()}
     support = torch.bincount(outputs.labels, minlength=len(label_names)).tolist()
@@ -392,7 +389,7 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None, exam
     recipe = {k: v for k, v in pipeline.recipe.items() if k != "output_dir"}
     lines = [f"# EmoVLM-KD report: `{run_dir.name}`", "",
              f"Run folder `{run_dir}`; {len(label_names)} classes ({', '.join(label_names)}); test split of "
-             f"{num_examples} images, validation split of {len(pipeline.features('validation')['labels'])}. "
+             f"{num_examples} images, validation split of {len(validation_outputs.labels)}. "
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the run's models and feature caches.", ""]
     if note := _stale_note(metrics, stored.get("branches", {})):
         lines += [note, ""]

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
 
 from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
 
-from .distill import accuracy_metrics
+from .trainer_utils import BestOnValidationArguments, accuracy_metrics
 
 
 @dataclass
-class TeacherConfig(TrainingArguments):
-    """`TrainingArguments` for the teacher, plus its base model and augmentation."""
+class TeacherConfig(BestOnValidationArguments):
+    """Arguments of the teacher: the shared select-on-validation arguments plus its base model and augmentation."""
 
     teacher_model_name_or_path: str = field(
         default="google/vit-base-patch16-384", metadata={"help": "Base image classifier to fine-tune."}
@@ -30,14 +30,6 @@ class TeacherConfig(TrainingArguments):
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation every epoch."})
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept besides the best."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the teacher best on validation."})
-    metric_for_best_model: str = field(default="accuracy", metadata={"help": "Validation metric to select on."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are transformed on the fly."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
 
 def augment(image: Image.Image, crop_scale: float) -> Image.Image:

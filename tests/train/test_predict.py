@@ -12,14 +12,20 @@ from PIL import Image
 from train.predict import Predictor, predict_files, read_rows
 
 
+def write_images(folder, count, side, seed=0, prefix=""):
+    """`count` random RGB PNGs named in sorted order; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{prefix}{i:04d}.png")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(11):
-        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(root / f"img_{i:02d}.png")
-    (root / "img_03b.jpg").write_text("a text file named .jpg")
-    (root / "img_07b.png").write_bytes(b"")
+    root = write_images(tmp_path_factory.mktemp("images"), 11, 30, prefix="img_")
+    (root / "img_0003b.jpg").write_text("a text file named .jpg")
+    (root / "img_0007b.png").write_bytes(b"")
     return root
 
 
@@ -39,7 +45,7 @@ def test_bad_files_are_reported_and_the_run_goes_on(predictor, folder, tmp_path)
     rows = read_rows(output)
     assert [r["path"] for r in rows] == paths_of(folder)
     failed = {os.path.basename(r["path"]): r["error"] for r in rows if r["error"]}
-    assert set(failed) == {"img_03b.jpg", "img_07b.png"} and all("Cannot read" in e for e in failed.values())
+    assert set(failed) == {"img_0003b.jpg", "img_0007b.png"} and all("Cannot read" in e for e in failed.values())
     good = [r for r in rows if not r["error"]]
     assert all(r["label"] in predictor.labels.values() and len(r["top_k"]) == 2 for r in good)
 
@@ -109,11 +115,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_memory_stays_flat_over_2000_images(tiny_checkpoint, tmp_path):
-    images = tmp_path / "many"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2000):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    images = write_images(tmp_path / "many", 2000, 16)
     result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_checkpoint), str(images),
                              str(tmp_path / "p.jsonl")], capture_output=True, text=True, check=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -128,11 +130,7 @@ def test_sigkill_half_way_then_rerun_gives_every_row_once(tiny_checkpoint, tmp_p
     import signal
     import time
 
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(240):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    images = write_images(tmp_path / "images", 240, 16, seed=1)
     output = tmp_path / "preds.jsonl"
     command = [sys.executable, "-m", "train", "predict", "--model", str(tiny_checkpoint), "--input", str(images),
                "--output", str(output), "--batch-size", "4"]
