@@ -126,8 +126,18 @@ def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrai
 
 
 def save_merged(trainer: SFTTrainer, processor, args: SFTStageConfig, output_dir: Path) -> Path:
-    """Save the adapter (LoRA) and a merged full-precision model with tokenizer and image processor."""
+    """Save the adapter (LoRA) and a merged full-precision model with tokenizer and image processor.
+
+    Only the main process writes (ranks writing the same files at once can leave them corrupt); the others wait.
+    """
     merged_dir = output_dir / "merged"
+    if trainer.is_world_process_zero():
+        _write_merged(trainer, processor, args, output_dir, merged_dir)
+    trainer.accelerator.wait_for_everyone()
+    return merged_dir
+
+
+def _write_merged(trainer: SFTTrainer, processor, args: SFTStageConfig, output_dir: Path, merged_dir: Path) -> None:
     if args.use_peft:
         adapter_dir = output_dir / "adapter"
         trainer.model.save_pretrained(adapter_dir)
@@ -142,7 +152,6 @@ def save_merged(trainer: SFTTrainer, processor, args: SFTStageConfig, output_dir
     model.save_pretrained(merged_dir)
     processor.tokenizer.save_pretrained(merged_dir)
     processor.image_processor.save_pretrained(merged_dir)
-    return merged_dir
 
 
 def train_sft(

@@ -81,7 +81,9 @@ def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_f
                       compute_metrics=accuracy_metrics)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
-    image_processor.save_pretrained(args.output_dir)
+    if trainer.is_world_process_zero():  # one writer: concurrent writes of the same file can corrupt it
+        image_processor.save_pretrained(args.output_dir)
+    trainer.accelerator.wait_for_everyone()
     return trainer
 
 
