@@ -98,7 +98,10 @@ def run_pipeline(recipe: Path, *extra, wait=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "train", "pipeline", "--config", str(recipe), *extra]
     if wait:
-        return subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(command[1:])} exited with {result.returncode}:\n{result.stderr[-6000:]}")
+        return result
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
 

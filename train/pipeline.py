@@ -30,7 +30,6 @@ from transformers import (
     AutoModelForImageTextToText,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, resolve_label_set
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
@@ -45,6 +44,7 @@ from .instructions import LocalVLMGenerator, OpenAIChatGenerator
 from .sft import SFTStageConfig, train_sft
 from .teacher import TeacherConfig, train_teacher
 from .tiny import build_tiny_base_models
+from .trainer_utils import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ class Pipeline:
         return EmoVLMKDConfig.from_label_set(self.labels, vlm_config=vlm_config.to_dict(), **self.model_kwargs())
 
     def resume(self, stage: str):
-        directory = self.stage_dir(stage)
-        return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+        return last_complete_checkpoint(self.stage_dir(stage))
 
     # ---- stages ----------------------------------------------------------------------------------------
 
