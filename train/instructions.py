@@ -539,6 +539,7 @@ def build_instruction_dataset(
     max_consecutive_failures: int | None = 10,
     show_progress: bool = True,
     return_summary: bool = False,
+    skip_missing: bool = False,
 ) -> Dataset | tuple[Dataset, GenerationSummary]:
     """
     The stage-1 instruction data of `dataset` (columns `image`: PIL, `label`: int `ClassLabel`).
@@ -549,8 +550,9 @@ def build_instruction_dataset(
 
     Categorical rows need no model. Conversation and reasoning answers are generated with `generator` through the
     cache at `cache_path` (see `generate_answers`); with `generator=None` they are read from the cache alone, and
-    a missing one is an error. Rows whose answer failed are left out, with a logged count; `return_summary=True`
-    also returns the `GenerationSummary` that lists them.
+    a missing one is an error unless `skip_missing=True` (the other ranks of a distributed run, which read what the
+    main process generated and must leave out the same rows). Rows whose answer failed are left out, with a logged
+    count; `return_summary=True` also returns the `GenerationSummary` that lists them.
     """
     kinds = _check_kinds(kinds, allowed=KINDS)
     label_names = _label_names(dataset, label_names)
@@ -575,7 +577,7 @@ def build_instruction_dataset(
             )
         cache = AnswerCache(cache_path)
         missing = sum((key, kind) not in cache for key in set(keys) for kind in generated_kinds)
-        if generator is None and missing:
+        if generator is None and missing and not skip_missing:
             raise ValueError(f"{missing} answers are missing from {cache_path} and no `generator` was given.")
 
     rows: dict[str, list] = {"index": [], "messages": [], "kind": [], "label": []}

@@ -154,7 +154,8 @@ class Pipeline:
     def run_sft(self) -> None:
         set_seed(self.seed)
         args = self.stage_args("sft", SFTStageConfig, model_name_or_path=self.base_models["vlm"])
-        train_sft(self.data, self.labels, args, generator=self.answer_generator(),
+        generator = self.answer_generator() if self.state.is_main_process else None  # only rank 0 generates
+        train_sft(self.data, self.labels, args, generator=generator,
                   answers_cache=self.output_dir / "answers.jsonl", resume_from_checkpoint=self.resume("sft"))
         self.mark_done("sft")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 from trl import SFTConfig, SFTTrainer
@@ -162,15 +163,22 @@ def train_sft(
     answers_cache: str | Path | None = None,
     resume_from_checkpoint: str | bool | None = None,
 ) -> Path:
-    """Build the instruction data of `dataset_dict["train"]`, tune the VLM, and return the merged model's folder."""
+    """Build the instruction data of `dataset_dict["train"]`, tune the VLM, and return the merged model's folder.
+
+    Under several processes only the main process asks `generator` for answers (the others wait, then read the
+    same cache and leave out the same failed rows), so no answer is requested or appended twice.
+    """
     processor = load_processor(args.model_name_or_path, labels)
-    train_set = build_instruction_dataset(
-        dataset_dict["train"],
-        processor,
-        kinds=args.instruction_kinds,
-        generator=generator,
-        cache_path=answers_cache,
-    )
+    state = PartialState()
+    with state.main_process_first():
+        train_set = build_instruction_dataset(
+            dataset_dict["train"],
+            processor,
+            kinds=args.instruction_kinds,
+            generator=generator if state.is_main_process else None,
+            cache_path=answers_cache,
+            skip_missing=not state.is_main_process,
+        )
     logger.info("Stage 1 trains on %d instructions (%s).", len(train_set), ", ".join(args.instruction_kinds))
     trainer = build_sft_trainer(train_set, processor, args)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)

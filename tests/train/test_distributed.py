@@ -103,3 +103,35 @@ def test_qlora_stage_one_on_gpu(tiny_base, tmp_path):
                           save_strategy="no", bf16=True)
     merged = train_sft(datasets.DatasetDict({"train": data}), ["a", "b"], args)
     assert (merged / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_only_the_main_process_generates_answers_under_torchrun(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from conftest import LABELS, SIZES
+    from test_instructions import FakeChatServer
+
+    output_dir = tmp_path / "answers-ddp"
+    shutil.copytree(tiny_run[0] / "base", output_dir / "base")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_run[1].read_text().replace(str(tiny_run[0]), str(output_dir)))
+    server = FakeChatServer()
+    try:
+        env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
+        env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583",
+                   "-m", "train", "sft", "--config", str(recipe), "--set", "sft.num_train_epochs=1",
+                   "sft.instruction_kinds=[categorical,conversation]", "instructions.generator=openai",
+                   f"instructions.base_url={server.base_url}", "instructions.model=fake-vlm",
+                   "instructions.api_key=sk-test"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr[-4000:]
+    images = SIZES["train"] * len(LABELS)
+    assert server.requests == images  # one request per image, not one per image and rank
+    records = [json.loads(line) for line in (output_dir / "answers.jsonl").read_text().splitlines()]
+    assert len(records) == len({(r["key"], r["kind"]) for r in records}) == images
+    assert (output_dir / "sft" / "merged" / "model.safetensors").exists()

@@ -377,6 +377,9 @@ def test_persistent_failures_are_reported_and_left_out(processor, make_server, t
     assert "Left out 2 of 9 instruction rows" in caplog.text
     fear_rows = [kind for kind, label in zip(instructions["kind"], instructions["label"]) if label == 6]
     assert fear_rows == ["categorical"]
+    # Another rank of a distributed run reads the same cache and leaves out the same rows.
+    reread, _ = build(dataset, processor, None, cache_path, skip_missing=True)
+    assert reread["kind"] == instructions["kind"] and reread["label"] == instructions["label"]
 
 
 def test_a_dead_endpoint_stops_the_run(processor, make_server, tmp_path):
