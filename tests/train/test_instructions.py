@@ -10,7 +10,6 @@ import io
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -326,12 +325,15 @@ def test_parallel_workers_cache_every_answer(processor, make_server, tmp_path):
 # ---- retries and failures ------------------------------------------------------------------------------------------
 
 
-def test_transient_errors_are_retried_with_exponential_backoff(make_server):
+def test_transient_errors_are_retried_with_exponential_backoff(make_server, monkeypatch):
+    import train.instructions
+
     server = make_server(fail_first=[500, 429, "malformed"])
-    start = time.monotonic()
+    waits = []
+    monkeypatch.setattr(train.instructions.time, "sleep", waits.append)
     answer = generator_for(server, max_retries=3, backoff=0.01).generate(Image.new("RGB", (8, 8)), "reasoning", "awe")
     assert answer.startswith("Canned answer") and server.requests == 4
-    assert time.monotonic() - start >= 0.01 + 0.02 + 0.04
+    assert waits == pytest.approx([0.01, 0.02, 0.04])
 
 
 def test_exhausted_retries_raise_a_clear_error(make_server):
