@@ -75,6 +75,8 @@ def cached(path: str | Path, fingerprint: str, build: Callable[[], dict[str, tor
         return tensors
     tensors = {key: value.contiguous().cpu() for key, value in build().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a build killed while writing
+        stale.unlink(missing_ok=True)
     rows = next(iter(tensors.values())).shape[0]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, tmp, metadata={"fingerprint": fingerprint, "complete": "1", "rows": str(rows)})

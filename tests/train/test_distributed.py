@@ -24,7 +24,7 @@ def test_pipeline_under_torchrun_matches_one_process(tiny_run, colour_folder, tm
     halves = ["sft.per_device_train_batch_size=3", "teacher.per_device_train_batch_size=6",
               "distill.per_device_train_batch_size=2", "gate.per_device_train_batch_size=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "train", "pipeline", "--config", str(recipe), "--set", *halves]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -57,7 +57,7 @@ def test_sharded_feature_cache_equals_the_single_process_cache(tiny_run, tmp_pat
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29582",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "train", "features", "--config", str(recipe)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -121,7 +121,7 @@ def test_only_the_main_process_generates_answers_under_torchrun(tiny_run, tmp_pa
     try:
         env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
         env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583",
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "train", "sft", "--config", str(recipe), "--set", "sft.num_train_epochs=1",
                    "sft.instruction_kinds=[categorical,conversation]", "instructions.generator=openai",
                    f"instructions.base_url={server.base_url}", "instructions.model=fake-vlm",

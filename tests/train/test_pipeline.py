@@ -60,12 +60,15 @@ def kill_when(process, path_glob: str, root: Path, timeout=240):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,mid_save", [("sft", False), ("distill", False), ("distill", True)])
+@pytest.mark.parametrize("stage,mid_save", [("sft", False), ("features", False), ("distill", False),
+                                            ("distill", True)])
 def test_killed_stage_resumes_to_the_same_final_metrics(tiny_run, colour_folder, tmp_path, stage, mid_save):
     reference_dir, killed_dir = tiny_run[0], tmp_path / "killed"
     recipe = write_recipe(tmp_path / "killed.yaml", colour_folder, killed_dir)
     process = run_pipeline(recipe, wait=False)
-    kill_when(process, f"{stage}/checkpoint-*/trainer_state.json", killed_dir)
+    # The cache build is killed as soon as its first file (temporary or renamed) shows up.
+    kill_when(process, "features/*safetensors*" if stage == "features" else f"{stage}/checkpoint-*/trainer_state.json",
+              killed_dir)
     assert not (killed_dir / stage / "stage_done.json").exists(), "the kill came too late to test resuming"
     if mid_save:
         # Killed while `Trainer` was still writing a checkpoint: its trainer_state.json (written last) is empty.
@@ -73,6 +76,7 @@ def test_killed_stage_resumes_to_the_same_final_metrics(tiny_run, colour_folder,
         (newest / "trainer_state.json").write_text("")
     run_pipeline(recipe)
     assert final_metrics(killed_dir) == final_metrics(reference_dir)
+    assert not list((killed_dir / "features").glob(".*tmp*"))  # no leftovers of a killed cache write
 
 
 @pytest.mark.slow

@@ -83,7 +83,7 @@ def test_torchrun_two_processes_give_the_same_rows_from_disjoint_shards(tiny_che
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["-m", "train", "predict", "--model", str(tiny_checkpoint), "--input", str(folder), "--batch-size", "3"]
     subprocess.run([sys.executable, *common, "--output", str(single)], check=True, env=env, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run([*torchrun, *common, "--output", str(double)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     shards = [line for line in result.stdout.splitlines() if line.startswith("Rank ")]
