@@ -82,12 +82,13 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessorPil):
     """Qwen2-VL's image processor that also takes paths, any PIL mode and 8/16-bit arrays."""
 
     def preprocess(self, images, **kwargs):
-        return super().preprocess(self._load(images), **kwargs)
+        return super().preprocess(self.load_images(images), **kwargs)
 
-    def _load(self, images):
+    def load_images(self, images):
+        """Paths, PIL images or arrays (nested lists kept) as RGB PIL images, decoded no larger than needed."""
         # Batched chat templates pass one list of images per sample: keep the nesting, load the leaves.
         if isinstance(images, (list, tuple)):
-            return [self._load(image) for image in images]
+            return [self.load_images(image) for image in images]
         return load_image(images, max_pixels=getattr(self.size, "longest_edge", None))
 
 

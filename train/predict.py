@@ -118,7 +118,7 @@ class Predictor:
 
     def _load(self, path: str):
         try:
-            return self.image_processor._load(path), None
+            return self.image_processor.load_images(path), None
         except (OSError, ValueError, TypeError) as err:
             return None, f"{type(err).__name__}: {err}"
 
