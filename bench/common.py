@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ from modeling_emovlm_kd import (
     resolve_label_set,
 )
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
+from train.files import write_json_atomic
 from train.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -540,13 +540,9 @@ def _module_name() -> str:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Write `payload` (plus the environment) as indented JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(), **payload}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """Write `payload` (plus the environment) as indented JSON, atomically, and say where."""
+    path = write_json_atomic({"environment": environment(), **payload}, path, default=_json_default)
+    print(f"\nWrote {path}")
     return path
 
 

@@ -154,8 +154,7 @@ def main(argv=None) -> dict:
         },
         "table_markdown": param_table + "\n\n" + latency_table,
     }
-    path = write_json(args.output, payload)
-    print(f"\nWrote {path}")
+    write_json(args.output, payload)
     return payload
 
 

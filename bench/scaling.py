@@ -139,8 +139,7 @@ def main(argv=None) -> dict:
                    by[last]["images_per_s"] / by[first]["images_per_s"]},
         "table_markdown": resolution_table + "\n\n" + batch_table,
     }
-    path = write_json(args.output, payload)
-    print(f"\nWrote {path}")
+    write_json(args.output, payload)
     return payload
 
 

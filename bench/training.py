@@ -311,8 +311,7 @@ def main(argv=None) -> dict:
         "ratios": ratios,
         "table_markdown": table,
     }
-    path = write_json(args.output, payload)
-    print(f"\nWrote {path}")
+    write_json(args.output, payload)
     return payload
 
 

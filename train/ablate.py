@@ -57,7 +57,8 @@ from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig, EmoVLMKDDistillationH
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs  # noqa: E402
 
 from .distill import DistillationConfig, train_distillation  # noqa: E402
-from .evaluation import classification_metrics, write_json_atomic  # noqa: E402
+from .evaluation import classification_metrics  # noqa: E402
+from .files import write_json_atomic  # noqa: E402
 from .gate import GateConfig, build_gate, head_logits, train_gate  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 

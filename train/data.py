@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,8 @@ import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value
 
 from modeling_emovlm_kd.configuration_emovlm_kd import LABEL_SETS, resolve_label_set
+
+from .files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +161,6 @@ def _stratified_split(examples: Mapping[str, int], seed: int, fractions: Sequenc
     return {name: sorted(keys, key=order.__getitem__) for name, keys in splits.items()}
 
 
-def _write_json_atomically(path: Path, content: dict) -> None:
-    """Write via a temporary file and rename, so concurrent ranks never read half a split file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(content, handle, indent=1)
-    os.chmod(handle.name, 0o644)  # temporary files are private; a split file is meant to be shared
-    os.replace(handle.name, path)
-
-
 def _check_split_file(content: dict, examples: Mapping[str, int], header: dict, split_file: Path) -> None:
     """A split file must match the data and the settings it is read for; otherwise the split would drift."""
     for key, value in header.items():
@@ -200,7 +192,7 @@ def _read_or_create_split(
         logger.info("Read the split from %s.", split_file)
         return {name: list(content[name]) for name in SPLITS}
     splits = _stratified_split(examples, seed, fractions)
-    _write_json_atomically(split_file, {**header, **splits})
+    write_json_atomic({**header, **splits}, split_file)
     logger.info("Wrote a seeded (seed=%d) stratified split to %s.", seed, split_file)
     return splits
 

@@ -6,8 +6,6 @@ teacher and the fused model, written as `results.json` (read by model cards and 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import evaluate
@@ -67,15 +65,6 @@ def plot_confusion_matrices(results: dict, path: str | Path) -> Path:
     return path
 
 
-def write_json_atomic(data: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def format_table(results: dict) -> str:
     """A Markdown table of accuracy and macro-F1 per branch."""
     lines = ["| model | accuracy | macro-F1 |", "|---|---:|---:|"]
@@ -84,5 +73,4 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["classification_metrics", "evaluate_branches", "format_table", "plot_confusion_matrices",
-           "write_json_atomic"]
+__all__ = ["classification_metrics", "evaluate_branches", "format_table", "plot_confusion_matrices"]

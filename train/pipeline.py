@@ -37,8 +37,9 @@ from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
 from .assemble import assemble, load_processor, save_hub_folder
 from .data import load_dataset_from_config
 from .distill import DistillationConfig, train_distillation
-from .evaluation import evaluate_branches, format_table, plot_confusion_matrices, write_json_atomic
+from .evaluation import evaluate_branches, format_table, plot_confusion_matrices
 from .features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
+from .files import write_json_atomic
 from .gate import GateConfig, build_gate, head_logits, train_gate
 from .instructions import LocalVLMGenerator, OpenAIChatGenerator
 from .sft import SFTStageConfig, train_sft

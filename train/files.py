@@ -1,0 +1,34 @@
+"""Writing files so that a killed or failing process never leaves half of one behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(data: Any, path: str | Path, default: Callable[[Any], Any] | None = None) -> Path:
+    """Write `data` as indented JSON to a unique temporary file beside `path`, then rename it into place.
+
+    Readers (other ranks included) see the old file or the new one, never a mix; if serialising fails, the old file
+    is left as it was and the temporary file is removed. `default` is `json.dumps`'s hook for other types.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as handle:
+        try:
+            handle.write(json.dumps(data, indent=2, default=default) + "\n")
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    os.chmod(handle.name, 0o644)  # temporary files are private; results and split files are meant to be shared
+    os.replace(handle.name, path)
+    return path
+
+
+__all__ = ["write_json_atomic"]
