@@ -45,6 +45,7 @@ from modeling_emovlm_kd import (
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.files import write_json_atomic
 from train.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
+from train.trainer_utils import count_parameters
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -211,11 +212,6 @@ class BenchModels:
             },
             "build_seconds": round(self.build_seconds, 2),
         }
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 def qwen2_vl_config(shape: Shape, tokenizer) -> Qwen2VLConfig:

@@ -43,13 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     from . import predict
 
     predict.add_arguments(commands.add_parser("predict", help="classify a folder of images into JSONL/CSV"))
-    from . import ablate, report
-    from .publish import add_arguments as add_push_arguments
+    from . import ablate, publish, report
 
-    ablate.add_arguments(commands.add_parser("ablate", help="depth / alpha / gate ablations on a run's caches"))
-    report.add_arguments(commands.add_parser("report", help="a run's Markdown report with the paper's figures"))
+    raw = argparse.RawDescriptionHelpFormatter
+    ablate.add_arguments(commands.add_parser("ablate", help="depth / alpha / gate ablations on a run's caches",
+                                             description=ablate.__doc__, formatter_class=raw))
+    report.add_arguments(commands.add_parser("report", help="a run's Markdown report with the paper's figures",
+                                             description=report.__doc__, formatter_class=raw))
 
-    add_push_arguments(commands.add_parser("push", help="upload a run's Hub-ready folder with its model card"))
+    publish.add_arguments(commands.add_parser("push", help="upload a run's Hub-ready folder with its model card",
+                                              description=publish.__doc__, formatter_class=raw))
     tiny = commands.add_parser("tiny", help="build tiny offline base models")
     tiny.add_argument("--output-dir", required=True)
     tiny.add_argument("--labels", default="mikels8", help="A label set name or a comma-separated list.")
@@ -89,10 +92,15 @@ def main(argv=None) -> None:
     if args.command == "demo":
         run_demo(args.output_dir, args.set)
         return
-    if args.command in ("ablate", "report"):
-        from . import ablate, report
+    if args.command == "ablate":
+        from .ablate import run as run_ablate
 
-        {"ablate": ablate, "report": report}[args.command].run(args)
+        run_ablate(args)
+        return 0
+    if args.command == "report":
+        from .report import run as run_report
+
+        run_report(args)
         return 0
     if args.command == "predict":
         from . import predict

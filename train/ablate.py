@@ -5,8 +5,8 @@ No VLM or teacher forward pass runs: every variant trains on `<run>/features/*.s
 own `train_distillation` / `train_gate` (the `Trainer` code paths of stages 2 and 3), with the run's recipe
 hyperparameters unless `--epochs` overrides them, and is scored on the test split.
 
-    python -m train.ablate --run runs/demo --what all               # or: python -m train ablate ...
-    python -m train.ablate --run runs/demo --what alpha --epochs 5 --seeds 2 --alphas 0 0.5 1
+    python -m train ablate --run runs/demo --what all
+    python -m train ablate --run runs/demo --what alpha --epochs 5 --seeds 2 --alphas 0 0.5 1
 
 Writes `<run>/ablations/<what>.{md,json,png}`. Finished (variant, seed) trainings are kept in
 `<run>/ablations/cache/<what>.jsonl`, so an interrupted sweep resumes where it stopped (`--fresh` ignores them).
@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from .evaluation import classification_metrics  # noqa: E402
 from .files import write_json_atomic  # noqa: E402
 from .gate import GateConfig, build_gate, head_logits, train_gate  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
+from .trainer_utils import count_parameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +169,6 @@ def head_parameter_count(in_features: int, hidden_dims: Sequence[int], num_label
     """Weights and biases of the MLP `in -> h1 -> ... -> num_labels` (dropout and activations have none)."""
     sizes = [in_features, *hidden_dims, num_labels]
     return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @dataclass
@@ -600,13 +596,6 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m train.ablate", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(parser.parse_args(argv))
-
-
 __all__ = [
     "DEFAULT_ALPHAS",
     "PAPER_DEPTHS",
@@ -616,19 +605,14 @@ __all__ = [
     "ablate",
     "add_arguments",
     "alpha_variants",
-    "count_parameters",
     "depth_min_width",
     "depth_variants",
     "gate_variants",
     "head_parameter_count",
     "kl_to_teacher",
-    "main",
     "markdown_table",
     "open_run",
     "plot_table",
     "run",
     "scaled_hidden_dims",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,7 +45,7 @@ from .instructions import LocalVLMGenerator, OpenAIChatGenerator
 from .sft import SFTStageConfig, train_sft
 from .teacher import TeacherConfig, train_teacher
 from .tiny import build_tiny_base_models
-from .trainer_utils import last_complete_checkpoint
+from .trainer_utils import count_parameters, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -302,11 +302,8 @@ class Pipeline:
             teacher = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(self.require("teacher")))
             vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
         gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
-
-        def count(module):
-            return sum(p.numel() for p in module.parameters())
-
-        return {"vlm": count(vlm), "head": count(self.new_head()), "gate": count(gate), "teacher": count(teacher)}
+        return {"vlm": count_parameters(vlm), "head": count_parameters(self.new_head()),
+                "gate": count_parameters(gate), "teacher": count_parameters(teacher)}
 
     def run_export(self) -> None:
         """The fused model with the trained head and gate, as a Hub-ready folder with results and figures."""

@@ -21,7 +21,6 @@ import ast
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -444,7 +443,7 @@ def push(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `push` subcommand's arguments (used by `python -m train push` and `python -m train.publish`)."""
+    """The `python -m train push` subcommand's arguments."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="The run's output_dir (or its final/ folder).")
     source.add_argument("--config", help="The run's YAML recipe; its output_dir is the run.")
@@ -482,13 +481,6 @@ def run(args: argparse.Namespace) -> None:
           + (f" and revision={args.revision!r}" if args.revision else ""))
 
 
-def main(argv=None) -> None:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m train push", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    run(parser.parse_args(argv))
-
-
 __all__ = [
     "VARIANTS",
     "HubFolder",
@@ -504,6 +496,3 @@ __all__ = [
     "upload_plan",
     "write_plan",
 ]
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 (test images where the branches disagree, with each branch's label and the fused label), plus the run's
 ablations (Tables 3-4, Figure 3) when `python -m train ablate` has written them.
 
-    python -m train.report --run runs/demo          # or: python -m train report --run runs/demo
+    python -m train report --run runs/demo
 
 Writes `<run>/report/report.md` with its PNGs next to it (relative links, so the folder can be moved or zipped).
 Every number is recomputed from the run's current models on the cached test features (the same computation as
@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -435,19 +434,11 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(parser.parse_args(argv))
-
-
 __all__ = [
     "BranchOutputs",
     "add_arguments",
     "branch_outputs",
     "complementarity",
-    "main",
     "module_rows",
     "pair_summary",
     "pick_disagreements",
@@ -457,6 +448,3 @@ __all__ = [
     "run",
     "write_report",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main())

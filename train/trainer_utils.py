@@ -57,6 +57,11 @@ class FeatureDataset(torch.utils.data.Dataset):
         return {key: value[index] for key, value in self.tensors.items()}
 
 
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of `module`; a tied weight (one tensor in two places) counts once, as `parameters()` yields it."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def last_complete_checkpoint(directory: str | Path) -> str | None:
     """The newest `checkpoint-N` folder that `Trainer` finished writing, or None.
 
@@ -92,4 +97,4 @@ def accuracy_metrics(eval_pred) -> dict[str, float]:
 
 
 __all__ = ["BestOnValidationArguments", "CachedFeatureArguments", "FeatureDataset", "accuracy_metrics",
-           "last_complete_checkpoint"]
+           "count_parameters", "last_complete_checkpoint"]

@@ -8,16 +8,16 @@ import pytest
 from conftest import copy_finished_run
 
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDDistillationHead
+from train.__main__ import main as cli
 from train.ablate import (
     PAPER_DEPTHS,
     ablate,
-    count_parameters,
     depth_min_width,
     head_parameter_count,
-    main,
     scaled_hidden_dims,
 )
 from train.gate import build_gate
+from train.trainer_utils import count_parameters
 
 FAST = {"seeds": 2, "epochs": 1, "selection": "last"}
 
@@ -86,8 +86,8 @@ def test_gate_ablation_covers_every_gate_and_resumes_from_its_cache(run_copy):
 
 @pytest.mark.slow
 def test_alpha_sweep_from_the_command_line(run_copy, capsys):
-    main(["--run", str(run_copy), "--what", "alpha", "--alphas", "0", "1", "--seeds", "2", "--epochs", "1",
-          "--selection", "best"])
+    cli(["ablate", "--run", str(run_copy), "--what", "alpha", "--alphas", "0", "1", "--seeds", "2", "--epochs", "1",
+         "--selection", "best"])
     table = load_table(run_copy, "alpha")
     assert_finite_rows(table, 2)
     assert [row["settings"]["alpha"] for row in table["variants"]] == [0.0, 1.0]

@@ -175,8 +175,8 @@ def hub_env(hub, guard, token=None) -> dict:
 
 
 def push_cli(env, *args) -> subprocess.CompletedProcess:
-    """`python -m train.publish ...` (what `python -m train push` runs) in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "train.publish", *args], capture_output=True, text=True, env=env,
+    """`python -m train push ...` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "train", "push", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
 
 

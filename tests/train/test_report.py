@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import copy_finished_run
 
+from train.__main__ import main as cli
 from train.ablate import ablate, open_run
 from train.report import (
     OUTCOMES,
     BranchOutputs,
     branch_outputs,
     complementarity,
-    main,
     pair_summary,
     pick_disagreements,
     write_report,
@@ -69,7 +69,7 @@ def test_complementarity_adds_up_and_agrees_with_the_branch_accuracies(run_copy)
 @pytest.mark.slow
 def test_report_links_only_files_it_wrote_and_shows_the_runs_numbers(run_copy, capsys):
     ablate(run_copy, "gate", seeds=1, epochs=1, selection="last")  # so the report embeds an ablation too
-    main(["--run", str(run_copy), "--examples", "6"])
+    cli(["report", "--run", str(run_copy), "--examples", "6"])
     path = run_copy / "report" / "report.md"
     assert f"Report: {path}" in capsys.readouterr().out
     markdown = path.read_text()
