@@ -117,24 +117,33 @@ def _fused_features(bm, inputs) -> torch.Tensor:
     return pool_visual_tokens(tokens, bm.model.config.pooling).float()
 
 
+def _timed_epoch(bm, module, batches, loss_of) -> float:
+    """Seconds of one epoch of AdamW (lr 1e-3) updates of `module`, reading and preparing each batch included;
+    `loss_of(images, labels)` computes a batch's loss (labels already on the device)."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    synchronize(bm.device)
+    start = time.perf_counter()
+    for images, labels in batches:
+        loss_of(images, labels.to(bm.device)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    synchronize(bm.device)
+    return time.perf_counter() - start
+
+
 def _stage2_epoch_recomputing(bm, dataset, batch_size, seed, features_of) -> float:
     """One stage-2 epoch that recomputes the head's features (`features_of`) and the teacher's logits per batch."""
     head = new_head(bm, seed).train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    synchronize(bm.device)
-    start = time.perf_counter()
-    for images, labels in _batches(dataset, batch_size):
+
+    def loss_of(images, labels):
         with torch.no_grad():
             inputs = bm.image_processor(images, return_tensors="pt").to(bm.device)
             features = features_of(bm, inputs)
             teacher_inputs = bm.teacher_processor(images, return_tensors="pt")
             teacher = bm.teacher(pixel_values=teacher_inputs["pixel_values"].to(bm.device, bm.dtype)).logits.float()
-        loss, _, _ = distillation_loss(head(features), teacher, labels.to(bm.device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    synchronize(bm.device)
-    return time.perf_counter() - start
+        return distillation_loss(head(features), teacher, labels)[0]
+
+    return _timed_epoch(bm, head, _batches(dataset, batch_size), loss_of)
 
 
 def recompute_stage2_epoch(bm, dataset, batch_size, seed) -> float:
@@ -146,10 +155,8 @@ def recompute_stage3_epoch(bm, dataset, batch_size, head, seed) -> float:
     """Ours without caches: the fused scorer's label scores + frozen head logits for every batch, then the gate's
     update."""
     gate = build_gate(bm.model.config.gate_type, bm.model.config.num_labels, seed=seed).to(bm.device)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=1e-3)
-    synchronize(bm.device)
-    start = time.perf_counter()
-    for images, labels in _batches(dataset, batch_size):
+
+    def loss_of(images, labels):
         with torch.no_grad():
             inputs = bm.image_processor(images, return_tensors="pt").to(bm.device)
             image_features = bm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -157,12 +164,9 @@ def recompute_stage3_epoch(bm, dataset, batch_size, head, seed) -> float:
             scores = bm.model.score_labels(image_features, inputs["image_grid_thw"]).float()
             logits = head(features)
         fused = gate(*gate_inputs(scores, logits, bm.model.config.gate_vlm_signal))
-        loss = torch.nn.functional.cross_entropy(fused, labels.to(bm.device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    synchronize(bm.device)
-    return time.perf_counter() - start
+        return torch.nn.functional.cross_entropy(fused, labels)
+
+    return _timed_epoch(bm, gate, _batches(dataset, batch_size), loss_of)
 
 
 def _vision_copy_features(bm, inputs) -> torch.Tensor:
@@ -182,14 +186,12 @@ def official_stage3_epoch(bm, dataset, head, max_new_tokens, seed) -> tuple[floa
     head for every image, every epoch; then the gate's update on the one-hot label."""
     processor, model = bm.processor, bm.model
     gate = build_gate(model.config.gate_type, model.config.num_labels, seed=seed).to(bm.device)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=1e-3)
     prompt = processor.apply_chat_template(processor.categorical_messages(), add_generation_prompt=True,
                                            tokenize=False)
     vocab = len(processor.tokenizer)
     generated_tokens = []
-    synchronize(bm.device)
-    start = time.perf_counter()
-    for images, labels in _batches(dataset, 1):
+
+    def loss_of(images, labels):
         with torch.no_grad():
             inputs = processor(text=[prompt], images=images, return_tensors="pt").to(bm.device)
             generated = model.vlm.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
@@ -202,13 +204,9 @@ def official_stage3_epoch(bm, dataset, head, max_new_tokens, seed) -> tuple[floa
             if label is not None:
                 one_hot[0, model.config.label2id[label]] = 1.0
             logits = head(_vision_copy_features(bm, inputs).float())
-        fused = gate(one_hot, logits.softmax(-1))
-        loss = torch.nn.functional.cross_entropy(fused, labels.to(bm.device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    synchronize(bm.device)
-    return time.perf_counter() - start, generated_tokens
+        return torch.nn.functional.cross_entropy(gate(one_hot, logits.softmax(-1)), labels)
+
+    return _timed_epoch(bm, gate, _batches(dataset, 1), loss_of), generated_tokens
 
 
 def parse_args(argv=None):
