@@ -6,7 +6,7 @@
     python -m train report --run runs/demo                         # the paper's tables and figures for a run
     python -m train ablate --run runs/demo --what all              # depth, alpha and gate ablations
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
-    python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME \
+    python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME
         [--private] [--revision BRANCH] [--dry-run DIR]
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
 """
@@ -14,20 +14,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-import torch
+from . import STAGES
 
-from .pipeline import STAGES, Pipeline, load_recipe, print_results
-
+# Commands with their own module, imported only when that command runs, so that e.g. `push` starts in a second
+# instead of loading the whole training stack: (module, one-line help).
+TOOLS = {
+    "predict": (".predict", "classify a folder of images into JSONL/CSV"),
+    "ablate": (".ablate", "depth / alpha / gate ablations on a run's caches"),
+    "report": (".report", "a run's Markdown report with the paper's figures"),
+    "push": (".publish", "upload a run's Hub-ready folder with its model card"),
+}
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
 DEMO_DATA = Path(__file__).parent / "demo_data" / "fashion_mnist_sample"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,19 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     demo = commands.add_parser("demo", help="the whole pipeline offline on the bundled sample")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    from . import predict
-
-    predict.add_arguments(commands.add_parser("predict", help="classify a folder of images into JSONL/CSV"))
-    from . import ablate, publish, report
-
-    raw = argparse.RawDescriptionHelpFormatter
-    ablate.add_arguments(commands.add_parser("ablate", help="depth / alpha / gate ablations on a run's caches",
-                                             description=ablate.__doc__, formatter_class=raw))
-    report.add_arguments(commands.add_parser("report", help="a run's Markdown report with the paper's figures",
-                                             description=report.__doc__, formatter_class=raw))
-
-    publish.add_arguments(commands.add_parser("push", help="upload a run's Hub-ready folder with its model card",
-                                              description=publish.__doc__, formatter_class=raw))
+    for name, (module_name, help_text) in TOOLS.items():
+        sub = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if argv[:1] == [name]:
+            module = importlib.import_module(module_name, __package__)
+            sub.description = module.__doc__
+            module.add_arguments(sub)
     tiny = commands.add_parser("tiny", help="build tiny offline base models")
     tiny.add_argument("--output-dir", required=True)
     tiny.add_argument("--labels", default="mikels8", help="A label set name or a comma-separated list.")
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_demo(output_dir: str, overrides: list[str]) -> None:
     from transformers import pipeline as hf_pipeline
+
+    from .pipeline import Pipeline, load_recipe, print_results
 
     recipe = load_recipe(DEMO_RECIPE, overrides)
     recipe["output_dir"] = output_dir
@@ -80,33 +83,21 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
-        # Under torchrun on a CPU-only machine, accelerate and Trainer only form a (gloo) process group when told
-        # to use the CPU; otherwise every process would silently train and write alone.
-        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "push":
-        from .publish import run as run_push
+    if "LOCAL_RANK" in os.environ:
+        import torch
 
-        return run_push(args)
+        if not torch.cuda.is_available():
+            # Under torchrun on a CPU-only machine, accelerate and Trainer only form a (gloo) process group when
+            # told to use the CPU; otherwise every process would silently train and write alone.
+            os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in TOOLS:
+        result = importlib.import_module(TOOLS[args.command][0], __package__).run(args)
+        # `predict` reports bad files in its output and fails only when no image could be classified.
+        return 1 if args.command == "predict" and result.failed and not result.predicted else 0
     if args.command == "demo":
         run_demo(args.output_dir, args.set)
         return
-    if args.command == "ablate":
-        from .ablate import run as run_ablate
-
-        run_ablate(args)
-        return 0
-    if args.command == "report":
-        from .report import run as run_report
-
-        run_report(args)
-        return 0
-    if args.command == "predict":
-        from . import predict
-
-        summary = predict.run(args)
-        return 1 if summary.failed and not summary.predicted else 0
     if args.command == "tiny":
         from .tiny import build_tiny_base_models
 
@@ -116,6 +107,8 @@ def main(argv=None) -> None:
         paths = build_tiny_base_models(args.output_dir, resolve_label_set(labels))
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return
+    from .pipeline import Pipeline, load_recipe, print_results
+
     recipe = load_recipe(args.config, args.set)
     if args.output_dir:
         recipe["output_dir"] = args.output_dir

@@ -34,6 +34,7 @@ from transformers import (
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, resolve_label_set
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
 
+from . import STAGES
 from .assemble import assemble, load_processor, save_hub_folder
 from .data import load_dataset_from_config
 from .distill import DistillationConfig, train_distillation
@@ -49,7 +50,6 @@ from .trainer_utils import count_parameters, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("base", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")
 SPLITS = ("train", "validation", "test")
 MODEL_KEYS = ("head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
               "gate_num_experts", "categorical_prompt")
