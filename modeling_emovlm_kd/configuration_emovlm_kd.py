@@ -25,6 +25,7 @@ DATASET_LABEL_SETS = {
 
 GATE_TYPES = ("concat_linear", "moe", "bilinear", "dynamic_weighting", "cross_gating")
 GATE_VLM_SIGNALS = ("one_hot", "probs")
+GATE_HEAD_SIGNALS = ("probs", "logits")
 POOLING_TYPES = ("mean", "max")
 
 DEFAULT_CATEGORICAL_PROMPT = (
@@ -82,8 +83,11 @@ class EmoVLMKDConfig(PretrainedConfig):
             or `cross_gating`.
         gate_vlm_signal (`str`, *optional*, defaults to `"one_hot"`):
             What the gate sees of the VLM: the paper's one-hot of its label, or its label probabilities (`probs`).
-        gate_num_experts (`int`, *optional*, defaults to 4):
-            Number of experts of the `moe` gate.
+        gate_head_signal (`str`, *optional*, defaults to `"probs"`):
+            What the gate sees of the head: its probabilities (`probs`, the paper) or its raw logits (`logits`, what
+            the authors' released code feeds the gate).
+        gate_num_experts (`int`, *optional*, defaults to 3):
+            Number of experts of the `moe` gate (3 in the authors' released code).
 
     Example:
 
@@ -109,7 +113,8 @@ class EmoVLMKDConfig(PretrainedConfig):
     pooling: str = "mean"
     gate_type: str = "concat_linear"
     gate_vlm_signal: str = "one_hot"
-    gate_num_experts: int = 4
+    gate_head_signal: str = "probs"
+    gate_num_experts: int = 3
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -118,6 +123,10 @@ class EmoVLMKDConfig(PretrainedConfig):
             raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}.")
         if self.gate_vlm_signal not in GATE_VLM_SIGNALS:
             raise ValueError(f"gate_vlm_signal must be one of {GATE_VLM_SIGNALS}, got {self.gate_vlm_signal!r}.")
+        if self.gate_head_signal not in GATE_HEAD_SIGNALS:
+            raise ValueError(f"gate_head_signal must be one of {GATE_HEAD_SIGNALS}, got {self.gate_head_signal!r}.")
+        if self.gate_num_experts < 1:
+            raise ValueError(f"gate_num_experts must be at least 1, got {self.gate_num_experts}.")
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}.")
         if self.problem_type is None:
@@ -150,4 +159,5 @@ class EmoVLMKDConfig(PretrainedConfig):
         return self.vlm_config.get_text_config().hidden_size
 
 
-__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "resolve_label_set"]
+__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "GATE_VLM_SIGNALS", "GATE_HEAD_SIGNALS",
+           "resolve_label_set"]

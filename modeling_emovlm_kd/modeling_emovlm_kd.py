@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .configuration_emovlm_kd import EmoVLMKDConfig
+from .configuration_emovlm_kd import GATE_HEAD_SIGNALS, GATE_VLM_SIGNALS, EmoVLMKDConfig
 
 
 @dataclass
@@ -53,16 +53,24 @@ class EmoVLMKDDistillationHead(nn.Module):
         return self.mlp(features)
 
 
-# Gates fuse the VLM's signal `v` (one-hot label or label probabilities) with the head's probabilities `h`,
-# both `(batch, C)`, into class logits `(batch, C)`. `branch_weights` says how much each branch drove the
-# decision, from the gate's own computation, as `(batch, 2)` rows [vlm, head] summing to 1.
+# Gates fuse the VLM's signal `v` (one-hot label or label probabilities) with the head's signal `h` (its
+# probabilities, or its logits with `gate_head_signal="logits"`), both `(batch, C)`, into class logits `(batch, C)`.
+# The five are the paper's Table 4 as the authors' released code defines them (`train_gate.py`). `branch_weights`
+# says how much each branch drove the decision, from the gate's own computation, as `(batch, 2)` rows [vlm, head]
+# summing to 1.
+
+
+def _shares(vlm_part: torch.Tensor, head_part: torch.Tensor) -> torch.Tensor:
+    """`(batch, 2)` shares of the L1 sizes of two `(batch, C)` logit contributions; an even split where both are 0."""
+    parts = torch.stack([vlm_part.abs().sum(-1), head_part.abs().sum(-1)], dim=-1)
+    total = parts.sum(-1, keepdim=True)
+    return torch.where(total > 0, parts / total.clamp_min(torch.finfo(parts.dtype).tiny), torch.full_like(parts, 0.5))
 
 
 def _linear_share(weight: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Relative size of the logit contributions `W_v v` and `W_h h` of a linear layer over `cat(v, h)`."""
     num_labels = v.shape[-1]
-    parts = torch.stack([v @ weight[:, :num_labels].T, h @ weight[:, num_labels:].T], dim=1).abs().sum(-1)
-    return parts / parts.sum(-1, keepdim=True).clamp_min(1e-12)
+    return _shares(v @ weight[:, :num_labels].T, h @ weight[:, num_labels:].T)
 
 
 class ConcatLinearGate(nn.Module):
@@ -80,90 +88,94 @@ class ConcatLinearGate(nn.Module):
 
 
 class MoEGate(nn.Module):
-    """Mixture of experts: a softmax router over `num_experts` linear experts, all reading `cat(v, h)`."""
+    """Mixture of experts: `num_experts` (3, as released) experts `Linear(2C, C)` over `cat(v, h)`, summed with the
+    weights of a softmax router `Linear(2C, num_experts)`."""
 
-    def __init__(self, num_labels: int, num_experts: int = 4, **kwargs):
+    def __init__(self, num_labels: int, num_experts: int = 3, **kwargs):
         super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(2 * num_labels, num_labels) for _ in range(num_experts))
         self.router = nn.Linear(2 * num_labels, num_experts)
-        self.experts = nn.Linear(2 * num_labels, num_experts * num_labels)
-        self.num_experts = num_experts
 
     def forward(self, v, h):
         x = torch.cat([v, h], dim=-1)
-        weights = self.router(x).softmax(-1).unsqueeze(-1)
-        outputs = self.experts(x).view(x.shape[0], self.num_experts, -1)
-        return (weights * outputs).sum(1)
+        weights = self.router(x).softmax(-1)
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (batch, experts, C)
+        return (weights.unsqueeze(-1) * outputs).sum(1)
 
     def branch_weights(self, v, h):
-        x = torch.cat([v, h], dim=-1)
-        weights = self.router(x).softmax(-1)
-        effective = torch.einsum("be,eco->bco", weights, self.experts.weight.view(self.num_experts, -1, x.shape[-1]))
+        # The router-weighted mixture of the experts' weights is, per image, one linear layer over `cat(v, h)`.
+        weights = self.router(torch.cat([v, h], dim=-1)).softmax(-1)
+        stacked = torch.stack([expert.weight for expert in self.experts])  # (experts, C, 2C)
+        effective = torch.einsum("be,eco->bco", weights, stacked)
         num_labels = v.shape[-1]
-        parts = torch.stack(
-            [
-                torch.einsum("bco,bo->bc", effective[..., :num_labels], v),
-                torch.einsum("bco,bo->bc", effective[..., num_labels:], h),
-            ],
-            dim=1,
-        ).abs().sum(-1)
-        return parts / parts.sum(-1, keepdim=True).clamp_min(1e-12)
+        return _shares(torch.einsum("bco,bo->bc", effective[..., :num_labels], v),
+                       torch.einsum("bco,bo->bc", effective[..., num_labels:], h))
 
 
 class BilinearGate(nn.Module):
-    """Bilinear pooling `v^T W_k h` per class plus a linear term over `cat(v, h)`."""
+    """Bilinear pooling then a linear layer: `Linear(C, C)(Bilinear(C, C, C)(v, h))`, both with biases."""
 
     def __init__(self, num_labels: int, **kwargs):
         super().__init__()
-        self.bilinear = nn.Bilinear(num_labels, num_labels, num_labels, bias=False)
-        self.proj = nn.Linear(2 * num_labels, num_labels)
+        self.bilinear = nn.Bilinear(num_labels, num_labels, num_labels)
+        self.proj = nn.Linear(num_labels, num_labels)
 
     def forward(self, v, h):
-        return self.bilinear(v, h) + self.proj(torch.cat([v, h], dim=-1))
+        return self.proj(self.bilinear(v, h))
 
     def branch_weights(self, v, h):
-        # The bilinear term needs both branches; split it evenly and add the linear parts.
-        num_labels = v.shape[-1]
-        joint = self.bilinear(v, h).abs().sum(-1)
-        own_v = (v @ self.proj.weight[:, :num_labels].T).abs().sum(-1)
-        own_h = (h @ self.proj.weight[:, num_labels:].T).abs().sum(-1)
-        parts = torch.stack([own_v + joint / 2, own_h + joint / 2], dim=-1)
-        return parts / parts.sum(-1, keepdim=True).clamp_min(1e-12)
+        # Every term needs both branches, so there is no additive split: each branch's share is its Shapley value
+        # (the average change of the logits when it is revealed, with the other hidden or shown), against
+        # inputs that carry no class information (each row's mean in every class: 1/C for probabilities).
+        v0 = v.mean(-1, keepdim=True).expand_as(v)
+        h0 = h.mean(-1, keepdim=True).expand_as(h)
+        both, neither = self(v, h), self(v0, h0)
+        vlm_only, head_only = self(v, h0), self(v0, h)
+        return _shares((vlm_only - neither) + (both - head_only), (head_only - neither) + (both - vlm_only))
 
 
 class DynamicWeightingGate(nn.Module):
-    """Per-image convex weights over the two branches, predicted from `cat(v, h)`, mixing their projections."""
+    """Per-image softmax weights `w = softmax(Linear(2C, 2)(cat(v, h)))`, then `Linear(C, C)(w1 v + w2 h)`."""
 
     def __init__(self, num_labels: int, **kwargs):
         super().__init__()
         self.weigher = nn.Linear(2 * num_labels, 2)
-        self.vlm_proj = nn.Linear(num_labels, num_labels)
-        self.head_proj = nn.Linear(num_labels, num_labels)
+        self.proj = nn.Linear(num_labels, num_labels)
+
+    def _terms(self, v, h):
+        w = self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
+        return w[:, :1] * v, w[:, 1:] * h
 
     def forward(self, v, h):
-        w = self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
-        return w[:, :1] * self.vlm_proj(v) + w[:, 1:] * self.head_proj(h)
+        vlm_term, head_term = self._terms(v, h)
+        return self.proj(vlm_term + head_term)
 
     def branch_weights(self, v, h):
-        return self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
+        # The final layer is linear: split its logits into the two summed terms' contributions.
+        vlm_term, head_term = self._terms(v, h)
+        return _shares(vlm_term @ self.proj.weight.T, head_term @ self.proj.weight.T)
 
 
 class CrossGatingGate(nn.Module):
-    """Each branch is gated by a sigmoid of the other before a linear fusion of the gated signals."""
+    """Each branch gated by a sigmoid of the other, summed, then a linear layer:
+    `Linear(C, C)(sigmoid(Linear(C, C)(h)) * v + sigmoid(Linear(C, C)(v)) * h)`."""
 
     def __init__(self, num_labels: int, **kwargs):
         super().__init__()
         self.gate_from_head = nn.Linear(num_labels, num_labels)
         self.gate_from_vlm = nn.Linear(num_labels, num_labels)
-        self.proj = nn.Linear(2 * num_labels, num_labels)
+        self.proj = nn.Linear(num_labels, num_labels)
 
-    def _gated(self, v, h):
+    def _terms(self, v, h):
         return v * torch.sigmoid(self.gate_from_head(h)), h * torch.sigmoid(self.gate_from_vlm(v))
 
     def forward(self, v, h):
-        return self.proj(torch.cat(self._gated(v, h), dim=-1))
+        vlm_term, head_term = self._terms(v, h)
+        return self.proj(vlm_term + head_term)
 
     def branch_weights(self, v, h):
-        return _linear_share(self.proj.weight, *self._gated(v, h))
+        vlm_term, head_term = self._terms(v, h)
+        return _shares(vlm_term @ self.proj.weight.T, head_term @ self.proj.weight.T)
 
 
 GATES = {
@@ -174,15 +186,20 @@ GATES = {
     "cross_gating": CrossGatingGate,
 }
 
-
-def gate_inputs(vlm_logits: torch.Tensor, head_logits: torch.Tensor, vlm_signal: str):
-    """The gate's two inputs: the VLM's one-hot label (the paper) or label probabilities, and the head's
-    probabilities; both `(batch, C)` float32."""
+def gate_inputs(vlm_logits: torch.Tensor, head_logits: torch.Tensor, vlm_signal: str, *, head_signal: str = "probs"):
+    """The gate's two inputs, both `(batch, C)` float32: the VLM's one-hot label (the paper) or its label
+    probabilities (`vlm_signal="probs"`), and the head's probabilities (the paper, `head_signal="probs"`) or its raw
+    logits (`head_signal="logits"`, what the authors' released code feeds the gate)."""
+    if vlm_signal not in GATE_VLM_SIGNALS:
+        raise ValueError(f"vlm_signal must be one of {GATE_VLM_SIGNALS}, got {vlm_signal!r}.")
+    if head_signal not in GATE_HEAD_SIGNALS:
+        raise ValueError(f"head_signal must be one of {GATE_HEAD_SIGNALS}, got {head_signal!r}.")
     if vlm_signal == "probs":
         vlm = vlm_logits.float().softmax(-1)
     else:
         vlm = F.one_hot(vlm_logits.argmax(-1), vlm_logits.shape[-1]).float()
-    return vlm, head_logits.float().softmax(-1)
+    head = head_logits.float().softmax(-1) if head_signal == "probs" else head_logits.float()
+    return vlm, head
 
 
 def pool_visual_tokens(image_embeds: tuple[torch.Tensor, ...], pooling: str) -> torch.Tensor:

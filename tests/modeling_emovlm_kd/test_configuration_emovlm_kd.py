@@ -24,7 +24,8 @@ def test_bad_label_sets_are_rejected(bad):
         resolve_label_set(bad)
 
 
-@pytest.mark.parametrize("field,value", [("gate_type", "attention"), ("gate_vlm_signal", "logits"), ("pooling", "cls")])
+@pytest.mark.parametrize("field,value", [("gate_type", "attention"), ("gate_vlm_signal", "logits"), ("pooling", "cls"),
+                                         ("gate_head_signal", "softmax"), ("gate_num_experts", 0)])
 def test_unknown_options_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         EmoVLMKDConfig.from_label_set("binary", **{field: value})
@@ -39,3 +40,14 @@ def test_config_round_trip_keeps_sub_config_and_labels(tmp_path):
     assert loaded.gate_type == "moe"
     assert loaded.vlm_config.model_type == "qwen2_vl"
     assert loaded.feature_dim == config.vlm_config.text_config.hidden_size
+
+
+def test_gate_defaults_follow_the_paper_and_the_released_moe():
+    config = EmoVLMKDConfig.from_label_set("binary")
+    assert config.gate_head_signal == "probs"  # the paper: the head's probabilities
+    assert config.gate_num_experts == 3  # the authors' MoEGate
+
+
+def test_gate_head_signal_round_trips(tmp_path):
+    EmoVLMKDConfig.from_label_set("binary", gate_head_signal="logits").save_pretrained(tmp_path)
+    assert EmoVLMKDConfig.from_pretrained(tmp_path).gate_head_signal == "logits"
