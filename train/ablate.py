@@ -20,11 +20,14 @@ paper's heads, a 2B run (D=1536) [439], ..., [439, 219, 110, 55, 27]; the tiny V
 [18, 10, 10], ... Each depth is scored alone and fused with the run's gate type retrained on it (`--no-fusion`
 skips the gate).
 
-Checkpoint selection: like stages 2 and 3, each training keeps the epoch best on validation accuracy
+Checkpoint selection: like stage 2, each head training keeps the epoch best on validation accuracy
 (`--selection best`, checkpoints in a temporary folder that is deleted afterwards); `--selection last` keeps the
-final epoch instead and skips the per-epoch evaluation, which is faster. Means and standard deviations are over
-seeds (sample standard deviation, 0 for one seed); seeds are the run's seed, +1, +2, ..., so the variant equal to
-the run's own configuration reproduces the run's number with its first seed.
+final epoch instead and skips the per-epoch evaluation, which is faster. Gates are fitted as stage 3 fits them, to
+their objective's optimum by full-batch L-BFGS, so `--selection` does not apply to them.
+
+Means and standard deviations are over seeds (sample standard deviation, 0 for one seed); seeds are the run's
+seed, +1, +2, ..., so the variant equal to the run's own configuration reproduces the run's number with its first
+seed.
 """
 
 from __future__ import annotations
@@ -234,19 +237,22 @@ def train_head(run: RunData, settings: Settings, hidden_dims: Sequence[int], see
 
 def train_fusion(run: RunData, settings: Settings, gate_type: str, inputs: dict[str, dict[str, torch.Tensor]],
                  seed: int) -> torch.nn.Module:
-    """A fresh gate trained by `train_gate` on cached VLM scores and head logits."""
+    """A fresh gate trained by `train_gate` on cached VLM scores and head logits, as stage 3 trains it: to its
+    objective's optimum, with no selection among iterates (so `--selection` does not apply) and no checkpoints."""
     config = run.config
     gate = build_gate(gate_type, run.num_labels, config.gate_num_experts, seed=seed)
-    values = {**settings.stage_values(run.pipeline.recipe, "gate"), "seed": seed}
+    values = {**settings.stage_values(run.pipeline.recipe, "gate"), "seed": seed,
+              "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
     with tempfile.TemporaryDirectory(prefix="emovlm-ablate-") as work, _quiet():
         gate, _ = train_gate(gate, config.gate_vlm_signal, inputs["train"], inputs["validation"],
-                             GateConfig(output_dir=work, **values))
+                             GateConfig(output_dir=work, **values), head_signal=config.gate_head_signal)
     return gate.cpu().eval()
 
 
 @torch.inference_mode()
 def fused_test_logits(run: RunData, gate: torch.nn.Module, test_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return gate(*gate_inputs(test_inputs["vlm_logits"], test_inputs["head_logits"], run.config.gate_vlm_signal))
+    return gate(*gate_inputs(test_inputs["vlm_logits"], test_inputs["head_logits"], run.config.gate_vlm_signal,
+                             head_signal=run.config.gate_head_signal))
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> float:
@@ -326,7 +332,7 @@ def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
         gate = build_gate(gate_type, run.num_labels, run.config.gate_num_experts)
         name = f"{gate_type} (run's)" if gate_type == run.config.gate_type else gate_type
         return Variant(name, {"gate_type": gate_type, "vlm_signal": run.config.gate_vlm_signal,
-                              "num_experts": run.config.gate_num_experts},
+                              "head_signal": run.config.gate_head_signal, "num_experts": run.config.gate_num_experts},
                        count_parameters(gate), train_and_score)
 
     return [variant(gate_type) for gate_type in GATE_TYPES]
