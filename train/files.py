@@ -10,18 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(data: Any, path: str | Path, default: Callable[[Any], Any] | None = None) -> Path:
-    """Write `data` as indented JSON to a unique temporary file beside `path`, then rename it into place.
+def write_text_atomic(text: str | Callable[[], str], path: str | Path) -> Path:
+    """Write `text` (or what a callable returns) to a unique temporary file beside `path`, then rename it into place.
 
-    Readers (other ranks included) see the old file or the new one, never a mix; if serialising fails, the old file
-    is left as it was and the temporary file is removed. `default` is `json.dumps`'s hook for other types.
+    Readers (other ranks included) see the old file or the new one, never a mix; if producing the text fails, the
+    old file is left as it was and the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False) as handle:
         try:
-            handle.write(json.dumps(data, indent=2, default=default) + "\n")
+            handle.write(text() if callable(text) else text)
         except BaseException:
             handle.close()
             os.unlink(handle.name)
@@ -31,4 +31,9 @@ def write_json_atomic(data: Any, path: str | Path, default: Callable[[Any], Any]
     return path
 
 
-__all__ = ["write_json_atomic"]
+def write_json_atomic(data: Any, path: str | Path, default: Callable[[Any], Any] | None = None) -> Path:
+    """`write_text_atomic` of `data` as indented JSON; `default` is `json.dumps`'s hook for other types."""
+    return write_text_atomic(lambda: json.dumps(data, indent=2, default=default) + "\n", path)
+
+
+__all__ = ["write_json_atomic", "write_text_atomic"]

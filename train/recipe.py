@@ -1,0 +1,522 @@
+"""The typed recipe: every section a dataclass, validated before any stage runs.
+
+A recipe is a YAML file with these top-level keys:
+
+    output_dir, seed, labels     plain values
+    data                         `DataSection` (which loader of `train/data.py`, and its options)
+    base_models                  `BaseModelsSection`
+    instructions                 `InstructionsSection` (who writes the conversation/reasoning answers)
+    model                        `ModelSection` (the fused model's options, saved in its config)
+    sft, teacher, distill, gate  the stages' own argument classes (`SFTStageConfig`, `TeacherConfig`, ...)
+
+`load_recipe` parses each section with `HfArgumentParser.parse_dict(..., allow_extra_keys=False)` after checking
+every key and the type of every value against the section's dataclass, so a misspelled section or key, or a value
+of the wrong type, fails at once with `section.key`, what was wrong and the allowed keys, before anything is trained
+or deleted. `python -m train recipe --help` lists every field with its help text and default.
+
+What a run stores about its recipe: `<output_dir>/recipe.yaml` keeps it whole (it never leaves the machine);
+`public_recipe` is what goes into `results.json`, the report and the model card, with secrets removed and local
+paths made relative to the run or dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from modeling_emovlm_kd import GATE_TYPES, resolve_label_set
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the file, the `section.key` and what is allowed."""
+
+
+@dataclass
+class DataSection:
+    """Which loader of `train/data.py` reads the images, and its options (only those of that loader)."""
+
+    kind: str = field(metadata={"help": "emoset, fi, emotion6, flickr, instagram, imagefolder or hub."})
+    root: str | None = field(default=None, metadata={"help": "Folder of the data set (relative to the working dir)."})
+    split_file: str | None = field(
+        default=None, metadata={"help": "JSON of the seeded split; read if it exists, written otherwise. "
+                                        "`null` puts it in the run folder (split.json)."})
+    label_file: str | None = field(default=None, metadata={"help": "flickr/instagram: the vote file."})
+    image_dir: str | None = field(default=None, metadata={"help": "flickr/instagram: image folder under root."})
+    seed: int | None = field(default=None, metadata={"help": "Seed of the split (defaults to the loader's, 42)."})
+    fractions: list[float] | None = field(default=None, metadata={"help": "Train/validation/test fractions."})
+    name_or_path: str | None = field(default=None, metadata={"help": "hub: `datasets.load_dataset` name or path."})
+    image_column: str | None = field(default=None, metadata={"help": "hub: the image column."})
+    label_column: str | None = field(default=None, metadata={"help": "hub: the label column."})
+    load_kwargs: dict | None = field(default=None, metadata={"help": "hub: more `load_dataset` arguments."})
+
+
+@dataclass
+class BaseModelsSection:
+    """The models the run starts from."""
+
+    vlm: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM (Hub id or folder)."})
+    teacher: str = field(default="google/vit-base-patch16-384", metadata={"help": "Base image classifier."})
+    tiny: bool = field(default=False, metadata={"help": "Build tiny random base models offline (train/tiny.py)."})
+
+
+@dataclass
+class InstructionsSection:
+    """Who writes the conversation and reasoning answers of stage 1 (the categorical ones need nobody)."""
+
+    generator: str = field(default="none", metadata={"help": "openai (any OpenAI-compatible endpoint), local "
+                                                             "(the base VLM itself) or none."})
+    base_url: str | None = field(default=None, metadata={"help": "openai: endpoint (or EMOVLM_OPENAI_BASE_URL)."})
+    model: str | None = field(default=None, metadata={"help": "openai: model name (or EMOVLM_OPENAI_MODEL)."})
+    api_key: str | None = field(default=None, metadata={"help": "openai: API key (better: OPENAI_API_KEY). Never "
+                                                                "stored in results, reports or model cards."})
+    timeout: float | None = field(default=None, metadata={"help": "openai: seconds per request."})
+    max_retries: int | None = field(default=None, metadata={"help": "openai: retries of a failed request."})
+    backoff: float | None = field(default=None, metadata={"help": "openai: first retry wait (doubles)."})
+    temperature: float | None = field(default=None, metadata={"help": "openai: sampling temperature."})
+    max_tokens: int | None = field(default=None, metadata={"help": "openai: longest answer."})
+    max_image_size: int | None = field(default=None, metadata={"help": "openai: longer side of the sent image."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "local: longest answer."})
+
+    # The options each generator takes (the others must be left unset).
+    OPTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "openai": ("base_url", "model", "api_key", "timeout", "max_retries", "backoff", "temperature", "max_tokens",
+                   "max_image_size"),
+        "local": ("max_new_tokens",),
+        "none": (),
+    }
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.OPTIONS[self.generator] if getattr(self, name) is not None}
+
+
+@dataclass
+class ModelSection:
+    """Options of the fused model (saved in its config) and of how the frozen VLM runs for the feature caches."""
+
+    head_hidden_dims: list[int] = field(default_factory=lambda: [1024], metadata={"help": "Head MLP widths."})
+    head_activation: str = field(default="gelu", metadata={"help": "Activation between the head's layers."})
+    head_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
+    pooling: str = field(default="mean", metadata={"help": "Pooling of the merged visual tokens: mean or max."})
+    gate_type: str = field(default="concat_linear", metadata={"help": f"One of {', '.join(GATE_TYPES)}."})
+    gate_vlm_signal: str = field(default="one_hot", metadata={"help": "What the gate sees of the VLM: one_hot "
+                                                                      "(the paper) or probs."})
+    gate_num_experts: int | None = field(default=None, metadata={"help": "Experts of the moe gate."})
+    categorical_prompt: str | None = field(default=None, metadata={"help": "The categorical instruction."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
+    dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
+    feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
+
+    # The options that go into `EmoVLMKDConfig` (the others only say how the caches are computed).
+    CONFIG_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
+        "gate_num_experts", "categorical_prompt")
+
+    def __post_init__(self):
+        if self.feature_batch_size < 1:
+            raise ValueError(f"feature_batch_size must be at least 1, got {self.feature_batch_size}.")
+
+    def config_kwargs(self, explicit: dict) -> dict[str, Any]:
+        """The config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""
+        return {key: explicit[key] for key in self.CONFIG_KEYS if key in explicit}
+
+
+def _stage_sections() -> dict[str, type]:
+    # Imported here: they pull in TRL/peft, which `python -m train recipe` and the tools need not load up front.
+    from .distill import DistillationConfig
+    from .gate import GateConfig
+    from .sft import SFTStageConfig
+    from .teacher import TeacherConfig
+
+    return {"sft": SFTStageConfig, "teacher": TeacherConfig, "distill": DistillationConfig, "gate": GateConfig}
+
+
+SCALARS = {"output_dir": str, "seed": int}
+SECTIONS = {"data": DataSection, "base_models": BaseModelsSection, "instructions": InstructionsSection,
+            "model": ModelSection}
+STAGE_SECTIONS = ("sft", "teacher", "distill", "gate")
+# Fields of the stage sections that the pipeline sets itself.
+PIPELINE_SET = {"sft": ("output_dir", "model_name_or_path"), "teacher": ("output_dir", "teacher_model_name_or_path"),
+                "distill": ("output_dir",), "gate": ("output_dir",)}
+TOP_LEVEL = (*SCALARS, "labels", *SECTIONS, *STAGE_SECTIONS)
+
+
+def section_classes() -> dict[str, type]:
+    return {**SECTIONS, **_stage_sections()}
+
+
+# ---- types ---------------------------------------------------------------------------------------------------
+
+
+def _describe(annotation) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation) -> Any:
+    """`value` as the type `annotation` says, converting only what a YAML or `--set` string can mean (`"1e-3"` ->
+    1e-3, `"true"` -> True); raises `TypeError` otherwise."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        if value is None and type(None) in members:
+            return None
+        for member in sorted(members, key=lambda m: m is str):  # try str last: it would take any string
+            if member is type(None):
+                continue
+            try:
+                return _coerce(value, member)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"expected {_describe(annotation)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise TypeError(f"expected one of {typing.get_args(annotation)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item = args[0] if args else Any
+        return [_coerce(v, item) for v in value]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {value!r}")
+        return value
+    if value is None:
+        raise TypeError(f"expected {_describe(annotation)}, got null")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise TypeError(f"expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise TypeError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise TypeError(f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise TypeError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError(f"expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {value!r}")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            return annotation(value).value
+        except ValueError:
+            raise TypeError(f"expected one of {[m.value for m in annotation]}, got {value!r}") from None
+    return value  # a type this checker does not know: the dataclass's own validation decides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_section(name: str, cls, values: Any, where: str = "recipe", fixed: dict | None = None):
+    """The dataclass `cls` from a recipe section, through `HfArgumentParser.parse_dict(allow_extra_keys=False)`,
+    after checking every key and value type; errors name `name.key`."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: section {name!r} must be a mapping of keys to values, got {values!r}.")
+    types_ = _field_types(cls)
+    settable = sorted(set(types_) - set(PIPELINE_SET.get(name, ())))
+    checked = {}
+    for key, value in values.items():
+        if key not in settable:
+            hint = _close_match(key, settable)
+            raise RecipeError(f"{where}: unknown key {name}.{key}{hint}. Allowed keys of {name!r}: "
+                              f"{', '.join(settable)}.")
+        try:
+            checked[key] = _coerce(value, types_[key])
+        except TypeError as err:
+            raise RecipeError(f"{where}: {name}.{key}: {err}.") from None
+    try:
+        (parsed,) = HfArgumentParser(cls).parse_dict({**checked, **(fixed or {})}, allow_extra_keys=False)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{where}: section {name!r} is invalid: {err}") from err
+    return parsed, checked
+
+
+def _close_match(key: str, allowed) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# ---- the recipe ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: `raw` holds what the file (and `--set`) said, with values converted to their types;
+    `sections` the parsed dataclass of each section (stage sections with the run's `output_dir`)."""
+
+    raw: dict
+    sections: dict[str, Any]
+    source: str = "recipe"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.raw["output_dir"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.raw.get("seed", 42))
+
+    @property
+    def labels(self) -> list[str]:
+        return resolve_label_set(self.raw["labels"])
+
+    def section(self, name: str) -> dict:
+        """What the recipe set in a section (not the defaults)."""
+        return dict(self.raw.get(name) or {})
+
+
+def apply_overrides(recipe: dict, overrides) -> dict:
+    """`section.key=value` overrides (values parsed as YAML), all of them, in order."""
+    for override in overrides or ():
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {override!r} is not of the form section.key=value.")
+        *parents, leaf = key.split(".")
+        node = recipe
+        for parent in parents:
+            child = node.setdefault(parent, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {override!r}: {parent!r} is not a section.")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return recipe
+
+
+def read_recipe(path: str | Path, overrides=()) -> dict:
+    """The recipe file as a dict with the overrides applied (not yet validated)."""
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise RecipeError(f"Cannot read recipe {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe {path} must be a mapping of sections, got {type(recipe).__name__}.")
+    return apply_overrides(recipe, overrides)
+
+
+def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
+    """Check every section, key and value of `recipe`; raise `RecipeError` naming the first problem."""
+    unknown = [key for key in recipe if key not in TOP_LEVEL]
+    if unknown:
+        key = unknown[0]
+        raise RecipeError(f"{where}: unknown section {key!r}{_close_match(key, TOP_LEVEL)}. "
+                          f"Allowed sections: {', '.join(TOP_LEVEL)}.")
+    for key in ("output_dir", "labels", "data"):
+        if recipe.get(key) in (None, "", [], {}):
+            raise RecipeError(f"{where}: {key!r} is required.")
+    raw: dict[str, Any] = {}
+    for key, kind in SCALARS.items():
+        if key in recipe:
+            try:
+                raw[key] = _coerce(recipe[key], kind)
+            except TypeError as err:
+                raise RecipeError(f"{where}: {key}: {err}.") from None
+    try:
+        labels = resolve_label_set(recipe["labels"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(f"{where}: labels: {err}") from None
+    raw["labels"] = recipe["labels"]
+    sections, classes = {}, section_classes()
+    output_dir = Path(raw["output_dir"])
+    for name, cls in classes.items():
+        fixed = {"output_dir": str(output_dir / name)} if name in STAGE_SECTIONS else None
+        if name in STAGE_SECTIONS:
+            fixed["seed"] = raw.get("seed", 42)
+        sections[name], checked = parse_section(name, cls, recipe.get(name), where, fixed)
+        if name in recipe:
+            raw[name] = checked
+    _check_data(sections["data"], raw["data"], where)
+    _check_instructions(sections["instructions"], where)
+    _check_model(sections["model"], raw.get("model", {}), labels, where)
+    return Recipe(raw=raw, sections=sections, source=where)
+
+
+def _check_data(data: DataSection, explicit: dict, where: str) -> None:
+    from .data import LOADERS
+
+    loader = LOADERS.get(data.kind.lower())
+    if loader is None:
+        raise RecipeError(f"{where}: data.kind: unknown data set kind {data.kind!r}; use one of {sorted(LOADERS)}.")
+    parameters = inspect.signature(loader).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    accepted = {name for name in parameters if name != "name"}
+    if data.kind.lower() in ("flickr", "instagram"):
+        from .data import load_flickr_instagram
+
+        accepted = set(inspect.signature(load_flickr_instagram).parameters) - {"name"}
+        takes_any = False
+    for key in explicit:
+        if key == "kind" or key == "load_kwargs" and takes_any:
+            continue
+        if key not in accepted:
+            raise RecipeError(f"{where}: data.{key} is not an option of data kind {data.kind!r}; it takes "
+                              f"{', '.join(sorted(accepted - {'labels'}))}.")
+    required = [name for name, p in parameters.items() if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+                and name not in ("labels", "split_file")]
+    missing = [name for name in required if name not in explicit]
+    if missing:
+        raise RecipeError(f"{where}: data kind {data.kind!r} needs data.{missing[0]}.")
+
+
+def _check_instructions(instructions: InstructionsSection, where: str) -> None:
+    options = InstructionsSection.OPTIONS
+    if instructions.generator not in options:
+        raise RecipeError(f"{where}: instructions.generator must be one of {', '.join(options)}, "
+                          f"got {instructions.generator!r}.")
+    allowed = options[instructions.generator]
+    for f in dataclasses.fields(InstructionsSection):
+        if f.name != "generator" and f.name not in allowed and getattr(instructions, f.name) is not None:
+            raise RecipeError(f"{where}: instructions.{f.name} is not an option of generator "
+                              f"{instructions.generator!r} (it takes {', '.join(allowed) or 'nothing'}).")
+
+
+def _check_model(model: ModelSection, explicit: dict, labels: list[str], where: str) -> None:
+    from modeling_emovlm_kd import EmoVLMKDConfig
+
+    try:
+        EmoVLMKDConfig.from_label_set(labels, **model.config_kwargs(explicit))
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(f"{where}: model: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides=(), output_dir: str | None = None) -> Recipe:
+    """Read, override and validate a recipe file: the one entry point of every stage command."""
+    recipe = read_recipe(path, overrides)
+    if output_dir:
+        recipe["output_dir"] = output_dir
+    return validate_recipe(recipe, where=str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """The whole validated recipe (secrets included) for this machine's run folder only."""
+    from .files import write_text_atomic
+
+    write_text_atomic(yaml.safe_dump(recipe.raw, sort_keys=False), path)
+
+
+def recipe_help() -> str:
+    """Every section and field with its help text and default, from the dataclasses themselves."""
+    lines = ["Recipe sections and their fields (YAML keys; override any with --set section.key=value):", "",
+             "output_dir (str, required)  Run folder.", "seed (int, default 42)  Seed of every stage.",
+             "labels (required)  A label set name (mikels8, ekman6, binary) or an ordered list of class names.", ""]
+    for name, cls in section_classes().items():
+        lines.append(f"{name}:  {inspect.getdoc(cls).splitlines()[0]}")
+        types_ = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in PIPELINE_SET.get(name, ()):
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "required"
+            default = default.value if isinstance(default, enum.Enum) else default
+            text = " ".join(str(f.metadata.get("help", "")).split())
+            lines.append(f"  {f.name} ({_describe(types_[f.name])}, default {default!r})  {text}".rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- what leaves the machine ---------------------------------------------------------------------------------
+
+SECRET_KEY = re.compile(r"key|token|secret|password", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"^\s*(bearer\s+\S+|sk-[A-Za-z0-9_\-]{6,}|hf_[A-Za-z0-9]{10,}|gh[pousr]_[A-Za-z0-9]{10,}|"
+                          r"xox[abpr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{12,}|eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-.]+)\s*$",
+                          re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def public_recipe(recipe: dict, run_dir: str | Path | None = None) -> dict:
+    """`recipe` without secrets (keys naming a key, token, secret or password; values that look like bearer
+    tokens) and without local paths: an absolute path inside `run_dir` becomes relative to it, any other absolute
+    path is dropped (so is `output_dir`)."""
+    run_dir = Path(run_dir).resolve() if run_dir else None
+
+    def clean(value, key=""):
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if SECRET_KEY.search(str(k)):
+                    if v not in (None, ""):
+                        out[k] = REDACTED
+                    continue
+                v = clean(v, str(k))
+                if v is not _DROP:
+                    out[k] = v
+            return out
+        if isinstance(value, (list, tuple)):
+            return [v for v in (clean(v, key) for v in value) if v is not _DROP]
+        if isinstance(value, str):
+            if SECRET_VALUE.match(value):
+                return REDACTED
+            if _looks_like_local_path(value):
+                path = Path(value).expanduser()
+                if run_dir is not None:
+                    try:
+                        return path.resolve().relative_to(run_dir).as_posix()
+                    except ValueError:
+                        pass
+                return _DROP
+        return value
+
+    public = clean({k: v for k, v in recipe.items() if k != "output_dir"})
+    root = (recipe.get("data") or {}).get("root")
+    if isinstance(root, str) and root and "root" not in public.get("data", {}):
+        public["data"]["root_name"] = Path(root).name  # the data set's folder name (for the card), not its path
+    return public
+
+
+_DROP = object()
+
+
+def _looks_like_local_path(value: str) -> bool:
+    return value.startswith(("/", "~", "\\\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", value)) or value.startswith(
+        os.path.expanduser("~"))
+
+
+__all__ = ["BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection", "Recipe", "RecipeError",
+           "apply_overrides", "load_recipe", "parse_section", "public_recipe", "read_recipe", "recipe_help",
+           "save_recipe", "validate_recipe"]
