@@ -56,6 +56,9 @@ def random_images(n, seed=0, sizes=((28, 28), (40, 64), (64, 40), (56, 56), (100
 LABELS = ["red", "green", "blue"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
 SIZES = {"train": 12, "validation": 4, "test": 6}
+# The shared run's recipe holds an API key (never used: it trains on categorical instructions only) so that the
+# publishing tests can check it never leaves the machine.
+SECRET_API_KEY = "sk-test-emovlm-do-not-publish-4f2a9c"
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +83,8 @@ def write_recipe(path: Path, image_folder: Path, output_dir: Path, sft_epochs=4,
         "labels": LABELS,
         "data": {"kind": "imagefolder", "root": str(image_folder)},
         "base_models": {"tiny": True},
+        "instructions": {"generator": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "unused",
+                         "api_key": SECRET_API_KEY},
         "model": {"head_hidden_dims": [32], "gate_vlm_signal": "probs", "feature_batch_size": 16},
         "sft": {"use_peft": False, "gradient_checkpointing": False, "instruction_kinds": ["categorical"],
                 "learning_rate": 2e-3, "num_train_epochs": sft_epochs, "per_device_train_batch_size": 6,
@@ -126,4 +131,5 @@ def copy_finished_run(source: Path, target: Path) -> Path:
     """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
     for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
         shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
+    shutil.copy2(source / "recipe.yaml", target / "recipe.yaml")
     return target

@@ -1,7 +1,8 @@
 """Command line: `python -m train <command> ...`.
 
     python -m train demo [--output-dir runs/demo]                 # the whole pipeline on the bundled sample
-    python -m train pipeline --config RECIPE.yaml [--set sft.num_train_epochs=2 ...]
+    python -m train pipeline --config RECIPE.yaml [--set sft.num_train_epochs=2 --set seed=1 ...]
+    python -m train recipe --config RECIPE.yaml [--set ...]       # validate a recipe; `recipe --help`: every field
     python -m train {base,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml
     python -m train report --run runs/demo                         # the paper's tables and figures for a run
     python -m train ablate --run runs/demo --what all              # depth, alpha and gate ablations
@@ -39,15 +40,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("pipeline", *STAGES):
-        sub = commands.add_parser(name, help="all stages" if name == "pipeline" else f"stage {name} only")
-        sub.add_argument("--config", required=True, help="YAML recipe (see train/recipes/).")
-        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override recipe values.")
+    set_help = "Override a recipe value (YAML); repeat the flag or list several, all apply in order."
+    for name in ("pipeline", *STAGES, "recipe"):
+        help_text = {"pipeline": "all stages", "recipe": "validate a recipe and print it; --help lists every field"}
+        sub = commands.add_parser(name, help=help_text.get(name, f"stage {name} only"),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--config", required=name != "recipe", help="YAML recipe (see train/recipes/).")
+        sub.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
         sub.add_argument("--output-dir", help="Override the recipe's output_dir.")
-        sub.add_argument("--force", action="store_true", help="Rerun stages that have already finished.")
+        if name == "recipe":
+            if argv[:1] == ["recipe"]:
+                from .recipe import recipe_help
+
+                sub.epilog = recipe_help()
+            continue
+        sub.add_argument("--force", action="store_true",
+                         help="Rerun the stage(s) even when finished and up to date." if name == "pipeline" else
+                         "Rerun the stage even when it is finished and up to date.")
+        sub.epilog = ("Stages rerun when their recipe settings or the stages they read changed (see "
+                      "`python -m train recipe --help` for every recipe field).")
     demo = commands.add_parser("demo", help="the whole pipeline offline on the bundled sample")
     demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
     for name, (module_name, help_text) in TOOLS.items():
         sub = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
         if argv[:1] == [name]:
@@ -63,17 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_demo(output_dir: str, overrides: list[str]) -> None:
     from transformers import pipeline as hf_pipeline
 
-    from .pipeline import Pipeline, load_recipe, print_results
+    from .pipeline import Pipeline, print_results
+    from .recipe import read_recipe, validate_recipe
 
-    recipe = load_recipe(DEMO_RECIPE, overrides)
+    recipe = read_recipe(DEMO_RECIPE, overrides)
     recipe["output_dir"] = output_dir
     recipe["data"]["root"] = str(DEMO_DATA)
+    recipe = validate_recipe(recipe, where=str(DEMO_RECIPE))
     results = Pipeline(recipe).run()
     print_results(results)
     final = Path(output_dir) / "final"
     print(f"\nHub-ready model folder: {final}\n\npipeline('image-classification') on a few held-out images:")
     classifier = hf_pipeline("image-classification", model=str(final), trust_remote_code=True)
-    samples = [sorted((DEMO_DATA / "test" / label).glob("*.png"))[0] for label in recipe["labels"][:5]]
+    samples = [sorted((DEMO_DATA / "test" / label).glob("*.png"))[0] for label in recipe.labels[:5]]
     for path, prediction in zip(samples, classifier([str(p) for p in samples], batch_size=5, top_k=1)):
         print(f"  {path.parent.name:>10} / {path.name}: {prediction[0]['label']} ({prediction[0]['score']:.2f})")
     from .report import write_report
@@ -107,16 +123,35 @@ def main(argv=None) -> None:
         paths = build_tiny_base_models(args.output_dir, resolve_label_set(labels))
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return
-    from .pipeline import Pipeline, load_recipe, print_results
+    from .recipe import RecipeError, load_recipe, public_recipe
 
-    recipe = load_recipe(args.config, args.set)
-    if args.output_dir:
-        recipe["output_dir"] = args.output_dir
+    try:
+        # Everything is validated before any stage runs or anything is deleted.
+        recipe = load_recipe(args.config, args.set, output_dir=args.output_dir) if args.config else None
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "recipe":
+        if recipe is None:
+            print("error: --config is required to validate a recipe (see --help for every field).", file=sys.stderr)
+            return 2
+        import yaml
+
+        print(f"# {args.config}: valid. As stored in results.json (secrets and local paths removed):")
+        print(yaml.safe_dump(public_recipe(recipe.raw, recipe.output_dir), sort_keys=False), end="")
+        return 0
+    from .locks import LockedError
+    from .pipeline import Pipeline, StageError, print_results
+
     pipeline = Pipeline(recipe)
-    if args.command == "pipeline":
-        print_results(pipeline.run(force=args.force))
-    else:
-        pipeline.run(stages=[args.command], force=True)
+    try:
+        if args.command == "pipeline":
+            print_results(pipeline.run(force=args.force))
+        else:
+            pipeline.run(stages=[args.command], force=args.force)
+    except (StageError, LockedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

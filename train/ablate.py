@@ -63,6 +63,7 @@ from .evaluation import classification_metrics  # noqa: E402
 from .files import write_json_atomic  # noqa: E402
 from .gate import GateConfig, build_gate, head_logits, train_gate  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
+from .recipe import read_recipe, validate_recipe  # noqa: E402
 from .trainer_utils import count_parameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -92,17 +93,19 @@ SELECTION = {
 
 
 def open_run(run_dir: str | Path) -> Pipeline:
-    """The `Pipeline` of a finished run, from the recipe stored in its results, pointed at `run_dir`.
+    """The `Pipeline` of a finished run, from the recipe the run stored (`recipe.yaml`), pointed at `run_dir`.
 
-    The stored `output_dir` may be relative to wherever the run was started; the folder given here wins.
+    The stored `output_dir` may be relative to wherever the run was started; the folder given here wins. A run
+    copied without its `recipe.yaml` is opened from the public recipe in its results (enough for the caches).
     """
     run_dir = Path(run_dir)
     results = run_dir / "evaluate" / "results.json"
     if not results.exists():
         raise FileNotFoundError(f"{results} not found: {run_dir} is not a finished run (run the pipeline first).")
-    recipe = json.loads(results.read_text())["recipe"]
+    stored = run_dir / "recipe.yaml"
+    recipe = read_recipe(stored) if stored.exists() else json.loads(results.read_text())["recipe"]
     recipe["output_dir"] = str(run_dir)
-    return Pipeline(recipe)
+    return Pipeline(validate_recipe(recipe, where=str(stored if stored.exists() else results)))
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """All stages in order, from a YAML recipe: base models -> stage 1 (SFT) -> teacher -> feature caches -> stage 2
 (distillation) -> stage 3 (gate) -> evaluation -> Hub-ready folder.
 
-A finished stage leaves `<output_dir>/<stage>/stage_done.json` and is skipped on rerun; an interrupted stage
-resumes from its last `Trainer` checkpoint. Runs under `torchrun`/`accelerate launch` too: `Trainer` stages use all
-processes, the other stages run on the main process while the others wait.
+The recipe is validated as a whole before anything runs (`train/recipe.py`). A finished stage leaves
+`<output_dir>/<stage>/stage_done.json` with the settings it used and the stages it read (`train/provenance.py`): on
+rerun it is skipped if neither changed, and rerun (with everything downstream) if either did. An interrupted stage
+resumes from its last `Trainer` checkpoint when its settings are unchanged. One process at a time works on a run
+folder (`<output_dir>/.lock`). Runs under `torchrun`/`accelerate launch` too: `Trainer` stages use all processes,
+the other stages run on the main process while the others wait.
 
     python -m train pipeline --config recipes/tiny/demo.yaml
     python -m train pipeline --config recipes/qwen2-vl-7b/emoset.yaml --set sft.per_device_train_batch_size=2
@@ -11,16 +14,14 @@ processes, the other stages run on the main process while the others wait.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
-import time
+from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -43,6 +44,9 @@ from .features import cached, compute_teacher_logits, compute_vlm_features, data
 from .files import write_json_atomic
 from .gate import GateConfig, build_gate, head_logits, train_gate
 from .instructions import LocalVLMGenerator, OpenAIChatGenerator
+from .locks import exclusive
+from .provenance import DONE, STAGE_INPUTS, STARTED, changed_keys, new_marker, read_marker, stage_settings
+from .recipe import ModelSection, Recipe, load_recipe, public_recipe, save_recipe, validate_recipe
 from .sft import SFTStageConfig, train_sft
 from .teacher import TeacherConfig, train_teacher
 from .tiny import build_tiny_base_models
@@ -51,32 +55,20 @@ from .trainer_utils import count_parameters, last_complete_checkpoint
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-MODEL_KEYS = ("head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
-              "gate_num_experts", "categorical_prompt")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """A YAML recipe with `section.key=value` overrides (values parsed as YAML)."""
-    recipe = yaml.safe_load(Path(path).read_text()) or {}
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise ValueError(f"Override {override!r} is not of the form section.key=value.")
-        *parents, leaf = key.split(".")
-        node = recipe
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(value)
-    return recipe
+class StageError(RuntimeError):
+    """A stage cannot run: what it needs is missing or out of date."""
 
 
 class Pipeline:
-    """The stages of one run, sharing its recipe, output folder, data and label set."""
+    """The stages of one run, sharing its validated recipe, output folder, data and label set."""
 
-    def __init__(self, recipe: dict):
-        self.recipe = copy.deepcopy(recipe)
-        self.output_dir = Path(self.recipe["output_dir"])
-        self.seed = int(self.recipe.get("seed", 42))
+    def __init__(self, recipe: Recipe | dict):
+        self.spec = recipe if isinstance(recipe, Recipe) else validate_recipe(recipe)
+        self.recipe = self.spec.raw
+        self.output_dir = self.spec.output_dir
+        self.seed = self.spec.seed
         self.labels = resolve_label_set(self.recipe["labels"])
         self.state = PartialState(cpu=not torch.cuda.is_available())
 
@@ -86,13 +78,68 @@ class Pipeline:
         return self.output_dir / stage
 
     def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / "stage_done.json").exists()
+        return (self.stage_dir(stage) / DONE).exists()
+
+    # ---- provenance ------------------------------------------------------------------------------------
+
+    def settings(self, stage: str) -> dict:
+        return stage_settings(self.recipe, stage)
+
+    def current_inputs(self, stage: str) -> dict[str, str | None]:
+        """The `provenance` of each stage `stage` reads, as their markers say now."""
+        return {up: (read_marker(self.stage_dir(up)) or {}).get("provenance") for up in STAGE_INPUTS[stage]}
+
+    def stale_reason(self, stage: str) -> str | None:
+        """Why `stage` must (re)run, or None when its marker matches the recipe and its inputs."""
+        marker = read_marker(self.stage_dir(stage))
+        if marker is None:
+            return "it has not finished"
+        if "settings" not in marker:
+            return "it was recorded without its settings (an older version of this project)"
+        changes = changed_keys(marker["settings"], self.settings(stage))
+        if changes:
+            return "its settings changed: " + "; ".join(changes)
+        recorded = marker.get("inputs") or {}
+        for up, provenance in self.current_inputs(stage).items():
+            if provenance is None or recorded.get(up) != provenance:
+                return f"its input stage {up!r} was rerun or changed"
+        return None
+
+    def check_inputs_fresh(self, stage: str) -> None:
+        """Raise `StageError` unless every stage upstream of `stage` is finished and up to date."""
+        for up in STAGE_INPUTS[stage]:
+            self.check_inputs_fresh(up)
+            reason = self.stale_reason(up)
+            if reason:
+                raise StageError(
+                    f"Stage {stage!r} reads stage {up!r}, which is out of date in {self.output_dir}: {reason}. "
+                    f"Run `python -m train {up}` (and what follows) or the whole pipeline first."
+                )
 
     def mark_done(self, stage: str, **info) -> None:
         if self.state.is_main_process:
             self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-            write_json_atomic({"stage": stage, "finished": time.time(), **info},
-                              self.stage_dir(stage) / "stage_done.json")
+            marker = new_marker(stage, self.settings(stage), self.current_inputs(stage), **info)
+            write_json_atomic(marker, self.stage_dir(stage) / DONE)
+            (self.stage_dir(stage) / STARTED).unlink(missing_ok=True)
+        self.state.wait_for_everyone()
+
+    def start_stage(self, stage: str) -> None:
+        """Clear what must not be reused, then record what this execution of the stage is computed from.
+
+        A finished stage that reruns starts afresh (its old checkpoints hold the old settings' result); so does an
+        interrupted one whose settings or inputs have changed since. An interrupted one with the same settings and
+        inputs keeps its checkpoints and resumes."""
+        stage_dir = self.stage_dir(stage)
+        started = {"settings": self.settings(stage), "inputs": self.current_inputs(stage)}
+        previous = read_marker(stage_dir, STARTED)
+        fresh_start = self.is_done(stage) or (
+            stage_dir.exists() and (previous is None or {k: previous.get(k) for k in started} != started))
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            if fresh_start and stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            write_json_atomic(started, stage_dir / STARTED)
         self.state.wait_for_everyone()
 
     def require(self, stage: str) -> Path:
@@ -119,23 +166,30 @@ class Pipeline:
 
     @property
     def base_models(self) -> dict[str, str]:
-        models = self.recipe.get("base_models", {})
-        if models.get("tiny"):
+        models = self.spec.sections["base_models"]
+        if models.tiny:
             root = self.require("base")
             return {"vlm": str(root / "vlm"), "teacher": str(root / "teacher")}
-        return {"vlm": models.get("vlm", "Qwen/Qwen2-VL-7B-Instruct"),
-                "teacher": models.get("teacher", "google/vit-base-patch16-384")}
+        return {"vlm": models.vlm, "teacher": models.teacher}
 
     def stage_args(self, stage: str, config_class, **fixed):
         values = {"seed": self.seed, **self.recipe.get(stage, {}), **fixed}
         return config_class(output_dir=str(self.stage_dir(stage)), **values)
 
     def model_kwargs(self) -> dict:
-        model = self.recipe.get("model", {})
-        unknown = set(model) - set(MODEL_KEYS) - {"load_in_4bit", "dtype", "feature_batch_size"}
-        if unknown:
-            raise ValueError(f"Unknown model options {sorted(unknown)}; known: {MODEL_KEYS}.")
-        return {key: model[key] for key in MODEL_KEYS if key in model}
+        """The fused model's config options the recipe sets."""
+        return self.spec.sections["model"].config_kwargs(self.recipe.get("model") or {})
+
+    def check_labels(self) -> None:
+        """The checks that need the base VLM's tokenizer (labels that tokenize apart after the prompt), at the start
+        of a run instead of at the stage that first scores labels."""
+        vlm = self.base_models["vlm"]
+        processor = load_processor(vlm, self.labels, self.model_kwargs().get("categorical_prompt"))
+        try:
+            processor.prompt_token_ids()
+        except ValueError as err:
+            raise StageError(f"{self.spec.source}: labels {self.labels} cannot be scored with {vlm}'s tokenizer: "
+                             f"{err}") from err
 
     def fused_config(self) -> EmoVLMKDConfig:
         vlm_config = AutoConfig.from_pretrained(self.require("sft") / "merged")
@@ -148,7 +202,7 @@ class Pipeline:
 
     def run_base(self) -> None:
         """Tiny offline base models (only for recipes with `base_models.tiny: true`)."""
-        if self.recipe.get("base_models", {}).get("tiny") and self.state.is_main_process:
+        if self.spec.sections["base_models"].tiny and self.state.is_main_process:
             build_tiny_base_models(self.stage_dir("base"), self.labels, seed=self.seed)
         self.mark_done("base")
 
@@ -161,15 +215,12 @@ class Pipeline:
         self.mark_done("sft")
 
     def answer_generator(self):
-        spec = dict(self.recipe.get("instructions", {}) or {})
-        kind = spec.pop("generator", "none")
-        if kind == "openai":
-            return OpenAIChatGenerator(**spec)
-        if kind == "local":
+        spec = self.spec.sections["instructions"]
+        if spec.generator == "openai":
+            return OpenAIChatGenerator(**spec.generator_kwargs())
+        if spec.generator == "local":
             processor = load_processor(self.base_models["vlm"], self.labels)
-            return LocalVLMGenerator(self.base_models["vlm"], processor, **spec)
-        if kind != "none":
-            raise ValueError(f"instructions.generator must be openai, local or none, got {kind!r}.")
+            return LocalVLMGenerator(self.base_models["vlm"], processor, **spec.generator_kwargs())
         return None
 
     def run_teacher(self) -> None:
@@ -188,14 +239,14 @@ class Pipeline:
         the shards in order and stores the cache atomically.
         """
         merged, teacher_dir = self.require("sft") / "merged", self.require("teacher")
-        options = self.recipe.get("model", {})
+        options: ModelSection = self.spec.sections["model"]
         device_map = {"": self.state.device} if torch.cuda.is_available() else None
-        model, processor = assemble(merged, self.labels, load_in_4bit=options.get("load_in_4bit", False),
-                                    dtype=options.get("dtype", "auto"), device_map=device_map, **self.model_kwargs())
+        model, processor = assemble(merged, self.labels, load_in_4bit=options.load_in_4bit, dtype=options.dtype,
+                                    device_map=device_map, **self.model_kwargs())
         teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
         teacher.to(model.vlm.get_input_embeddings().weight.device)
         teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
-        batch_size = int(options.get("feature_batch_size", 8))
+        batch_size = options.feature_batch_size
         vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
         for split in SPLITS:
             dataset = self.data[split]
@@ -290,7 +341,8 @@ class Pipeline:
                 results[split] = evaluate_branches(*self.branch_logits(split), self.labels)
             results["test"]["split"] = "test"
             results["test"]["validation"] = results["validation"]["branches"]
-            results["test"]["recipe"] = self.recipe
+            # What may leave the machine (results.json goes into `final/`, the report and the model card).
+            results["test"]["recipe"] = public_recipe(self.recipe, self.output_dir)
             results["test"]["parameters"] = self.parameter_counts()
             write_json_atomic(results["test"], self.stage_dir("evaluate") / "results.json")
             plot_confusion_matrices(results["test"], self.stage_dir("evaluate") / "confusion_matrix.png")
@@ -319,20 +371,34 @@ class Pipeline:
 
     # ---- driver ----------------------------------------------------------------------------------------
 
+    def lock(self):
+        """The run folder's lock, one per process of a `torchrun` job (two jobs on one folder fail at once)."""
+        rank = self.state.process_index
+        return exclusive(self.output_dir / (".lock" if rank == 0 else f".lock.rank{rank}"),
+                         f"Run folder {self.output_dir}")
+
     def run(self, stages=STAGES, force: bool = False) -> dict:
-        for stage in stages:
-            if self.is_done(stage) and not force:
-                logger.info("Stage %s already finished; skipping.", stage)
-                continue
-            if self.is_done(stage):
-                # A forced rerun of a finished stage starts afresh: resuming from its old checkpoints would
-                # silently keep the previous settings' result.
-                self.state.wait_for_everyone()
-                if self.state.is_main_process:
-                    shutil.rmtree(self.stage_dir(stage))
-                self.state.wait_for_everyone()
-            logger.info("Stage %s ...", stage)
-            getattr(self, f"run_{stage}")()
+        """Run `stages` in order, skipping each that is up to date (unless `force`).
+
+        Given all stages (the pipeline), a stage reruns when its settings or an input changed. Given a subset (a
+        single-stage command), the stages it reads must already be finished and up to date."""
+        with ExitStack() as stack:
+            stack.enter_context(self.lock())
+            if self.state.is_main_process:
+                save_recipe(self.spec, self.output_dir / "recipe.yaml")
+            checked = False
+            for stage in stages:
+                if stage != "base" and not checked:
+                    self.check_labels()
+                    checked = True
+                self.check_inputs_fresh(stage)  # in a whole pipeline, the stages before have just been brought up to date
+                reason = self.stale_reason(stage)
+                if reason is None and not force:
+                    logger.info("Stage %s already finished; skipping.", stage)
+                    continue
+                logger.info("Stage %s runs: %s.", stage, reason or "--force")
+                self.start_stage(stage)
+                getattr(self, f"run_{stage}")()
         return self.results()
 
     def results(self) -> dict:
@@ -346,4 +412,4 @@ def print_results(results: dict) -> None:
         print(format_table(results))
 
 
-__all__ = ["STAGES", "Pipeline", "load_recipe", "print_results"]
+__all__ = ["STAGES", "Pipeline", "StageError", "load_recipe", "print_results"]

@@ -188,8 +188,9 @@ def custom_dataset(recipe: dict, dataset_name: str | None) -> tuple[str | None, 
     kind = data.get("kind")
     if kind == "hub":
         source = data.get("name_or_path")
-    elif data.get("root"):
-        source = Path(str(data["root"])).name
+    elif data.get("root") or data.get("root_name"):
+        # An absolute root is not published (train/recipe.py: public_recipe); its folder name is.
+        source = Path(str(data.get("root") or data["root_name"])).name
     else:
         source = kind
     name = dataset_name or source

@@ -37,6 +37,7 @@ from .ablate import WHAT as ABLATIONS  # noqa: E402
 from .ablate import RunData, open_run  # noqa: E402
 from .evaluation import BRANCHES, evaluate_branches, plot_confusion_matrices  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
+from .recipe import public_recipe  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -385,9 +386,9 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None, exam
     plot_confusion_matrices(test, report_dir / "confusion_matrices.png")
     figure, note, picked = _disagreement_figure(pipeline, outputs, examples, report_dir)
 
-    recipe = {k: v for k, v in pipeline.recipe.items() if k != "output_dir"}
+    recipe = public_recipe(pipeline.recipe, run_dir)  # a report is shared: no secrets, no local paths
     lines = [f"# EmoVLM-KD report: `{run_dir.name}`", "",
-             f"Run folder `{run_dir}`; {len(label_names)} classes ({', '.join(label_names)}); test split of "
+             f"Run folder `{run_dir.name}`; {len(label_names)} classes ({', '.join(label_names)}); test split of "
              f"{num_examples} images, validation split of {len(validation_outputs.labels)}. "
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the run's models and feature caches.", ""]
     if note := _stale_note(metrics, stored.get("branches", {})):

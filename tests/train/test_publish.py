@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_pipeline, write_recipe
+from conftest import SECRET_API_KEY, run_pipeline, write_recipe
 from hub_server import FakeHubServer
 from huggingface_hub import ModelCard
 
@@ -322,6 +322,23 @@ def test_dry_run_holds_exactly_the_pushed_files(pushes, hub):
     for path in written:
         assert (dry_run / path).read_bytes() == hub.file_content(COLOURS_REPO, path, pushes["colours"]["head"]), path
     assert first.files["model.safetensors"].is_lfs and first.files["confusion_matrix.png"].is_lfs
+
+
+def test_no_secret_or_local_path_is_uploaded(pushes, hub, tiny_run, colour_folder):
+    """The run's recipe holds `instructions.api_key` and absolute data and run paths: none is in any pushed file."""
+    recipe = yaml.safe_load(tiny_run[1].read_text())
+    assert recipe["instructions"]["api_key"] == SECRET_API_KEY and Path(recipe["data"]["root"]).is_absolute()
+    head = pushes["colours"]["head"]
+    files = hub.repos[COLOURS_REPO].commits[head].files
+    assert "results.json" in files and "README.md" in files
+    forbidden = [SECRET_API_KEY, str(colour_folder), str(colour_folder.resolve()), str(tiny_run[0]), ROOT.as_posix()]
+    for path in files:
+        content = hub.file_content(COLOURS_REPO, path, head)
+        for text in forbidden:
+            assert text.encode() not in content, (path, text)
+    uploaded = json.loads(hub.file_content(COLOURS_REPO, "results.json", head))
+    assert uploaded["recipe"]["instructions"]["api_key"] == "<redacted>"
+    assert "root" not in uploaded["recipe"]["data"] and "output_dir" not in uploaded["recipe"]
 
 
 @pytest.mark.slow
