@@ -220,11 +220,45 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     # Label scoring uses a custom 4D attention mask, which flash-attention kernels cannot take.
     _supports_flash_attn = False
 
+    # Modules trained by this project: a checkpoint must hold exactly their tensors, in the config's shapes.
+    _trained_modules = ("distillation_head.", "gate.")
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose head or gate tensors do not match its config.
+
+        transformers would initialise missing modules at random and only print a table; a classifier whose head or
+        gate is random gives confident wrong answers, so missing, unexpected or mis-shaped head/gate tensors raise
+        a `ValueError` naming them (for `pipeline()` too, which loads through here).
+        """
         # Weights come from safetensors only: a pickle file in a stranger's checkpoint could run code.
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(*args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        # Load with mismatches allowed so that they can be named here (transformers' own error names no tensor);
+        # only the VLM's tensors may then differ in shape, and only when the caller asked for it.
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = []
+        for kind in ("missing_keys", "unexpected_keys"):
+            names = sorted(k for k in info.get(kind, ()) if k.startswith(cls._trained_modules))
+            if names:
+                problems.append(f"{kind.replace('_', ' ')}: {', '.join(names)}")
+        mismatched = {entry[0] if isinstance(entry, (tuple, list)) else str(entry): entry
+                      for entry in info.get("mismatched_keys", ())}
+        refused = sorted(k for k in mismatched if k.startswith(cls._trained_modules) or not ignore_mismatched)
+        if refused:
+            shapes = [f"{k} {tuple(mismatched[k][1])} in the checkpoint, {tuple(mismatched[k][2])} in the config"
+                      if isinstance(mismatched[k], (tuple, list)) and len(mismatched[k]) == 3 else k for k in refused]
+            problems.append(f"shapes other than the config's: {', '.join(shapes)}")
+        if problems:
+            config = model.config
+            raise ValueError(
+                f"The checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} does not match "
+                f"its config (gate_type={config.gate_type!r}, head_hidden_dims={config.head_hidden_dims}, "
+                f"{config.num_labels} labels): " + "; ".join(problems) + ". Refusing to run with randomly "
+                "initialised modules; use the config the weights were saved with."
+            )
+        return (model, info) if want_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
