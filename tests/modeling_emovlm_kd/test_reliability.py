@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
@@ -49,13 +49,16 @@ def test_tiny_and_odd_mode_images_classify(tiny_checkpoint, processor, tmp_path)
 
 BIG_IMAGE_SCRIPT = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from modeling_emovlm_kd import EmoVLMKDImageProcessor
+
+    def peak():  # KiB; VmHWM is this process's own peak (ru_maxrss would start at the forking parent's RSS)
+        return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
     processor = EmoVLMKDImageProcessor.from_pretrained(sys.argv[1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak()
     out = processor(sys.argv[2], return_tensors="pt")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(int(out["image_grid_thw"].prod()), (after - before) // 1024)
+    print(int(out["image_grid_thw"].prod()), (peak() - before) // 1024)
     """
 )
 
@@ -76,6 +79,65 @@ def test_decompression_bomb_guard_is_kept(processor, tmp_path):
     Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpixel, a few KB on disk
     with pytest.raises(ValueError, match="bomb.png"):
         processor(str(bomb), return_tensors="pt")
+
+
+def test_images_over_max_image_pixels_are_refused_from_the_header(processor, tmp_path):
+    """The bound is checked before decoding: a truncated file claiming 5000x4000 pixels fails on its size."""
+    assert processor.max_image_pixels == 150_000_000  # the default, saved with the checkpoint
+    big = tmp_path / "big.png"
+    Image.new("RGB", (5000, 4000), (10, 20, 30)).save(big)
+    big.write_bytes(big.read_bytes()[:200])  # header intact, pixel data gone
+    strict = EmoVLMKDImageProcessor.from_dict({**processor.to_dict(), "max_image_pixels": 10_000_000})
+    with pytest.raises(ValueError, match=r"big\.png is 5000x4000 pixels \(20\.0 Mpixel\).*max_image_pixels"):
+        strict(str(big), return_tensors="pt")
+    with pytest.raises(ValueError, match=r"5000x4000 pixels"):  # also for an image already in memory
+        strict(Image.new("L", (5000, 4000)), return_tensors="pt")
+    with pytest.raises(ValueError, match="big.png"):  # under the bound, the truncation is what fails
+        processor(str(big), return_tensors="pt")
+    strict.save_pretrained(tmp_path / "saved")
+    assert EmoVLMKDImageProcessor.from_pretrained(tmp_path / "saved").max_image_pixels == 10_000_000
+
+
+def test_a_too_thin_image_gets_an_error_naming_the_file(processor, tmp_path):
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (20000, 2)).save(thin)
+    with pytest.raises(ValueError, match=r"thin\.png.*aspect ratio"):
+        processor(str(thin), return_tensors="pt")
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGBA", "LA", "PA", "CMYK", "I;16", "I", "F"])
+def test_large_images_are_shrunk_before_mode_conversion_with_the_same_result(processor, tmp_path, mode):
+    """Shrinking first (to the size the model sees) changes the pixels only by resampling noise."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(np.kron(rng.integers(0, 256, (15, 20, 3)), np.ones((40, 40, 1))).astype(np.uint8))
+    if mode in ("I;16", "I", "F"):
+        image = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.float64) * 257).astype(np.uint16))
+        image = image if mode == "I;16" else image.convert(mode)
+        reference = rgb.convert("L").convert("RGB")
+    elif mode == "PA":
+        image = rgb.convert("P").convert("PA")
+        reference = rgb.convert("P").convert("RGB")
+    else:
+        image = rgb.convert(mode)
+        reference = image.convert("RGB") if mode not in ("RGBA", "LA") else image.convert("RGB")
+    path = tmp_path / ("image.tiff" if mode in ("I", "F", "CMYK", "PA") else "image.png")
+    image.save(path)
+    loaded = processor.load_images(str(path))
+    assert loaded.mode == "RGB" and loaded.width * loaded.height <= processor.size.longest_edge
+    ours = processor(str(path), return_tensors="pt")
+    expected = processor(reference, return_tensors="pt")
+    assert ours["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
+    assert (ours["pixel_values"] - expected["pixel_values"]).abs().mean() < 0.05, mode
+
+
+def test_exif_orientation_survives_shrinking(processor, tmp_path):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored landscape, shown portrait
+    for suffix in (".tiff", ".png", ".jpg"):
+        path = tmp_path / f"rotated{suffix}"
+        Image.new("RGB", (1200, 600), (200, 30, 30)).save(path, exif=exif)
+        loaded = processor.load_images(str(path))
+        assert loaded.height > loaded.width, suffix
 
 
 def load_in_fresh_process(path, tmp_path, extra=""):
