@@ -4,15 +4,24 @@
     torchrun --nproc_per_node 2 -m train predict --model runs/demo/final --input photos/ --output preds.csv
 
 Rows are written as soon as each batch is classified (JSONL or CSV by the output's suffix), in input order. A file
-that cannot be read gets a row with its error, and the run goes on; the summary counts it. A rerun with the same
-output skips the images already there, so a killed run resumes without duplicating or losing rows. Under
+that cannot be read or classified gets a row with its error, and the run goes on (a batch that fails is retried one
+image at a time, so only the bad image gets an error row); the summary counts it. Files of a folder that are not
+images (`.svg`, broken or looping symlinks, other suffixes) are reported and counted as skipped. A rerun with the
+same output skips the images already there, so a killed run resumes without duplicating or losing rows. Under
 `torchrun`, each process classifies a disjoint shard into `<output>.part<rank>` and the main process merges them.
+
+While a run writes `<output>`, it holds the lock `<output>.lock` (its PID in `<output>.lock.pid`); a second run into
+the same output fails at once, naming the lock and the PID. The lock is the operating system's (`flock`), so the
+lock of a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
+import io
 import json
 import logging
 import os
@@ -22,13 +31,20 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Image formats PIL cannot decode (vector graphics, HEIF): skipped with their own reason, not as "not an image".
+UNSUPPORTED_IMAGE_SUFFIXES = {".svg", ".svgz", ".heic", ".heif"}
 CSV_FIELDS = ["path", "label", "score", "vlm_label", "head_label", "error"]
+
+
+class OutputLockedError(RuntimeError):
+    """Another process is writing the same predictions file."""
 
 
 @dataclass
@@ -38,20 +54,94 @@ class PredictionSummary:
     failed: int = 0
     resumed: int = 0
     errors: list[dict] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files of the input folder not classified
 
     def __str__(self) -> str:
-        return (f"{self.total} images: {self.predicted} classified, {self.failed} failed, "
+        text = (f"{self.total} images: {self.predicted} classified, {self.failed} failed, "
                 f"{self.resumed} already in the output (resumed)")
+        if self.skipped:
+            counts = ", ".join(f"{len(paths)} {reason.replace('_', ' ')}" for reason, paths in self.skipped.items())
+            text += f"; {sum(map(len, self.skipped.values()))} files skipped ({counts})"
+        return text
+
+
+def skip_reason(path: Path) -> str | None:
+    """Why a file of an input folder is not an image to classify, or None if it is one."""
+    try:
+        path.stat()
+    except OSError as err:
+        return "symlink_loop" if err.errno == errno.ELOOP else "broken_symlink" if path.is_symlink() else "unreadable"
+    if not path.is_file():
+        return "not_a_file"
+    suffix = path.suffix.lower()
+    if suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+        return "unsupported_format"
+    return None if suffix in IMAGE_SUFFIXES else "not_an_image"
+
+
+def scan_inputs(source: str | Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Image files under a folder (recursively, sorted) and the skipped files by reason; or a list file's lines.
+
+    A list file has one path per line (only `\\n` ends a line, so a name may hold other line separators).
+    """
+    source = Path(source)
+    if source.is_dir():
+        images, skipped = [], {}
+        for path in sorted(source.rglob("*")):
+            if any(part.startswith(".") for part in path.relative_to(source).parts):
+                continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
+            reason = skip_reason(path)
+            if reason is None:
+                images.append(str(path))
+            elif reason != "not_a_file":  # sub-folders are walked, not skipped
+                skipped.setdefault(reason, []).append(str(path))
+        for reason, paths in skipped.items():
+            logger.warning("Skipping %d file(s) of %s (%s), e.g. %s", len(paths), source, reason.replace("_", " "),
+                           paths[:3])
+        return images, skipped
+    if source.is_file():
+        lines = (line.rstrip("\r").strip() for line in source.read_text().split("\n"))
+        return [line for line in lines if line], {}
+    raise FileNotFoundError(f"Input {source} is neither a folder of images nor a file listing image paths.")
 
 
 def list_inputs(source: str | Path) -> list[str]:
     """Image files under a folder (recursively, sorted), or the lines of a text file of paths."""
-    source = Path(source)
-    if source.is_dir():
-        return sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if source.is_file():
-        return [line.strip() for line in source.read_text().splitlines() if line.strip()]
-    raise FileNotFoundError(f"Input {source} is neither a folder of images nor a file listing image paths.")
+    return scan_inputs(source)[0]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """CSV rows; fields may hold any line separator (csv quotes them). A cut-off last record is truncated away."""
+    with open(path, newline="") as handle:
+        text = handle.read()
+    consumed = 0
+
+    def lines():
+        nonlocal consumed
+        for line in io.StringIO(text, newline=""):
+            consumed += len(line)
+            yield line
+
+    def complete() -> bool:  # RowWriter ends every record with a line break: one without is a killed write
+        return consumed > 0 and text[consumed - 1] == "\n"
+
+    records, good = [], 0
+    reader = csv.reader(lines(), strict=True)
+    try:
+        header = next(reader)
+        if complete():
+            good = consumed
+            for record in reader:
+                if len(record) != len(header) or not complete():
+                    break
+                records.append(dict(zip(header, record)))
+                good = consumed
+    except (StopIteration, csv.Error):  # an empty file; a quoted field cut off by the kill
+        pass
+    if good != len(text):
+        with open(path, "w", newline="") as handle:
+            handle.write(text[:good])
+    return [r for r in records if r.get("path")]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -59,13 +149,7 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     if path.suffix == ".csv":
-        with open(path, newline="") as handle:
-            text = handle.read()
-        complete = text[: text.rfind("\n") + 1]
-        if complete != text:
-            path.write_text(complete)
-        rows = list(csv.DictReader(complete.splitlines()))
-        return [r for r in rows if r.get("path")]
+        return _read_csv(path)
     rows, good = [], 0
     with open(path, "rb") as handle:
         for line in handle:
@@ -122,25 +206,46 @@ class Predictor:
         except (OSError, ValueError, TypeError) as err:
             return None, f"{type(err).__name__}: {err}"
 
+    def _classify(self, images: list) -> list[dict]:
+        """Label fields for decoded images, one forward pass."""
+        inputs = self.image_processor(images, return_tensors="pt").to(self.device)
+        out = self.model(**inputs)
+        probs = out.logits.float().softmax(-1)
+        top = probs.topk(self.top_k, dim=-1)
+        return [
+            dict(
+                label=self.labels[int(top.indices[j, 0])],
+                score=round(float(top.values[j, 0]), 6),
+                top_k=[{"label": self.labels[int(k)], "score": round(float(v), 6)}
+                       for v, k in zip(top.values[j], top.indices[j])],
+                vlm_label=self.labels[int(out.vlm_logits[j].argmax())],
+                head_label=self.labels[int(out.head_logits[j].argmax())],
+            )
+            for j in range(len(images))
+        ]
+
     @torch.inference_mode()
     def predict(self, paths: Sequence[str]) -> list[dict]:
         loaded = [self._load(path) for path in paths]
         good = [i for i, (image, _) in enumerate(loaded) if image is not None]
         rows = [{"path": path, "error": error} for path, (_, error) in zip(paths, loaded)]
-        if good:
-            inputs = self.image_processor([loaded[i][0] for i in good], return_tensors="pt").to(self.device)
-            out = self.model(**inputs)
-            probs = out.logits.float().softmax(-1)
-            top = probs.topk(self.top_k, dim=-1)
-            for j, i in enumerate(good):
-                rows[i].update(
-                    label=self.labels[int(top.indices[j, 0])],
-                    score=round(float(top.values[j, 0]), 6),
-                    top_k=[{"label": self.labels[int(k)], "score": round(float(v), 6)}
-                           for v, k in zip(top.values[j], top.indices[j])],
-                    vlm_label=self.labels[int(out.vlm_logits[j].argmax())],
-                    head_label=self.labels[int(out.head_logits[j].argmax())],
-                )
+        if not good:
+            return rows
+        try:
+            results = self._classify([loaded[i][0] for i in good])
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:
+            # One image the processor or the model cannot take fails the whole batch: retry one at a time, so that
+            # it gets an error row naming it and the others are classified.
+            logger.warning("A batch of %d images failed (%s: %s); classifying them one at a time.", len(good),
+                           type(err).__name__, err)
+            results = []
+            for i in good:
+                try:
+                    results.append(self._classify([loaded[i][0]])[0])
+                except (ValueError, OSError, RuntimeError, MemoryError) as single:
+                    results.append({"error": f"{type(single).__name__}: cannot classify {paths[i]}: {single}"})
+        for i, result in zip(good, results):
+            rows[i].update(result)
         return rows
 
 
@@ -149,9 +254,48 @@ def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
+def lock_path(output: Path) -> Path:
+    return output.with_name(f"{output.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold `<output>.lock` (no waiting) while writing `output`; the holder's PID is in `<output>.lock.pid`.
+
+    Raises `OutputLockedError` naming the lock file and the holder's PID if another process holds it. The lock is
+    an OS lock (`flock`) held through an open file, so a killed holder's lock is released with its process.
+    """
+    lock_file = lock_path(output)
+    pid_file = lock_file.with_name(f"{lock_file.name}.pid")
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = f"PID {int(pid_file.read_text())}"
+        except (OSError, ValueError):
+            holder = "a process that has not written its PID yet"
+        raise OutputLockedError(
+            f"{output} is being written by another process ({holder}): its lock {lock_file} is held. Wait for that "
+            "run to finish, or write to another --output."
+        ) from None
+    try:
+        pid_file.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        pid_file.unlink(missing_ok=True)
+        lock.release()
+
+
 def predict_files(predictor: Predictor, paths: Sequence[str], output: Path, batch_size: int = 8,
                   show_progress: bool = True, done: set[str] = frozenset()) -> PredictionSummary:
-    """Classify `paths` into `output`, skipping those already there (or in `done`)."""
+    """Classify `paths` into `output`, skipping those already there (or in `done`); `output` is locked meanwhile."""
+    with output_lock(output):
+        return _predict_files(predictor, paths, output, batch_size, show_progress, done)
+
+
+def _predict_files(predictor: Predictor, paths: Sequence[str], output: Path, batch_size: int,
+                   show_progress: bool, done: set[str]) -> PredictionSummary:
     summary = PredictionSummary(total=len(paths))
     done = set(done) | {row["path"] for row in read_rows(output)}
     summary.resumed = sum(path in done for path in paths)
@@ -193,11 +337,20 @@ def run_predict(model: str, source: str, output: str | Path, batch_size: int = 8
     state = PartialState(cpu=not torch.cuda.is_available())
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    paths = list_inputs(source)
+    # The main process holds the output's lock for the whole run (shards, merge), before the model loads, so that
+    # a second run into the same output fails at once.
+    with output_lock(output) if state.is_main_process else contextlib.nullcontext():
+        summary = _run_predict(state, model, source, output, batch_size, top_k, show_progress)
+    return summary
+
+
+def _run_predict(state: PartialState, model: str, source: str, output: Path, batch_size: int, top_k: int,
+                 show_progress: bool) -> PredictionSummary:
+    paths, skipped = scan_inputs(source)
     predictor = Predictor(model, top_k=top_k, device=None if state.num_processes == 1 else "cpu"
                           if not torch.cuda.is_available() else f"cuda:{state.local_process_index}")
     if state.num_processes == 1:
-        summary = predict_files(predictor, paths, output, batch_size, show_progress)
+        summary = _predict_files(predictor, paths, output, batch_size, show_progress, set())
     else:
         # Each rank takes every `world`-th image, a disjoint shard, and resumes its own part file.
         part = output.with_name(f"{output.name}.part{state.process_index}")
@@ -213,25 +366,43 @@ def run_predict(model: str, source: str, output: str | Path, batch_size: int = 8
                 p.unlink()
             summary = summarize(read_rows(output), len(paths))
         state.wait_for_everyone()
+    summary.skipped = skipped
     return summary
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="EmoVLM-KD folder or Hub repo id (remote code is trusted).")
     parser.add_argument("--input", required=True, help="A folder of images or a text file listing image paths.")
     parser.add_argument("--output", required=True, help="predictions.jsonl or predictions.csv (appended/resumed).")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="Images per forward pass (>= 1).")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="Labels kept per image (>= 1).")
 
 
 def run(args: argparse.Namespace) -> PredictionSummary:
-    summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k)
+    try:
+        summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k)
+    except OutputLockedError as err:
+        raise SystemExit(f"train predict: {err}") from None
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         print(summary)
+        for reason, paths in summary.skipped.items():
+            for path in paths:
+                print(f"  skipped ({reason.replace('_', ' ')}): {path}")
         for error in summary.errors:
             print(f"  failed: {error['path']}: {error['error']}")
     return summary
 
 
-__all__ = ["PredictionSummary", "Predictor", "add_arguments", "list_inputs", "predict_files", "read_rows", "run",
-           "run_predict"]
+__all__ = ["OutputLockedError", "PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
+           "predict_files", "read_rows", "run", "run_predict", "scan_inputs"]

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,170 @@ def test_sigkill_half_way_then_rerun_gives_every_row_once(tiny_checkpoint, tmp_p
     rows = read_rows(output)
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.iterdir())
     assert len({r["path"] for r in rows}) == 240
+
+
+# ---- a bad image in a batch, resumable CSV, flags, skipped files, locks, memory ----------------------------------
+
+
+def test_an_image_the_model_cannot_take_gets_one_error_row_and_a_rerun_resumes(predictor, tmp_path):
+    """A 20000x2 PNG (aspect ratio over Qwen2-VL's limit of 200) used to fail its whole batch, on every rerun."""
+    images = write_images(tmp_path / "images", 5, 30)
+    Image.new("RGB", (20000, 2), (1, 2, 3)).save(images / "0002_thin.png")  # 204 bytes
+    paths = paths_of(images)
+    output = tmp_path / "preds.jsonl"
+    summary = predict_files(predictor, paths, output, batch_size=8, show_progress=False)
+    assert (summary.predicted, summary.failed) == (5, 1)
+    rows = read_rows(output)
+    assert [r["path"] for r in rows] == paths
+    (bad,) = [r for r in rows if r["error"]]
+    assert bad["path"].endswith("0002_thin.png") and "0002_thin.png" in bad["error"] and "aspect ratio" in bad["error"]
+    rerun = predict_files(predictor, paths, output, batch_size=8, show_progress=False)
+    assert (rerun.resumed, rerun.predicted, rerun.failed) == (6, 0, 0) and len(read_rows(output)) == 6
+
+
+def test_a_failing_batch_is_retried_one_image_at_a_time(tiny_checkpoint, tmp_path):
+    """Without resizing, the 20000x2 image passes loading and fails in the processor: only its row has the error."""
+    unresized = shutil.copytree(tiny_checkpoint, tmp_path / "no-resize")
+    config = json.loads((unresized / "processor_config.json").read_text())
+    config["image_processor"]["do_resize"] = False
+    (unresized / "processor_config.json").write_text(json.dumps(config))
+    predictor = Predictor(str(unresized))
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # already at a size the model takes (a multiple of 28)
+        Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    Image.new("RGB", (20000, 2)).save(images / "1_thin.png")
+    rows = predictor.predict(paths_of(images))
+    errors = {os.path.basename(r["path"]): r["error"] for r in rows if r["error"]}
+    assert list(errors) == ["1_thin.png"] and "1_thin.png" in errors["1_thin.png"]
+    assert sum(1 for r in rows if r.get("label")) == 3
+
+
+LINE_BREAKS = ["\n", "\r", "\r\n", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_file_names_with_line_separators_resume_without_duplicates(predictor, tmp_path, suffix):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    for i, separator in enumerate(LINE_BREAKS):
+        pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i:02d} one{separator}two, \"three\".png")
+    paths = paths_of(images)
+    assert len(paths) == len(LINE_BREAKS)
+    output = tmp_path / f"preds{suffix}"
+    predict_files(predictor, paths[:4], output, batch_size=2, show_progress=False)
+    with open(output, "a", newline="") as handle:  # a row cut short by SIGKILL, inside its quoted path
+        handle.write('"' + paths[4][:-6] if suffix == ".csv" else '{"path": "x')
+    assert [r["path"] for r in read_rows(output)] == paths[:4]
+    summary = predict_files(predictor, paths, output, batch_size=2, show_progress=False)
+    assert summary.resumed == 4 and summary.predicted == len(paths) - 4
+    assert [r["path"] for r in read_rows(output)] == paths
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--top-k", "0"), ("--top-k", "-1"),
+                                        ("--batch-size", "many")])
+def test_non_positive_counts_are_argparse_errors(flag, value, capsys, tmp_path):
+    from train.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["predict", "--model", "m", "--input", str(tmp_path), "--output", "o.jsonl", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_svg_and_broken_or_looping_symlinks_are_reported_as_skipped(tiny_checkpoint, tmp_path):
+    from train.predict import run_predict
+
+    images = write_images(tmp_path / "images", 2, 20)
+    (images / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
+    (images / "notes.txt").write_text("not an image")
+    os.symlink(images / "gone.png", images / "broken.png")
+    os.symlink(images / "loop.png", images / "loop.png")
+    os.symlink(images / "0000.png", images / "link.png")  # a good symlink is classified
+    summary = run_predict(str(tiny_checkpoint), str(images), tmp_path / "p.jsonl", show_progress=False)
+    assert summary.skipped == {
+        "broken_symlink": [str(images / "broken.png")],
+        "unsupported_format": [str(images / "drawing.svg")],
+        "symlink_loop": [str(images / "loop.png")],
+        "not_an_image": [str(images / "notes.txt")],
+    }
+    assert (summary.total, summary.predicted, summary.failed) == (3, 3, 0)
+    assert "4 files skipped" in str(summary)
+
+
+def predict_command(checkpoint, images, output):
+    return [sys.executable, "-m", "train", "predict", "--model", str(checkpoint), "--input", str(images),
+            "--output", str(output), "--batch-size", "2"]
+
+
+@pytest.mark.slow
+def test_a_second_predict_into_the_same_output_fails_at_once_and_a_killed_holder_does_not_block(tiny_checkpoint,
+                                                                                                 tmp_path):
+    import signal
+    import time
+
+    images = write_images(tmp_path / "images", 120, 16, seed=2)
+    output = tmp_path / "preds.jsonl"
+    pid_file = tmp_path / "preds.jsonl.lock.pid"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    holder = subprocess.Popen(predict_command(tiny_checkpoint, images, output), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not pid_file.exists() and holder.poll() is None:
+            time.sleep(0.005)
+        # Freeze the holder while it holds the lock: the second run meets a held lock however fast the first is.
+        holder.send_signal(signal.SIGSTOP)
+        assert holder.poll() is None and int(pid_file.read_text()) == holder.pid
+        second = subprocess.run(predict_command(tiny_checkpoint, images, output), env=env, capture_output=True,
+                                text=True)
+        assert second.returncode == 1
+        assert f"PID {holder.pid}" in second.stderr and f"{output}.lock" in second.stderr, second.stderr[-2000:]
+        assert "Traceback" not in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    written = len(read_rows(output))
+    assert written < 120  # the holder was killed before it finished
+    third = subprocess.run(predict_command(tiny_checkpoint, images, output), env=env, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-3000:]
+    rows = read_rows(output)
+    assert sorted(r["path"] for r in rows) == paths_of(images) and len(rows) == 120
+    assert not pid_file.exists()
+
+
+BIG_PNG_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from train.predict import Predictor
+
+    def peak():  # MiB; VmHWM is this process's own peak (ru_maxrss would start at the forking parent's RSS)
+        status = open("/proc/self/status").read()
+        return int(status.split("VmHWM:")[1].split()[0]) // 1024
+
+    predictor = Predictor(sys.argv[1])
+    model = peak()
+    one = predictor.predict(sys.argv[2:3])
+    after_one = peak()
+    three = predictor.predict(sys.argv[2:])
+    after_three = peak()
+    assert all(row.get("label") for row in one + three), one + three
+    print(after_one - model, after_three - model, model)
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_of_12000_pixel_square_pngs_stays_under_1_gb_above_the_model(tiny_checkpoint, tmp_path):
+    """432 MB each once decoded; the old code peaked 2.4 GB above the model for one and 5.4 GB for a batch of three."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (12000, 12000), (90, 120, 200)).save(big, compress_level=1)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", BIG_PNG_SCRIPT, str(tiny_checkpoint),
+                             *[str(big)] * 3], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, three, model = map(int, result.stdout.split())
+    print(f"peak RSS above the model ({model} MiB): one 12000x12000 PNG {one} MiB, a batch of three {three} MiB")
+    assert one < 1024 and three < 1024, (one, three)
