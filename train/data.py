@@ -20,6 +20,7 @@ What a loader skipped (neutral votes, missing images, ...) is logged and kept in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.05, 0.15)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Image formats PIL cannot decode (vector graphics, HEIF): skipped as `unsupported_image_format`.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".svg", ".svgz", ".heic", ".heif")
 # Names under which data sets ship their validation split.
 _VALIDATION_ALIASES = ("validation", "val", "valid", "dev")
 _VOTE_VALUES = {"positive": 1, "pos": 1, "1": 1, "+1": 1, "neutral": 0, "neu": 0, "0": 0,
@@ -87,6 +90,26 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _skip_reason(path: Path) -> str | None:
+    """Why a folder entry is not an image to load (None: it is one). Broken and looping symlinks, and images in a
+    format PIL cannot read, get their own reasons; anything else is a `non_image_file`."""
+    try:
+        path.stat()
+    except OSError as err:
+        return "symlink_loop" if err.errno == errno.ELOOP else "broken_symlink"
+    if _is_image(path):
+        return None
+    if path.is_file() and path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return "unsupported_image_format"
+    return "non_image_file"
+
+
+def _count_skip(path: Path, reason: str, skipped: Counter) -> None:
+    skipped[reason] += 1
+    if reason != "non_image_file":  # these are few and surprising: name each one
+        logger.warning("Skipping %s (%s).", path, reason.replace("_", " "))
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
     """Sub-folders, sorted, without hidden ones (`.ipynb_checkpoints`, `.DS_Store` folders, ...)."""
     if not folder.is_dir():
@@ -97,28 +120,36 @@ def _visible_dirs(folder: Path) -> list[Path]:
 def _scan_class_folders(folder: Path, labels: Sequence[str], base: Path, skipped: Counter) -> dict[str, int]:
     """Map the images under `folder/<label>/` to class indices, keyed by their posix path relative to `base`.
 
-    Every visible sub-folder must be a known label; files that are not images are skipped and counted.
+    Every visible sub-folder must be a known label; entries that are not images (other files, `.svg`, broken or
+    looping symlinks) are skipped and counted by reason.
     """
     lookup = _label_lookup(labels)
     examples = {}
     for class_dir in _visible_dirs(folder):
         label_id = _label_id(class_dir.name, lookup, f"folder {class_dir}")
         for path in sorted(class_dir.iterdir()):
-            if _is_image(path):
+            reason = _skip_reason(path)
+            if reason is None:
                 examples[path.relative_to(base).as_posix()] = label_id
             elif not path.name.startswith("."):
-                skipped["non_image_file"] += 1
+                _count_skip(path, reason, skipped)
     return examples
 
 
-def _index_images_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """Image files of `folder` by file name without extension, to find `<id>.jpg`, `<id>.png`, ..."""
+def _index_images_by_stem(folder: Path, skipped: Counter | None = None) -> dict[str, list[Path]]:
+    """Image files of `folder` by file name without extension, to find `<id>.jpg`, `<id>.png`, ...
+
+    Broken or looping symlinks and unreadable image formats are counted in `skipped` (other files are ignored).
+    """
     if not folder.is_dir():
         raise ValueError(f"Image folder {folder} does not exist.")
     index: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if _is_image(path):
+        reason = _skip_reason(path)
+        if reason is None:
             index.setdefault(path.stem, []).append(path)
+        elif reason != "non_image_file" and skipped is not None and not path.name.startswith("."):
+            _count_skip(path, reason, skipped)
     return index
 
 
@@ -426,7 +457,7 @@ def load_flickr_instagram(
     `missing_image`). Split like `load_fi`.
     """
     root, labels, skipped = Path(root), LABEL_SETS["binary"], Counter()
-    index = _index_images_by_stem(root / image_dir)
+    index = _index_images_by_stem(root / image_dir, skipped)
     examples = {}
     for image_id, votes in _read_vote_file(root / label_file).items():
         label_id, path = _majority(votes), _find_image(image_id, index)
@@ -572,6 +603,7 @@ def load_dataset_from_config(kind: str, **kwargs) -> DatasetDict:
 __all__ = [
     "DEFAULT_FRACTIONS",
     "IMAGE_EXTENSIONS",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
     "LOADERS",
     "SPLITS",
     "dataset_summary",

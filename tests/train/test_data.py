@@ -199,6 +199,22 @@ def test_fi_non_image_files_are_skipped_and_counted(fi_root, tmp_path):
     assert sum(map(len, dd.values())) == 240
 
 
+def test_fi_svg_and_broken_or_looping_symlinks_are_reported_and_counted(fi_root, tmp_path, caplog):
+    (fi_root / "awe" / "notes.txt").write_text("not an image")
+    (fi_root / "awe" / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (fi_root / "fear" / "broken.jpg").symlink_to(fi_root / "fear" / "deleted.jpg")
+    (fi_root / "fear" / "loop.jpg").symlink_to(fi_root / "fear" / "loop.jpg")
+    (fi_root / "fear" / "linked.jpg").symlink_to(fi_root / "fear" / "fear_0.jpg")  # a good symlink is an image
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        dd = load_fi(fi_root, split_file=tmp_path / "split.json")
+    assert dataset_summary(dd)["skipped"] == {
+        "non_image_file": 1, "unsupported_image_format": 1, "broken_symlink": 1, "symlink_loop": 1,
+    }
+    assert sum(map(len, dd.values())) == 241
+    for name in ("drawing.svg", "broken.jpg", "loop.jpg"):
+        assert name in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Emotion6
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,6 +303,18 @@ def test_flickr_majority_votes_both_labels_and_skip_counts(tmp_path, caplog):
     assert _per_class_sizes(dd, "positive") == _per_class_sizes(dd, "negative") == (16, 1, 3)
     assert dataset_summary(dd)["skipped"] == {"neutral": 3, "tie": 2, "missing_image": 1}
     assert "'neutral': 3" in caplog.text and "'tie': 2" in caplog.text
+
+
+def test_flickr_broken_symlinks_and_svg_images_are_counted(tmp_path, caplog):
+    root = _flickr(tmp_path / "flickr")
+    (root / "images" / "gone.jpg").symlink_to(root / "images" / "nowhere.jpg")  # the id listed without an image
+    (root / "images" / "extra.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        dd = load_flickr_instagram(root, "labels.txt", split_file=tmp_path / "flickr.json")
+    assert dataset_summary(dd)["skipped"] == {
+        "neutral": 3, "tie": 2, "missing_image": 1, "broken_symlink": 1, "unsupported_image_format": 1,
+    }
+    assert "gone.jpg" in caplog.text and "extra.svg" in caplog.text
 
 
 @pytest.mark.parametrize(
