@@ -413,7 +413,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def fuse(self, vlm_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
         """Gate logits from the VLM's label scores and the head's logits."""
         dtype = self.gate_dtype
-        vlm, head = gate_inputs(vlm_logits, head_logits, self.config.gate_vlm_signal)
+        vlm, head = gate_inputs(vlm_logits, head_logits, self.config.gate_vlm_signal,
+                                head_signal=self.config.gate_head_signal)
         return self.gate(vlm.to(dtype), head.to(dtype))
 
     @property

@@ -314,7 +314,8 @@ class Pipeline:
         gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts, seed=self.seed)
         args = self.stage_args("gate", GateConfig)
         gate, trainer = train_gate(gate, config.gate_vlm_signal, self.gate_inputs("train"),
-                                   self.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"))
+                                   self.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"),
+                                   head_signal=config.gate_head_signal)
         if self.state.is_main_process:
             save_file(gate.state_dict(), self.stage_dir("gate") / "gate.safetensors")
         self.mark_done("gate", best_validation_accuracy=trainer.state.best_metric)
@@ -324,7 +325,8 @@ class Pipeline:
         gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
         gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
         with torch.inference_mode():
-            return gate.eval()(*gate_inputs(inputs["vlm_logits"], inputs["head_logits"], config.gate_vlm_signal))
+            return gate.eval()(*gate_inputs(inputs["vlm_logits"], inputs["head_logits"], config.gate_vlm_signal,
+                                            head_signal=config.gate_head_signal))
 
     def branch_logits(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The logits of the VLM, the head, the teacher and the fused model on a split, and its labels."""

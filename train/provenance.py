@@ -43,7 +43,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "features": ("labels", "data", "model.load_in_4bit", "model.dtype", "model.feature_batch_size", "model.pooling",
                  "model.categorical_prompt"),
     "distill": ("seed", "distill", "model.head_hidden_dims", "model.head_activation", "model.head_dropout"),
-    "gate": ("seed", "gate", "model.gate_type", "model.gate_vlm_signal", "model.gate_num_experts"),
+    "gate": ("seed", "gate", "model.gate_type", "model.gate_vlm_signal", "model.gate_head_signal",
+             "model.gate_num_experts"),
     "evaluate": ("labels", "model"),
     "export": ("labels", "model"),
 }

@@ -111,7 +111,9 @@ class ModelSection:
     gate_type: str = field(default="concat_linear", metadata={"help": f"One of {', '.join(GATE_TYPES)}."})
     gate_vlm_signal: str = field(default="one_hot", metadata={"help": "What the gate sees of the VLM: one_hot "
                                                                       "(the paper) or probs."})
-    gate_num_experts: int | None = field(default=None, metadata={"help": "Experts of the moe gate."})
+    gate_head_signal: str = field(default="probs", metadata={"help": "What the gate sees of the head: probs (the "
+                                                                     "paper) or logits (the authors' code)."})
+    gate_num_experts: int = field(default=3, metadata={"help": "Experts of the moe gate."})
     categorical_prompt: str | None = field(default=None, metadata={"help": "The categorical instruction."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
     dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
@@ -120,7 +122,7 @@ class ModelSection:
     # The options that go into `EmoVLMKDConfig` (the others only say how the caches are computed).
     CONFIG_KEYS: typing.ClassVar[tuple[str, ...]] = (
         "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
-        "gate_num_experts", "categorical_prompt")
+        "gate_head_signal", "gate_num_experts", "categorical_prompt")
 
     def __post_init__(self):
         if self.feature_batch_size < 1:
