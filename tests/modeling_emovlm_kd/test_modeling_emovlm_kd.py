@@ -252,3 +252,17 @@ def test_every_gate_trains_one_step_and_everything_else_stays_frozen(tiny_base, 
     assert changed and all(n.startswith("gate.") for n in changed)
     weights = model.gate.branch_weights(*gate_inputs(out.vlm_logits, out.head_logits, model.config.gate_vlm_signal))
     torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("head_signal", ["probs", "logits"])
+def test_fuse_feeds_the_gate_the_configured_head_signal(tiny_base, head_signal):
+    model, _ = assemble(tiny_base["vlm"], "mikels8", head_hidden_dims=[32], gate_head_signal=head_signal)
+    vlm_logits, head_logits = torch.randn(3, 8), 5 * torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model.gate(*gate_inputs(vlm_logits, head_logits, model.config.gate_vlm_signal,
+                                           head_signal=head_signal))
+        torch.testing.assert_close(model.fuse(vlm_logits, head_logits), expected)
+        other = "logits" if head_signal == "probs" else "probs"
+        assert not torch.allclose(model.fuse(vlm_logits, head_logits),
+                                  model.gate(*gate_inputs(vlm_logits, head_logits, model.config.gate_vlm_signal,
+                                                          head_signal=other)))
