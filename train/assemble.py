@@ -85,6 +85,14 @@ def assemble(
     return model, processor
 
 
+def _make_world_readable(folder: Path) -> None:
+    """`mkdtemp` makes a private (0700) folder; a saved model is meant to be read by anyone: 0755 folders, 0644
+    files, as `save_pretrained` into a plain folder gives."""
+    os.chmod(folder, 0o755)
+    for path in folder.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
 def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDProcessor, output_dir) -> Path:
     """Save weights (safetensors), config with `auto_map`, remote-code files and processor, atomically.
 
@@ -98,6 +106,7 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
+        _make_world_readable(staging)
         if output_dir.exists():
             backup = output_dir.with_name(f".{output_dir.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
