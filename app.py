@@ -11,6 +11,9 @@ Settings, each a CLI flag or an environment variable:
   modeling code runs, gate included.
 - `--host` / `GRADIO_SERVER_NAME` (default `127.0.0.1`), `--port` / `GRADIO_SERVER_PORT` (default 7860).
 - `--examples` / `EMOVLM_EXAMPLES`: a folder of `<label>/<image>` example images (default: the bundled demo data).
+- `--max-file-size` / `EMOVLM_MAX_FILE_SIZE`: the largest upload the server accepts, bytes or `<n>kb|mb|gb`
+  (default `20mb`); larger uploads are refused by Gradio before they are stored. Decoded images are bounded
+  separately by the image processor (`max_image_pixels`; each image is shrunk as soon as it is decoded).
 
 Only `transformers`, `torch`, `PIL` and `gradio` are imported, never the project's packages: what the page shows
 is what a user of the published checkpoint gets.
@@ -41,9 +44,12 @@ DEFAULT_CHECKPOINT = HERE / "runs" / "demo" / "final"
 DEFAULT_EXAMPLES = HERE / "train" / "demo_data" / "fashion_mnist_sample" / "test"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+DEFAULT_MAX_FILE_SIZE = "20mb"
 BATCH_SIZE = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# CommonMark (and Gradio's renderer) treat a backslash before any ASCII punctuation as that character, literally.
+MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
 BATCH_COLUMNS = [
     "image", "fused label", "fused p", "VLM label", "VLM p", "head label", "head p", "VLM share", "head share", "error",
 ]
@@ -53,7 +59,8 @@ GATE_EXPLANATIONS = {
     "concat_linear": "share of the fused logits' magnitude coming from each half of the gate's Linear(2C→C)",
     "moe": "share of the fused logits' magnitude from each branch, through the router-weighted mixture of experts",
     "bilinear": "each branch's linear term, plus half of the joint bilinear term v·W·h",
-    "dynamic_weighting": "the gate's own per-image softmax weights over the two branches",
+    "dynamic_weighting": "share of the fused logits' magnitude from each branch after the gate's per-image softmax "
+                         "weighting, through its final Linear(C→C)",
     "cross_gating": "share of the fusion layer's logits from each branch after cross-gating",
 }
 
@@ -194,6 +201,11 @@ def predict_one(classifier: Classifier, path: str, shown_name: str) -> Predictio
 # ---- presentation ----------------------------------------------------------------------------------------
 
 
+def markdown_literal(text: Any) -> str:
+    """`text` for a Markdown component, shown as it is: no emphasis, links, HTML or line breaks from its characters."""
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def contribution_html(prediction: Prediction, gate_type: str) -> str:
     """A stacked bar of the two branches' shares, with how this gate type's shares are computed."""
     vlm, head = 100 * prediction.vlm_share, 100 * prediction.head_share
@@ -272,7 +284,7 @@ def classify_image(classifier: Classifier | None, load_error: str, payload: Any)
         # Clear the previous result (it belongs to another image) and say why in the page; returning instead
         # of raising keeps the outputs consistent with the input, and the server serves on either way.
         gr.Warning(str(err))
-        return (*empty, f"**⚠️ {err}**")
+        return (*empty, f"**⚠️ {markdown_literal(err)}**")
     return (
         prediction.fused,
         contribution_html(prediction, classifier.gate_type),
@@ -337,9 +349,11 @@ def header_markdown(classifier: Classifier | None, load_error: str) -> str:
     if classifier is None:
         return title + f"\n**⚠️ No model loaded.** {load_error}"
     config = classifier.model.config
+    name, gate, signal = map(markdown_literal, (classifier.name, config.gate_type, config.gate_vlm_signal))
+    labels = ", ".join(markdown_literal(label) for label in classifier.labels)
     return title + (
-        f"Checkpoint `{classifier.name}` · gate `{config.gate_type}` (VLM signal: `{config.gate_vlm_signal}`) · "
-        f"{len(classifier.labels)} labels: {', '.join(classifier.labels)}. "
+        f"Checkpoint **{name}** · gate **{gate}** (VLM signal: **{signal}**) · {len(classifier.labels)} labels: "
+        f"{labels}. "
         "The Qwen2-VL scores every label after its prompt; the distilled head reads the same visual features; "
         "the gate fuses both ([arXiv 2505.07164](https://arxiv.org/abs/2505.07164))."
     )
@@ -409,7 +423,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="port to listen on (env GRADIO_SERVER_PORT)")
     parser.add_argument("--examples", default=os.environ.get("EMOVLM_EXAMPLES", str(DEFAULT_EXAMPLES)),
                         help="folder of <label>/<image> examples (env EMOVLM_EXAMPLES)")
+    parser.add_argument("--max-file-size", type=file_size,
+                        default=file_size(os.environ.get("EMOVLM_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)),
+                        help=f"largest upload accepted, bytes or <n>kb/mb/gb (env EMOVLM_MAX_FILE_SIZE, default "
+                             f"{DEFAULT_MAX_FILE_SIZE})")
     return parser.parse_args(argv)
+
+
+def file_size(text: str) -> int:
+    """argparse type: `20mb`, `512kb`, `1gb` or a byte count, parsed as Gradio parses `max_file_size`."""
+    text = text.strip().lower()
+    try:
+        size = int(text) if text.isdigit() else gr.utils._parse_file_size(text)
+    except (ValueError, TypeError, AttributeError):
+        size = None
+    if not isinstance(size, int) or size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 20mb, 512kb or 1000000, got {text!r}")
+    return size
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"app.py: {load_error}", file=sys.stderr)
     demo = build_demo(classifier, load_error, args.examples)
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, show_error=True, css=CSS,
+        server_name=args.host, server_port=args.port, show_error=True, css=CSS, max_file_size=args.max_file_size,
         allowed_paths=[args.examples] if args.examples else None,
     )
 

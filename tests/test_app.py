@@ -8,6 +8,7 @@ a missing piece fails instead, so CI cannot pass by skipping.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -108,10 +109,13 @@ def test_branch_contributions_come_from_every_gate(app, checkpoint, test_images)
         fused = torch.tensor([list(p.fused.values()) for p in predictions])
         torch.testing.assert_close(fused, output.logits.softmax(-1), msg=gate_type)
         assert f"<code>{gate_type}</code>" in app.contribution_html(predictions[0], gate_type)
-        if gate_type == "dynamic_weighting":  # its weights ARE the mixture: check against the formula itself
-            with torch.no_grad():
-                mixture = model.gate.weigher(torch.cat([v, h], -1)).softmax(-1)
-            torch.testing.assert_close(shares, mixture)
+        if gate_type == "dynamic_weighting":  # check against the gate's formula itself
+            with torch.no_grad():  # Linear(C, C)(w1 v + w2 h) with w = softmax(weigher(cat(v, h)))
+                w = model.gate.weigher(torch.cat([v, h], -1)).softmax(-1)
+                parts = [(w[:, i : i + 1] * x) @ model.gate.proj.weight.T for i, x in enumerate((v, h))]
+                torch.testing.assert_close(parts[0] + parts[1] + model.gate.proj.bias, model.gate(v, h))
+            sizes = torch.stack([p.abs().sum(-1) for p in parts], -1)
+            torch.testing.assert_close(shares, sizes / sizes.sum(-1, keepdim=True))
 
 
 def test_bad_files_are_named_errors(app, checkpoint, tmp_path):
@@ -137,6 +141,56 @@ def test_missing_checkpoint_says_what_to_do(app, tmp_path, monkeypatch):
     demo = app.build_demo(None, "Run `make demo` first.")
     header = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header")
     assert "No model loaded" in header.value and "make demo" in header.value
+
+
+def test_label_and_file_names_render_literally_in_markdown(app, tiny_checkpoint, tmp_path):
+    """Labels and uploaded file names are text, not Markdown or HTML, wherever the page renders Markdown."""
+    from markdown_it import MarkdownIt
+
+    classifier = app.load_classifier(tiny_checkpoint)
+    odd = ["*bold*", "<script>alert(1)</script>", "a_b_c_", "[link](http://example.com)", "`code`", "$x$"]
+    header = MarkdownIt().render(app.header_markdown(dataclasses.replace(classifier, labels=odd), ""))
+    for label in ("*bold*", "&lt;script&gt;alert(1)&lt;/script&gt;", "a_b_c_", "[link](http://example.com)",
+                  "`code`", "$x$"):
+        assert label in header, header
+    assert not any(tag in header for tag in ("<em>", "<script", 'href="http://example.com"', "<code>"))
+    text = tmp_path / "upload"
+    text.write_text("not an image")
+    outputs = app.classify_image(classifier, "", {"path": str(text), "orig_name": "<img src=x onerror=alert(1)>.png"})
+    error = MarkdownIt().render(outputs[-1])
+    assert "&lt;img src=x onerror=alert(1)&gt;.png is not a readable image" in error and "<img" not in error
+
+
+def test_uploads_over_the_size_limit_are_refused(tiny_checkpoint, tmp_path):
+    """`EMOVLM_MAX_FILE_SIZE` (or `--max-file-size`) reaches Gradio: a larger upload gets HTTP 413 before it is stored, a smaller one is taken."""
+    import httpx
+
+    url = f"http://127.0.0.1:{free_port()}/"
+    log = tmp_path / "app.log"
+    (tmp_path / "examples").mkdir()
+    command = [sys.executable, str(APP), "--checkpoint", str(tiny_checkpoint), "--host", "127.0.0.1",
+               "--port", url.rsplit(":", 1)[1].strip("/"), "--examples", str(tmp_path / "examples")]
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "uploads"), "HF_HUB_OFFLINE": "1",
+           "EMOVLM_MAX_FILE_SIZE": "10kb"}
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_until_serving(url, process, log)
+        big = httpx.post(url + "gradio_api/upload", files={"files": ("big.png", b"x" * 20_000)})
+        small = httpx.post(url + "gradio_api/upload", files={"files": ("small.png", b"x" * 2_000)})
+        assert big.status_code == 413, (big.status_code, big.text)
+        assert small.status_code == 200, (small.status_code, small.text)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_max_file_size_flag_takes_sizes_and_refuses_nonsense(app, capsys):
+    assert app.parse_args(["--max-file-size", "5mb"]).max_file_size == 5 * 1024 * 1024
+    assert app.parse_args(["--max-file-size", "1000"]).max_file_size == 1000
+    with pytest.raises(SystemExit) as exited:
+        app.parse_args(["--max-file-size", "0"])
+    assert exited.value.code == 2 and "argument --max-file-size" in capsys.readouterr().err
 
 
 # ---- the app in a browser -----------------------------------------------------------------------------------
