@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_finished_run
+from conftest import SECRET_API_KEY, copy_finished_run
 
 from train.__main__ import main as cli
 from train.ablate import ablate, open_run
@@ -87,6 +87,12 @@ def test_report_links_only_files_it_wrote_and_shows_the_runs_numbers(run_copy, c
         assert f"| {label} |" in markdown  # per-class table with class names
     assert "Not run yet: `python -m train ablate" in markdown  # depth and alpha were not run here
     assert "earlier state of this run" not in markdown
+    # The run's recipe holds an API key and absolute data and run paths: the report, meant to be shared, has none.
+    recipe = (run_copy / "recipe.yaml").read_text()
+    assert SECRET_API_KEY in recipe
+    for text in (SECRET_API_KEY, str(run_copy), str(run_copy.parent)):
+        assert text not in markdown, text
+    assert "/" + "tmp" not in markdown
 
 
 @pytest.mark.slow
