@@ -362,8 +362,9 @@ def _run_predict(state: PartialState, model: str, source: str, output: Path, bat
         if state.is_main_process:
             parts = [output.with_name(f"{output.name}.part{r}") for r in range(state.num_processes)]
             merge_parts(parts, paths, output)
-            for p in parts:
+            for p in parts:  # every rank has released its part's lock; the output's lock still guards the run
                 p.unlink()
+                lock_path(p).unlink(missing_ok=True)
             summary = summarize(read_rows(output), len(paths))
         state.wait_for_everyone()
     summary.skipped = skipped
