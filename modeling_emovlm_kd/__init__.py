@@ -1,7 +1,7 @@
 # Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
 """EmoVLM-KD as a transformers model: configuration, modeling and processing.
 
-The three module files are also the Hub payload: `save_pretrained` copies them next to the weights and
+The module files are also the Hub payload: `save_pretrained` copies them next to the weights and
 `trust_remote_code=True` loads them from there. Importing this package additionally registers the classes with
 the Auto classes, so local code can use `AutoModelForImageClassification` and friends without remote code.
 """
@@ -44,6 +44,15 @@ def register_for_auto_class(config: EmoVLMKDConfig) -> None:
         "AutoImageProcessor": "processing_emovlm_kd.EmoVLMKDImageProcessor",
         "AutoProcessor": "processing_emovlm_kd.EmoVLMKDProcessor",
     }
+    # `pipeline("image-classification", trust_remote_code=True)` uses this class (it decodes paths at reduced scale);
+    # `save_hub_folder` ships its file beside the others.
+    config.custom_pipelines = {
+        "image-classification": {"impl": "pipeline_emovlm_kd.EmoVLMKDImageClassificationPipeline",
+                                 "pt": ["AutoModelForImageClassification"], "tf": [], "type": "image"},
+    }
+
+
+PIPELINE_FILE = "pipeline_emovlm_kd.py"
 
 
 __all__ = [

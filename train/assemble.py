@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, BitsAndBytesConfig
 
+import modeling_emovlm_kd
 from modeling_emovlm_kd import (
+    PIPELINE_FILE,
     EmoVLMKDConfig,
     EmoVLMKDForImageClassification,
     EmoVLMKDImageProcessor,
@@ -106,6 +108,8 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
+        # The pipeline class named by `config.custom_pipelines` is not an Auto class: copy its file by hand.
+        shutil.copy2(Path(modeling_emovlm_kd.__file__).parent / PIPELINE_FILE, staging / PIPELINE_FILE)
         _make_world_readable(staging)
         if output_dir.exists():
             backup = output_dir.with_name(f".{output_dir.name}.old")

@@ -74,6 +74,37 @@ def test_a_10000_pixel_square_jpeg_is_decoded_small(tiny_checkpoint, tmp_path):
     assert extra_mib < 100, f"decoding used {extra_mib} MiB"
 
 
+PIPELINE_BIG_IMAGE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from transformers import pipeline
+
+    def peak():  # KiB, this process's own peak
+        return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
+    classifier = pipeline("image-classification", model=sys.argv[1], trust_remote_code=True)
+    classifier(sys.argv[2])  # warm up on a small image: first-call allocations are not the big image's
+    before = peak()
+    prediction = classifier(sys.argv[3], top_k=1)
+    print(type(classifier).__name__, prediction[0]["label"], (peak() - before) // 1024)
+    """
+)
+
+
+def test_pipeline_decodes_a_10000_pixel_square_jpeg_path_small(tiny_checkpoint, tmp_path):
+    """`pipeline()` hands paths to the model's image processor (the checkpoint's custom pipeline class); the stock
+    pipeline decoded the whole file (+300 MB of pixels, +760 MB peak) before the processor saw it."""
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    Image.new("RGB", (10000, 10000), (90, 120, 200)).save(big, quality=70)
+    Image.new("RGB", (40, 40), (90, 120, 200)).save(small)
+    result = subprocess.run([sys.executable, "-c", PIPELINE_BIG_IMAGE_SCRIPT, str(tiny_checkpoint), str(small),
+                             str(big)], capture_output=True, text=True, check=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    name, label, extra_mib = result.stdout.split()
+    assert name == "EmoVLMKDImageClassificationPipeline"
+    assert extra_mib.isdigit() and int(extra_mib) < 100, f"pipeline() used {extra_mib} MiB for the big JPEG"
+
+
 def test_decompression_bomb_guard_is_kept(processor, tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpixel, a few KB on disk
@@ -192,7 +223,7 @@ IMPORT_AUDIT = textwrap.dedent(
                                                   submodule_search_locations=[sys.argv[1]])
     module = importlib.util.module_from_spec(spec)
     sys.modules["payload"] = module
-    for name in ("configuration_emovlm_kd", "processing_emovlm_kd", "modeling_emovlm_kd"):
+    for name in ("configuration_emovlm_kd", "processing_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd"):
         importlib.import_module("payload." + name)
     print(json.dumps(events))
     """
@@ -203,7 +234,8 @@ def test_payload_modules_only_define_classes_at_import(tiny_checkpoint, tmp_path
     payload = tmp_path / "payload"
     payload.mkdir()
     (payload / "__init__.py").write_text("")
-    for name in ("configuration_emovlm_kd.py", "processing_emovlm_kd.py", "modeling_emovlm_kd.py"):
+    for name in ("configuration_emovlm_kd.py", "processing_emovlm_kd.py", "modeling_emovlm_kd.py",
+                 "pipeline_emovlm_kd.py"):
         shutil.copy(tiny_checkpoint / name, payload / name)
     result = subprocess.run([sys.executable, "-c", IMPORT_AUDIT, str(payload)], capture_output=True, text=True,
                             check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
