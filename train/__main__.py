@@ -6,6 +6,7 @@
     python -m train {base,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml
     python -m train report --run runs/demo                         # the paper's tables and figures for a run
     python -m train ablate --run runs/demo --what all              # depth, alpha and gate ablations
+    python -m train spread --config RECIPE.yaml --seeds 3         # stages 2-3 over 3 seeds: mean and std
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME
         [--private] [--revision BRANCH] [--dry-run DIR]
@@ -28,11 +29,13 @@ from . import STAGES
 TOOLS = {
     "predict": (".predict", "classify a folder of images into JSONL/CSV"),
     "ablate": (".ablate", "depth / alpha / gate ablations on a run's caches"),
+    "spread": (".spread", "stages 2-3 over several seeds on a run's caches: mean and std of every branch"),
     "report": (".report", "a run's Markdown report with the paper's figures"),
     "push": (".publish", "upload a run's Hub-ready folder with its model card"),
 }
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
 DEMO_DATA = Path(__file__).parent / "demo_data" / "fashion_mnist_sample"
+DEMO_SEEDS = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +89,12 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
     recipe = validate_recipe(recipe, where=str(DEMO_RECIPE))
     results = Pipeline(recipe).run()
     print_results(results)
+    from .spread import format_spread, seed_spread
+
+    # One run is one draw of the head's and the gate's seeds; bf16 kernels also differ between CPUs. The spread over
+    # seeds (stages 2-3 retrained on the same caches) says how much of a difference between branches is noise.
+    print(f"\nThe same, with stages 2-3 retrained over {DEMO_SEEDS} seeds on the same caches (mean ± sample std):\n")
+    print(format_spread(seed_spread(recipe, DEMO_SEEDS), results))
     final = Path(output_dir) / "final"
     print(f"\nHub-ready model folder: {final}\n\npipeline('image-classification') on a few held-out images:")
     classifier = hf_pipeline("image-classification", model=str(final), trust_remote_code=True)

@@ -1,0 +1,119 @@
+"""The spread of a run's numbers over seeds: stages 2 and 3 retrained with other seeds on the run's own caches.
+
+A single run's accuracy is one draw; the head's and the gate's initialisation and data order move it. For each extra
+seed, a child run `<run>/seeds/seed-<s>/` shares the parent's base models, stage 1, teacher and feature caches
+(symbolic links) and runs the pipeline's own `distill`, `gate` and `evaluate` stages with `distill.seed` and
+`gate.seed` set to `s`: one training path, with provenance and resume like any run. The VLM and teacher branches
+do not depend on these seeds and are reported as they are.
+
+    python -m train spread --config RECIPE.yaml --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+
+from .pipeline import Pipeline
+from .recipe import Recipe, load_recipe, validate_recipe
+
+SHARED_STAGES = ("base", "sft", "teacher", "features")
+SEEDED_STAGES = ("distill", "gate", "evaluate")
+
+
+def child_run(parent: Recipe, seed: int) -> Pipeline:
+    """The pipeline of `parent` with stages 2-3 seeded by `seed`, in a child folder that links the shared stages."""
+    folder = parent.output_dir / "seeds" / f"seed-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED_STAGES:
+        link, target = folder / stage, parent.output_dir / stage
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and os.readlink(link) == os.path.relpath(target, folder):
+                continue
+            link.unlink()
+        if target.exists():
+            link.symlink_to(os.path.relpath(target, folder), target_is_directory=True)
+    recipe = copy.deepcopy(parent.raw)
+    recipe["output_dir"] = str(folder)
+    for stage in ("distill", "gate"):
+        recipe.setdefault(stage, {})["seed"] = seed
+    return Pipeline(validate_recipe(recipe, where=f"{parent.source} (seed {seed})"))
+
+
+def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
+    """Test-split accuracy and macro-F1 of every branch over the run's seed and `seeds - 1` more: per seed, mean and
+    sample standard deviation. The parent run must be finished (its own seed is read, not retrained)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}.")
+    runs = {parent.seed: Pipeline(parent)}
+    for seed in range(parent.seed + 1, parent.seed + seeds):
+        child = child_run(parent, seed)
+        child.run(stages=SEEDED_STAGES)
+        runs[seed] = child
+    per_seed = {}
+    for seed, pipeline in runs.items():
+        results = pipeline.results()
+        if not results:
+            raise FileNotFoundError(f"{pipeline.output_dir} has no results.json: finish the run first.")
+        per_seed[seed] = {branch: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+                          for branch, m in results["branches"].items()}
+    branches = next(iter(per_seed.values()))
+    summary = {}
+    for branch in branches:
+        summary[branch] = {}
+        for metric in ("accuracy", "macro_f1"):
+            values = [per_seed[s][branch][metric] for s in per_seed]
+            summary[branch][metric] = {"mean": statistics.fmean(values),
+                                       "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    table = {"seeds": list(per_seed), "per_seed": per_seed, "summary": summary,
+             "num_examples": runs[parent.seed].results()["num_examples"]}
+    path = parent.output_dir / "seeds" / "spread.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
+NAMES = {"vlm": "Qwen2-VL (label scores)", "head": "Distilled head", "teacher": "ViT teacher",
+         "fused": "EmoVLM-KD (fused)"}
+
+
+def format_spread(table: dict, single: dict) -> str:
+    """Markdown: each branch's single-run accuracy beside its mean ± std over the seeds."""
+    seeds = table["seeds"]
+    lines = [f"| branch | this run (seed {seeds[0]}) | accuracy over seeds {', '.join(map(str, seeds))} | "
+             "macro-F1 over seeds |", "|---|---|---|---|"]
+    for branch, summary in table["summary"].items():
+        acc, f1 = summary["accuracy"], summary["macro_f1"]
+        fixed = " (fixed: not seeded here)" if branch in ("vlm", "teacher") else ""
+        lines.append(f"| {NAMES.get(branch, branch)} | {single['branches'][branch]['accuracy']:.4f} | "
+                     f"{acc['mean']:.4f} ± {acc['std']:.4f}{fixed} | {f1['mean']:.4f} ± {f1['std']:.4f} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="The finished run's YAML recipe.")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="The overrides the run was made with.")
+    parser.add_argument("--output-dir", help="The run folder, if not the recipe's output_dir.")
+    parser.add_argument("--seeds", type=_positive, default=3, help="Seeds in all, the run's own included.")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> dict:
+    parent = load_recipe(args.config, args.set, output_dir=args.output_dir)
+    table = seed_spread(parent, args.seeds)
+    print(format_spread(table, Pipeline(parent).results()))
+    return table
+
+
+__all__ = ["child_run", "format_spread", "seed_spread"]
