@@ -222,6 +222,10 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
 
     # Modules trained by this project: a checkpoint must hold exactly their tensors, in the config's shapes.
     _trained_modules = ("distillation_head.", "gate.")
+    # They are tiny and were trained in float32: a bf16, fp16 or 4-bit load of the VLM keeps them in float32 and out
+    # of bitsandbytes quantization. transformers reads these as regular expressions (searched in parameter names,
+    # matched at the start of module names): anchored, so that `gate` does not also catch the LLM's `gate_proj`.
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict = [r"^distillation_head\.", r"^gate\."]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -291,6 +295,13 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
         self._prompt_cache = None
         self.post_init()
+
+    def get_input_embeddings(self):
+        return self.vlm.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        # Named so that quantization keeps the language model's head (the label scores) in full precision.
+        return self.vlm.get_output_embeddings()
 
     # ---- visual features -------------------------------------------------------------------------------
 
