@@ -28,10 +28,43 @@ GATE_VLM_SIGNALS = ("one_hot", "probs")
 GATE_HEAD_SIGNALS = ("probs", "logits")
 POOLING_TYPES = ("mean", "max")
 
+# The paper's three instructions (arXiv 2505.07164, Sec. 3.1), word for word. The authors' released code
+# (sange1104/EmoVLM-KD, train_vlm.py) uses the same conversation and reasoning sentences, each followed by a worked
+# "Example: ..." answer; its categorical instruction lists the classes as a Python list in directory order. The
+# categorical template is filled by `default_categorical_prompt`: `count` classes, listed alphabetically (whatever
+# the class index order), and the alphabetically first class as the example answer, written as the paper writes
+# it (no space after the colon). The list reads "a, b, and c" (the paper's serial comma); two classes, which the
+# paper never lists, read "negative and positive" (no comma: there is nothing to separate). The trained and scored
+# answer stays `answer_prefix + label + answer_suffix`, `{'emotion': 'awe'}`.
 DEFAULT_CATEGORICAL_PROMPT = (
-    "Which emotion does this image evoke? Choose one of: {labels}. "
-    "Answer in the format {{'emotion': '<label>'}}."
+    "Observe the image and select the emotion category that best matches this image from the following {count} "
+    "categories: {labels}. Answer in dictionary form as follows: {example}"
 )
+DEFAULT_CONVERSATION_PROMPT = "Observe the image and describe key elements of the image."
+DEFAULT_REASONING_PROMPT = "Observe the image and describe the process of inferring the emotions conveyed in the image."
+# The config (and recipe) fields that hold the instructions.
+PROMPT_KEYS = ("categorical_prompt", "conversation_prompt", "reasoning_prompt")
+
+
+def list_classes(labels: list[str]) -> str:
+    """`labels` alphabetically (case-insensitive), as prose: "a, b, and c"; two classes read "a and b"."""
+    ordered = sorted(labels, key=lambda label: (label.casefold(), label))
+    if len(ordered) <= 2:
+        return " and ".join(ordered)
+    return f"{', '.join(ordered[:-1])}, and {ordered[-1]}"
+
+
+def default_categorical_prompt(labels: list[str]) -> str:
+    """The paper's categorical instruction for a label set, e.g. for Mikels' eight emotions:
+
+    "Observe the image and select the emotion category that best matches this image from the following 8
+    categories: amusement, anger, awe, contentment, disgust, excitement, fear, and sadness. Answer in dictionary form
+    as follows: {'emotion':'amusement'}"
+    """
+    labels = [str(label) for label in labels]
+    first = min(labels, key=lambda label: (label.casefold(), label))
+    return DEFAULT_CATEGORICAL_PROMPT.format(count=len(labels), labels=list_classes(labels),
+                                             example=f"{{'emotion':'{first}'}}")
 
 
 def resolve_label_set(label_set: str | list[str]) -> list[str]:
@@ -62,7 +95,15 @@ class EmoVLMKDConfig(PretrainedConfig):
         label_set (`str`, *optional*, defaults to `"custom"`):
             Name of the label set (`mikels8`, `ekman6`, `binary` or `custom`); `id2label` holds the ordered labels.
         categorical_prompt (`str`, *optional*):
-            The categorical instruction, with the class list already filled in.
+            The categorical instruction, with the class list already filled in. Defaults to the paper's wording for
+            the labels (`default_categorical_prompt`): the class count, the classes listed alphabetically and the
+            first of them as the example answer.
+        conversation_prompt (`str`, *optional*):
+            The conversation instruction of stage 1. Defaults to the paper's "Observe the image and describe key
+            elements of the image."
+        reasoning_prompt (`str`, *optional*):
+            The reasoning instruction of stage 1. Defaults to the paper's "Observe the image and describe the process
+            of inferring the emotions conveyed in the image."
         answer_prefix (`str`, *optional*, defaults to `"{'emotion': '"`):
             Forced start of the assistant's answer; label strings are scored right after it.
         answer_suffix (`str`, *optional*, defaults to `"'}"`):
@@ -104,6 +145,8 @@ class EmoVLMKDConfig(PretrainedConfig):
     vlm_config: dict | PretrainedConfig | None = None
     label_set: str = "custom"
     categorical_prompt: str | None = None
+    conversation_prompt: str | None = None
+    reasoning_prompt: str | None = None
     answer_prefix: str = "{'emotion': '"
     answer_suffix: str = "'}"
     prompt_token_ids: dict | None = None
@@ -132,7 +175,11 @@ class EmoVLMKDConfig(PretrainedConfig):
         if self.problem_type is None:
             self.problem_type = "single_label_classification"
         if self.categorical_prompt is None:
-            self.categorical_prompt = DEFAULT_CATEGORICAL_PROMPT.format(labels=", ".join(self.labels))
+            self.categorical_prompt = default_categorical_prompt(self.labels)
+        if self.conversation_prompt is None:
+            self.conversation_prompt = DEFAULT_CONVERSATION_PROMPT
+        if self.reasoning_prompt is None:
+            self.reasoning_prompt = DEFAULT_REASONING_PROMPT
 
     @classmethod
     def from_label_set(cls, label_set: str | list[str], **kwargs) -> "EmoVLMKDConfig":
@@ -160,4 +207,5 @@ class EmoVLMKDConfig(PretrainedConfig):
 
 
 __all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "GATE_VLM_SIGNALS", "GATE_HEAD_SIGNALS",
-           "resolve_label_set"]
+           "DEFAULT_CATEGORICAL_PROMPT", "DEFAULT_CONVERSATION_PROMPT", "DEFAULT_REASONING_PROMPT", "PROMPT_KEYS",
+           "default_categorical_prompt", "list_classes", "resolve_label_set"]

@@ -14,11 +14,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
-CONVERSATION_PROMPT = "Describe the key elements of this image that shape the feeling it conveys."
-REASONING_PROMPT = (
-    "Describe the process of inferring the emotion this image evokes: which elements you notice, "
-    "what they suggest, and how they lead to the emotion."
-)
+from .configuration_emovlm_kd import DEFAULT_CONVERSATION_PROMPT, DEFAULT_REASONING_PROMPT, default_categorical_prompt
+
+# The default instructions are defined once, with the config (`configuration_emovlm_kd.py`): the paper's wording.
+CONVERSATION_PROMPT = DEFAULT_CONVERSATION_PROMPT
+REASONING_PROMPT = DEFAULT_REASONING_PROMPT
 
 # Images whose decoded size would exceed this many pixels are refused before decoding (a JPEG counts at the
 # reduced scale it is decoded at). 150 Mpixel is 450 MB as 8-bit RGB; PIL's own decompression-bomb guard
@@ -236,10 +236,11 @@ class EmoVLMKDImageProcessor(Qwen2VLImageProcessorPil):
 
 class EmoVLMKDProcessor(Qwen2VLProcessor):
     r"""
-    Qwen2-VL image processor and tokenizer, plus the label set, the categorical prompt and the answer format.
+    Qwen2-VL image processor and tokenizer, plus the label set, the three instructions and the answer format.
 
     Builds the three instruction formats of EmoVLM-KD as chat messages (categorical, conversation, reasoning),
-    parses categorical answers, and writes the classification prompt's token ids into a model config.
+    parses categorical answers, and writes the classification prompt's token ids into a model config. The prompts
+    come from an `EmoVLMKDConfig` (`from_config`); left unset, each is the config's default (the paper's wording).
     """
 
     def __init__(
@@ -249,12 +250,18 @@ class EmoVLMKDProcessor(Qwen2VLProcessor):
         chat_template=None,
         labels=None,
         categorical_prompt=None,
+        conversation_prompt=None,
+        reasoning_prompt=None,
         answer_prefix="{'emotion': '",
         answer_suffix="'}",
         **kwargs,
     ):
         self.labels = list(labels) if labels is not None else None
+        if categorical_prompt is None and self.labels:
+            categorical_prompt = default_categorical_prompt(self.labels)
         self.categorical_prompt = categorical_prompt
+        self.conversation_prompt = conversation_prompt if conversation_prompt is not None else CONVERSATION_PROMPT
+        self.reasoning_prompt = reasoning_prompt if reasoning_prompt is not None else REASONING_PROMPT
         self.answer_prefix = answer_prefix
         self.answer_suffix = answer_suffix
         # No video processor: this model classifies images, and Qwen2-VL's video processor needs torchvision.
@@ -262,13 +269,15 @@ class EmoVLMKDProcessor(Qwen2VLProcessor):
 
     @classmethod
     def from_config(cls, image_processor, tokenizer, config, chat_template=None):
-        """A processor speaking the prompt and label set of an `EmoVLMKDConfig`."""
+        """A processor speaking the label set and the three prompts of an `EmoVLMKDConfig`."""
         return cls(
             image_processor=image_processor,
             tokenizer=tokenizer,
             chat_template=chat_template or getattr(tokenizer, "chat_template", None),
             labels=config.labels,
             categorical_prompt=config.categorical_prompt,
+            conversation_prompt=getattr(config, "conversation_prompt", None),
+            reasoning_prompt=getattr(config, "reasoning_prompt", None),
             answer_prefix=config.answer_prefix,
             answer_suffix=config.answer_suffix,
         )
@@ -292,12 +301,13 @@ class EmoVLMKDProcessor(Qwen2VLProcessor):
         return self._messages(image, self.categorical_prompt, answer)
 
     def conversation_messages(self, image=None, answer: str | None = None):
-        """User: image + "describe the key elements"; assistant: a free-form description."""
-        return self._messages(image, CONVERSATION_PROMPT, answer)
+        """User: image + the conversation prompt ("describe key elements"); assistant: a free-form description."""
+        return self._messages(image, self.conversation_prompt, answer)
 
     def reasoning_messages(self, image=None, answer: str | None = None):
-        """User: image + "describe the process of inferring the emotion"; assistant: the reasoning."""
-        return self._messages(image, REASONING_PROMPT, answer)
+        """User: image + the reasoning prompt ("describe the process of inferring the emotions"); assistant: the
+        reasoning."""
+        return self._messages(image, self.reasoning_prompt, answer)
 
     def parse_answer(self, text: str) -> str | None:
         """The label of a categorical answer such as `{'emotion': 'awe'}`, or `None` if it is not a valid one."""
@@ -353,10 +363,12 @@ class EmoVLMKDProcessor(Qwen2VLProcessor):
         }
 
     def prepare_config(self, config):
-        """Write the label set, prompt and prompt token ids into an `EmoVLMKDConfig` (in place)."""
+        """Write the label set, the three prompts and the prompt token ids into an `EmoVLMKDConfig` (in place)."""
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {label: i for i, label in enumerate(self.labels)}
         config.categorical_prompt = self.categorical_prompt
+        config.conversation_prompt = self.conversation_prompt
+        config.reasoning_prompt = self.reasoning_prompt
         config.answer_prefix = self.answer_prefix
         config.answer_suffix = self.answer_suffix
         config.prompt_token_ids = self.prompt_token_ids()

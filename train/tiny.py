@@ -25,8 +25,11 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from modeling_emovlm_kd import LABEL_SETS, EmoVLMKDImageProcessor
-from modeling_emovlm_kd.configuration_emovlm_kd import DEFAULT_CATEGORICAL_PROMPT
-from modeling_emovlm_kd.processing_emovlm_kd import CONVERSATION_PROMPT, REASONING_PROMPT
+from modeling_emovlm_kd.configuration_emovlm_kd import (
+    DEFAULT_CONVERSATION_PROMPT,
+    DEFAULT_REASONING_PROMPT,
+    default_categorical_prompt,
+)
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -77,9 +80,9 @@ def build_tiny_tokenizer(labels: list[str], vocab_size: int = 640) -> Qwen2Token
     all_labels = sorted({label for labels_ in LABEL_SETS.values() for label in labels_} | set(labels))
     corpus = [
         _CORPUS,
-        DEFAULT_CATEGORICAL_PROMPT.format(labels=", ".join(labels)),
-        CONVERSATION_PROMPT,
-        REASONING_PROMPT,
+        default_categorical_prompt(labels),
+        DEFAULT_CONVERSATION_PROMPT,
+        DEFAULT_REASONING_PROMPT,
         *[f"{{'emotion': '{label}'}}" for label in all_labels],
     ]
     bpe = Tokenizer(models.BPE())
