@@ -46,10 +46,21 @@ def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.b
     )
 
 
-def load_processor(vlm_path: str | Path, labels, categorical_prompt: str | None = None) -> EmoVLMKDProcessor:
-    """An `EmoVLMKDProcessor` from a Qwen2-VL checkpoint's tokenizer and image processor, for a label set."""
+def load_processor(
+    vlm_path: str | Path,
+    labels,
+    categorical_prompt: str | None = None,
+    conversation_prompt: str | None = None,
+    reasoning_prompt: str | None = None,
+) -> EmoVLMKDProcessor:
+    """An `EmoVLMKDProcessor` from a Qwen2-VL checkpoint's tokenizer and image processor, for a label set.
+
+    The prompts (the recipe's `model.*_prompt`) go through `EmoVLMKDConfig`, so an unset one is the config's default
+    (the paper's wording for these labels), the same text that stage 1 trains on and the fused model scores.
+    """
     labels = resolve_label_set(labels)
-    config = EmoVLMKDConfig.from_label_set(labels, categorical_prompt=categorical_prompt)
+    config = EmoVLMKDConfig.from_label_set(labels, categorical_prompt=categorical_prompt,
+                                           conversation_prompt=conversation_prompt, reasoning_prompt=reasoning_prompt)
     tokenizer = AutoTokenizer.from_pretrained(vlm_path)
     image_processor = EmoVLMKDImageProcessor.from_pretrained(vlm_path)
     return EmoVLMKDProcessor.from_config(image_processor, tokenizer, config)

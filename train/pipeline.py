@@ -210,8 +210,11 @@ class Pipeline:
         set_seed(self.seed)
         args = self.stage_args("sft", SFTStageConfig, model_name_or_path=self.base_models["vlm"])
         generator = self.answer_generator() if self.state.is_main_process else None  # only rank 0 generates
+        # The recipe's prompts, the ones the caches and the export score after (unset: the paper's wording).
+        prompts = self.spec.sections["model"].prompt_kwargs(self.recipe.get("model") or {})
         train_sft(self.data, self.labels, args, generator=generator,
-                  answers_cache=self.output_dir / "answers.jsonl", resume_from_checkpoint=self.resume("sft"))
+                  answers_cache=self.output_dir / "answers.jsonl", resume_from_checkpoint=self.resume("sft"),
+                  **prompts)
         self.mark_done("sft")
 
     def answer_generator(self):
@@ -219,7 +222,8 @@ class Pipeline:
         if spec.generator == "openai":
             return OpenAIChatGenerator(**spec.generator_kwargs())
         if spec.generator == "local":
-            processor = load_processor(self.base_models["vlm"], self.labels)
+            prompts = self.spec.sections["model"].prompt_kwargs(self.recipe.get("model") or {})
+            processor = load_processor(self.base_models["vlm"], self.labels, **prompts)
             return LocalVLMGenerator(self.base_models["vlm"], processor, **spec.generator_kwargs())
         return None
 

@@ -38,7 +38,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # The recipe values (a section, or one `section.key`) each stage reads.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "base": ("seed", "labels", "base_models"),
-    "sft": ("seed", "labels", "data", "base_models", "instructions", "sft", "model.categorical_prompt"),
+    "sft": ("seed", "labels", "data", "base_models", "instructions", "sft", "model.categorical_prompt",
+            "model.conversation_prompt", "model.reasoning_prompt"),
     "teacher": ("seed", "labels", "data", "base_models", "teacher"),
     "features": ("labels", "data", "model.load_in_4bit", "model.dtype", "model.feature_batch_size", "model.pooling",
                  "model.categorical_prompt"),

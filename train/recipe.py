@@ -114,15 +114,26 @@ class ModelSection:
     gate_head_signal: str = field(default="probs", metadata={"help": "What the gate sees of the head: probs (the "
                                                                      "paper) or logits (the authors' code)."})
     gate_num_experts: int = field(default=3, metadata={"help": "Experts of the moe gate."})
-    categorical_prompt: str | None = field(default=None, metadata={"help": "The categorical instruction."})
+    categorical_prompt: str | None = field(default=None, metadata={
+        "help": "Stage 1's categorical instruction, also the prompt the fused model scores labels after. Unset: the "
+                "paper's wording for the run's labels (classes listed alphabetically, the first as the example)."})
+    conversation_prompt: str | None = field(default=None, metadata={
+        "help": "Stage 1's conversation instruction. Unset: the paper's \"Observe the image and describe key "
+                "elements of the image.\""})
+    reasoning_prompt: str | None = field(default=None, metadata={
+        "help": "Stage 1's reasoning instruction. Unset: the paper's \"Observe the image and describe the process "
+                "of inferring the emotions conveyed in the image.\""})
     load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
     dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
     feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
 
+    # The instructions (`EmoVLMKDConfig`'s prompt fields): stage 1 trains on them, the caches and export score after
+    # the categorical one, and every checkpoint's config stores all three.
+    PROMPT_KEYS: typing.ClassVar[tuple[str, ...]] = ("categorical_prompt", "conversation_prompt", "reasoning_prompt")
     # The options that go into `EmoVLMKDConfig` (the others only say how the caches are computed).
     CONFIG_KEYS: typing.ClassVar[tuple[str, ...]] = (
         "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
-        "gate_head_signal", "gate_num_experts", "categorical_prompt")
+        "gate_head_signal", "gate_num_experts", *PROMPT_KEYS)
 
     def __post_init__(self):
         if self.feature_batch_size < 1:
@@ -131,6 +142,10 @@ class ModelSection:
     def config_kwargs(self, explicit: dict) -> dict[str, Any]:
         """The config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""
         return {key: explicit[key] for key in self.CONFIG_KEYS if key in explicit}
+
+    def prompt_kwargs(self, explicit: dict) -> dict[str, str | None]:
+        """The prompts the recipe sets (unset ones are the paper's wording, filled in by `EmoVLMKDConfig`)."""
+        return {key: explicit[key] for key in self.PROMPT_KEYS if key in explicit}
 
 
 def _stage_sections() -> dict[str, type]:

@@ -162,13 +162,21 @@ def train_sft(
     generator=None,
     answers_cache: str | Path | None = None,
     resume_from_checkpoint: str | bool | None = None,
+    categorical_prompt: str | None = None,
+    conversation_prompt: str | None = None,
+    reasoning_prompt: str | None = None,
 ) -> Path:
     """Build the instruction data of `dataset_dict["train"]`, tune the VLM, and return the merged model's folder.
+
+    The three instructions are the recipe's `model.categorical_prompt`, `model.conversation_prompt` and
+    `model.reasoning_prompt` (`None`: the paper's wording for `labels`, as `EmoVLMKDConfig` defaults them), the
+    same ones the feature caches and the exported model read, so the model is scored after the prompt it learnt.
 
     Under several processes only the main process asks `generator` for answers (the others wait, then read the
     same cache and leave out the same failed rows), so no answer is requested or appended twice.
     """
-    processor = load_processor(args.model_name_or_path, labels)
+    processor = load_processor(args.model_name_or_path, labels, categorical_prompt=categorical_prompt,
+                               conversation_prompt=conversation_prompt, reasoning_prompt=reasoning_prompt)
     state = PartialState()
     with state.main_process_first():
         train_set = build_instruction_dataset(

@@ -78,3 +78,75 @@ def test_full_fine_tuning_also_trains_the_vision_tower(tiny_base, dataset_dict, 
     base, tuned = load_file(tiny_base["vlm"] / "model.safetensors"), load_file(merged / "model.safetensors")
     patch = next(k for k in base if "patch_embed" in k)
     assert not torch.equal(base[patch], tuned[patch])
+
+
+# ---- stage 1 trains on the prompts the fused model scores ----------------------------------------------------------
+
+CUSTOM_PROMPTS = {
+    "categorical_prompt": "Which of amusement, awe, fear or sadness fits this picture? Reply as {'emotion': '<label>'}.",
+    "conversation_prompt": "List what you see in the picture.",
+}
+
+
+def write_image_folder(root):
+    rng = np.random.default_rng(1)
+    for split, n in {"train": 2, "validation": 1, "test": 1}.items():
+        for label in LABELS:
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the_same_tokens(tiny_base, tmp_path,
+                                                                                            monkeypatch):
+    import train.sft as sft
+    from train.assemble import assemble
+    from train.instructions import AnswerCache, image_key
+    from train.pipeline import Pipeline
+
+    seen = {}
+    build = sft.build_sft_trainer
+
+    def recording_build(train_dataset, processor, args):  # the real trainer; the test keeps what it trains on
+        seen["rows"], seen["trainer"] = train_dataset, build(train_dataset, processor, args)
+        return seen["trainer"]
+
+    monkeypatch.setattr(sft, "build_sft_trainer", recording_build)
+    recipe = {
+        "output_dir": str(tmp_path / "run"), "seed": 3, "labels": LABELS,
+        "data": {"kind": "imagefolder", "root": str(write_image_folder(tmp_path / "images"))},
+        "base_models": {"vlm": str(tiny_base["vlm"])},
+        "model": dict(CUSTOM_PROMPTS),
+        "sft": {"use_peft": False, "gradient_checkpointing": False, "instruction_kinds": ["categorical", "conversation"],
+                "max_steps": 1, "per_device_train_batch_size": 4, "save_strategy": "no", "disable_tqdm": True},
+    }
+    pipeline = Pipeline(recipe)
+    cache = AnswerCache(pipeline.output_dir / "answers.jsonl")  # conversation answers written earlier
+    for row in pipeline.data["train"]:
+        cache.append({"key": image_key(row["image"]), "kind": "conversation", "label": LABELS[row["label"]],
+                      "answer": "Soft light on a quiet street.", "generator": "test"})
+    pipeline.run_sft()
+
+    rows, trainer = seen["rows"], seen["trainer"]
+    prompts = {kind: {m[0]["content"][1]["text"] for m, k in zip(rows["messages"], rows["kind"]) if k == kind}
+               for kind in ("categorical", "conversation")}
+    assert prompts == {"categorical": {CUSTOM_PROMPTS["categorical_prompt"]},
+                       "conversation": {CUSTOM_PROMPTS["conversation_prompt"]}}
+
+    model, processor = assemble(pipeline.stage_dir("sft") / "merged", LABELS, **pipeline.model_kwargs())
+    scored = model.config.prompt_token_ids
+    assert scored == processor.prompt_token_ids()
+    assert model.config.categorical_prompt == CUSTOM_PROMPTS["categorical_prompt"]
+    categorical = [i for i, kind in enumerate(rows["kind"]) if kind == "categorical"]
+    batch = trainer.data_collator([rows[i] for i in categorical])
+    image_token = processor.image_token_id
+    for input_ids, supervised, mask, i in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                             categorical):
+        tokens = input_ids[mask.bool()].tolist()
+        prompt = scored["before_image"] + [image_token] * tokens.count(image_token) + scored["after_image"]
+        label_tokens = scored["label_continuations"][rows["label"][i]]
+        # The training text up to the end of the answer is token for token what the fused model scores.
+        assert tokens[: len(prompt) + len(label_tokens)] == prompt + label_tokens
+        first_supervised = int((supervised[mask.bool()] != -100).nonzero()[0])
+        assert 0 < first_supervised < len(prompt)
