@@ -49,7 +49,10 @@ KINDS = ("categorical", "conversation", "reasoning")
 GENERATED_KINDS = ("conversation", "reasoning")
 
 # What the answer-writing model is asked, per kind. It is given the label so that the description is consistent
-# with the ground truth, and told not to name it so that the student learns to *see* the emotion, not to copy it.
+# with the ground truth, and told not to write that label (as the authors' template says: "Do not include the correct
+# emotion category in your response"), so that the student learns to *see* the emotion, not to copy it. Only the
+# label is hidden: the reasoning may name the feelings the image's elements evoke (the paper's example speaks of
+# "peace" and "warmth"; the authors' of "tension", "anxiety or fear"), which is what the reasoning teaches.
 _GENERATION_TASKS = {
     "conversation": (
         "This image evokes the emotion '{label}'. Describe the key elements of the image that convey this feeling: "
@@ -62,8 +65,9 @@ _GENERATION_TASKS = {
     ),
 }
 _DO_NOT_MENTION = (
-    "Do not mention the word '{label}', any synonym of it, or the name of any emotion in your answer: a reader "
-    "must be able to infer the feeling from your description alone. Answer in plain prose, in at most {words} words."
+    "Do not write the word '{label}' (the correct emotion category) in your answer; you may name the feelings that "
+    "elements of the image evoke, as long as the answer does not give the category away. Answer in plain prose, in "
+    "at most {words} words."
 )
 
 # Chat messages as an Arrow type. Image parts are bare `{"type": "image"}` placeholders (their `text` reads back as
@@ -78,7 +82,9 @@ class AnswerGenerationError(RuntimeError):
 
 
 def generation_prompt(kind: str, label: str, max_words: int = 120) -> str:
-    """The instruction given to the answer-writing model: it names `label` and asks the model not to mention it."""
+    """The instruction given to the answer-writing model: it names `label` and asks the model not to write it (other
+    feelings may be named). Answers that name the label anyway are counted (`GenerationSummary.answers_naming_label`)
+    and logged."""
     if kind not in _GENERATION_TASKS:
         raise ValueError(f"No generation prompt for kind {kind!r}; expected one of {GENERATED_KINDS}.")
     return f"{_GENERATION_TASKS[kind].format(label=label)} {_DO_NOT_MENTION.format(label=label, words=max_words)}"

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from modeling_emovlm_kd import LABEL_SETS, EmoVLMKDImageProcessor, EmoVLMKDProcessor
-from modeling_emovlm_kd.configuration_emovlm_kd import DEFAULT_CATEGORICAL_PROMPT
+from modeling_emovlm_kd.configuration_emovlm_kd import default_categorical_prompt
 from modeling_emovlm_kd.processing_emovlm_kd import CONVERSATION_PROMPT, REASONING_PROMPT
 from train.instructions import (
     AnswerCache,
@@ -138,7 +138,7 @@ def processor(tiny_vlm):
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
         labels=LABELS,
-        categorical_prompt=DEFAULT_CATEGORICAL_PROMPT.format(labels=", ".join(LABELS)),
+        categorical_prompt=default_categorical_prompt(LABELS),
     )
 
 
@@ -172,11 +172,29 @@ def requested_pairs(server: FakeChatServer, start: int = 0) -> list[tuple[str, s
 
 
 @pytest.mark.parametrize("kind", ["conversation", "reasoning"])
-def test_generation_prompt_names_the_label_and_forbids_mentioning_it(kind):
+def test_generation_prompt_names_the_label_and_hides_only_the_label(kind):
     prompt = generation_prompt(kind, "awe")
     assert "'awe'" in prompt
-    assert "Do not mention the word 'awe'" in prompt
+    assert "Do not write the word 'awe'" in prompt
     assert ("step by step" in prompt) == (kind == "reasoning")
+    # As in the authors' template, only the correct category is hidden: the reasoning may name feelings.
+    assert "any emotion" not in prompt and "synonym" not in prompt
+    assert "may name the feelings" in prompt
+
+
+def test_answers_that_name_their_label_are_counted_and_other_feelings_are_not(processor, tmp_path):
+    class Writer:
+        name = "writer"
+
+        def generate(self, image, kind, label):
+            if label == "awe":
+                return "The peaks fill the viewer with awe."
+            return "The quiet harbour suggests peace and warmth."
+
+    dataset = make_dataset(COLOURS[:2], ["awe", "contentment"])
+    instructions, summary = build(dataset, processor, Writer(), tmp_path / "answers.jsonl", kinds=("reasoning",))
+    assert summary.generated == 2 and summary.answers_naming_label == 1
+    assert len(instructions) == 2
 
 
 def test_generation_prompt_rejects_categorical():
@@ -247,7 +265,7 @@ def test_request_carries_the_image_as_a_data_url_and_a_label_prompt(make_server)
     sent = Image.open(io.BytesIO(base64.b64decode(image_part["image_url"]["url"][len(prefix) :])))
     assert sent.format == "JPEG" and sent.size == (40, 30)
     assert text_part == {"type": "text", "text": generation_prompt("reasoning", "amusement")}
-    assert "'amusement'" in text_part["text"] and "Do not mention" in text_part["text"]
+    assert "'amusement'" in text_part["text"] and "Do not write the word 'amusement'" in text_part["text"]
     assert server.headers[0]["Authorization"] == "Bearer sk-test"
 
 
