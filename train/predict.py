@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from .locks import LockedError, exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Image formats PIL cannot decode (vector graphics, HEIF): skipped with their own reason, not as "not an image".
 UNSUPPORTED_IMAGE_SUFFIXES = {".svg", ".svgz", ".heic", ".heif"}
 CSV_FIELDS = ["path", "label", "score", "vlm_label", "head_label", "error"]
-
-
-class OutputLockedError(RuntimeError):
-    """Another process is writing the same predictions file."""
 
 
 @dataclass
@@ -188,15 +185,47 @@ class RowWriter:
         self.handle.close()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def loading_kwargs(device: str, revision: str | None = None, dtype: str | None = None, device_map: str | None = None,
+                   load_in_4bit: bool = False) -> dict:
+    """`from_pretrained` arguments for a checkpoint as users load it: a pinned `revision`, a dtype (default: bf16 on
+    a GPU that has it, else float32), `device_map` (e.g. "auto"), or 4-bit NF4 weights (the head and the gate stay
+    in float32: the model class keeps them out of quantization)."""
+    if dtype in (None, "auto"):
+        dtype_ = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype_ = DTYPES[dtype]
+    kwargs = {"dtype": dtype_}
+    if revision:
+        kwargs["revision"] = revision
+    if device_map:
+        kwargs["device_map"] = device_map
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype_)
+        kwargs.setdefault("device_map", {"": device})
+    return kwargs
+
+
 class Predictor:
     """An EmoVLM-KD checkpoint ready for batched, error-tolerant inference."""
 
-    def __init__(self, model_path: str, top_k: int = 3, device: str | None = None):
+    def __init__(self, model_path: str, top_k: int = 3, device: str | None = None, revision: str | None = None,
+                 dtype: str | None = None, device_map: str | None = None, load_in_4bit: bool = False):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
-        self.model.to(self.device).eval()
-        self.image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
+        kwargs = loading_kwargs(self.device, revision, dtype, device_map, load_in_4bit)
+        self.model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True, **kwargs)
+        if "device_map" not in kwargs:
+            self.model.to(self.device)
+        self.model.eval()
+        self.device = self.model.get_input_embeddings().weight.device
+        self.image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True,
+                                                                  revision=revision)
         self.labels = self.model.config.id2label
         self.top_k = min(top_k, len(self.labels))
 
@@ -258,33 +287,10 @@ def lock_path(output: Path) -> Path:
     return output.with_name(f"{output.name}.lock")
 
 
-@contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold `<output>.lock` (no waiting) while writing `output`; the holder's PID is in `<output>.lock.pid`.
-
-    Raises `OutputLockedError` naming the lock file and the holder's PID if another process holds it. The lock is
-    an OS lock (`flock`) held through an open file, so a killed holder's lock is released with its process.
-    """
-    lock_file = lock_path(output)
-    pid_file = lock_file.with_name(f"{lock_file.name}.pid")
-    lock = FileLock(lock_file, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            holder = f"PID {int(pid_file.read_text())}"
-        except (OSError, ValueError):
-            holder = "a process that has not written its PID yet"
-        raise OutputLockedError(
-            f"{output} is being written by another process ({holder}): its lock {lock_file} is held. Wait for that "
-            "run to finish, or write to another --output."
-        ) from None
-    try:
-        pid_file.write_text(f"{os.getpid()}\n")
-        yield
-    finally:
-        pid_file.unlink(missing_ok=True)
-        lock.release()
+def output_lock(output: Path):
+    """Hold `<output>.lock` (no waiting) while writing `output` (`train/locks.py`: the holder's PID is recorded
+    beside it, a second writer fails at once naming both, a killed holder's lock is released by the system)."""
+    return exclusive(lock_path(output), f"Predictions file {output}")
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], output: Path, batch_size: int = 8,
@@ -333,22 +339,24 @@ def merge_parts(parts: Sequence[Path], paths: Sequence[str], output: Path) -> No
 
 
 def run_predict(model: str, source: str, output: str | Path, batch_size: int = 8, top_k: int = 3,
-                show_progress: bool = True) -> PredictionSummary:
+                show_progress: bool = True, **loading) -> PredictionSummary:
+    """Classify every image of `source` into `output`; `loading`: `Predictor`'s revision, dtype, device_map and
+    load_in_4bit."""
     state = PartialState(cpu=not torch.cuda.is_available())
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # The main process holds the output's lock for the whole run (shards, merge), before the model loads, so that
     # a second run into the same output fails at once.
     with output_lock(output) if state.is_main_process else contextlib.nullcontext():
-        summary = _run_predict(state, model, source, output, batch_size, top_k, show_progress)
+        summary = _run_predict(state, model, source, output, batch_size, top_k, show_progress, loading)
     return summary
 
 
 def _run_predict(state: PartialState, model: str, source: str, output: Path, batch_size: int, top_k: int,
-                 show_progress: bool) -> PredictionSummary:
+                 show_progress: bool, loading: dict) -> PredictionSummary:
     paths, skipped = scan_inputs(source)
     predictor = Predictor(model, top_k=top_k, device=None if state.num_processes == 1 else "cpu"
-                          if not torch.cuda.is_available() else f"cuda:{state.local_process_index}")
+                          if not torch.cuda.is_available() else f"cuda:{state.local_process_index}", **loading)
     if state.num_processes == 1:
         summary = _predict_files(predictor, paths, output, batch_size, show_progress, set())
     else:
@@ -388,12 +396,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="predictions.jsonl or predictions.csv (appended/resumed).")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="Images per forward pass (>= 1).")
     parser.add_argument("--top-k", type=positive_int, default=3, help="Labels kept per image (>= 1).")
+    parser.add_argument("--revision", help="Branch, tag or commit of a Hub repo (pin a commit for reproducible runs).")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="Weights' dtype (auto: bfloat16 on a GPU that has it, else float32; head and gate stay "
+                             "float32).")
+    parser.add_argument("--device-map", help="accelerate device map, e.g. 'auto' to spread a large model over GPUs.")
+    parser.add_argument("--load-in-4bit", action="store_true", help="Load the VLM in 4-bit NF4 (bitsandbytes).")
 
 
 def run(args: argparse.Namespace) -> PredictionSummary:
     try:
-        summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k)
-    except OutputLockedError as err:
+        summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k,
+                              revision=args.revision, dtype=args.dtype, device_map=args.device_map,
+                              load_in_4bit=args.load_in_4bit)
+    except LockedError as err:
         raise SystemExit(f"train predict: {err}") from None
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         print(summary)
@@ -405,5 +421,5 @@ def run(args: argparse.Namespace) -> PredictionSummary:
     return summary
 
 
-__all__ = ["OutputLockedError", "PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
+__all__ = ["PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
            "predict_files", "read_rows", "run", "run_predict", "scan_inputs"]

@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from train.predict import Predictor, predict_files, read_rows
@@ -315,3 +316,34 @@ def test_peak_memory_of_12000_pixel_square_pngs_stays_under_1_gb_above_the_model
     one, three, model = map(int, result.stdout.split())
     print(f"peak RSS above the model ({model} MiB): one 12000x12000 PNG {one} MiB, a batch of three {three} MiB")
     assert one < 1024 and three < 1024, (one, three)
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"load_in_4bit": True}, {"device_map": "auto"}])
+def test_predict_loads_the_model_as_users_load_it(tiny_checkpoint, folder, tmp_path, options):
+    """`--dtype`, `--load-in-4bit` and `--device-map`: the head and gate stay float32, labels agree with float32."""
+    def _predict(predictor, output):
+        predict_files(predictor, paths_of(folder), output, batch_size=4, show_progress=False)
+        return output
+
+    reference = {r["path"]: r["label"] for r in read_rows(_predict(Predictor(str(tiny_checkpoint)),
+                                                                   tmp_path / "fp32.jsonl")) if not r.get("error")}
+    predictor = Predictor(str(tiny_checkpoint), **options)
+    for module in (predictor.model.distillation_head, predictor.model.gate):
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    if "dtype" in options:
+        assert predictor.model.vlm.get_input_embeddings().weight.dtype == torch.bfloat16
+    rows = [r for r in read_rows(_predict(predictor, tmp_path / "other.jsonl")) if not r.get("error")]
+    assert rows and sum(reference[r["path"]] == r["label"] for r in rows) >= len(rows) // 2
+
+
+def test_predict_flags_reach_the_loader(tmp_path):
+    from train.__main__ import parse_args
+
+    args = parse_args(["predict", "--model", "org/name", "--input", "x", "--output", "y.jsonl", "--revision", "abc123",
+                       "--dtype", "bfloat16", "--device-map", "auto", "--load-in-4bit"])
+    assert (args.revision, args.dtype, args.device_map, args.load_in_4bit) == ("abc123", "bfloat16", "auto", True)
+    from train.predict import loading_kwargs
+
+    kwargs = loading_kwargs("cpu", args.revision, args.dtype, args.device_map, args.load_in_4bit)
+    assert kwargs["revision"] == "abc123" and kwargs["dtype"] == torch.bfloat16 and kwargs["device_map"] == "auto"
+    assert kwargs["quantization_config"].load_in_4bit
