@@ -150,3 +150,15 @@ def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the
         assert tokens[: len(prompt) + len(label_tokens)] == prompt + label_tokens
         first_supervised = int((supervised[mask.bool()] != -100).nonzero()[0])
         assert 0 < first_supervised < len(prompt)
+
+
+def test_every_prompt_is_a_recipe_model_option_that_reruns_stage1_and_reaches_the_config():
+    from modeling_emovlm_kd.configuration_emovlm_kd import PROMPT_KEYS
+    from train.provenance import stage_settings
+    from train.recipe import ModelSection
+
+    assert ModelSection.PROMPT_KEYS == PROMPT_KEYS and set(PROMPT_KEYS) <= set(ModelSection.CONFIG_KEYS)
+    recipe = {"labels": LABELS, "model": {key: f"{key} text" for key in PROMPT_KEYS}}
+    assert {f"model.{key}" for key in PROMPT_KEYS} <= set(stage_settings(recipe, "sft"))
+    assert "model.categorical_prompt" in stage_settings(recipe, "features")  # the caches score after it
+    assert ModelSection().prompt_kwargs(recipe["model"]) == recipe["model"]
