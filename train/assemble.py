@@ -24,6 +24,7 @@ from modeling_emovlm_kd import (
     register_for_auto_class,
     resolve_label_set,
 )
+from modeling_emovlm_kd.configuration_emovlm_kd import PROMPT_KEYS
 
 # Modules that stay in full precision when the VLM is loaded in 4 bits: the heads are tiny, and bitsandbytes'
 # CPU kernels need Linear input sizes that are multiples of 64.
@@ -76,7 +77,8 @@ def assemble(
 ) -> tuple[EmoVLMKDForImageClassification, EmoVLMKDProcessor]:
     """Wrap a Qwen2-VL checkpoint with freshly initialised distillation head and gate."""
     named = labels if isinstance(labels, str) else None
-    processor = load_processor(vlm_path, labels, config_kwargs.pop("categorical_prompt", None))
+    prompts = {key: config_kwargs.pop(key) for key in PROMPT_KEYS if key in config_kwargs}
+    processor = load_processor(vlm_path, labels, **prompts)
     config = EmoVLMKDConfig.from_label_set(
         named or processor.labels, vlm_config=AutoConfig.from_pretrained(vlm_path).to_dict(), **config_kwargs
     )
@@ -106,8 +108,10 @@ def _make_world_readable(folder: Path) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
-def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDProcessor, output_dir) -> Path:
-    """Save weights (safetensors), config with `auto_map`, remote-code files and processor, atomically.
+def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDProcessor, output_dir,
+                    max_shard_size: str | int = "5GB") -> Path:
+    """Save weights (safetensors, in shards of at most `max_shard_size` with an index, as the Hub serves them),
+    config with `auto_map`, remote-code files and processor, atomically.
 
     The folder is written next to its destination and renamed into place, so an interrupted save never leaves
     a folder that loads with wrong or partial weights.
@@ -117,7 +121,7 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
     register_for_auto_class(model.config)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
         # The pipeline class named by `config.custom_pipelines` is not an Auto class: copy its file by hand.
         shutil.copy2(Path(modeling_emovlm_kd.__file__).parent / PIPELINE_FILE, staging / PIPELINE_FILE)

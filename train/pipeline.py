@@ -350,6 +350,9 @@ class Pipeline:
             # What may leave the machine (results.json goes into `final/`, the report and the model card).
             results["test"]["recipe"] = public_recipe(self.recipe, self.output_dir)
             results["test"]["parameters"] = self.parameter_counts()
+            # How the numbers were computed: the exported model runs its VLM in this dtype (4-bit: load it so).
+            options: ModelSection = self.spec.sections["model"]
+            results["test"]["computed_with"] = {"dtype": options.dtype, "load_in_4bit": options.load_in_4bit}
             write_json_atomic(results["test"], self.stage_dir("evaluate") / "results.json")
             plot_confusion_matrices(results["test"], self.stage_dir("evaluate") / "confusion_matrix.png")
         self.mark_done("evaluate")
@@ -366,11 +369,15 @@ class Pipeline:
     def run_export(self) -> None:
         """The fused model with the trained head and gate, as a Hub-ready folder with results and figures."""
         if self.state.is_main_process:
-            model, processor = assemble(self.require("sft") / "merged", self.labels, dtype=torch.float32,
+            # The VLM in the dtype the feature caches were computed in (results.json's numbers are this model's);
+            # the head and the gate stay float32 (`_keep_in_fp32_modules_strict`).
+            options: ModelSection = self.spec.sections["model"]
+            model, processor = assemble(self.require("sft") / "merged", self.labels, dtype=options.dtype,
                                         **self.model_kwargs())
             model.distillation_head.load_state_dict(self.trained_head().state_dict())
             model.gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
-            final = save_hub_folder(model, processor, self.output_dir / "final")
+            final = save_hub_folder(model, processor, self.output_dir / "final",
+                                    max_shard_size=options.export_max_shard_size)
             for name in ("results.json", "confusion_matrix.png"):
                 shutil.copy2(self.require("evaluate") / name, final / name)
         self.mark_done("export", folder=str(self.output_dir / "final"))

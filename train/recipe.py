@@ -126,6 +126,8 @@ class ModelSection:
     load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
     dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
     feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
+    export_max_shard_size: str = field(default="5GB", metadata={
+        "help": "Export: largest safetensors shard of final/ (the Hub serves shards with an index)."})
 
     # The instructions (`EmoVLMKDConfig`'s prompt fields): stage 1 trains on them, the caches and export score after
     # the categorical one, and every checkpoint's config stores all three.

@@ -15,7 +15,7 @@ def test_custom_label_list_keeps_given_order():
     assert config.labels == ["zebra", "apple", "mango"]
     assert config.label2id == {"zebra": 0, "apple": 1, "mango": 2}
     assert config.label_set == "custom"
-    assert "zebra, apple, mango" in config.categorical_prompt
+    assert "apple, mango, and zebra" in config.categorical_prompt  # listed alphabetically, as the paper does
 
 
 @pytest.mark.parametrize("bad", ["nope", ["only-one"], ["a", "a"]])

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import run_pipeline
 from safetensors.torch import load_file
 
@@ -127,3 +128,39 @@ def test_one_process_per_run_folder_and_a_killed_holder_does_not_block(tiny_run,
     run_pipeline(recipe, *longer)
     assert results(run)["recipe"]["sft"]["num_train_epochs"] == 60
     assert_final_is_the_evaluated_model(run)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_exports_bf16_weights_whose_predictions_are_the_results(tiny_run, colour_folder, tmp_path):
+    """The caches and the export share the recipe's dtype, so `final/` itself reproduces `results.json` (the card's
+    numbers); the head and the gate stay float32."""
+    from transformers import AutoConfig
+
+    from train.predict import Predictor, predict_files, read_rows
+
+    run, recipe = copy_run(tiny_run, tmp_path)
+    result = run_pipeline(recipe, "--set", "model.dtype=bfloat16", "--set", "model.export_max_shard_size=100KB")
+    assert "Stage features runs: its settings changed: model.dtype: (unset) -> 'bfloat16'." in result.stderr
+    final = run / "final"
+    assert str(AutoConfig.from_pretrained(final, trust_remote_code=True).dtype).endswith("bfloat16")
+    shards = sorted(final.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (final / "model.safetensors.index.json").exists()
+    weights = {}
+    for shard in shards:
+        weights.update(load_file(shard))
+    assert {t.dtype for k, t in weights.items() if k.startswith(("distillation_head.", "gate."))} == {torch.float32}
+    assert torch.bfloat16 in {t.dtype for k, t in weights.items() if k.startswith("vlm.")}
+    test_images = sorted(str(p) for p in (colour_folder / "test").rglob("*.png"))
+    output = tmp_path / "final_predictions.jsonl"
+    predictor = Predictor(str(final), dtype="bfloat16")
+    predict_files(predictor, test_images, output, batch_size=16, show_progress=False)
+    labels = results(run)["labels"]
+    predicted = {row["path"]: row["label"] for row in read_rows(output)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for path in test_images:
+        matrix[labels.index(os.path.basename(os.path.dirname(path)))][labels.index(predicted[path])] += 1
+    fused = results(run)["branches"]["fused"]
+    assert matrix == fused["confusion_matrix"]
+    correct = sum(matrix[i][i] for i in range(len(labels)))
+    assert correct / len(test_images) == fused["accuracy"]
+    assert results(run)["computed_with"] == {"dtype": "bfloat16", "load_in_4bit": False}

@@ -138,6 +138,7 @@ def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the
     scored = model.config.prompt_token_ids
     assert scored == processor.prompt_token_ids()
     assert model.config.categorical_prompt == CUSTOM_PROMPTS["categorical_prompt"]
+    assert model.config.conversation_prompt == CUSTOM_PROMPTS["conversation_prompt"]
     categorical = [i for i, kind in enumerate(rows["kind"]) if kind == "categorical"]
     batch = trainer.data_collator([rows[i] for i in categorical])
     image_token = processor.image_token_id
