@@ -43,5 +43,8 @@ setup(
     package_data={"train": ["recipes/**/*.yaml", "demo_data/**/*", "metrics/*.py"], "hub_cards": ["*.j2", "*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    # `emovlm-kd <command>` is `python -m train <command>` from any directory (a user's own train.py or train/
+    # would shadow the package for `python -m train`).
+    entry_points={"console_scripts": ["emovlm-kd=train.__main__:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],
 )

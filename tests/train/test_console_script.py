@@ -1,0 +1,59 @@
+"""`emovlm-kd <command>`, the console script setup.py declares: the same commands as `python -m train`, from any
+directory, also one holding a `train.py` of the user's own (which shadows the package for `python -m train`).
+
+The script is installed by `pip install -e .` (`make test` installs the package fresh); in an older environment,
+reinstall with `.venv/bin/python -m pip install --no-deps -e .`.
+"""
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(sys.executable).parent / "emovlm-kd"
+SHADOW = 'print("the user\'s own train.py ran"); raise SystemExit(3)\n'
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    """A user's project folder with a `train.py` of its own."""
+    (tmp_path / "train.py").write_text(SHADOW)
+    return tmp_path
+
+
+def run(command, cwd):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1"},
+                          timeout=120)
+
+
+def test_setup_py_declares_the_console_script():
+    assert "entry_points={\"console_scripts\": [\"emovlm-kd=train.__main__:main\"]}" in (ROOT / "setup.py").read_text()
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "emovlm-kd"]
+    assert script.value == "train.__main__:main"
+    assert SCRIPT.is_file(), f"{SCRIPT} is missing: reinstall with `{sys.executable} -m pip install --no-deps -e .`"
+
+
+def test_console_script_runs_from_a_folder_with_its_own_train_py(user_dir):
+    shadowed = run([sys.executable, "-m", "train", "--help"], user_dir)
+    assert shadowed.returncode == 3 and "own train.py ran" in shadowed.stdout  # what the script avoids
+    result = run([str(SCRIPT), "--help"], user_dir)
+    assert result.returncode == 0, result.stderr
+    for command in ("pipeline", "predict", "push", "push-space", "report"):
+        assert command in result.stdout
+    space_help = run([str(SCRIPT), "push-space", "--help"], user_dir)
+    assert space_help.returncode == 0 and "--model" in space_help.stdout and "--dry-run" in space_help.stdout
+
+
+def test_console_script_passes_on_the_exit_status(user_dir):
+    # `main` returns 2 for `recipe` without --config; the script must exit with it, not 0.
+    missing = run([str(SCRIPT), "recipe"], user_dir)
+    assert missing.returncode == 2 and "--config is required" in missing.stderr
+    # A tool's user error (sys.exit with a message) is status 1 with that message, without a traceback.
+    push = run([str(SCRIPT), "push", "--run-dir", str(user_dir / "no-run"), "--variant", "custom", "--repo-id",
+                "me/x", "--dry-run", str(user_dir / "out")], user_dir)
+    assert push.returncode == 1 and "No Hub-ready folder" in push.stderr and "Traceback" not in push.stderr
