@@ -9,11 +9,16 @@ Settings, each a CLI flag or an environment variable:
 - `--checkpoint` / `EMOVLM_CHECKPOINT`: a local EmoVLM-KD folder or a Hub repo id (default: `runs/demo/final`,
   the output of `make demo`). The model is loaded with `trust_remote_code=True`, so the checkpoint's own
   modeling code runs, gate included.
+- `--revision` / `EMOVLM_REVISION`: the branch, tag or commit hash of a Hub checkpoint (default: its `main`).
 - `--host` / `GRADIO_SERVER_NAME` (default `127.0.0.1`), `--port` / `GRADIO_SERVER_PORT` (default 7860).
 - `--examples` / `EMOVLM_EXAMPLES`: a folder of `<label>/<image>` example images (default: the bundled demo data).
 - `--max-file-size` / `EMOVLM_MAX_FILE_SIZE`: the largest upload the server accepts, bytes or `<n>kb|mb|gb`
   (default `20mb`); larger uploads are refused by Gradio before they are stored. Decoded images are bounded
   separately by the image processor (`max_image_pixels`; each image is shrunk as soon as it is decoded).
+
+In a Space published by `python -m train push-space`, `emovlm_space.json` next to this file holds the defaults of
+`checkpoint`, `revision` (the model's commit hash, resolved when the Space was pushed, so the Space keeps showing
+exactly that model) and `examples` (a folder relative to this file); flags and environment variables still win.
 
 Only `transformers`, `torch`, `PIL` and `gradio` are imported, never the project's packages: what the page shows
 is what a user of the published checkpoint gets.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import html
 import importlib
+import json
 import os
 import re
 import sys
@@ -45,6 +51,8 @@ DEFAULT_EXAMPLES = HERE / "train" / "demo_data" / "fashion_mnist_sample" / "test
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_FILE_SIZE = "20mb"
+# Written by `python -m train push-space` into the Space: the pinned model and the examples folder.
+SPACE_SETTINGS = HERE / "emovlm_space.json"
 BATCH_SIZE = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -122,12 +130,17 @@ def resolve_checkpoint(reference: str | os.PathLike) -> str:
     )
 
 
-def load_classifier(reference: str | os.PathLike) -> Classifier:
-    """Load model and image processor with the checkpoint's own code (`trust_remote_code=True`)."""
+def load_classifier(reference: str | os.PathLike, revision: str | None = None) -> Classifier:
+    """Load model and image processor with the checkpoint's own code (`trust_remote_code=True`).
+
+    `revision` (a Hub checkpoint's branch, tag or commit hash) is ignored for a local folder.
+    """
     source = resolve_checkpoint(reference)
+    hub = not Path(source).is_dir()
+    kwargs = {"revision": revision} if revision and hub else {}
     try:
-        model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True).eval()
-        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
+        model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True, **kwargs).eval()
+        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - any load failure becomes a message on the page
         raise CheckpointError(f"Could not load the EmoVLM-KD checkpoint `{source}`: {err}") from err
     # `gate_inputs` lives next to the model class in the checkpoint's modeling file; using it (not a copy)
@@ -136,7 +149,8 @@ def load_classifier(reference: str | os.PathLike) -> Classifier:
     if not hasattr(modeling, "gate_inputs") or not hasattr(model.gate, "branch_weights"):
         raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint with a gate that reports branch weights.")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return Classifier(display_name(source), model, image_processor, labels, modeling.gate_inputs)
+    name = display_name(source) + (f"@{revision}" if kwargs else "")
+    return Classifier(name, model, image_processor, labels, modeling.gate_inputs)
 
 
 def display_name(source: str) -> str:
@@ -413,15 +427,31 @@ def build_demo(classifier: Classifier | None, load_error: str = "", examples_dir
     return demo
 
 
+def space_settings(path: Path | None = None) -> dict:
+    """The Space's pinned defaults (`checkpoint`, `revision`, `examples`), or none outside such a Space."""
+    path = SPACE_SETTINGS if path is None else path
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    if settings.get("examples"):
+        settings["examples"] = str(path.parent / settings["examples"])
+    return settings
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    settings = space_settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=os.environ.get("EMOVLM_CHECKPOINT", str(DEFAULT_CHECKPOINT)),
+    parser.add_argument("--checkpoint", default=os.environ.get("EMOVLM_CHECKPOINT",
+                                                                settings.get("checkpoint", str(DEFAULT_CHECKPOINT))),
                         help="local EmoVLM-KD folder or Hub repo id (env EMOVLM_CHECKPOINT)")
+    parser.add_argument("--revision", default=os.environ.get("EMOVLM_REVISION", settings.get("revision")),
+                        help="branch, tag or commit hash of a Hub checkpoint (env EMOVLM_REVISION)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
                         help="address to listen on (env GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
                         help="port to listen on (env GRADIO_SERVER_PORT)")
-    parser.add_argument("--examples", default=os.environ.get("EMOVLM_EXAMPLES", str(DEFAULT_EXAMPLES)),
+    parser.add_argument("--examples", default=os.environ.get("EMOVLM_EXAMPLES",
+                                                              settings.get("examples", str(DEFAULT_EXAMPLES))),
                         help="folder of <label>/<image> examples (env EMOVLM_EXAMPLES)")
     parser.add_argument("--max-file-size", type=file_size,
                         default=file_size(os.environ.get("EMOVLM_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)),
@@ -446,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     classifier, load_error = None, ""
     try:
-        classifier = load_classifier(args.checkpoint)
+        classifier = load_classifier(args.checkpoint, args.revision)
     except CheckpointError as err:
         # Serve the page anyway (a Space must start) and say what is wrong there and on the console.
         load_error = str(err)

@@ -143,6 +143,25 @@ def test_missing_checkpoint_says_what_to_do(app, tmp_path, monkeypatch):
     assert "No model loaded" in header.value and "make demo" in header.value
 
 
+def test_space_settings_pin_the_defaults_and_flags_still_win(app, tiny_checkpoint, tmp_path, monkeypatch):
+    """`emovlm_space.json` (written by `python -m train push-space`) sets the defaults; env and flags override."""
+    for name in ("EMOVLM_CHECKPOINT", "EMOVLM_REVISION", "EMOVLM_EXAMPLES"):
+        monkeypatch.delenv(name, raising=False)
+    assert app.parse_args([]).revision is None  # no settings file next to the project's app.py
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    settings = tmp_path / "emovlm_space.json"
+    settings.write_text(f'{{"checkpoint": "emo-org/model", "revision": "{sha}", "examples": "examples"}}')
+    monkeypatch.setattr(app, "SPACE_SETTINGS", settings)
+    args = app.parse_args([])
+    assert (args.checkpoint, args.revision, args.examples) == ("emo-org/model", sha, str(tmp_path / "examples"))
+    monkeypatch.setenv("EMOVLM_REVISION", "main")
+    assert app.parse_args([]).revision == "main"
+    assert app.parse_args(["--revision", "v2", "--checkpoint", "x/y"]).revision == "v2"
+    # A local folder has no revisions: the revision is not passed on, and the page names the folder alone.
+    classifier = app.load_classifier(tiny_checkpoint, revision=sha)
+    assert "@" not in classifier.name and classifier.labels
+
+
 def test_label_and_file_names_render_literally_in_markdown(app, tiny_checkpoint, tmp_path):
     """Labels and uploaded file names are text, not Markdown or HTML, wherever the page renders Markdown."""
     from markdown_it import MarkdownIt
