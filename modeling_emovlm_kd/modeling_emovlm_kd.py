@@ -12,6 +12,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_emovlm_kd import GATE_HEAD_SIGNALS, GATE_VLM_SIGNALS, EmoVLMKDConfig
+from .fast_path import applied as _fast_path_applied
 
 
 @dataclass
@@ -307,7 +308,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor):
         """Run the vision tower once; `pooler_output` holds each image's merged tokens `(n_i, D)`."""
-        return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        # ---- fast-path hook (fast_path.py): the patch embedding as a matrix product, applied per call ----
+        with _fast_path_applied(self.vlm):
+            return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
     # ---- VLM label scoring -----------------------------------------------------------------------------
 

@@ -1,0 +1,142 @@
+"""The fast path (`modeling_emovlm_kd/fast_path.py`: the patch embedding as a matrix product) gives the stock
+modules' outputs, applies at call time (a VLM assigned after construction, 4-bit, remote code) and leaves nothing
+behind on the modules."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_images
+from torch import nn
+from transformers import AutoModelForImageClassification, AutoModelForImageTextToText, BitsAndBytesConfig
+
+from modeling_emovlm_kd import EmoVLMKDImageProcessor, fast_path
+from train.assemble import assemble
+
+OUTPUTS = ("logits", "vlm_logits", "head_logits", "visual_features")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls of the fast patch product (of the local package)."""
+    calls = []
+    original = fast_path._patch_product_forward
+
+    def counting(self, x):
+        calls.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(fast_path, "_patch_product_forward", counting)
+    return calls
+
+
+def _outputs(model, inputs, module=fast_path, stock=False):
+    with torch.no_grad():
+        if stock:
+            with module.stock():
+                out = model(**inputs)
+        else:
+            out = model(**inputs)
+    return {name: getattr(out, name) for name in OUTPUTS}
+
+
+def _assert_close(fast, stock, atol=1e-5):
+    for name in OUTPUTS:
+        assert fast[name].shape == stock[name].shape, name
+        torch.testing.assert_close(fast[name], stock[name], atol=atol, rtol=0, msg=name)
+
+
+def test_patch_product_equals_the_convolution_and_falls_back_otherwise():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 16, kernel_size=(2, 4, 4), stride=(2, 4, 4), bias=True).double()
+    assert fast_path.conv_is_patch_product(conv)
+    x = torch.randn(10, 3, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(fast_path._patch_product_forward(conv, x), conv(x), atol=1e-12, rtol=0)
+    # An input larger than one kernel (several windows) goes to the stock kernel, result unchanged.
+    big = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fast_path._patch_product_forward(conv, big), conv(big), atol=0, rtol=0)
+    assert not fast_path.conv_is_patch_product(nn.Conv3d(3, 4, 2, stride=2, padding=1))
+    assert not fast_path.conv_is_patch_product(nn.Conv3d(3, 4, 3, stride=2))
+    assert not fast_path.conv_is_patch_product(nn.Conv3d(4, 4, 2, stride=2, groups=2))
+    assert not fast_path.conv_is_patch_product(nn.Linear(3, 4))
+
+
+def test_fused_forward_matches_the_stock_modules_in_float32(tiny_base, counted):
+    torch.manual_seed(0)
+    # `assemble` builds the wrapper on the meta device and assigns the loaded VLM afterwards.
+    model, processor = assemble(tiny_base["vlm"], "mikels8", head_hidden_dims=[64])
+    model = model.float().eval()
+    inputs = processor.image_processor(random_images(5, seed=1), return_tensors="pt")
+    stock = _outputs(model, inputs, stock=True)
+    assert not counted  # the stock run used the unmodified Conv3d
+    fast = _outputs(model, inputs)
+    assert counted and all(shape[1:] == (3, 2, 14, 14) or len(shape) == 5 for shape in counted)
+    _assert_close(fast, stock)
+    # The override lives only for the call: nothing is left on the module (copies and save_pretrained see stock).
+    (conv,) = fast_path.patch_convolutions(model.vlm)
+    assert "forward" not in conv.__dict__
+    # The stock vision tower itself, called without the wrapper, gives the same merged tokens.
+    with torch.no_grad():
+        reference = model.vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                       return_dict=True).pooler_output
+        ours = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fast_path_applies_to_a_vlm_assigned_after_construction(tiny_base, counted):
+    torch.manual_seed(0)
+    model, processor = assemble(tiny_base["vlm"], "mikels8", head_hidden_dims=[64])
+    model.eval()
+    inputs = processor.image_processor(random_images(2, seed=2), return_tensors="pt")
+    _outputs(model, inputs)
+    before = len(counted)
+    assert before
+    model.vlm = AutoModelForImageTextToText.from_pretrained(tiny_base["vlm"]).eval()
+    stock = _outputs(model, inputs, stock=True)
+    fast = _outputs(model, inputs)
+    assert len(counted) > before
+    _assert_close(fast, stock)
+
+
+def test_fast_path_with_a_4bit_vlm(tiny_checkpoint, counted):
+    pytest.importorskip("bitsandbytes")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    # The local package's class, so that the counted fast path is the one it runs.
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+    model = EmoVLMKDForImageClassification.from_pretrained(tiny_checkpoint, quantization_config=config,
+                                                           device_map="cpu").eval()
+    (conv,) = fast_path.patch_convolutions(model.vlm)
+    assert type(conv) is nn.Conv3d  # bitsandbytes leaves the patch embedding unquantized
+    inputs = EmoVLMKDImageProcessor.from_pretrained(tiny_checkpoint)(random_images(3, seed=4), return_tensors="pt")
+    stock = _outputs(model, inputs, stock=True)
+    fast = _outputs(model, inputs)
+    assert counted
+    _assert_close(fast, stock)
+
+
+def test_saved_checkpoint_ships_the_fast_path_and_its_remote_code_runs_it(tiny_checkpoint):
+    # save_pretrained copies the modeling file's relative imports: the checkpoint carries the fast path.
+    shipped = tiny_checkpoint / "fast_path.py"
+    assert shipped.read_bytes() == Path(fast_path.__file__).read_bytes()
+    model = AutoModelForImageClassification.from_pretrained(tiny_checkpoint, trust_remote_code=True).eval()
+    remote = sys.modules[sys.modules[type(model).__module__]._fast_path_applied.__module__]
+    assert remote.patch_convolutions(model.vlm)
+    inputs = EmoVLMKDImageProcessor.from_pretrained(tiny_checkpoint)(random_images(3, seed=5), return_tensors="pt")
+    _assert_close(_outputs(model, inputs, module=remote), _outputs(model, inputs, module=remote, stock=True))
+
+
+def test_a_model_on_the_meta_device_builds_and_finds_its_patch_embedding(tiny_checkpoint):
+    from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
+
+    config = EmoVLMKDConfig.from_pretrained(tiny_checkpoint)
+    with torch.device("meta"):
+        model = EmoVLMKDForImageClassification(config)
+    (conv,) = fast_path.patch_convolutions(model.vlm)
+    assert conv.weight.is_meta and "forward" not in conv.__dict__  # nothing is patched at construction
+    with fast_path.applied(model.vlm):
+        x = torch.empty(4, *conv.weight.shape[1:], device="meta")
+        assert conv(x).shape == (4, conv.out_channels, 1, 1, 1)
+    assert "forward" not in conv.__dict__
