@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen2VLConfig, ViTConfig, ViTForImageClassification
 from transformers.initialization import no_init_weights
@@ -40,9 +39,10 @@ from modeling_emovlm_kd import (
     EmoVLMKDForImageClassification,
     EmoVLMKDImageProcessor,
     EmoVLMKDProcessor,
+    fast_path,
     resolve_label_set,
 )
-from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
+from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs, pool_visual_tokens
 from train.files import write_json_atomic
 from train.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
 from train.trainer_utils import count_parameters
@@ -198,6 +198,8 @@ class BenchModels:
             | {"full_model_layers": self.shape.full_teacher_layers},
             "head_hidden_dims": list(self.model.config.head_hidden_dims),
             "gate_type": self.model.config.gate_type,
+            "gate_vlm_signal": self.model.config.gate_vlm_signal,
+            "gate_head_signal": self.model.config.gate_head_signal,
             "num_labels": self.model.config.num_labels,
             "min_pixels": self.image_processor.size["shortest_edge"],
             "max_pixels": self.image_processor.size["longest_edge"],
@@ -323,6 +325,14 @@ def fused_predict(bm: BenchModels, images) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def fused_stock_predict(bm: BenchModels, images) -> torch.Tensor:
+    """`fused_predict` with the model package's fast path off (`fast_path.stock()`): the unmodified transformers
+    modules, for the side-by-side measure of what the fast path buys."""
+    with fast_path.stock():
+        return fused_predict(bm, images)
+
+
+@torch.inference_mode()
 def vlm_only_predict(bm: BenchModels, images) -> torch.Tensor:
     """The VLM alone scoring the labels (vision tower + one language-model pass), no head, no gate."""
     inputs = bm.image_processor(images, return_tensors="pt").to(bm.device)
@@ -394,11 +404,14 @@ class OfficialStyle:
         teacher_inputs = bm.teacher_processor([image.convert("RGB") for image in images], return_tensors="pt")
         bm.teacher(pixel_values=teacher_inputs["pixel_values"].to(bm.device, bm.dtype)).logits.float()
         tick("teacher_forward")
-        # 4. The gate on the parsed one-hot label and the head's probabilities.
+        # 4. The gate on the parsed one-hot label and the head's signal (the config's `gate_head_signal`).
         dtype = model.gate_dtype
-        logits = model.gate(vlm_one_hot.to(dtype), F.softmax(head.float(), -1).to(dtype))
+        _, head_signal = gate_inputs(vlm_one_hot, head, "one_hot", head_signal=model.config.gate_head_signal)
+        logits = model.gate(vlm_one_hot.to(dtype), head_signal.to(dtype))
         tick("gate")
         self.calls.append({"batch_size": len(images), "generated_tokens": int(new_tokens.shape[1]),
+                           "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                           "image_grid_thw": inputs["image_grid_thw"].tolist(),
                            "parsed": sum(label is not None for label in labels), **parts})
         return logits.argmax(-1)
 

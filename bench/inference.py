@@ -9,11 +9,16 @@ Paths, on the same weights and the same images, in one process, repetitions inte
   language-model pass, head, gate), under `torch.inference_mode`.
 - `fused_pipeline`: the same through `pipeline("image-classification", batch_size=B)`.
 - `fused_fp32`: the fused model in float32, when the benchmark runs in bf16/fp16 (what bf16 buys on this hardware).
+- `fused_stock`: the same with the model package's fast path off (`fast_path.stock()`, the unmodified transformers
+  modules): what the fast path buys, side by side.
 - `vlm_only`: the VLM alone scoring the labels (vision tower + one language-model pass), no head, no gate.
 - `official_genN`: greedy `generate(max_new_tokens=N)` of the answer from the chat prompt + decode + parse, a
   second vision pass through a separate fp32 copy of the vision tower for the head, a ViT teacher forward, the gate.
   A random model never emits EOS, so exactly N tokens are generated: N=16 covers a trained model's short answer
   (`{'emotion': 'contentment'}` + EOS is about 10 tokens), N=256 is what the authors' code allowed.
+- `matmul_peak`: square products (2048, 8192 on GPU) in the benchmark dtype, interleaved with the rest: the peak
+  matrix-product rate of this run. Every case reports GFLOP/s (FLOPs counted from the config, `bench/flops.py`) and
+  its fraction of that peak; the JSON keeps each case's top ops from one profiled call (torch.profiler).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from bench.common import (
     build_models,
     default_image_size,
     fused_predict,
+    fused_stock_predict,
     interleaved_timings,
     log,
     make_shape,
@@ -40,9 +46,11 @@ from bench.common import (
     random_images,
     setup,
     summarize,
+    synchronize,
     vlm_only_predict,
     write_json,
 )
+from bench.flops import MatmulPeak, fused_flops, official_flops, op_profile, rates
 
 
 def parse_args(argv=None):
@@ -59,6 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=None, help="Square image side (default: max_pixels**0.5).")
     parser.add_argument("--max-pixels", type=int, default=None, help="Image processor max_pixels (mid: 224*224).")
     parser.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline() case.")
+    parser.add_argument("--no-stock", action="store_true", help="Skip the fast-path-off case (fused_stock).")
+    parser.add_argument("--no-profile", action="store_true", help="Skip the profiled call per case.")
+    parser.add_argument("--peak-size", type=int, default=None, help="Side of the peak matmul (2048, GPU 8192).")
     parser.add_argument("--no-fp32-baseline", action="store_true",
                         help="Skip the float32 copy of the fused model (only built when --dtype is not fp32).")
     return parser.parse_args(argv)
@@ -88,10 +99,14 @@ def main(argv=None) -> dict:
     if bm.dtype != torch.float32 and not args.no_fp32_baseline:
         bm32 = dataclasses.replace(bm, model=copy.deepcopy(bm.model).float(), dtype=torch.float32)
 
-    cases, keys = {}, {}
+    peak = MatmulPeak(bm.device, bm.dtype, args.peak_size)
+    peak.calibrate(synchronize)
+    cases, keys = {"matmul_peak": peak}, {"matmul_peak": ("matmul_peak", 0, None)}
     for b in batch_sizes:
         batch = images[:b]
         entries = [("fused", lambda batch=batch: fused_predict(bm, batch))]
+        if not args.no_stock:
+            entries.append(("fused_stock", lambda batch=batch: fused_stock_predict(bm, batch)))
         if pipe is not None:
             entries.append(("fused_pipeline", lambda batch=batch, b=b: pipe(batch, batch_size=b)))
         if bm32 is not None:
@@ -123,6 +138,17 @@ def main(argv=None) -> dict:
         calls.update({f"official_gen{args.long_max_new_tokens}@{b}": [c for c in long_official.calls
                                                                       if c["batch_size"] == b] for b in long_sizes})
 
+    grids = {b: bm.image_processor(images[:b], return_tensors="pt")["image_grid_thw"] for b in batch_sizes}
+    profiles = {}
+    if not args.no_profile:
+        log("Profiling one call per case (torch.profiler, untimed) ...")
+        profiles = {name: op_profile(fn, bm.device) for name, fn in cases.items()}
+    peak_times = times.pop("matmul_peak")
+    peak_row = {"case": "matmul_peak", "method": "matmul_peak", "size": peak.size, "products_per_call": peak.repeats,
+                "latency_per_call_s": summarize(peak_times),
+                "gflop_per_s": peak.flops / statistics.median(peak_times) / 1e9,
+                "gflop_per_s_per_rep": [peak.flops / t / 1e9 for t in peak_times]}
+
     rows = []
     for name, seconds in times.items():
         method, b, new_tokens = keys[name]
@@ -130,6 +156,17 @@ def main(argv=None) -> dict:
         row = {"case": name, "method": method, "batch_size": b, "max_new_tokens": new_tokens,
                "latency_per_call_s": stats, "latency_per_image_ms": 1000 * stats["median_s"] / b,
                "images_per_s": b / stats["median_s"], "rel_iqr": stats["rel_iqr"]}
+        if method.startswith("official"):
+            call = calls[name][-1]
+            flops = official_flops(bm.model, bm.teacher, grids[b], call["prompt_tokens"], call["generated_tokens"])
+        else:
+            flops = fused_flops(bm.model, grids[b], with_head=method != "vlm_only")
+        row["flops"] = flops
+        # The long generation ran after the peak's repetitions: compare its median with the peak's median.
+        paired_peak = peak_times if len(seconds) == len(peak_times) else [statistics.median(peak_times)] * len(seconds)
+        row.update(rates(flops["total"], seconds, peak.flops, paired_peak))
+        if name in profiles:
+            row["profile"] = profiles[name]
         if name in calls:
             row["generated_tokens"] = [c["generated_tokens"] for c in calls[name]]
             row["parsed_answers"] = sum(c["parsed"] for c in calls[name])
@@ -158,6 +195,12 @@ def main(argv=None) -> dict:
     ratios[f"vlm_only_batch{largest}_vs_batch{smallest}_throughput"] = ratio(
         by[("vlm_only", largest)]["images_per_s"], by[("vlm_only", smallest)]["images_per_s"])
     for b in batch_sizes:
+        ratios[f"fused_fraction_of_peak@{b}"] = by[("fused", b)]["fraction_of_peak"]
+        if ("fused_stock", b) in by:
+            ratios[f"fused_stock_latency_over_fused@{b}"] = ratio(by[("fused_stock", b)]["latency_per_image_ms"],
+                                                                 by[("fused", b)]["latency_per_image_ms"])
+            ratios[f"fused_vs_fused_stock_paired_per_rep@{b}"] = paired(times[f"fused@{b}"],
+                                                                        times[f"fused_stock@{b}"], b, b)
         ratios[f"fused_latency_over_vlm_only@{b}"] = ratio(by[("fused", b)]["latency_per_image_ms"],
                                                           by[("vlm_only", b)]["latency_per_image_ms"])
         if ("fused_fp32", b) in by:
@@ -173,8 +216,12 @@ def main(argv=None) -> dict:
     table = markdown_table(
         sorted(rows, key=lambda r: (r["batch_size"], r["method"])),
         [("method", "path"), ("batch_size", "batch"), ("latency_per_image_ms", "ms / image"),
-         ("images_per_s", "images / s"), ("rel_iqr", "IQR / median"), ("speedup_of_fused", "fused is x faster")],
+         ("images_per_s", "images / s"), ("rel_iqr", "IQR / median"), ("speedup_of_fused", "fused is x faster"),
+         ("gflop_per_s", "GFLOP/s"), ("fraction_of_peak", "of peak")],
     )
+    table += (f"\n\nPeak: {peak_row['gflop_per_s']:.4g} GFLOP/s ({peak.size}x{peak.size} products, "
+              f"{str(bm.dtype).removeprefix('torch.')}, median of {len(peak_times)} interleaved repetitions, "
+              f"{min(peak_row['gflop_per_s_per_rep']):.4g}-{max(peak_row['gflop_per_s_per_rep']):.4g}).")
     description = bm.describe()
     print(f"\nInference ({description['shape']}, {description['dtype']}, {description['device']}, "
           f"{side}x{side} images, {reps} interleaved repetitions, median):\n")
@@ -189,6 +236,7 @@ def main(argv=None) -> dict:
                      "max_new_tokens": args.max_new_tokens, "long_max_new_tokens": args.long_max_new_tokens,
                      "long_reps": args.long_reps, "pipeline": pipe is not None},
         "results": rows,
+        "peak": peak_row,
         "ratios": ratios,
         "table_markdown": table,
     }

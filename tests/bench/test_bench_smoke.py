@@ -64,7 +64,14 @@ def test_bench_scripts_smoke(tmp_path):
             ("official_gen8", 1), ("official_gen8", 2)} <= cases
     official = [row for row in inference["results"] if row["method"] == "official_gen8"]
     assert all(tokens == 8 for row in official for tokens in row["generated_tokens"])
-    assert {"fused_vs_official_gen4_images_per_s@2", "fused_batch2_vs_batch1_throughput"} <= set(inference["ratios"])
+    assert {"fused_vs_official_gen4_images_per_s@2", "fused_batch2_vs_batch1_throughput",
+            "fused_fraction_of_peak@2", "fused_stock_latency_over_fused@2"} <= set(inference["ratios"])
+    assert inference["peak"]["gflop_per_s"] > 0
+    for row in inference["results"]:  # every case: counted FLOPs, achieved rate, share of the peak, top ops
+        assert row["flops"]["total"] > 0 and row["gflop_per_s"] > 0 and row["fraction_of_peak"] > 0
+        if not row["method"].startswith("official_gen8"):  # the long generation is not profiled
+            assert row["profile"]["top_ops"] and abs(sum(row["profile"]["shares"].values()) - 1) < 1e-6
+    assert ("fused_stock", 2) in cases
 
     overhead = results["overhead"]
     assert overhead["parameters"]["qwen2_vl_7b"]["distillation_head"] == 3_679_240
@@ -76,8 +83,12 @@ def test_bench_scripts_smoke(tmp_path):
     assert {"cache_build_s", "stage2_cached_epoch_s", "stage3_cached_epoch_s", "stage2_recompute_epoch_s",
             "stage3_recompute_epoch_s", "stage2_official_epoch_s", "stage3_official_epoch_s"} <= set(training)
     assert len(training["stage2_cached_epoch_s"]["all"]) == 2
+    assert training["stage3_train_gate"]["lbfgs_calls"] >= 1  # stage 3 timed through train.gate.train_gate
+    assert training["stage3_train_gate"]["head_signal"] == results["training"]["config"]["gate_head_signal"]
 
     scaling = results["scaling"]["results"]
     assert {(row["sweep"], row["method"]) for row in scaling} == {
         ("resolution", "fused"), ("resolution", "official_gen4"), ("batch", "fused")}
     assert all(row["peak_mib"] is None or row["peak_mib"] > 0 for row in scaling)
+    assert all(row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"] and row["profile"]["top_ops"]
+               for row in scaling)
