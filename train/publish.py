@@ -7,7 +7,20 @@
 The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
 processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
 `hub_cards/README.md.j2` and the variant's entry of `hub_cards/variants.yaml`. The card's `model-index` carries the
-accuracy and macro-F1 measured in the run's `results.json`; a run without results gets a card that says so.
+accuracy and macro-F1 measured in the run's `results.json`; a run without results gets a card that says so. Next to
+them go `handler.py` (the Inference Endpoints custom handler, from `modeling_emovlm_kd/`), a `requirements.txt`
+for the endpoint, and example images under `examples/` that the card's `widget:` shows (`--example-images`, or for
+a `custom` run on an image folder the first test image of up to four labels; never automatically for the named
+data sets, whose images are their owners'). `--space ORG/NAME-demo` links the card to the Space that
+`python -m train push-space` publishes.
+
+Pinning the revision. `trust_remote_code=True` runs the repository's code, so the card's snippets pass `revision=`.
+A commit's hash covers every file in it, README.md included, so no card can name the hash of its own commit. A
+second commit that writes the first one's hash into README.md would make the push two steps (a failure between
+them leaves a card without a pin, and a concurrent push could land between them) and would double the history.
+So a push stays one atomic commit: the snippets name the branch pushed to (`revision="main"` or `--revision`),
+the card tells the reader to replace it with the commit hash they reviewed (shown on the Hub), and the push prints
+the snippet with the new commit's hash. `push-space` resolves and pins that hash in the Space by itself.
 
 Everything is one commit (`create_commit`), so a push is atomic and a push of a new run replaces the previous one
 in one step, older revisions staying loadable by their commit hash. The token comes from the usual places
@@ -21,14 +34,25 @@ import ast
 import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import jinja2
 import yaml
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    constants,
+)
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalTokenNotFoundError,
@@ -56,6 +80,11 @@ NOT_HYPERPARAMETERS = {"disable_tqdm", "logging_steps", "report_to", "save_steps
 # The files a folder needs to load with `from_pretrained(..., trust_remote_code=True)`.
 REQUIRED_FILES = ("config.json",)
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Shipped from `modeling_emovlm_kd/` with every push: Inference Endpoints load `EndpointHandler` from it.
+HANDLER_FILE = "handler.py"
+EXAMPLES_FOLDER = "examples"
+EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_EXAMPLES, MAX_EXAMPLE_BYTES, DEFAULT_EXAMPLES = 8, 5 * 1024 * 1024, 4
 
 
 class PublishError(Exception):
@@ -142,14 +171,19 @@ def load_variants(path: str | Path = VARIANTS_PATH) -> dict:
     return data
 
 
+def package_dir() -> Path:
+    """The folder of the `modeling_emovlm_kd` package (found without importing it, which would load torch)."""
+    spec = importlib.util.find_spec("modeling_emovlm_kd")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def package_label_sets() -> tuple[dict[str, list[str]], dict[str, str]]:
     """`LABEL_SETS` and `DATASET_LABEL_SETS` of `modeling_emovlm_kd`, read from its source.
 
     They are literal tables; importing the package would load torch and transformers (seconds), which a push does
     not otherwise need. `find_spec` of the top-level package does not import it.
     """
-    spec = importlib.util.find_spec("modeling_emovlm_kd")
-    source = Path(next(iter(spec.submodule_search_locations))) / "configuration_emovlm_kd.py"
+    source = package_dir() / "configuration_emovlm_kd.py"
     tables = {}
     for node in ast.parse(source.read_text()).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -195,6 +229,99 @@ def custom_dataset(recipe: dict, dataset_name: str | None) -> tuple[str | None, 
         source = kind
     name = dataset_name or source
     return name, (source or name or "custom")
+
+
+# ---- example images and the endpoint's files ------------------------------------------------------------------
+
+
+def safe_name(text: str) -> str:
+    """A file or folder name for the repo: letters, digits, `.`, `_` and `-` only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
+
+
+def run_examples(folder: HubFolder, limit: int = DEFAULT_EXAMPLES) -> list[tuple[str, Path]]:
+    """(title, file): the first test image of each of the first `limit` labels of a run on an image folder.
+
+    Read from the run's own `recipe.yaml` (it holds the data root; results.json's recipe does not), so only a
+    folder inside a run (`<run>/final`) with a `root/test/<label>/` layout has them.
+    """
+    recipe_path = folder.path.parent / "recipe.yaml"
+    if folder.path.name != "final" or not recipe_path.is_file():
+        return []
+    data = (yaml.safe_load(recipe_path.read_text()) or {}).get("data") or {}
+    if str(data.get("kind", "")).lower() != "imagefolder" or not data.get("root"):
+        return []
+    test = Path(str(data["root"])) / "test"
+    examples = []
+    for label in folder.labels[:limit]:
+        label_dir = test / label
+        images = sorted(p for p in label_dir.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES) \
+            if label_dir.is_dir() else []
+        if images:
+            examples.append((label, images[0]))
+    return examples
+
+
+def given_examples(paths: list[str | Path]) -> list[tuple[str, Path]]:
+    """(title, file) for `--example-images`: image files, or folders whose images are taken in sorted order."""
+    examples = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXAMPLE_SUFFIXES)
+            if not files:
+                raise PublishError(f"--example-images: {path} holds no {'/'.join(EXAMPLE_SUFFIXES)} images.")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise PublishError(f"--example-images: {path} does not exist.")
+        examples += [(file.stem, file) for file in files]
+    return examples
+
+
+def example_files(examples: list[tuple[str, Path]]) -> dict[str, tuple[str, Path]]:
+    """Path in the repo (`examples/<title>/<file>`, the layout app.py reads) -> (title, file), checked."""
+    if len(examples) > MAX_EXAMPLES:
+        raise PublishError(f"{len(examples)} example images; the card's widget takes at most {MAX_EXAMPLES}.")
+    files = {}
+    for title, path in examples:
+        if path.suffix.lower() not in EXAMPLE_SUFFIXES:
+            raise PublishError(f"Example image {path} is not one of {', '.join(EXAMPLE_SUFFIXES)}.")
+        if path.stat().st_size > MAX_EXAMPLE_BYTES:
+            raise PublishError(f"Example image {path} is over {MAX_EXAMPLE_BYTES // 2**20} MB.")
+        in_repo = f"{EXAMPLES_FOLDER}/{safe_name(title)}/{safe_name(path.stem)}{path.suffix.lower()}"
+        if in_repo in files:
+            raise PublishError(f"Two example images would be uploaded as {in_repo}; rename one.")
+        files[in_repo] = (title, path)
+    return files
+
+
+def widget(repo_id: str, branch: str, files: dict[str, tuple[str, Path]], endpoint: str | None = None) -> list[dict]:
+    """The card's `widget:` entries: each example image by its URL on the Hub it is pushed to."""
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    return [{"src": f"{endpoint}/{repo_id}/resolve/{quote(branch, safe='')}/{quote(in_repo)}", "example_title": title}
+            for in_repo, (title, _) in files.items()]
+
+
+def endpoint_requirements(min_transformers: str) -> bytes:
+    """`requirements.txt` of the repo: what an Inference Endpoint installs before it imports handler.py."""
+    return ("# Installed by Hugging Face Inference Endpoints before loading handler.py (the endpoint's image brings\n"
+            "# torch). The remote code needs transformers 5.x; this is the oldest version it is tested with.\n"
+            f"transformers>={min_transformers}\npillow\n").encode()
+
+
+def backbone_rows(base_vlm: str | None, teacher: str | None, licences: dict[str, str]) -> list[dict]:
+    """The card's backbone table: each base model's name and licence (tiny test runs derive from none)."""
+    unknown = "not recorded here: see the model's own card"
+    rows = []
+    for role, model_id, kind in (("VLM (stages 1-3, at inference)", base_vlm, "Qwen2-VL"),
+                                 ("Vision teacher (training only)", teacher, "ViT")):
+        if model_id is None:
+            rows.append({"role": role, "model": f"tiny random {kind} built from a config (test run)",
+                         "url": None, "licence": "none: no released weights were used"})
+        else:
+            rows.append({"role": role, "model": model_id, "url": f"https://huggingface.co/{model_id}",
+                         "licence": licences.get(model_id, unknown)})
+    return rows
 
 
 # ---- the model card --------------------------------------------------------------------------------------------
@@ -256,8 +383,14 @@ def eval_results(results: dict, dataset_name: str, dataset_type: str) -> list[Ev
 
 
 def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str | None = None,
-               variants: dict | None = None) -> ModelCard:
-    """Render `hub_cards/README.md.j2` for a run and a variant; checks the variant fits the run first."""
+               variants: dict | None = None, revision: str | None = None, space: str | None = None,
+               examples: dict[str, tuple[str, Path]] | None = None) -> ModelCard:
+    """Render `hub_cards/README.md.j2` for a run and a variant; checks the variant fits the run first.
+
+    `revision` is the branch the card is pushed to (its snippets name it; see the module docstring for why not a
+    commit hash), `space` the repo id of the demo Space to link, `examples` the uploaded example images
+    (`example_files`), shown by the card's widget.
+    """
     variants = variants or load_variants()
     meta = check_variant(variant, folder, variants)
     common, recipe = variants["common"], folder.recipe
@@ -280,6 +413,7 @@ def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str 
         tags=list(dict.fromkeys([*common["tags"], *meta.get("tags", []), *([] if not tiny_run else ["test-run"])])),
         eval_results=eval_results(folder.results, name or "custom", dataset_type or "custom")
         if folder.results else None,
+        **({"widget": widget(repo_id, revision or "main", examples)} if examples else {}),
     )
     label_set = meta["label_set"]
     if variant == "custom":  # a custom run may still use a named set: say which
@@ -306,6 +440,12 @@ def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str 
         has_confusion_matrix=(folder.path / "confusion_matrix.png").exists(),
         stages=stage_rows(recipe) if recipe else None,
         model_options=model_options,
+        revision=revision or "main",
+        min_transformers=common["min_transformers"],
+        space_url=f"{constants.ENDPOINT.rstrip('/')}/spaces/{space}" if space else None,
+        space=space,
+        backbones=backbone_rows(base_vlm, teacher, common["backbone_licences"]),
+        has_examples=bool(examples),
     )
 
 
@@ -334,9 +474,41 @@ def check_card(card: ModelCard, folder: HubFolder) -> None:
 # ---- what gets uploaded ----------------------------------------------------------------------------------------
 
 
-def upload_plan(folder: HubFolder, card: ModelCard) -> dict[str, Path | bytes]:
-    """Path in the repo -> local file or bytes: the folder's files and the rendered README.md, nothing else."""
-    plan: dict[str, Path | bytes] = dict(folder_files(folder.path))
+def without_local_paths(data):
+    """A config's JSON with every `_name_or_path` that names a local absolute path emptied, at any depth.
+
+    `save_pretrained` records where each (sub-)config was loaded from: for a trained run, a folder of the machine
+    (`<run>/sft/merged`). It only informs, loading never reads it, and it must not be published.
+    """
+    if isinstance(data, dict):
+        return {key: "" if key == "_name_or_path" and isinstance(value, str) and (
+            os.path.isabs(value) or value.startswith("~")) else without_local_paths(value)
+            for key, value in data.items()}
+    if isinstance(data, list):
+        return [without_local_paths(value) for value in data]
+    return data
+
+
+def published_json(path: Path) -> Path | bytes:
+    """A `*.json` file of the folder as uploaded: unchanged, unless it records a local path (then rewritten)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    cleaned = without_local_paths(data)
+    if cleaned == data:
+        return path
+    return (json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def upload_plan(folder: HubFolder, card: ModelCard, examples: dict[str, tuple[str, Path]] | None = None,
+                min_transformers: str | None = None) -> dict[str, Path | bytes]:
+    """Path in the repo -> local file or bytes: the folder's files, the endpoint's handler.py and requirements.txt,
+    the example images and the rendered README.md, nothing else."""
+    plan: dict[str, Path | bytes] = {
+        in_repo: published_json(path) if path.suffix == ".json" else path
+        for in_repo, path in folder_files(folder.path).items()
+    }
+    plan[HANDLER_FILE] = package_dir() / HANDLER_FILE
+    plan["requirements.txt"] = endpoint_requirements(min_transformers or load_variants()["common"]["min_transformers"])
+    plan.update({in_repo: path for in_repo, (_, path) in (examples or {}).items()})
     plan["README.md"] = str(card).encode()
     return dict(sorted(plan.items()))
 
@@ -389,15 +561,23 @@ def push(
     dataset_name: str | None = None,
     dry_run: str | Path | None = None,
     token: str | None = None,
+    space: str | None = None,
+    example_images: list[str | Path] | None = None,
 ):
     """Upload a run's Hub-ready folder and its card in one commit; with `dry_run`, write them there instead.
 
-    Returns the `CommitInfo` of the push, or the dry-run folder.
+    `example_images` (files or folders) become the card's widget examples; without them, a `custom` run on an
+    image folder contributes its first test images. Returns the `CommitInfo` of the push, or the dry-run folder.
     """
     folder = HubFolder.load(run_dir)
-    card = build_card(folder, variant, repo_id, dataset_name)
+    if example_images:
+        chosen = given_examples(example_images)
+    else:
+        chosen = run_examples(folder) if variant == "custom" else []
+    examples = example_files(chosen)
+    card = build_card(folder, variant, repo_id, dataset_name, revision=revision, space=space, examples=examples)
     check_card(card, folder)
-    plan = upload_plan(folder, card)
+    plan = upload_plan(folder, card, examples)
     if dry_run is not None:
         return write_plan(plan, dry_run)
 
@@ -455,6 +635,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="Branch to push to (created from main if missing); default main.")
     parser.add_argument("--commit-message", help="Commit title; default names the variant and the run.")
     parser.add_argument("--dataset-name", help="Data set name on the card (custom variant; default from the recipe).")
+    parser.add_argument("--space", metavar="ORG/NAME", help="Link the card to this demo Space (`push-space`).")
+    parser.add_argument("--example-images", nargs="+", metavar="PATH",
+                        help=f"Images (files or folders, at most {MAX_EXAMPLES}) uploaded to examples/ for the "
+                             "card's widget; default for a custom run on an image folder: its first test images.")
     parser.add_argument("--dry-run", metavar="DIR", help="Write the files that would be uploaded into DIR instead.")
     return parser
 
@@ -468,7 +652,8 @@ def run(args: argparse.Namespace) -> None:
             sys.exit(f"push: error: {args.config} has no output_dir.")
     try:
         result = push(run_dir, args.variant, args.repo_id, private=args.private, revision=args.revision,
-                      commit_message=args.commit_message, dataset_name=args.dataset_name, dry_run=args.dry_run)
+                      commit_message=args.commit_message, dataset_name=args.dataset_name, dry_run=args.dry_run,
+                      space=args.space, example_images=args.example_images)
     except PublishError as error:
         sys.exit(f"push: error: {error}")
     if args.dry_run is not None:
@@ -478,8 +663,10 @@ def run(args: argparse.Namespace) -> None:
             print(f"  {path.relative_to(result).as_posix():<32} {path.stat().st_size:>12,} bytes")
         return
     print(f"Pushed to {args.repo_id}@{args.revision or 'main'}: commit {result.oid}\n  {result.commit_url}\n"
-          f"Load it with pipeline('image-classification', model={args.repo_id!r}, trust_remote_code=True)"
-          + (f" and revision={args.revision!r}" if args.revision else ""))
+          f"Load exactly this commit (the card names the branch; pin the hash):\n"
+          f"  pipeline('image-classification', model={args.repo_id!r}, revision={result.oid!r}, "
+          f"trust_remote_code=True)"
+          + (f"\nor follow the branch with revision={args.revision!r}" if args.revision else ""))
 
 
 __all__ = [
@@ -488,6 +675,7 @@ __all__ = [
     "PublishError",
     "add_arguments",
     "build_card",
+    "example_files",
     "check_variant",
     "find_hub_folder",
     "load_variants",
