@@ -22,6 +22,10 @@ create a repo, commit to it and load from it:
                                                           X-Linked-Etag/-Size, as the Hub redirects to its CDN;
                                                           `Range` requests are answered with 206 (or 416)
 
+Spaces (`repo_type="space"`, created with an `sdk`) take the same endpoints under `/api/spaces/{repo}/...`,
+`/spaces/{repo}.git/info/lfs/...` and `/spaces/{repo}/resolve/...`; they are stored under the key `spaces/{repo}`
+(`hub.repos["spaces/org/name"]`, `hub.commits("spaces/org/name")`). Their README must name a known `sdk`.
+
 Tokens are checked like on the Hub: an unknown token is rejected on every request (401, "Invalid credentials in
 Authorization header"); a private repo is invisible (401/404 `RepoNotFound`) without a token of a member; writing needs
 a `write` token of the namespace's user or one of their organisations. The storage origin listens on a second port of
@@ -60,6 +64,7 @@ DEFAULT_GITATTRIBUTES = "".join(
     for pattern in ("*.bin", "*.ckpt", "*.h5", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.pkl", "*.pt", "*.pth",
                     "*.safetensors", "*.tar.gz", "*.zip", "*tfevents*")
 )
+SPACE_SDKS = {"gradio", "docker", "static"}
 PIPELINE_TAGS = {"image-classification", "image-text-to-text", "zero-shot-image-classification", "feature-extraction"}
 INVALID_TOKEN = "Invalid credentials in Authorization header"
 
@@ -112,6 +117,13 @@ class Repo:
     created_at: str
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
+    repo_type: str = "model"
+    sdk: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Where `FakeHubServer.repos` keeps it: `org/name` for a model, `spaces/org/name` for a Space."""
+        return repo_key(self.repo_type, self.repo_id)
 
     @property
     def namespace(self) -> str:
@@ -140,6 +152,10 @@ class HubError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
         self.body = body or {}
+
+
+def repo_key(repo_type: str, repo_id: str) -> str:
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
 def _now() -> str:
@@ -264,12 +280,13 @@ class FakeHubServer:
 
     # ---- repository operations -------------------------------------------------------------------------------
 
-    def create_repo(self, repo_id: str, private: bool, author: str) -> Repo:
-        repo = Repo(repo_id=repo_id, private=private, created_at=_now())
+    def create_repo(self, repo_id: str, private: bool, author: str, repo_type: str = "model",
+                    sdk: str | None = None) -> Repo:
+        repo = Repo(repo_id=repo_id, private=private, created_at=_now(), repo_type=repo_type, sdk=sdk)
         attributes = DEFAULT_GITATTRIBUTES.encode()
         entry = RepoEntry(".gitattributes", len(attributes), git_blob_oid(attributes), content=attributes)
         self.add_commit(repo, "main", None, {".gitattributes": entry}, "initial commit", "", author)
-        self.repos[repo_id] = repo
+        self.repos[repo.key] = repo
         return repo
 
     def add_commit(self, repo: Repo, branch: str, parent: str | None, files: dict[str, RepoEntry], title: str,
@@ -367,8 +384,10 @@ class _HubHandler(_BaseHandler):
             return self.create_repo()
         if s[:2] == ["api", "validate-yaml"] and method == "POST":
             return self.validate_yaml()
-        if s[:2] == ["api", "models"] and len(s) >= 4:
-            repo_id, action, rest = f"{s[2]}/{s[3]}", (s[4] if len(s) > 4 else None), s[5:]
+        if s[:2] in (["api", "models"], ["api", "spaces"]) and len(s) >= 4:
+            # Handlers get the repo's key: `org/name` for models, `spaces/org/name` for Spaces (also its URL path).
+            prefix = "" if s[1] == "models" else "spaces/"
+            repo_id, action, rest = f"{prefix}{s[2]}/{s[3]}", (s[4] if len(s) > 4 else None), s[5:]
             handler = {
                 (None, "GET"): self.model_info, ("revision", "GET"): self.model_info,
                 ("preupload", "POST"): self.preupload, ("commit", "POST"): self.commit,
@@ -378,14 +397,17 @@ class _HubHandler(_BaseHandler):
             }.get((action, method))
             if handler is not None:
                 return handler(repo_id, rest)
+        prefix = ""
+        if s[:1] == ["spaces"] and len(s) > 1:
+            prefix, s = "spaces/", s[1:]
         if len(s) >= 5 and s[1].endswith(".git") and s[2:5] == ["info", "lfs", "objects"] and method == "POST":
-            repo_id = f"{s[0]}/{s[1][:-4]}"
+            repo_id = f"{prefix}{s[0]}/{s[1][:-4]}"
             if len(s) == 6 and s[5] == "batch":
                 return self.lfs_batch(repo_id)
             if len(s) == 6 and s[5] == "verify":
                 return self.lfs_verify(repo_id)
         if len(s) >= 5 and s[2] == "resolve" and method in ("GET", "HEAD"):
-            return self.resolve(f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
+            return self.resolve(f"{prefix}{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
         if s[:2] == ["api", "agent-harnesses"] and method == "GET":
             # The client's best-effort agent detection; the test double knows no agent harnesses.
             return self.send_json({"standardEnvVars": [], "harnesses": {}})
@@ -413,24 +435,28 @@ class _HubHandler(_BaseHandler):
         if self.user is None:
             raise HubError(401, "You must be authenticated to create a repository")
         namespace = payload.get("organization") or self.user[0]
-        if payload.get("type", "model") != "model":
-            raise HubError(400, "FakeHubServer only hosts model repositories")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "space"):
+            raise HubError(400, "FakeHubServer only hosts model repositories and Spaces")
+        if repo_type == "space" and payload.get("sdk") not in SPACE_SDKS:
+            raise HubError(400, f"A Space needs an sdk, one of {sorted(SPACE_SDKS)}")
         if not self.fake.can_write_namespace(self.user, namespace):
-            raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace!r}")
+            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {namespace!r}")
         repo_id = f"{namespace}/{payload['name']}"
-        if repo_id in self.fake.repos:
+        key = repo_key(repo_type, repo_id)
+        if key in self.fake.repos:
             # The Hub's conflict answer carries the repo's URL, which `create_repo(exist_ok=True)` returns.
-            raise HubError(409, "You already created this model repo", body={"url": self.repo_url(repo_id)})
+            raise HubError(409, f"You already created this {repo_type} repo", body={"url": self.repo_url(key)})
         private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
-        self.fake.create_repo(repo_id, private, self.user[0])
-        self.send_json({"url": self.repo_url(repo_id), "name": repo_id, "id": repo_id})
+        self.fake.create_repo(repo_id, private, self.user[0], repo_type, payload.get("sdk"))
+        self.send_json({"url": self.repo_url(key), "name": repo_id, "id": repo_id})
 
     def repo_url(self, repo_id: str) -> str:
         return f"{self.fake.endpoint}/{repo_id}"
 
     def validate_yaml(self) -> None:
         payload = self.body_json()
-        errors, warnings = metadata_errors(payload.get("content", ""))
+        errors, warnings = metadata_errors(payload.get("content", ""), payload.get("repoType") or "model")
         if errors:
             return self.send_json({"errors": [{"message": m} for m in errors], "warnings": []}, 400)
         self.send_json({"errors": [], "warnings": [{"message": m} for m in warnings]})
@@ -440,6 +466,14 @@ class _HubHandler(_BaseHandler):
         commit = self.fake.commit_of(repo, rest[0] if rest else "main")
         card = card_metadata(commit)
         config = json.loads(commit.files["config.json"].content) if "config.json" in commit.files else None
+        if repo.repo_type == "space":
+            return self.send_json({
+                "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo.repo_id, "author": repo.namespace,
+                "sha": commit.oid, "private": repo.private, "disabled": False, "likes": 0,
+                "createdAt": repo.created_at, "lastModified": commit.date, "sdk": card.get("sdk", repo.sdk),
+                "cardData": card or None, "tags": card.get("tags", []), "models": card.get("models", []),
+                "siblings": [{"rfilename": path} for path in sorted(commit.files)],
+            })
         self.send_json({
             "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
             "author": repo.namespace, "sha": commit.oid, "private": repo.private, "gated": False, "disabled": False,
@@ -663,8 +697,8 @@ def card_metadata(commit: Commit) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def metadata_errors(content: str) -> tuple[list[str], list[str]]:
-    """(errors, warnings) of a README's metadata, checking the fields the Hub checks for model repos."""
+def metadata_errors(content: str, repo_type: str = "model") -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a README's metadata, checking the fields the Hub checks for model repos and Spaces."""
     head, _ = split_front_matter(content)
     if head is None or not head.strip():
         return [], ["Empty metadata"]
@@ -675,6 +709,15 @@ def metadata_errors(content: str) -> tuple[list[str], list[str]]:
     if not isinstance(data, dict):
         return ["Metadata must be a YAML mapping"], []
     errors = []
+    if repo_type == "space":
+        if data.get("sdk") not in SPACE_SDKS:
+            errors.append(f'"sdk" must be one of {sorted(SPACE_SDKS)}')
+        for key in ("app_file", "sdk_version", "title"):
+            if key in data and not isinstance(data[key], str):
+                errors.append(f'"{key}" must be a string')
+        if "models" in data and not (isinstance(data["models"], list) and all(isinstance(v, str) for v in data["models"])):
+            errors.append('"models" must be a list of model ids')
+        return errors, []
     for key in ("license", "library_name", "pipeline_tag"):
         if key in data and not isinstance(data[key], str):
             errors.append(f'"{key}" must be a string')

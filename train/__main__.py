@@ -32,6 +32,7 @@ TOOLS = {
     "spread": (".spread", "stages 2-3 over several seeds on a run's caches: mean and std of every branch"),
     "report": (".report", "a run's Markdown report with the paper's figures"),
     "push": (".publish", "upload a run's Hub-ready folder with its model card"),
+    "push-space": (".space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
 }
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
 DEMO_DATA = Path(__file__).parent / "demo_data" / "fashion_mnist_sample"
