@@ -7,6 +7,7 @@ subprocesses refuses and records any connection or DNS lookup that is not 127.0.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,13 @@ from huggingface_hub import ModelCard
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
 from train.publish import VARIANTS, HubFolder, PublishError, build_card, load_variants, package_label_sets
+from train.space import SETTINGS_FILE, pinned_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITE_TOKEN, READ_TOKEN, WRONG_TOKEN = "hf_alice_write", "hf_bob_read", "hf_not_a_token"
 COLOURS_REPO, FLICKR_REPO = "emo-org/emovlm-kd-colours", "emo-org/emovlm-kd-flickr"
+PINNED_REPO, SPACE_REPO = "emo-org/emovlm-kd-pinned", "emo-org/emovlm-kd-pinned-demo"
+HANDLER = ROOT / "modeling_emovlm_kd" / "handler.py"
 
 NETWORK_GUARD = '''
 """Loaded by every test subprocess: refuse and record any network use outside 127.0.0.1."""
@@ -112,6 +116,44 @@ for spec in specs:
 print("REPORT " + json.dumps(report))
 '''
 
+# Downloads the pushed model repo at a commit and serves one request through its handler.py, as an endpoint does.
+ENDPOINT_SCRIPT = '''
+import base64, io, json, sys
+from huggingface_hub import snapshot_download
+from PIL import Image
+
+folder = snapshot_download(sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])
+sys.path.insert(0, folder)
+from handler import EndpointHandler
+
+buffer = io.BytesIO()
+Image.new("RGB", (28, 28), (220, 40, 40)).save(buffer, format="PNG")
+answer = EndpointHandler(folder)({"inputs": base64.b64encode(buffer.getvalue()).decode(), "parameters": {"top_k": 2}})
+print("REPORT " + json.dumps(answer))
+'''
+
+# Downloads the Space as the Space runtime checks it out and starts its app.py's model loading from its own folder.
+SPACE_SCRIPT = '''
+import json, os, sys
+from huggingface_hub import scan_cache_dir, snapshot_download
+
+folder = snapshot_download(sys.argv[1], repo_type="space", local_dir=sys.argv[2])
+os.chdir(folder)
+sys.path.insert(0, folder)
+import app
+
+args = app.parse_args([])
+classifier = app.load_classifier(args.checkpoint, args.revision)
+examples = app.example_images(args.examples)
+predictions = app.predict_paths(classifier, examples)
+print("REPORT " + json.dumps({
+    "app_file": app.__file__, "folder": folder, "settings_file": app.SPACE_SETTINGS.name,
+    "checkpoint": args.checkpoint, "revision": args.revision, "labels": classifier.labels, "name": classifier.name,
+    "cached_commits": sorted(revision.commit_hash for repo in scan_cache_dir().repos if repo.repo_id == args.checkpoint
+                             for revision in repo.revisions), "examples": [os.path.relpath(p, folder) for p in examples],
+    "predicted": [prediction.label for prediction in predictions]}))
+'''
+
 ANONYMOUS_SCRIPT = '''
 import json, sys
 from huggingface_hub import hf_hub_download
@@ -180,6 +222,12 @@ def push_cli(env, *args) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=300)
 
 
+def space_cli(env, *args) -> subprocess.CompletedProcess:
+    """`python -m train push-space ...` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "train", "push-space", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
 def run_script(env, script, *args, cwd=None) -> object:
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
                             cwd=cwd or ROOT, timeout=300)
@@ -224,7 +272,57 @@ def loaded(hub, guard, pushes, tiny_run, binary_run, tmp_path_factory):
     return dict(zip(("colours@first", "flickr", "colours@update"), report))
 
 
+@pytest.fixture(scope="module")
+def space(hub, guard, tiny_run, binary_run, tmp_path_factory):
+    """The colour run pushed to PINNED_REPO with `--space`, its Space pushed (and dry-run) by push-space, then the
+    binary run pushed to the same model repo: its `main` moved on after the Space pinned it."""
+    env = hub_env(hub, guard, WRITE_TOKEN)
+    result = push_cli(env, "--run-dir", str(tiny_run[0]), "--variant", "custom", "--repo-id", PINNED_REPO,
+                      "--space", SPACE_REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pinned = hub.commits(PINNED_REPO)[0].oid
+    dry_run = tmp_path_factory.mktemp("space-dry-run") / "space"
+    dry = space_cli(env, "--model", PINNED_REPO, "--space", SPACE_REPO, "--dry-run", str(dry_run))
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    pushed = space_cli(env, "--model", PINNED_REPO, "--space", SPACE_REPO)
+    assert pushed.returncode == 0, pushed.stderr[-4000:]
+    space_head = hub.commits(f"spaces/{SPACE_REPO}")[0].oid
+    update = push_cli(env, "--run-dir", str(binary_run), "--variant", "custom", "--repo-id", PINNED_REPO)
+    assert update.returncode == 0, update.stderr[-4000:]
+    app_report = run_script(hub_env(hub, guard), SPACE_SCRIPT, SPACE_REPO,
+                            str(tmp_path_factory.mktemp("space-checkout") / "space"),
+                            cwd=tmp_path_factory.mktemp("space-run"))
+    return {"pinned": pinned, "main": hub.commits(PINNED_REPO)[0].oid, "dry_run": dry_run, "stdout": pushed.stdout,
+            "space_head": space_head, "app": app_report, "env": env}
+
+
 # ---- offline checks of the card and the variants -----------------------------------------------------------------
+
+
+def test_card_names_the_minimum_transformers_of_setup_py():
+    setup_py = (ROOT / "setup.py").read_text()
+    (bound,) = re.findall(r'"transformers>=([0-9.]+)"', setup_py)
+    assert load_variants()["common"]["min_transformers"] == bound
+    assert pinned_versions()["transformers"] == bound  # the oldest supported version is the one tested
+
+
+def test_card_of_a_7b_run_pins_its_branch_and_names_each_backbones_licence(tmp_path):
+    labels = LABEL_SETS["mikels8"]
+    folder = HubFolder(tmp_path, {"id2label": {str(i): label for i, label in enumerate(labels)}}, None)
+    card = build_card(folder, "custom", "emo-org/emovlm-kd-7b", revision="v2", space="emo-org/emovlm-kd-7b-demo")
+    text = ModelCard(str(card)).text
+    assert "| [`Qwen/Qwen2-VL-7B-Instruct`](https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct) | Apache-2.0 |" in text
+    assert "| [`google/vit-base-patch16-384`](https://huggingface.co/google/vit-base-patch16-384) | Apache-2.0 |" \
+        in text
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippets) == 4 and all('revision="v2"' in code for code in snippets)
+    assert 'pipeline("image-classification", model="emo-org/emovlm-kd-7b", revision="v2",' in text
+    assert "dtype=torch.bfloat16" in snippets[2] and "BitsAndBytesConfig(load_in_4bit=True" in snippets[3]
+    assert "replace `\"v2\"`" in text and "commit's hash" in text
+    assert "/spaces/emo-org/emovlm-kd-7b-demo)" in text
+    assert 'pip install "transformers>=5.23.0"' in text and "widget" not in card.data.to_dict()
+
+
 
 
 def test_variants_file_agrees_with_the_package():
@@ -385,6 +483,130 @@ def test_private_repo_cannot_be_read_without_the_token(hub, guard, pushes):
     assert hub.repos[FLICKR_REPO].private and not hub.repos[COLOURS_REPO].private
     wrong = run_script(hub_env(hub, guard, WRONG_TOKEN), ANONYMOUS_SCRIPT, FLICKR_REPO)
     assert "Invalid credentials in Authorization header" in wrong[FLICKR_REPO]
+
+
+@pytest.mark.slow
+def test_push_uploads_the_endpoint_handler_and_the_widget_examples(pushes, hub, guard, loaded, colour_folder,
+                                                                     tmp_path):
+    head = pushes["colours"]["head"]
+    files = hub.repos[COLOURS_REPO].commits[head].files
+    assert hub.file_content(COLOURS_REPO, "handler.py", head) == HANDLER.read_bytes()
+    requirements = hub.file_content(COLOURS_REPO, "requirements.txt", head).decode()
+    assert "transformers>=5.23.0" in requirements.splitlines()
+    # The widget shows the first test image of each label, uploaded with the model, at its URL on this Hub.
+    widget = loaded["colours@first"]["card_data"]["widget"]
+    assert [entry["example_title"] for entry in widget] == ["red", "green", "blue"]
+    for entry in widget:
+        path = f"examples/{entry['example_title']}/0.png"
+        assert entry["src"] == f"{hub.endpoint}/{COLOURS_REPO}/resolve/main/{path}" and path in files
+        assert hub.file_content(COLOURS_REPO, path, head) == (colour_folder / "test" / entry["example_title"] /
+                                                             "0.png").read_bytes()
+    assert "widget" not in loaded["flickr"]["card_data"]  # a named data set's images are not uploaded by default
+    update = hub.repos[COLOURS_REPO].commits[pushes["update"]["head"]].files
+    assert not any(path.startswith("examples/red/") for path in update) and "examples/negative/0.png" in update
+    # The card's snippets name the branch; the push prints the commit's hash to pin.
+    assert 'revision="main"' in loaded["colours@first"]["card_text"]
+    assert f"revision='{head}'" in pushes["colours"]["stdout"]
+    # An endpoint built from the pushed repo at that commit answers a request.
+    answer = run_script(hub_env(hub, guard), ENDPOINT_SCRIPT, COLOURS_REPO, head, str(tmp_path / "endpoint"),
+                        cwd=tmp_path)
+    assert len(answer["fused"]) == 2 and {a["label"] for a in answer["fused"]} <= {"red", "green", "blue"}
+    assert answer["vlm"]["label"] in ("red", "green", "blue") and 0 < answer["head"]["score"] <= 1
+
+
+@pytest.mark.slow
+def test_card_4bit_snippet_keeps_head_gate_lm_head_and_merger_unquantised(pushes):
+    card = (pushes["dry_run"] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", card, re.S) if "load_in_4bit" in c]
+    code = code.replace(f'"{COLOURS_REPO}"', f'"{pushes["dry_run"]}"').replace('Image.open("photo.jpg")',
+                                                                            'Image.new("RGB", (28, 28))')
+    namespace = {}
+    exec(code, namespace)
+    import bitsandbytes as bnb
+
+    quantised = {name for name, module in namespace["model"].named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert any(name.startswith("vlm.model.language_model.") for name in quantised)
+    assert any(name.startswith("vlm.model.visual.blocks.") for name in quantised)
+    kept = [name for name in quantised if name.startswith(("distillation_head", "gate", "vlm.lm_head",
+                                                           "vlm.model.visual.merger"))]
+    assert kept == []
+
+
+@pytest.mark.slow
+def test_space_loads_exactly_the_pinned_model_commit(space, hub):
+    app = space["app"]
+    assert space["main"] != space["pinned"]  # the model moved on after the Space was pushed
+    assert Path(app["app_file"]).parent == Path(app["folder"]) and app["settings_file"] == SETTINGS_FILE
+    assert (app["checkpoint"], app["revision"]) == (PINNED_REPO, space["pinned"])
+    assert app["cached_commits"] == [space["pinned"]]  # the model's files came from that commit only
+    assert app["labels"] == ["red", "green", "blue"]  # the pinned (colour) run, not main's binary one
+    assert app["name"] == f"{PINNED_REPO}@{space['pinned']}"
+    assert app["examples"] == ["examples/blue/0.png", "examples/green/0.png", "examples/red/0.png"]
+    assert len(app["predicted"]) == 3 and set(app["predicted"]) <= {"red", "green", "blue"}
+    assert space["pinned"] in space["stdout"]
+
+
+@pytest.mark.slow
+def test_space_files_metadata_and_pins(space, hub):
+    key = f"spaces/{SPACE_REPO}"
+    repo = hub.repos[key]
+    assert repo.repo_type == "space" and repo.sdk == "gradio" and not repo.private
+    files = set(repo.commits[space["space_head"]].files) - {".gitattributes"}
+    dry_run = space["dry_run"]
+    written = {p.relative_to(dry_run).as_posix() for p in dry_run.rglob("*") if p.is_file()}
+    assert written == files == {"README.md", "app.py", "requirements.txt", SETTINGS_FILE, "examples/blue/0.png",
+                                "examples/green/0.png", "examples/red/0.png"}
+    for path in files:
+        assert (dry_run / path).read_bytes() == hub.file_content(key, path, space["space_head"]), path
+    assert hub.file_content(key, "app.py", space["space_head"]) == (ROOT / "app.py").read_bytes()
+    card = ModelCard(hub.file_content(key, "README.md", space["space_head"]).decode())
+    versions = pinned_versions()
+    metadata = card.data.to_dict()
+    assert metadata["sdk"] == "gradio" and metadata["app_file"] == "app.py" and metadata["models"] == [PINNED_REPO]
+    assert metadata["sdk_version"] == versions["gradio"] and space["pinned"] in card.text
+    requirements = hub.file_content(key, "requirements.txt", space["space_head"]).decode().splitlines()
+    assert f"torch=={versions['torch']}+cpu" in requirements
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in requirements
+    for name in ("transformers", "tokenizers", "safetensors", "huggingface-hub", "pillow", "numpy"):
+        assert f"{name}=={versions[name]}" in requirements
+    assert not any(line.startswith("gradio") for line in requirements)  # the Space installs its sdk_version
+    settings = json.loads(hub.file_content(key, SETTINGS_FILE, space["space_head"]))
+    assert settings == {"checkpoint": PINNED_REPO, "revision": space["pinned"], "examples": "examples"}
+    # The model card links to the Space (push --space).
+    model_card = hub.file_content(PINNED_REPO, "README.md", space["pinned"]).decode()
+    assert f"]({hub.endpoint}/spaces/{SPACE_REPO})" in model_card
+    # Nothing secret or local in the Space either.
+    for path in files:
+        content = hub.file_content(key, path, space["space_head"])
+        assert SECRET_API_KEY.encode() not in content and ROOT.as_posix().encode() not in content, path
+
+
+@pytest.mark.slow
+def test_push_space_again_pins_the_new_commit_in_one_commit(space, hub):
+    key = f"spaces/{SPACE_REPO}"
+    again = space_cli(space["env"], "--model", PINNED_REPO, "--space", SPACE_REPO)
+    assert again.returncode == 0, again.stderr[-4000:]
+    history = hub.commits(key)
+    assert history[1].oid == space["space_head"] and len(history) == 3  # initial, first push, this one
+    settings = json.loads(hub.file_content(key, SETTINGS_FILE))
+    assert settings["revision"] == space["main"]
+    files = set(history[0].files)
+    # The binary run's examples replace the colour run's: stale files are deleted in the same commit.
+    assert {"examples/negative/0.png", "examples/positive/0.png"} <= files
+    assert not any(path.startswith("examples/red/") for path in files)
+
+
+@pytest.mark.slow
+def test_push_space_refuses_what_is_not_an_emovlm_kd_model(hub, guard, pushes, tmp_path):
+    env = hub_env(hub, guard, WRITE_TOKEN)
+    missing = space_cli(env, "--model", "emo-org/no-such-model", "--space", "emo-org/never-a-space")
+    assert missing.returncode == 1 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    wrong_revision = space_cli(env, "--model", COLOURS_REPO, "--model-revision", "no-such-branch", "--space",
+                               "emo-org/never-a-space")
+    assert wrong_revision.returncode == 1 and "no revision 'no-such-branch'" in wrong_revision.stderr
+    read_only = space_cli(hub_env(hub, guard, READ_TOKEN), "--model", COLOURS_REPO, "--space", "emo-org/never-a-space")
+    assert read_only.returncode == 1 and "read-only" in read_only.stderr
+    assert "spaces/emo-org/never-a-space" not in hub.repos
 
 
 @pytest.mark.slow
