@@ -3,6 +3,7 @@
     python -m train push --run-dir runs/emoset-qwen2-vl-7b --variant emoset --repo-id my-org/emovlm-kd-emoset
     python -m train push --config train/recipes/qwen2-vl-7b/fi.yaml --variant fi --repo-id my-org/emovlm-kd-fi --private
     python -m train push --run-dir runs/demo --variant custom --repo-id me/emovlm-kd-demo --dry-run /tmp/to-upload
+    python -m train push --run-dir RUN --variant emoset --repo-id ORG/NAME --space ORG/NAME-demo --example-images a.jpg b.jpg
 
 The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
 processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
