@@ -53,17 +53,30 @@ def load_processor(
     categorical_prompt: str | None = None,
     conversation_prompt: str | None = None,
     reasoning_prompt: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> EmoVLMKDProcessor:
     """An `EmoVLMKDProcessor` from a Qwen2-VL checkpoint's tokenizer and image processor, for a label set.
 
     The prompts (the recipe's `model.*_prompt`) go through `EmoVLMKDConfig`, so an unset one is the config's default
     (the paper's wording for these labels), the same text that stage 1 trains on and the fused model scores.
+    `min_pixels`/`max_pixels` (the recipe's `model.min_pixels`/`model.max_pixels`) bound the resolution each image
+    is resized to, and so its number of visual tokens (one per 28x28 pixels after merging); unset, the checkpoint's
+    own bounds apply. Stage 1 saves this processor with its merged model, so the caches, the export (and through
+    it `predict`, `pipeline()` and the app) resize exactly as stage 1 trained.
     """
     labels = resolve_label_set(labels)
     config = EmoVLMKDConfig.from_label_set(labels, categorical_prompt=categorical_prompt,
                                            conversation_prompt=conversation_prompt, reasoning_prompt=reasoning_prompt)
     tokenizer = AutoTokenizer.from_pretrained(vlm_path)
     image_processor = EmoVLMKDImageProcessor.from_pretrained(vlm_path)
+    if min_pixels or max_pixels:
+        size = {"shortest_edge": min_pixels or image_processor.size.shortest_edge,
+                "longest_edge": max_pixels or image_processor.size.longest_edge}
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"min_pixels ({size['shortest_edge']}) is larger than max_pixels "
+                             f"({size['longest_edge']}).")
+        image_processor = EmoVLMKDImageProcessor.from_pretrained(vlm_path, size=size)
     return EmoVLMKDProcessor.from_config(image_processor, tokenizer, config)
 
 
@@ -77,8 +90,9 @@ def assemble(
 ) -> tuple[EmoVLMKDForImageClassification, EmoVLMKDProcessor]:
     """Wrap a Qwen2-VL checkpoint with freshly initialised distillation head and gate."""
     named = labels if isinstance(labels, str) else None
-    prompts = {key: config_kwargs.pop(key) for key in PROMPT_KEYS if key in config_kwargs}
-    processor = load_processor(vlm_path, labels, **prompts)
+    processor_kwargs = {key: config_kwargs.pop(key) for key in (*PROMPT_KEYS, "min_pixels", "max_pixels")
+                        if key in config_kwargs}
+    processor = load_processor(vlm_path, labels, **processor_kwargs)
     config = EmoVLMKDConfig.from_label_set(
         named or processor.labels, vlm_config=AutoConfig.from_pretrained(vlm_path).to_dict(), **config_kwargs
     )

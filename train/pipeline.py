@@ -180,11 +180,15 @@ class Pipeline:
         """The fused model's config options the recipe sets."""
         return self.spec.sections["model"].config_kwargs(self.recipe.get("model") or {})
 
+    def processor_kwargs(self) -> dict:
+        """The prompts and resolution bounds the recipe sets (`train.assemble.load_processor`'s options)."""
+        return self.spec.sections["model"].processor_kwargs(self.recipe.get("model") or {})
+
     def check_labels(self) -> None:
         """The checks that need the base VLM's tokenizer (labels that tokenize apart after the prompt), at the start
         of a run instead of at the stage that first scores labels."""
         vlm = self.base_models["vlm"]
-        processor = load_processor(vlm, self.labels, self.model_kwargs().get("categorical_prompt"))
+        processor = load_processor(vlm, self.labels, **self.processor_kwargs())
         try:
             processor.prompt_token_ids()
         except ValueError as err:
@@ -210,11 +214,11 @@ class Pipeline:
         set_seed(self.seed)
         args = self.stage_args("sft", SFTStageConfig, model_name_or_path=self.base_models["vlm"])
         generator = self.answer_generator() if self.state.is_main_process else None  # only rank 0 generates
-        # The recipe's prompts, the ones the caches and the export score after (unset: the paper's wording).
-        prompts = self.spec.sections["model"].prompt_kwargs(self.recipe.get("model") or {})
+        # The recipe's prompts, the ones the caches and the export score after (unset: the paper's wording), and
+        # its resolution bounds, saved with the merged model's processor for every later stage.
         train_sft(self.data, self.labels, args, generator=generator,
                   answers_cache=self.output_dir / "answers.jsonl", resume_from_checkpoint=self.resume("sft"),
-                  **prompts)
+                  **self.processor_kwargs())
         self.mark_done("sft")
 
     def answer_generator(self):
@@ -222,8 +226,7 @@ class Pipeline:
         if spec.generator == "openai":
             return OpenAIChatGenerator(**spec.generator_kwargs())
         if spec.generator == "local":
-            prompts = self.spec.sections["model"].prompt_kwargs(self.recipe.get("model") or {})
-            processor = load_processor(self.base_models["vlm"], self.labels, **prompts)
+            processor = load_processor(self.base_models["vlm"], self.labels, **self.processor_kwargs())
             return LocalVLMGenerator(self.base_models["vlm"], processor, **spec.generator_kwargs())
         return None
 
@@ -246,7 +249,7 @@ class Pipeline:
         options: ModelSection = self.spec.sections["model"]
         device_map = {"": self.state.device} if torch.cuda.is_available() else None
         model, processor = assemble(merged, self.labels, load_in_4bit=options.load_in_4bit, dtype=options.dtype,
-                                    device_map=device_map, **self.model_kwargs())
+                                    device_map=device_map, **{**self.model_kwargs(), **self.processor_kwargs()})
         teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
         teacher.to(model.vlm.get_input_embeddings().weight.device)
         teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
@@ -373,7 +376,7 @@ class Pipeline:
             # the head and the gate stay float32 (`_keep_in_fp32_modules_strict`).
             options: ModelSection = self.spec.sections["model"]
             model, processor = assemble(self.require("sft") / "merged", self.labels, dtype=options.dtype,
-                                        **self.model_kwargs())
+                                        **{**self.model_kwargs(), **self.processor_kwargs()})
             model.distillation_head.load_state_dict(self.trained_head().state_dict())
             model.gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
             final = save_hub_folder(model, processor, self.output_dir / "final",

@@ -39,10 +39,10 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "base": ("seed", "labels", "base_models"),
     "sft": ("seed", "labels", "data", "base_models", "instructions", "sft", "model.categorical_prompt",
-            "model.conversation_prompt", "model.reasoning_prompt"),
+            "model.conversation_prompt", "model.reasoning_prompt", "model.min_pixels", "model.max_pixels"),
     "teacher": ("seed", "labels", "data", "base_models", "teacher"),
     "features": ("labels", "data", "model.load_in_4bit", "model.dtype", "model.feature_batch_size", "model.pooling",
-                 "model.categorical_prompt"),
+                 "model.categorical_prompt", "model.min_pixels", "model.max_pixels"),
     "distill": ("seed", "distill", "model.head_hidden_dims", "model.head_activation", "model.head_dropout"),
     "gate": ("seed", "gate", "model.gate_type", "model.gate_vlm_signal", "model.gate_head_signal",
              "model.gate_num_experts"),

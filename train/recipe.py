@@ -126,6 +126,12 @@ class ModelSection:
     load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
     dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
     feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
+    min_pixels: int | None = field(default=None, metadata={
+        "help": "Smallest image area (pixels) every image is resized to (unset: the base model's processor's)."})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "Largest image area (pixels) every image is resized to, so at most max_pixels/784 visual tokens "
+                "per image; applied identically by stage 1, the caches, the export, predict and the app (unset: the "
+                "base model's processor's, 12.8 MP for Qwen2-VL: up to 16,384 tokens)."})
     export_max_shard_size: str = field(default="5GB", metadata={
         "help": "Export: largest safetensors shard of final/ (the Hub serves shards with an index)."})
 
@@ -145,9 +151,10 @@ class ModelSection:
         """The config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""
         return {key: explicit[key] for key in self.CONFIG_KEYS if key in explicit}
 
-    def prompt_kwargs(self, explicit: dict) -> dict[str, str | None]:
-        """The prompts the recipe sets (unset ones are the paper's wording, filled in by `EmoVLMKDConfig`)."""
-        return {key: explicit[key] for key in self.PROMPT_KEYS if key in explicit}
+    def processor_kwargs(self, explicit: dict) -> dict[str, Any]:
+        """The prompts (unset ones are the paper's wording, filled in by `EmoVLMKDConfig`) and the resolution bounds
+        the recipe sets: what `train.assemble.load_processor` takes."""
+        return {key: explicit[key] for key in (*self.PROMPT_KEYS, "min_pixels", "max_pixels") if key in explicit}
 
 
 def _stage_sections() -> dict[str, type]:

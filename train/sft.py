@@ -165,18 +165,23 @@ def train_sft(
     categorical_prompt: str | None = None,
     conversation_prompt: str | None = None,
     reasoning_prompt: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> Path:
     """Build the instruction data of `dataset_dict["train"]`, tune the VLM, and return the merged model's folder.
 
     The three instructions are the recipe's `model.categorical_prompt`, `model.conversation_prompt` and
     `model.reasoning_prompt` (`None`: the paper's wording for `labels`, as `EmoVLMKDConfig` defaults them), the
     same ones the feature caches and the exported model read, so the model is scored after the prompt it learnt.
+    `min_pixels`/`max_pixels` bound the image resolution (`load_processor`); the processor saved with the merged
+    model carries them to the caches and the export.
 
     Under several processes only the main process asks `generator` for answers (the others wait, then read the
     same cache and leave out the same failed rows), so no answer is requested or appended twice.
     """
     processor = load_processor(args.model_name_or_path, labels, categorical_prompt=categorical_prompt,
-                               conversation_prompt=conversation_prompt, reasoning_prompt=reasoning_prompt)
+                               conversation_prompt=conversation_prompt, reasoning_prompt=reasoning_prompt,
+                               min_pixels=min_pixels, max_pixels=max_pixels)
     state = PartialState()
     with state.main_process_first():
         train_set = build_instruction_dataset(

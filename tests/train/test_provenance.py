@@ -164,3 +164,36 @@ def test_a_bf16_run_exports_bf16_weights_whose_predictions_are_the_results(tiny_
     correct = sum(matrix[i][i] for i in range(len(labels)))
     assert correct / len(test_images) == fused["accuracy"]
     assert results(run)["computed_with"] == {"dtype": "bfloat16", "load_in_4bit": False}
+
+
+@pytest.mark.slow
+def test_the_resolution_bound_applies_identically_in_every_stage(tiny_run, tmp_path):
+    """`model.max_pixels` reaches stage 1's processor, the caches', the export's (and so predict's, pipeline()'s and
+    the app's): a 4000x3000 image gets at most the bound's visual tokens everywhere, and the processors agree."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from train.assemble import load_processor
+    from train.predict import Predictor
+
+    run, recipe = copy_run(tiny_run, tmp_path)
+    bound = 6272  # 2 x 56 x 56: the tiny processor's own bounds are 3136 .. 12544 pixels
+    result = run_pipeline(recipe, "--set", f"model.max_pixels={bound}")
+    assert "Stage sft runs: its settings changed: model.max_pixels: (unset) -> 6272." in result.stderr
+    image = Image.new("RGB", (4000, 3000), (10, 200, 30))
+    processors = {
+        "stage 1 (saved with the merged model)": AutoImageProcessor.from_pretrained(run / "sft" / "merged",
+                                                                                    trust_remote_code=True),
+        "feature caches": load_processor(run / "sft" / "merged", results(run)["labels"],
+                                         max_pixels=bound).image_processor,
+        "export (final/)": AutoImageProcessor.from_pretrained(run / "final", trust_remote_code=True),
+        "predict": Predictor(str(run / "final")).image_processor,
+    }
+    grids = {}
+    for name, processor in processors.items():
+        assert processor.size.longest_edge == bound, name
+        grid = processor(image, return_tensors="pt")["image_grid_thw"][0]
+        grids[name] = grid.tolist()
+        patches = int(grid.prod())
+        assert patches * 14 * 14 <= bound, (name, grid)
+    assert len({tuple(g) for g in grids.values()}) == 1, grids

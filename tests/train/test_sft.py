@@ -162,4 +162,4 @@ def test_every_prompt_is_a_recipe_model_option_that_reruns_stage1_and_reaches_th
     recipe = {"labels": LABELS, "model": {key: f"{key} text" for key in PROMPT_KEYS}}
     assert {f"model.{key}" for key in PROMPT_KEYS} <= set(stage_settings(recipe, "sft"))
     assert "model.categorical_prompt" in stage_settings(recipe, "features")  # the caches score after it
-    assert ModelSection().prompt_kwargs(recipe["model"]) == recipe["model"]
+    assert ModelSection().processor_kwargs(recipe["model"]) == recipe["model"]
