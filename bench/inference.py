@@ -67,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=None, help="Square image side (default: max_pixels**0.5).")
     parser.add_argument("--max-pixels", type=int, default=None, help="Image processor max_pixels (mid: 224*224).")
     parser.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline() case.")
+    parser.add_argument("--no-official", action="store_true", help="Skip the official-style path (all lengths).")
     parser.add_argument("--no-stock", action="store_true", help="Skip the fast-path-off case (fused_stock).")
     parser.add_argument("--no-profile", action="store_true", help="Skip the profiled call per case.")
     parser.add_argument("--peak-size", type=int, default=None, help="Side of the peak matmul (2048, GPU 8192).")
@@ -94,7 +95,8 @@ def main(argv=None) -> dict:
         pipe = None if args.no_pipeline else hf_pipeline("image-classification", model=bm.model,
                                                          image_processor=bm.image_processor, device=bm.device)
     official = OfficialStyle(bm, args.max_new_tokens)
-    bm.vision_copy()  # built before timing, as the authors loaded it once
+    if not args.no_official:
+        bm.vision_copy()  # built before timing, as the authors loaded it once
     bm32 = None
     if bm.dtype != torch.float32 and not args.no_fp32_baseline:
         bm32 = dataclasses.replace(bm, model=copy.deepcopy(bm.model).float(), dtype=torch.float32)
@@ -112,7 +114,8 @@ def main(argv=None) -> dict:
         if bm32 is not None:
             entries.append(("fused_fp32", lambda batch=batch: fused_predict(bm32, batch)))
         entries.append(("vlm_only", lambda batch=batch: vlm_only_predict(bm, batch)))
-        entries.append((f"official_gen{args.max_new_tokens}", lambda batch=batch: official(batch)))
+        if not args.no_official:
+            entries.append((f"official_gen{args.max_new_tokens}", lambda batch=batch: official(batch)))
         for method, fn in entries:
             name = f"{method}@{b}"
             cases[name], keys[name] = fn, (method, b, args.max_new_tokens if method.startswith("official") else None)
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
     calls = {f"official_gen{args.max_new_tokens}@{b}": [c for c in official.calls if c["batch_size"] == b][-reps:]
              for b in batch_sizes}
 
-    if args.long_max_new_tokens == args.max_new_tokens:
+    if args.long_max_new_tokens == args.max_new_tokens or args.no_official:
         args.long_max_new_tokens = 0
     if args.long_max_new_tokens and args.long_reps:
         long_official = OfficialStyle(bm, args.long_max_new_tokens)
