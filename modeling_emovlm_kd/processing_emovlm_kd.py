@@ -345,8 +345,14 @@ class EmoVLMKDProcessor(Qwen2VLProcessor):
             self.tokenizer(after + label + self.answer_suffix, add_special_tokens=False)["input_ids"]
             for label in self.labels
         ]
+        # The prompt is the tokens all answers share, but never past the text before the label: where every label
+        # starts with the same token ("sad", "sadness"), that token is part of each label's score, not the prompt's.
+        # (A tokenizer that merges across the prefix boundary still gets the merged token in the continuations.)
+        prompt_ids = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        limit = next((i for i, (a, b) in enumerate(zip(prompt_ids, full[0])) if a != b),
+                     min(len(prompt_ids), len(full[0])))
         shared = 0
-        while all(len(ids) > shared + 1 and ids[shared] == full[0][shared] for ids in full):
+        while shared < limit and all(len(ids) > shared + 1 and ids[shared] == full[0][shared] for ids in full):
             shared += 1
         continuations = [ids[shared:] for ids in full]
         for i, a in enumerate(continuations):

@@ -129,9 +129,19 @@ class HubFolder:
         modules = {ref.split(".")[0] for ref in (self.config.get("auto_map") or {}).values()}
         if not modules:
             raise PublishError(f"{self.path}/config.json has no auto_map: the model would not load with remote code.")
+        modules |= {task["impl"].split(".")[0] for task in (self.config.get("custom_pipelines") or {}).values()
+                    if isinstance(task, dict) and task.get("impl")}
         missing = sorted(f"{module}.py" for module in modules if not (self.path / f"{module}.py").exists())
         if missing:
             raise PublishError(f"{self.path} lacks the remote-code files {missing} named by config.json's auto_map.")
+        # ... and the modules those import relatively (e.g. the modeling file's fast path), which transformers
+        # downloads with them.
+        imported = set()
+        for module in modules:
+            imported |= set(re.findall(r"^\s*from \.(\w+) import", (self.path / f"{module}.py").read_text(), re.M))
+        missing = sorted(f"{name}.py" for name in imported if not (self.path / f"{name}.py").exists())
+        if missing:
+            raise PublishError(f"{self.path} lacks the remote-code files {missing} that its modeling code imports.")
         if self.results is not None and self.results.get("labels") != self.labels:
             raise PublishError(f"{self.path}/results.json is for labels {self.results.get('labels')}, but the model "
                                f"predicts {self.labels}: the results belong to another run.")

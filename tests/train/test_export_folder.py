@@ -9,3 +9,18 @@ def test_hub_folder_is_world_readable(tiny_checkpoint):
     assert any(p.name == "model.safetensors" for p in paths)
     for path in paths:
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_push_refuses_a_folder_missing_a_file_its_remote_code_imports(tiny_checkpoint, tmp_path):
+    import shutil
+
+    import pytest
+
+    from train.publish import HubFolder, PublishError
+
+    for name in ("fast_path.py", "pipeline_emovlm_kd.py"):
+        folder = shutil.copytree(tiny_checkpoint, tmp_path / name)
+        HubFolder.load(folder).check()  # complete: accepted
+        (folder / name).unlink()
+        with pytest.raises(PublishError, match=rf"lacks the remote-code files \['{name}'\]"):
+            HubFolder.load(folder).check()

@@ -246,8 +246,6 @@ def test_paper_mikels8_prompt_token_count(qwen2_vl_tokenizer):
     assert (len(ids["before_image"]), len(ids["after_image"])) == (15, 62)
 
 
-@pytest.mark.xfail(strict=True, reason="prompt_token_ids moves a token that every label starts with into the "
-                   "prompt, so score_labels leaves its log-probability out of every label's 'log-likelihood'")
 @pytest.mark.parametrize("name", ["sad-sadness", "joy-joyful-joyless"])
 def test_each_continuation_spells_its_whole_label(qwen2_vl_tokenizer, name):
     """`score_labels` documents each score as the log-likelihood of the label string and the answer suffix after the
