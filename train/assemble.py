@@ -133,6 +133,11 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     register_for_auto_class(model.config)
+    # transformers records where each config was loaded from; for a run's model that is a local folder
+    # (`<run>/sft/merged`), which means nothing elsewhere and must not be published.
+    for config in (model.config, model.config.vlm_config):
+        if os.path.isabs(str(getattr(config, "_name_or_path", "") or "")):
+            config._name_or_path = ""
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)

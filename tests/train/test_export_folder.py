@@ -24,3 +24,8 @@ def test_push_refuses_a_folder_missing_a_file_its_remote_code_imports(tiny_check
         (folder / name).unlink()
         with pytest.raises(PublishError, match=rf"lacks the remote-code files \['{name}'\]"):
             HubFolder.load(folder).check()
+
+
+def test_hub_folder_config_names_no_local_path(tiny_checkpoint, tiny_base):
+    text = (tiny_checkpoint / "config.json").read_text()
+    assert str(tiny_base["vlm"]) not in text and '"_name_or_path": "/' not in text
