@@ -130,16 +130,32 @@ def resolve_checkpoint(reference: str | os.PathLike) -> str:
     )
 
 
-def load_classifier(reference: str | os.PathLike, revision: str | None = None) -> Classifier:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_classifier(reference: str | os.PathLike, revision: str | None = None, dtype: str = "auto",
+                    device_map: str | None = None, load_in_4bit: bool = False) -> Classifier:
     """Load model and image processor with the checkpoint's own code (`trust_remote_code=True`).
 
-    `revision` (a Hub checkpoint's branch, tag or commit hash) is ignored for a local folder.
+    `revision` (a Hub checkpoint's branch, tag or commit hash) is ignored for a local folder. `dtype` (auto: bf16 on
+    a GPU that has it, else float32), `device_map` and `load_in_4bit` (NF4) load the model as `train predict` does;
+    the head and the gate stay float32 in every case (the model class keeps them so).
     """
     source = resolve_checkpoint(reference)
     hub = not Path(source).is_dir()
     kwargs = {"revision": revision} if revision and hub else {}
+    gpu = torch.cuda.is_available()
+    weights_dtype = DTYPES.get(dtype) or (torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32)
+    loading = {"dtype": weights_dtype, "device_map": device_map or ("cuda" if gpu else None)}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        loading["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_compute_dtype=weights_dtype)
+        loading["device_map"] = loading["device_map"] or "cpu"
     try:
-        model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True, **kwargs).eval()
+        model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True, **kwargs,
+                                                                **loading).eval()
         image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - any load failure becomes a message on the page
         raise CheckpointError(f"Could not load the EmoVLM-KD checkpoint `{source}`: {err}") from err
@@ -184,7 +200,9 @@ def branch_shares(classifier: Classifier, vlm_logits: torch.Tensor, head_logits:
 def predict_paths(classifier: Classifier, paths: list[str]) -> list[Prediction]:
     """One forward pass for a list of readable image files; the processor raises ValueError for bad ones."""
     inputs = classifier.image_processor(paths, return_tensors="pt")
-    output = classifier.model(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    device = classifier.model.get_input_embeddings().weight.device
+    output = classifier.model(pixel_values=inputs["pixel_values"].to(device),
+                              image_grid_thw=inputs["image_grid_thw"].to(device))
     shares = branch_shares(classifier, output.vlm_logits, output.head_logits)
     as_dict = lambda row: dict(zip(classifier.labels, row.tolist()))  # noqa: E731
     return [
@@ -446,6 +464,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="local EmoVLM-KD folder or Hub repo id (env EMOVLM_CHECKPOINT)")
     parser.add_argument("--revision", default=os.environ.get("EMOVLM_REVISION", settings.get("revision")),
                         help="branch, tag or commit hash of a Hub checkpoint (env EMOVLM_REVISION)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default=os.environ.get("EMOVLM_DTYPE", "auto"),
+                        help="weights' dtype (auto: bfloat16 on a GPU that has it, else float32; env EMOVLM_DTYPE)")
+    parser.add_argument("--device-map", default=os.environ.get("EMOVLM_DEVICE_MAP"),
+                        help="accelerate device map, e.g. auto (env EMOVLM_DEVICE_MAP)")
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the VLM in 4-bit NF4 (bitsandbytes)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
                         help="address to listen on (env GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
@@ -476,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     classifier, load_error = None, ""
     try:
-        classifier = load_classifier(args.checkpoint, args.revision)
+        classifier = load_classifier(args.checkpoint, args.revision, args.dtype, args.device_map, args.load_in_4bit)
     except CheckpointError as err:
         # Serve the page anyway (a Space must start) and say what is wrong there and on the console.
         load_error = str(err)

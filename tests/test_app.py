@@ -162,6 +162,21 @@ def test_space_settings_pin_the_defaults_and_flags_still_win(app, tiny_checkpoin
     assert "@" not in classifier.name and classifier.labels
 
 
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"load_in_4bit": True}, {"device_map": "auto"}])
+def test_the_app_loads_the_model_as_users_load_it(app, tiny_checkpoint, test_images, options):
+    """`--dtype`, `--load-in-4bit`, `--device-map`: the page's numbers come from a model whose head and gate stay
+    float32, and its labels agree with the float32 model's on most images."""
+    reference = app.predict_paths(app.load_classifier(tiny_checkpoint), [str(p) for p in test_images])
+    classifier = app.load_classifier(tiny_checkpoint, **options)
+    for module in (classifier.model.distillation_head, classifier.model.gate):
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    predictions = app.predict_paths(classifier, [str(p) for p in test_images])
+    top = lambda p: max(p.fused, key=p.fused.get)  # noqa: E731
+    assert sum(top(a) == top(b) for a, b in zip(predictions, reference)) >= len(test_images) // 2
+    args = app.parse_args(["--dtype", "bfloat16", "--device-map", "auto", "--load-in-4bit"])
+    assert (args.dtype, args.device_map, args.load_in_4bit) == ("bfloat16", "auto", True)
+
+
 def test_label_and_file_names_render_literally_in_markdown(app, tiny_checkpoint, tmp_path):
     """Labels and uploaded file names are text, not Markdown or HTML, wherever the page renders Markdown."""
     from markdown_it import MarkdownIt
