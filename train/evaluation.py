@@ -6,6 +6,7 @@ teacher and the fused model, written as `results.json` (read by model cards and 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import evaluate
@@ -20,9 +21,14 @@ METRIC_PATH = str(Path(__file__).parent / "metrics" / "emotion_classification.py
 BRANCHES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
 
 
+@functools.cache
+def _metric():
+    """The metric module, loaded once per process (`evaluate.load` builds a module from the script each time)."""
+    return evaluate.load(METRIC_PATH)
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
-    metric = evaluate.load(METRIC_PATH)
-    return metric.compute(
+    return _metric().compute(
         predictions=logits.argmax(-1).tolist(), references=labels.tolist(), num_labels=num_labels
     )
 
