@@ -2,4 +2,4 @@
 
 # The pipeline's stages in order (each also a `python -m train` command); here so the command line can list them
 # without importing the training stack.
-STAGES = ("base", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")
+STAGES = ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")

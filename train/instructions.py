@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import io
 import json
 import logging
 import os
 import re
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -131,24 +129,90 @@ class _RetryableError(Exception):
         self.retry_after = retry_after
 
 
+class RateLimiter:
+    """At most `per_minute` request starts per minute, spaced evenly (`period / per_minute` seconds apart) across all
+    threads that share it, so no window of the server's sees a burst. `per_minute=None`: no limit."""
+
+    def __init__(self, per_minute: float | None, period: float = 60.0):
+        if per_minute is not None and per_minute <= 0:
+            raise ValueError(f"requests_per_minute must be positive, got {per_minute}.")
+        self.interval = period / per_minute if per_minute else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+# Origins of configured endpoints that `HF_HUB_OFFLINE=1` must not block (it is about the Hub, not a local server).
+_ENDPOINT_ORIGINS: set[tuple[str, str, int | None]] = set()
+_ENDPOINT_LOCK = threading.Lock()
+
+
+def _origin(url) -> tuple[str, str, int | None]:
+    from httpx2 import URL
+
+    url = URL(str(url))
+    return url.scheme, url.host, url.port
+
+
+def _allow_endpoint_offline(base_url: str) -> None:
+    """`huggingface_hub`'s HTTP session refuses every request under `HF_HUB_OFFLINE=1`, also to a local vLLM server
+    the recipe names. Its request hook is kept for every other origin (the Hub stays unreachable offline); requests
+    to the configured endpoint's origin only skip the offline check."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    if not constants.is_offline_mode():
+        return
+    with _ENDPOINT_LOCK:
+        first = not _ENDPOINT_ORIGINS
+        _ENDPOINT_ORIGINS.add(_origin(base_url))
+    if not first:
+        return
+
+    def hook(request):
+        if _origin(request.url) in _ENDPOINT_ORIGINS:
+            return None
+        return _http.hf_request_event_hook(request)
+
+    def factory():
+        import httpx2
+
+        return httpx2.Client(event_hooks={"request": [hook]}, follow_redirects=True, timeout=None)
+
+    _http.set_client_factory(factory)
+
+
 class OpenAIChatGenerator:
     r"""
-    Answers from any OpenAI-compatible `/chat/completions` endpoint that accepts images (OpenAI, vLLM, TGI, ...).
+    Answers from any OpenAI-compatible `/chat/completions` endpoint that accepts images (OpenAI, vLLM, TGI, ...),
+    through `huggingface_hub.InferenceClient(base_url=..., api_key=...).chat_completion`.
 
     Connection errors, timeouts, HTTP 429, HTTP 5xx and malformed responses are retried with exponential backoff
     (`backoff * 2**attempt` seconds, or the server's `Retry-After` when longer); other 4xx errors are not, since
-    repeating a bad request cannot fix it. Calls are independent, so one instance may serve several threads.
+    repeating a bad request cannot fix it. Calls are independent, so one instance may serve several threads; they
+    share its `requests_per_minute` limit (every attempt counts).
 
     Args:
         base_url (`str`, *optional*): API root such as `https://api.openai.com/v1`; defaults to
             `$EMOVLM_OPENAI_BASE_URL`.
         model (`str`, *optional*): model name; defaults to `$EMOVLM_OPENAI_MODEL`.
-        api_key (`str`, *optional*): bearer token; defaults to `$OPENAI_API_KEY` (local servers may need none).
+        api_key (`str`, *optional*): bearer token; defaults to `$OPENAI_API_KEY`, else the placeholder `EMPTY`
+            (local servers need none; never the Hugging Face token, which `InferenceClient` would send otherwise).
         timeout (`float`): seconds per HTTP request.
         max_retries (`int`): retries after the first attempt.
         backoff (`float`): delay before the first retry, doubled at each further one.
         temperature (`float`), max_tokens (`int`): sampling settings sent with every request.
         max_image_size (`int`, *optional*): longer image side sent to the endpoint, in pixels.
+        requests_per_minute (`float`, *optional*): at most this many requests per minute, evenly spaced.
     """
 
     def __init__(
@@ -162,14 +226,19 @@ class OpenAIChatGenerator:
         temperature: float = 0.2,
         max_tokens: int = 512,
         max_image_size: int | None = 1024,
+        requests_per_minute: float | None = None,
     ):
+        from huggingface_hub import InferenceClient
+
         base_url = base_url or os.environ.get("EMOVLM_OPENAI_BASE_URL")
         model = model or os.environ.get("EMOVLM_OPENAI_MODEL")
         if not base_url:
             raise ValueError("No endpoint: pass `base_url=` or set EMOVLM_OPENAI_BASE_URL (e.g. https://api.openai.com/v1).")
         if not model:
             raise ValueError("No model: pass `model=` or set EMOVLM_OPENAI_MODEL.")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        base_url = base_url.rstrip("/")
+        # InferenceClient appends `/chat/completions` to a root ending in /v1, `/v1/chat/completions` otherwise.
+        self.url = base_url + ("/chat/completions" if base_url.endswith("/v1") else "/v1/chat/completions")
         self.model = model
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
@@ -178,13 +247,16 @@ class OpenAIChatGenerator:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.max_image_size = max_image_size
+        self.limiter = RateLimiter(requests_per_minute)
+        _allow_endpoint_offline(base_url)
+        self.client = InferenceClient(base_url=base_url, api_key=self.api_key or "EMPTY", timeout=timeout)
 
     @property
     def name(self) -> str:
         return f"openai:{self.model}"
 
     def request_body(self, image: Image.Image, kind: str, label: str) -> dict[str, Any]:
-        """The JSON body of one request: the prompt and the image as a base64 JPEG data URL."""
+        """The request's arguments: the prompt and the image as a base64 JPEG data URL."""
         content = [
             {"type": "image_url", "image_url": {"url": encode_data_url(image, self.max_image_size)}},
             {"type": "text", "text": generation_prompt(kind, label)},
@@ -197,7 +269,7 @@ class OpenAIChatGenerator:
         }
 
     def generate(self, image: Image.Image, kind: str, label: str) -> str:
-        body = json.dumps(self.request_body(image, kind, label)).encode("utf-8")
+        body = self.request_body(image, kind, label)
         error: _RetryableError | None = None
         for attempt in range(self.max_retries + 1):
             if error is not None:
@@ -209,29 +281,32 @@ class OpenAIChatGenerator:
                 logger.debug("Attempt %d/%d at %s failed: %s", attempt + 1, self.max_retries + 1, self.url, err)
         raise AnswerGenerationError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {error}")
 
-    def _post(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+    def _post(self, body: dict[str, Any]) -> str:
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
+
+        self.limiter.acquire()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:  # before URLError: HTTPError is its subclass
+            output = self.client.chat_completion(**body)
+        except HfHubHTTPError as err:
+            status = err.response.status_code if err.response is not None else None
             detail = _error_detail(err)
-            if err.code == 429 or err.code >= 500:
-                raise _RetryableError(f"HTTP {err.code}: {detail}", _retry_after(err.headers)) from err
-            raise AnswerGenerationError(f"{self.url} answered HTTP {err.code} (not retried): {detail}") from err
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # refused, reset, timed out
-            raise _RetryableError(f"connection error: {err}") from err
-        return _parse_completion(payload)
+            if status is None or status == 429 or status >= 500:
+                headers = err.response.headers if err.response is not None else None
+                raise _RetryableError(f"HTTP {status}: {detail}", _retry_after(headers)) from err
+            raise AnswerGenerationError(f"{self.url} answered HTTP {status} (not retried): {detail}") from err
+        except (InferenceTimeoutError, httpx2.TransportError, OSError) as err:  # refused, reset, timed out
+            raise _RetryableError(f"connection error: {type(err).__name__}: {err}") from err
+        except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a completion
+            raise _RetryableError(f"malformed response ({type(err).__name__}): {err}") from err
+        return _completion_text(output)
 
 
-def _error_detail(err: urllib.error.HTTPError, limit: int = 300) -> str:
+def _error_detail(err, limit: int = 300) -> str:
     try:
-        return err.read().decode("utf-8", "replace")[:limit] or err.reason
-    except OSError:
-        return str(err.reason)
+        return err.response.text[:limit] or str(err)[:limit]
+    except Exception:  # noqa: BLE001 - a streamed or closed body
+        return str(err)[:limit]
 
 
 def _retry_after(headers) -> float | None:
@@ -241,16 +316,16 @@ def _retry_after(headers) -> float | None:
         return None
 
 
-def _parse_completion(payload: bytes) -> str:
+def _completion_text(output) -> str:
     """The first choice's text; a response without one is treated as a transient server fault."""
     try:
-        content = json.loads(payload)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as err:
-        raise _RetryableError(f"malformed response ({type(err).__name__}): {payload[:200]!r}") from err
+        content = output.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as err:
+        raise _RetryableError(f"malformed response ({type(err).__name__}): {str(output)[:200]}") from err
     if isinstance(content, list):  # some servers return content parts
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     if not isinstance(content, str) or not content.strip():
-        raise _RetryableError(f"empty answer in response: {payload[:200]!r}")
+        raise _RetryableError(f"empty answer in response: {str(output)[:200]}")
     return content.strip()
 
 
@@ -264,31 +339,50 @@ class LocalVLMGenerator:
         max_new_tokens (`int`): length limit of an answer.
     """
 
-    def __init__(self, model_path_or_model, processor, max_new_tokens: int = 128):
+    def __init__(self, model_path_or_model, processor, max_new_tokens: int = 128, batch_size: int | None = None):
+        import torch
+
         if isinstance(model_path_or_model, (str, os.PathLike)):
             from transformers import Qwen2VLForConditionalGeneration
 
-            model_path_or_model = Qwen2VLForConditionalGeneration.from_pretrained(model_path_or_model)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model_path_or_model = Qwen2VLForConditionalGeneration.from_pretrained(model_path_or_model).to(device)
         self.model = model_path_or_model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
+        # Batched generation pays off on a GPU; on CPU one image at a time is as fast and needs no padding.
+        self.batch_size = batch_size or (8 if self.model.device.type == "cuda" else 1)
 
     @property
     def name(self) -> str:
         return f"local:{getattr(self.model.config, '_name_or_path', '') or type(self.model).__name__}"
 
     def generate(self, image: Image.Image, kind: str, label: str) -> str:
+        return self.generate_batch([image], [kind], [label])[0]
+
+    def generate_batch(self, images: Sequence[Image.Image], kinds: Sequence[str], labels: Sequence[str]) -> list[str]:
+        """Answers for several images in one left-padded `generate` call (greedy, so each equals its own call's)."""
         import torch
 
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": generation_prompt(kind, label)}]}
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": generation_prompt(k, lab)}]}],
+                add_generation_prompt=True, tokenize=False,
+            )
+            for k, lab in zip(kinds, labels)
         ]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(images=[load_image(image)], text=[text], return_tensors="pt").to(self.model.device)
+        tokenizer = self.processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens start at the same column
+        try:
+            inputs = self.processor(images=[load_image(i) for i in images], text=texts, padding=True,
+                                    return_tensors="pt").to(self.model.device)
+        finally:
+            tokenizer.padding_side = side
         with torch.no_grad():
-            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 # ---- the answer cache ----------------------------------------------------------------------------------------------
@@ -417,7 +511,8 @@ def generate_answers(
     `<cache_path>.failures.jsonl`, which describes the latest run only. After `max_consecutive_failures` failures in
     a row the run stops with an `AnswerGenerationError`, since the endpoint is then most likely down or misconfigured;
     everything generated so far stays cached. `num_workers > 1` sends that many requests at a time (remote
-    generators only: a local model is not thread-safe).
+    generators only: a local model is not thread-safe; a generator with `generate_batch` and `batch_size > 1`, the
+    local model on a GPU, answers that many images per call instead). A progress bar shows the rate and the ETA.
     """
     kinds = _check_kinds(kinds, allowed=GENERATED_KINDS)
     label_names = _label_names(dataset, label_names)
@@ -473,8 +568,12 @@ def generate_answers(
                 "fix the endpoint and rerun to resume."
             )
 
+    batch_size = getattr(generator, "batch_size", 1) if hasattr(generator, "generate_batch") else 1
     try:
-        _run(pending, submit, on_done, num_workers)
+        if batch_size > 1:
+            _run_batched(pending, dataset, labels, label_names, generator, on_done, batch_size)
+        else:
+            _run(pending, submit, on_done, num_workers)
     finally:
         progress.close()
     _log_summary(summary, cache.path)
@@ -515,6 +614,25 @@ def _run(
                     in_flight[submit(pool, task)] = task
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_batched(tasks, dataset, labels, label_names, generator, on_done, batch_size: int) -> None:
+    """A local model's answers, `batch_size` at a time; a failed batch fails each of its answers."""
+    tasks = iter(tasks)
+    while batch := list(islice(tasks, batch_size)):
+        rows = [dataset[index] for _, _, index in batch]
+        futures = [Future() for _ in batch]
+        try:
+            answers = generator.generate_batch([row["image"] for row in rows], [kind for _, kind, _ in batch],
+                                               [label_names[labels[index]] for _, _, index in batch])
+            for future, answer in zip(futures, answers, strict=True):
+                future.set_result(answer)
+        except Exception as err:  # noqa: BLE001 - becomes a reported failure of each answer
+            for future in futures:
+                if not future.done():
+                    future.set_exception(err)
+        for task, future in zip(batch, futures):
+            on_done(task, future)
 
 
 def _log_summary(summary: GenerationSummary, cache_path: Path) -> None:
@@ -676,6 +794,7 @@ __all__ = [
     "GenerationSummary",
     "LocalVLMGenerator",
     "OpenAIChatGenerator",
+    "RateLimiter",
     "build_instruction_dataset",
     "encode_data_url",
     "failures_path",

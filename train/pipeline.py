@@ -1,4 +1,4 @@
-"""All stages in order, from a YAML recipe: base models -> stage 1 (SFT) -> teacher -> feature caches -> stage 2
+"""All stages in order, from a YAML recipe: base models -> instruction answers -> stage 1 (SFT) -> teacher -> feature caches -> stage 2
 (distillation) -> stage 3 (gate) -> evaluation -> Hub-ready folder.
 
 The recipe is validated as a whole before anything runs (`train/recipe.py`). A finished stage leaves
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
@@ -55,6 +56,7 @@ from .trainer_utils import count_parameters, last_complete_checkpoint
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+FAILED = "stage_failed.json"
 
 
 class StageError(RuntimeError):
@@ -210,15 +212,63 @@ class Pipeline:
             build_tiny_base_models(self.stage_dir("base"), self.labels, seed=self.seed)
         self.mark_done("base")
 
+    @property
+    def answers_cache(self) -> Path:
+        # Outside the stage's folder: a rerun of the stage (new settings) keeps the answers already paid for.
+        return self.output_dir / "answers.jsonl"
+
+    def run_instructions(self) -> None:
+        """The conversation/reasoning answers stage 1 trains on, generated before any training starts.
+
+        Only the main process works (concurrent, rate-limited, retried, resumable through the answer cache). The
+        other ranks do not wait in a collective, which would time out after `timeout` (30 min by default) over an
+        hours-long generation: they poll for this stage's marker file (`stage_done.json`, or `stage_failed.json`
+        when the main process failed), then meet the main process at the barrier of `mark_done`, which is reached
+        at once. Categorical-only kinds, or `generator: none`, need no endpoint: the stage is done at once (with
+        `none`, stage 1 reads whatever the cache holds and stops if answers are missing)."""
+        from .instructions import GENERATED_KINDS, build_instruction_dataset
+
+        spec = self.spec.sections["instructions"]
+        kinds = [k for k in self.spec.sections["sft"].instruction_kinds if k in GENERATED_KINDS]
+        info = {}
+        if self.state.is_main_process:  # a failure of an earlier attempt must not stop the waiting ranks
+            (self.stage_dir("instructions") / FAILED).unlink(missing_ok=True)
+        self.state.wait_for_everyone()  # instant: every rank is here; the long wait below is no collective
+        if self.state.is_main_process:
+            try:
+                if kinds and spec.generator != "none":
+                    processor = load_processor(self.base_models["vlm"], self.labels, **self.processor_kwargs())
+                    _, summary = build_instruction_dataset(
+                        self.data["train"], processor, kinds=kinds, generator=self.answer_generator(),
+                        cache_path=self.answers_cache, num_workers=spec.workers(), return_summary=True)
+                    info = {"cached": summary.cached, "generated": summary.generated, "failed": summary.num_failed,
+                            "answers_naming_label": summary.answers_naming_label,
+                            "failures": str(summary.failures_path)}
+            except BaseException as err:
+                write_json_atomic({"error": f"{type(err).__name__}: {err}"}, self.stage_dir("instructions") / FAILED)
+                raise
+        else:
+            self._wait_for_marker("instructions")
+        self.mark_done("instructions", **info)
+
+    def _wait_for_marker(self, stage: str, poll: float = 2.0) -> None:
+        """Wait, without any collective, until the main process has finished (or failed) `stage`."""
+        stage_dir = self.stage_dir(stage)
+        while not (stage_dir / DONE).exists():
+            failed = read_marker(stage_dir, FAILED)
+            if failed is not None:
+                raise StageError(f"Stage {stage!r} failed on the main process: {failed.get('error')}")
+            time.sleep(poll)
+
     def run_sft(self) -> None:
         set_seed(self.seed)
         args = self.stage_args("sft", SFTStageConfig, model_name_or_path=self.base_models["vlm"])
-        generator = self.answer_generator() if self.state.is_main_process else None  # only rank 0 generates
-        # The recipe's prompts, the ones the caches and the export score after (unset: the paper's wording), and
-        # its resolution bounds, saved with the merged model's processor for every later stage.
-        train_sft(self.data, self.labels, args, generator=generator,
-                  answers_cache=self.output_dir / "answers.jsonl", resume_from_checkpoint=self.resume("sft"),
-                  **self.processor_kwargs())
+        # The answers come from stage `instructions` (already run): every rank reads the same cache and leaves out
+        # the same failed rows. The recipe's prompts, the ones the caches and the export score after (unset: the
+        # paper's wording), and its resolution bounds, saved with the merged model's processor for every later stage.
+        generated = self.spec.sections["instructions"].generator != "none"  # none: every answer must be cached
+        train_sft(self.data, self.labels, args, answers_cache=self.answers_cache,
+                  resume_from_checkpoint=self.resume("sft"), skip_missing=generated, **self.processor_kwargs())
         self.mark_done("sft")
 
     def answer_generator(self):

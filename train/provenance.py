@@ -27,7 +27,8 @@ from .recipe import SECRET_KEY
 # The stages whose outputs each stage reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "base": (),
-    "sft": ("base",),
+    "instructions": ("base",),
+    "sft": ("base", "instructions"),
     "teacher": ("base",),
     "features": ("sft", "teacher"),
     "distill": ("features",),
@@ -38,7 +39,11 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # The recipe values (a section, or one `section.key`) each stage reads.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "base": ("seed", "labels", "base_models"),
-    "sft": ("seed", "labels", "data", "base_models", "instructions", "sft", "model.categorical_prompt",
+    # The answers depend on the images, their labels, the generator (the base VLM for `local`) and which kinds
+    # stage 1 trains on; not on how fast they are asked for (num_workers, requests_per_minute: NOT_RESULTS).
+    "instructions": ("labels", "data", "base_models", "instructions", "sft.instruction_kinds", "model.min_pixels",
+                     "model.max_pixels"),
+    "sft": ("seed", "labels", "data", "base_models", "sft", "model.categorical_prompt",
             "model.conversation_prompt", "model.reasoning_prompt", "model.min_pixels", "model.max_pixels"),
     "teacher": ("seed", "labels", "data", "base_models", "teacher"),
     "features": ("labels", "data", "model.load_in_4bit", "model.dtype", "model.feature_batch_size", "model.pooling",
@@ -52,7 +57,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 # Values that change how a stage reports or connects, never what it computes: editing them reruns nothing.
 NOT_RESULTS = {"logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "report_to", "run_name",
                "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-               "dataloader_prefetch_factor", "timeout", "max_retries", "backoff", "project", "trackio_space_id"}
+               "dataloader_prefetch_factor", "timeout", "max_retries", "backoff", "num_workers",
+               "requests_per_minute", "project", "trackio_space_id"}
 DONE, STARTED = "stage_done.json", "stage_started.json"
 
 

@@ -86,18 +86,33 @@ class InstructionsSection:
     temperature: float | None = field(default=None, metadata={"help": "openai: sampling temperature."})
     max_tokens: int | None = field(default=None, metadata={"help": "openai: longest answer."})
     max_image_size: int | None = field(default=None, metadata={"help": "openai: longer side of the sent image."})
+    num_workers: int | None = field(default=None, metadata={"help": "openai: requests in flight at once "
+                                                                   "(default 8)."})
+    requests_per_minute: float | None = field(default=None, metadata={"help": "openai: most requests per minute, "
+                                                                             "evenly spaced (unset: no limit)."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "local: longest answer."})
+    batch_size: int | None = field(default=None, metadata={"help": "local: images per batched generate (default 8 "
+                                                                  "on a GPU, 1 on CPU)."})
 
     # The options each generator takes (the others must be left unset).
     OPTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "openai": ("base_url", "model", "api_key", "timeout", "max_retries", "backoff", "temperature", "max_tokens",
-                   "max_image_size"),
-        "local": ("max_new_tokens",),
+                   "max_image_size", "requests_per_minute", "num_workers"),
+        "local": ("max_new_tokens", "batch_size"),
         "none": (),
     }
+    DEFAULT_NUM_WORKERS: typing.ClassVar[int] = 8
 
     def generator_kwargs(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.OPTIONS[self.generator] if getattr(self, name) is not None}
+        """The generator's constructor arguments (`num_workers` is the stage's, not the generator's)."""
+        return {name: getattr(self, name) for name in self.OPTIONS[self.generator]
+                if name != "num_workers" and getattr(self, name) is not None}
+
+    def workers(self) -> int:
+        """Requests in flight at once: a remote endpoint serves many; a local model answers one call at a time."""
+        if self.generator != "openai":
+            return 1
+        return self.num_workers if self.num_workers is not None else self.DEFAULT_NUM_WORKERS
 
 
 @dataclass

@@ -167,6 +167,7 @@ def train_sft(
     reasoning_prompt: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    skip_missing: bool = False,
 ) -> Path:
     """Build the instruction data of `dataset_dict["train"]`, tune the VLM, and return the merged model's folder.
 
@@ -176,8 +177,10 @@ def train_sft(
     `min_pixels`/`max_pixels` bound the image resolution (`load_processor`); the processor saved with the merged
     model carries them to the caches and the export.
 
-    Under several processes only the main process asks `generator` for answers (the others wait, then read the
-    same cache and leave out the same failed rows), so no answer is requested or appended twice.
+    The pipeline generates the answers beforehand (stage `instructions`) and passes no `generator`: every rank
+    reads the cache at `answers_cache`, and `skip_missing=True` leaves out the rows whose answers failed there.
+    Given a `generator` (a single-process library call), the main process asks it for the missing answers first;
+    the other ranks would wait at a barrier meanwhile, which is why the pipeline does not do so.
     """
     processor = load_processor(args.model_name_or_path, labels, categorical_prompt=categorical_prompt,
                                conversation_prompt=conversation_prompt, reasoning_prompt=reasoning_prompt,
@@ -190,7 +193,7 @@ def train_sft(
             kinds=args.instruction_kinds,
             generator=generator if state.is_main_process else None,
             cache_path=answers_cache,
-            skip_missing=not state.is_main_process,
+            skip_missing=skip_missing or not state.is_main_process,
         )
     logger.info("Stage 1 trains on %d instructions (%s).", len(train_set), ", ".join(args.instruction_kinds))
     trainer = build_sft_trainer(train_set, processor, args)

@@ -10,6 +10,7 @@ import io
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -46,11 +47,14 @@ class FakeChatServer:
         fail_label: requests whose prompt names this label always get HTTP 500.
     """
 
-    def __init__(self, fail_first=(), max_successes=None, fail_label=None):
+    def __init__(self, fail_first=(), max_successes=None, fail_label=None, delay=0.0):
         self.fail_first = list(fail_first)
         self.max_successes = max_successes
         self.fail_label = fail_label
+        self.delay = delay  # seconds before each answer (a slow model)
         self.bodies, self.headers, self.successes = [], [], 0
+        self.arrivals, self.in_flight, self.max_in_flight = [], 0, 0  # server-side timing and concurrency
+        self.answered: dict[tuple[str, str], int] = {}  # successful answers per (image data URL, prompt)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
@@ -70,6 +74,24 @@ class FakeChatServer:
 
     def respond(self, body: dict) -> tuple[int, bytes]:
         with self.lock:
+            self.arrivals.append(time.monotonic())
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:  # (tests patch time.sleep to record backoffs)
+                time.sleep(self.delay)
+            status, payload = self._respond(body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+        if status == 200:
+            with self.lock:
+                pair = (body["messages"][0]["content"][0]["image_url"]["url"], body["messages"][0]["content"][1]["text"])
+                self.answered[pair] = self.answered.get(pair, 0) + 1
+        return status, payload
+
+    def _respond(self, body: dict) -> tuple[int, bytes]:
+        with self.lock:
             self.bodies.append(body)
             if self.fail_first:
                 status = self.fail_first.pop(0)
@@ -88,7 +110,7 @@ class FakeChatServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.headers.append(dict(self.headers))
+                server.headers.append({name.lower(): value for name, value in self.headers.items()})
                 status, payload = server.respond(body) if self.path == "/v1/chat/completions" else (404, b"{}")
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -266,7 +288,7 @@ def test_request_carries_the_image_as_a_data_url_and_a_label_prompt(make_server)
     assert sent.format == "JPEG" and sent.size == (40, 30)
     assert text_part == {"type": "text", "text": generation_prompt("reasoning", "amusement")}
     assert "'amusement'" in text_part["text"] and "Do not write the word 'amusement'" in text_part["text"]
-    assert server.headers[0]["Authorization"] == "Bearer sk-test"
+    assert server.headers[0]["authorization"] == "Bearer sk-test"
 
 
 def test_identical_images_are_requested_once(processor, make_server, tmp_path):
@@ -467,3 +489,66 @@ def test_local_vlm_generator_answers_greedily(tiny_vlm, processor):
     answer = generator.generate(image, "conversation", "awe")
     assert isinstance(answer, str)
     assert generator.generate(image, "conversation", "awe") == answer
+
+
+# ---- at scale: concurrency, the rate limit, resumption ---------------------------------------------------------------
+
+
+def many_images(n: int) -> Dataset:
+    images = [Image.new("RGB", (16, 16), (i % 256, (i // 256) * 40, 90)) for i in range(n)]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=LABELS)})
+    return Dataset.from_dict({"image": images, "label": [i % len(LABELS) for i in range(n)]}, features=features)
+
+
+def test_workers_are_concurrently_in_flight(processor, make_server, tmp_path):
+    server = make_server(delay=0.05)
+    _, summary = build(many_images(32), processor, generator_for(server), tmp_path / "a.jsonl",
+                       kinds=("conversation",), num_workers=8)
+    assert summary.generated == 32 and server.requests == 32
+    assert server.max_in_flight == 8  # as many as the workers, never more
+    assert set(server.answered.values()) == {1}
+
+
+def test_requests_per_minute_is_respected_in_every_window(processor, make_server, tmp_path):
+    per_minute = 600  # 10 a second, evenly spaced: any 1 s window sees at most 10 (+1 at its closed ends)
+    server = make_server(delay=0.05)
+    _, summary = build(many_images(24), processor, generator_for(server, requests_per_minute=per_minute),
+                       tmp_path / "a.jsonl", kinds=("reasoning",), num_workers=8)
+    assert summary.generated == 24
+    arrivals = sorted(server.arrivals)
+    busiest = max(sum(start <= t < start + 1.0 for t in arrivals) for start in arrivals)
+    assert busiest <= per_minute // 60 + 1
+    # Without the limit the same 8 workers put far more than that into one second.
+    unlimited = make_server(delay=0.05)
+    build(many_images(24), processor, generator_for(unlimited), tmp_path / "b.jsonl", kinds=("reasoning",),
+          num_workers=8)
+    fast = sorted(unlimited.arrivals)
+    assert max(sum(start <= t < start + 1.0 for t in fast) for start in fast) > per_minute // 60 + 1
+
+
+def test_resume_after_failures_requests_nothing_twice_and_lists_every_failure(processor, make_server, tmp_path):
+    dataset, cache_path = many_images(30), tmp_path / "a.jsonl"
+    dying = make_server(delay=0.05, max_successes=20)
+    with pytest.raises(AnswerGenerationError, match="in a row"):
+        build(dataset, processor, generator_for(dying, max_retries=0), cache_path, kinds=("conversation",),
+              num_workers=4, max_consecutive_failures=5)
+    cached = AnswerCache(cache_path)
+    failed = [json.loads(line) for line in failures_path(cache_path).read_text().splitlines()]
+    assert len(cached) == 20 and len(failed) >= 5  # every failure of the run is listed
+    healthy = make_server(delay=0.05)
+    instructions, summary = build(dataset, processor, generator_for(healthy), cache_path, kinds=("conversation",),
+                                  num_workers=4)
+    assert summary.cached == 20 and summary.generated == 10 and healthy.requests == 10 and len(instructions) == 30
+    # No answer was given twice across both runs: the resumed run asked only for what the first did not get.
+    both = {**dying.answered}
+    for pair, count in healthy.answered.items():
+        both[pair] = both.get(pair, 0) + count
+    assert len(both) == 30 and set(both.values()) == {1}
+
+
+def test_local_vlm_generator_batches_with_left_padding(tiny_vlm, processor):
+    generator = LocalVLMGenerator(str(tiny_vlm), processor, max_new_tokens=4, batch_size=3)
+    images = [Image.new("RGB", (64, 48), (120, 60, 30)), Image.new("RGB", (48, 64), (10, 200, 30))]
+    batched = generator.generate_batch(images, ["conversation", "reasoning"], ["awe", "contentment"])
+    assert batched == [generator.generate(images[0], "conversation", "awe"),
+                       generator.generate(images[1], "reasoning", "contentment")]

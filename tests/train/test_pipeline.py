@@ -15,7 +15,7 @@ from transformers import pipeline
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_and_exports_a_hub_ready_folder(tiny_run):
     output_dir, _, stdout = tiny_run
-    for stage in ("base", "sft", "teacher", "features", "distill", "gate", "evaluate", "export"):
+    for stage in ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export"):
         assert (output_dir / stage / "stage_done.json").exists(), stage
     assert (output_dir / "sft" / "merged" / "model.safetensors").exists()
     results = json.loads((output_dir / "evaluate" / "results.json").read_text())
@@ -40,7 +40,7 @@ def test_rerun_skips_finished_stages(tiny_run):
     result = run_pipeline(recipe)
     assert {p: p.stat().st_mtime_ns for p in output_dir.glob("*/stage_done.json")} == stamps
     assert sorted(output_dir.glob("*/checkpoint-*")) == checkpoints
-    for stage in ("base", "sft", "teacher", "features", "distill", "gate", "evaluate", "export"):
+    for stage in ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export"):
         assert f"Stage {stage} already finished; skipping." in result.stderr
     assert final_metrics(output_dir) == before
 

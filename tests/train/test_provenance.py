@@ -14,7 +14,7 @@ import torch
 from conftest import run_pipeline
 from safetensors.torch import load_file
 
-STAGES = ("base", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")
+STAGES = ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")
 
 
 def copy_run(tiny_run, tmp_path):
@@ -58,14 +58,14 @@ def test_a_changed_setting_reruns_exactly_its_stage_and_those_downstream(tiny_ru
     before = markers(run)
     head_before = (run / "distill" / "head.safetensors").read_bytes()
     result = run_pipeline(recipe, "--set", "distill.alpha=0.0")
-    for stage in ("base", "sft", "teacher", "features"):
+    for stage in ("base", "instructions", "sft", "teacher", "features"):
         assert f"Stage {stage} already finished; skipping." in result.stderr, stage
     assert "Stage distill runs: its settings changed: distill.alpha: (unset) -> 0.0." in result.stderr
     for stage in ("gate", "evaluate", "export"):
         assert f"Stage {stage} runs: its input stage" in result.stderr, stage
     after = markers(run)
     for stage in STAGES:
-        assert (after[stage]["provenance"] == before[stage]["provenance"]) == (stage in STAGES[:4]), stage
+        assert (after[stage]["provenance"] == before[stage]["provenance"]) == (stage in STAGES[:5]), stage
     assert (run / "distill" / "head.safetensors").read_bytes() != head_before
     assert results(run)["recipe"]["distill"]["alpha"] == 0.0
     assert_final_is_the_evaluated_model(run)
