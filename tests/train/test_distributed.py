@@ -121,15 +121,17 @@ def test_only_the_main_process_generates_answers_under_torchrun(tiny_run, tmp_pa
     try:
         env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
         env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "train", "sft", "--config", str(recipe), "--set", "sft.num_train_epochs=1",
-                   "sft.instruction_kinds=[categorical,conversation]", "instructions.generator=openai",
-                   f"instructions.base_url={server.base_url}", "instructions.model=fake-vlm",
-                   "instructions.api_key=sk-test"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        # Stage `instructions` (rank 0 generates, rank 1 polls for its marker), then stage 1 reading its answers.
+        for stage in ("instructions", "sft"):
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "-m", "train", stage, "--config", str(recipe), "--set", "sft.num_train_epochs=1",
+                       "sft.instruction_kinds=[categorical,conversation]", "instructions.generator=openai",
+                       f"instructions.base_url={server.base_url}", "instructions.model=fake-vlm",
+                       "instructions.api_key=sk-test", "instructions.num_workers=4"]
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-4000:]
     finally:
         server.close()
-    assert result.returncode == 0, result.stderr[-4000:]
     images = SIZES["train"] * len(LABELS)
     assert server.requests == images  # one request per image, not one per image and rank
     records = [json.loads(line) for line in (output_dir / "answers.jsonl").read_text().splitlines()]

@@ -552,3 +552,50 @@ def test_local_vlm_generator_batches_with_left_padding(tiny_vlm, processor):
     batched = generator.generate_batch(images, ["conversation", "reasoning"], ["awe", "contentment"])
     assert batched == [generator.generate(images[0], "conversation", "awe"),
                        generator.generate(images[1], "reasoning", "contentment")]
+
+
+# ---- the `instructions` stage of the pipeline ----------------------------------------------------------------------
+
+
+def stage_recipe(tmp_path, tiny_base, server_url, kinds, **instructions):
+    from test_sft import LABELS as SFT_LABELS
+    from test_sft import write_image_folder
+
+    return {
+        "output_dir": str(tmp_path / "run"), "labels": SFT_LABELS,
+        "data": {"kind": "imagefolder", "root": str(write_image_folder(tmp_path / "images"))},
+        "base_models": {"vlm": str(tiny_base["vlm"])},
+        "instructions": {"generator": "openai", "base_url": server_url, "model": "fake-vlm", "api_key": "sk-test",
+                         **instructions},
+        "sft": {"instruction_kinds": kinds},
+    }
+
+
+def test_instructions_stage_generates_before_sft_with_the_recipes_workers(tiny_base, make_server, tmp_path):
+    from train import STAGES
+    from train.pipeline import Pipeline
+    from train.provenance import STAGE_INPUTS, stage_settings
+
+    assert STAGES.index("instructions") < STAGES.index("sft") and "instructions" in STAGE_INPUTS["sft"]
+    server = make_server(delay=0.05)
+    recipe = stage_recipe(tmp_path, tiny_base, server.base_url, ["categorical", "conversation"], num_workers=4,
+                          requests_per_minute=6000)
+    pipeline = Pipeline(recipe)
+    pipeline.run_instructions()
+    marker = json.loads((pipeline.stage_dir("instructions") / "stage_done.json").read_text())
+    assert marker["generated"] == 8 and marker["failed"] == 0 and server.requests == 8
+    assert server.max_in_flight == 4
+    assert len(AnswerCache(pipeline.output_dir / "answers.jsonl")) == 8
+    settings = stage_settings(pipeline.recipe, "instructions")
+    assert settings["sft.instruction_kinds"] == ["categorical", "conversation"]
+    assert not {"instructions.api_key", "instructions.num_workers", "instructions.requests_per_minute"} & set(settings)
+    assert not any(key.startswith("instructions.") for key in stage_settings(pipeline.recipe, "sft"))
+
+
+def test_categorical_only_instructions_stage_contacts_no_endpoint(tiny_base, make_server, tmp_path):
+    from train.pipeline import Pipeline
+
+    server = make_server()
+    pipeline = Pipeline(stage_recipe(tmp_path, tiny_base, server.base_url, ["categorical"]))
+    pipeline.run_instructions()
+    assert pipeline.is_done("instructions") and server.requests == 0
