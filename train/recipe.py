@@ -103,6 +103,14 @@ class InstructionsSection:
     }
     DEFAULT_NUM_WORKERS: typing.ClassVar[int] = 8
 
+    def __post_init__(self):
+        for name in ("num_workers", "batch_size", "max_retries", "max_tokens", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "max_retries" else 1):
+                raise ValueError(f"{name} must be at least {0 if name == 'max_retries' else 1}, got {value}.")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise ValueError(f"requests_per_minute must be positive, got {self.requests_per_minute}.")
+
     def generator_kwargs(self) -> dict[str, Any]:
         """The generator's constructor arguments (`num_workers` is the stage's, not the generator's)."""
         return {name: getattr(self, name) for name in self.OPTIONS[self.generator]

@@ -37,6 +37,7 @@ DEMO = ROOT / "train" / "recipes" / "tiny" / "demo.yaml"
     ("instructions.generator=gpt", r"instructions\.generator must be one of openai, local, none"),
     ("instructions.api_key=sk-abc", r"instructions\.api_key is not an option of generator 'none'"),
     ("seed=one", r"seed: expected an integer"),
+    ("instructions.num_workers=0", r"section 'instructions' is invalid: num_workers must be at least 1, got 0"),
 ])
 def test_recipe_mistakes_name_the_key(override, message):
     with pytest.raises(RecipeError, match=message):
