@@ -17,11 +17,12 @@ import json
 import os
 import statistics
 
+from . import STAGES
 from .pipeline import Pipeline
 from .recipe import Recipe, load_recipe, validate_recipe
 
-SHARED_STAGES = ("base", "sft", "teacher", "features")
 SEEDED_STAGES = ("distill", "gate", "evaluate")
+SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seeded stages read, upstream
 
 
 def child_run(parent: Recipe, seed: int) -> Pipeline:

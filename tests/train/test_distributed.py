@@ -51,7 +51,7 @@ def test_sharded_feature_cache_equals_the_single_process_cache(tiny_run, tmp_pat
 
     single_dir = tiny_run[0]
     double_dir = tmp_path / "features-ddp"
-    for stage in ("base", "sft", "teacher"):
+    for stage in ("base", "instructions", "sft", "teacher"):  # what the features stage reads, finished
         shutil.copytree(single_dir / stage, double_dir / stage)
     recipe_text = tiny_run[1].read_text().replace(str(single_dir), str(double_dir))
     recipe = tmp_path / "recipe.yaml"

@@ -19,7 +19,7 @@ def test_spread_retrains_stages_2_and_3_per_seed_on_the_shared_caches(tiny_run, 
     table = seed_spread(recipe, seeds=2)
     seed = recipe.seed
     child = run / "seeds" / f"seed-{seed + 1}"
-    for stage in ("base", "sft", "teacher", "features"):
+    for stage in ("base", "instructions", "sft", "teacher", "features"):
         assert (child / stage).is_symlink() and (child / stage / "stage_done.json").exists(), stage
     assert not (child / "export").exists()  # only stages 2-3 and the evaluation run per seed
     child_results = json.loads((child / "evaluate" / "results.json").read_text())
