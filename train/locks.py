@@ -17,6 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .files import write_text_atomic
+
 
 class LockedError(RuntimeError):
     """Another process holds the lock."""
@@ -47,7 +49,7 @@ def exclusive(lock_path: str | Path, what: str):
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                 "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
-        info_path.write_text(json.dumps(info))
+        write_text_atomic(json.dumps(info), info_path)  # readers never see it half-written
         yield lock_path
     finally:
         with contextlib.suppress(OSError):

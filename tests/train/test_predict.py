@@ -266,7 +266,7 @@ def test_a_second_predict_into_the_same_output_fails_at_once_and_a_killed_holder
             time.sleep(0.005)
         # Freeze the holder while it holds the lock: the second run meets a held lock however fast the first is.
         holder.send_signal(signal.SIGSTOP)
-        assert holder.poll() is None and int(pid_file.read_text()) == holder.pid
+        assert holder.poll() is None and json.loads(pid_file.read_text())["pid"] == holder.pid
         second = subprocess.run(predict_command(tiny_checkpoint, images, output), env=env, capture_output=True,
                                 text=True)
         assert second.returncode == 1
