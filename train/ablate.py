@@ -556,7 +556,8 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
     cache = ResultCache(out / "cache" / f"{what}.jsonl", enabled=not fresh)
     with _frozen_heap():
         rows = run_variants(what, variants, run, settings, cache)
-    table = {"what": what, "title": TITLES[what], "run": str(run_dir), "split": "test",
+    # The run by its folder name: the tables go into reports and cards, where a local path means nothing.
+    table = {"what": what, "title": TITLES[what], "run": Path(run_dir).name, "split": "test",
              "num_examples": int(len(run.splits["test"]["labels"])), "labels": run.config.labels,
              "feature_dim": run.feature_dim, "min_width": depth_min_width(run.num_labels, min_width),
              "seeds": settings.seeds,

@@ -325,9 +325,19 @@ def disagreement_section(outputs: BranchOutputs, picked: list, figure: str | Non
     return lines
 
 
+def shown_path(path: Path) -> str:
+    """A path as a shared document shows it: relative to the working directory when inside it, else its name (an
+    absolute path names this machine, not the run)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def ablation_section(pipeline: Pipeline, report_dir: Path) -> list[str]:
     """The run's ablation tables and plots, copied next to the report; a pointer to the command where missing."""
     run_dir = pipeline.output_dir
+    shown = shown_path(run_dir)
     current = RunData(pipeline).fingerprint()
     lines = ["## Ablations (paper Tables 3-4, Figure 3)", ""]
     for what in ABLATIONS:
@@ -337,11 +347,11 @@ def ablation_section(pipeline: Pipeline, report_dir: Path) -> list[str]:
             lines += [table.read_text().rstrip(), ""]
             if _ablation_fingerprint(run_dir, what) != current:
                 lines += [f"> Note: computed on an earlier state of this run (its features, head or model options "
-                          f"have changed since); rerun `python -m train ablate --run {run_dir} --what {what}`.", ""]
+                          f"have changed since); rerun `python -m train ablate --run {shown} --what {what}`.", ""]
             lines += [f"![{ABLATION_TITLES[what]}](ablation_{what}.png)", ""]
         else:
             lines += [f"### {ABLATION_TITLES[what]}", "",
-                      f"Not run yet: `python -m train ablate --run {run_dir} --what {what}`.", ""]
+                      f"Not run yet: `python -m train ablate --run {shown} --what {what}`.", ""]
     return lines
 
 
