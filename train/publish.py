@@ -602,14 +602,7 @@ def push(
         info = api.repo_info(repo_id, revision=branch)
         if private and not info.private:
             logger.warning("%s already exists and is public: --private only applies to new repos.", repo_id)
-        remote = set(api.list_repo_files(repo_id, revision=info.sha))
-        # The repo mirrors the folder: a file of an earlier push that this run lacks (another shard layout, say)
-        # would otherwise be loaded along with the new files. `.gitattributes` belongs to the repo, not the run.
-        stale = sorted(remote - set(plan) - {".gitattributes"})
-        operations = [CommitOperationDelete(path) for path in stale] + [
-            CommitOperationAdd(path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes) else str(source))
-            for path, source in plan.items()
-        ]
+        operations = mirror_operations(set(api.list_repo_files(repo_id, revision=info.sha)), plan)
         return api.create_commit(
             repo_id,
             operations,
@@ -619,16 +612,33 @@ def push(
             # Fails instead of overwriting if someone pushed since `info`: the deletions above were computed from it.
             parent_commit=info.sha,
         )
-    except RepositoryNotFoundError as error:
-        raise PublishError(f"Cannot reach {repo_id} with this token: {error}") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise PublishError(f"The Hub refused to write to {repo_id} (HTTP {status}): {error}") from None
-        if status == 412:
-            raise PublishError(f"{repo_id}@{branch} changed while pushing (someone else pushed); nothing was "
-                               "committed. Run the push again.") from None
-        raise
+    except (RepositoryNotFoundError, HfHubHTTPError) as error:
+        raise hub_write_error(error, repo_id, f"{repo_id}@{branch} changed while pushing (someone else pushed); "
+                                             "nothing was committed. Run the push again.") from None
+
+
+def mirror_operations(remote: set[str], plan: dict) -> list:
+    """Commit operations that make a repo hold exactly `plan`: a file of an earlier push that this one lacks
+    (another shard layout, say) would otherwise be loaded along with the new files. `.gitattributes` belongs to
+    the repo, not the run."""
+    stale = sorted(remote - set(plan) - {".gitattributes"})
+    return [CommitOperationDelete(path) for path in stale] + [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes) else str(source))
+        for path, source in plan.items()
+    ]
+
+
+def hub_write_error(error: Exception, target: str, conflict: str) -> Exception:
+    """A `PublishError` for what a user can act on (no access, refused write, a concurrent push: `conflict`), or
+    the Hub's own error for anything else."""
+    if isinstance(error, RepositoryNotFoundError):
+        return PublishError(f"Cannot reach {target} with this token: {error}")
+    status = error.response.status_code if getattr(error, "response", None) is not None else None
+    if status in (401, 403):
+        return PublishError(f"The Hub refused to write to {target} (HTTP {status}): {error}")
+    if status == 412:
+        return PublishError(conflict)
+    return error
 
 
 # ---- command line ----------------------------------------------------------------------------------------------

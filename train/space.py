@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jinja2
 import yaml
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .publish import (
@@ -44,6 +44,8 @@ from .publish import (
     MAX_EXAMPLES,
     PublishError,
     authenticate,
+    hub_write_error,
+    mirror_operations,
     safe_name,
     write_plan,
 )
@@ -202,28 +204,16 @@ def push_space(model: str, space: str, revision: str = "main", examples: str | P
     try:
         api.create_repo(space, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
         info = api.space_info(space)
-        remote = set(api.list_repo_files(space, repo_type="space", revision=info.sha))
-        stale = sorted(remote - set(plan) - {".gitattributes"})
-        operations = [CommitOperationDelete(path) for path in stale] + [
-            CommitOperationAdd(path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes) else str(source))
-            for path, source in plan.items()
-        ]
+        operations = mirror_operations(set(api.list_repo_files(space, repo_type="space", revision=info.sha)), plan)
         result = api.create_commit(
             space, operations, repo_type="space", parent_commit=info.sha,
             commit_message=commit_message or f"EmoVLM-KD demo for {model}@{sha[:12]}",
             commit_description=f"Pushed by {user.get('name')} with `python -m train push-space`; the app loads "
                                f"{model} at commit {sha}.",
         )
-    except RepositoryNotFoundError as error:
-        raise PublishError(f"Cannot reach the Space {space} with this token: {error}") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise PublishError(f"The Hub refused to write to the Space {space} (HTTP {status}): {error}") from None
-        if status == 412:
-            raise PublishError(f"The Space {space} changed while pushing; nothing was committed. Run it again.") \
-                from None
-        raise
+    except (RepositoryNotFoundError, HfHubHTTPError) as error:
+        raise hub_write_error(error, f"the Space {space}", f"The Space {space} changed while pushing; nothing was "
+                                                           "committed. Run it again.") from None
     return result, sha
 
 
