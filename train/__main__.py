@@ -4,6 +4,7 @@
     python -m train pipeline --config RECIPE.yaml [--set sft.num_train_epochs=2 --set seed=1 ...]
     python -m train recipe --config RECIPE.yaml [--set ...]       # validate a recipe; `recipe --help`: every field
     python -m train {base,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml
+    python -m train evaluate --model MODEL_OR_REPO --data KIND [--root DIR ...] [--split test] --output-dir DIR
     python -m train report --run runs/demo                         # the paper's tables and figures for a run
     python -m train ablate --run runs/demo --what all              # depth, alpha and gate ablations
     python -m train spread --config RECIPE.yaml --seeds 3         # stages 2-3 over 3 seeds: mean and std
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help_text = {"pipeline": "all stages", "recipe": "validate a recipe and print it; --help lists every field"}
         sub = commands.add_parser(name, help=help_text.get(name, f"stage {name} only"),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.add_argument("--config", required=name != "recipe", help="YAML recipe (see train/recipes/).")
+        sub.add_argument("--config", required=name not in ("recipe", "evaluate"), help="YAML recipe (see train/recipes/).")
         sub.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
         sub.add_argument("--output-dir", help="Override the recipe's output_dir.")
         if name == "recipe":
@@ -63,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "Rerun the stage even when it is finished and up to date.")
         sub.epilog = ("Stages rerun when their recipe settings or the stages they read changed (see "
                       "`python -m train recipe --help` for every recipe field).")
+        if name == "evaluate" and argv[:1] == ["evaluate"]:
+            # `evaluate --model M --data KIND`: any model on any data set, outside a run (train/evaluate_model.py).
+            from .evaluate_model import add_arguments
+
+            add_arguments(sub)
     demo = commands.add_parser("demo", help="the whole pipeline offline on the bundled sample")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
@@ -133,6 +139,17 @@ def main(argv=None) -> None:
         paths = build_tiny_base_models(args.output_dir, resolve_label_set(labels))
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return
+    if args.command == "evaluate" and (getattr(args, "model", None) or not args.config):
+        if args.config:
+            print("error: evaluate takes --config RECIPE (a run's stage) or --model M (any model), not both.",
+                  file=sys.stderr)
+            return 2
+        if not getattr(args, "model", None):
+            print("error: evaluate needs --config RECIPE or --model M --data KIND --output-dir DIR.", file=sys.stderr)
+            return 2
+        from .evaluate_model import run
+
+        return run(args)
     from .recipe import RecipeError, load_recipe, public_recipe
 
     try:

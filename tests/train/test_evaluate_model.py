@@ -1,0 +1,201 @@
+"""`python -m train evaluate --model M --data KIND`: any EmoVLM-KD export or stock VLM on any data set.
+
+The numbers in results.json are checked against metrics computed here, by hand, from the model's own outputs on
+each test image (one image per forward pass, in file order, not the command's batches or cache).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+import train.evaluate_model as evaluate_model_module
+from train.__main__ import parse_args
+from train.assemble import assemble, save_hub_folder
+from train.evaluate_model import EvaluationError, evaluate_model
+from train.tiny import build_tiny_base_models
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def colour_base(tmp_path_factory):
+    """Tiny random Qwen2-VL and ViT whose tokenizer knows the colour labels."""
+    return build_tiny_base_models(tmp_path_factory.mktemp("colour-base"), LABELS)
+
+
+@pytest.fixture(scope="module")
+def colour_export(colour_base, tmp_path_factory):
+    """An exported EmoVLM-KD folder for the colour labels (random head and gate), as `final/` is."""
+    torch.manual_seed(1)
+    model, processor = assemble(colour_base["vlm"], LABELS, head_hidden_dims=[16])
+    return save_hub_folder(model, processor, tmp_path_factory.mktemp("export") / "emovlm-kd-colours")
+
+
+def split_images(colour_folder, split="test"):
+    """(path, label index) of every image of a split, walked here rather than by the data loader."""
+    return [(path, LABELS.index(label)) for label in LABELS
+            for path in sorted((colour_folder / split / label).glob("*.png"))]
+
+
+def metrics_by_hand(predictions, references, num_labels):
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    per_class, f1 = [], []
+    for c in range(num_labels):
+        tp = np.sum((predictions == c) & (references == c))
+        fp, fn = np.sum((predictions == c) & (references != c)), np.sum((predictions != c) & (references == c))
+        per_class.append(tp / np.sum(references == c))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": float(np.mean(predictions == references)), "macro_f1": float(np.mean(f1)),
+            "per_class_accuracy": [float(x) for x in per_class]}
+
+
+def assert_results_match(results, outputs, references):
+    for branch, logits in outputs.items():
+        expected = metrics_by_hand(torch.stack(logits).argmax(-1).tolist(), references, len(LABELS))
+        got = results["branches"][branch]
+        assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12), branch
+        assert got["macro_f1"] == pytest.approx(expected["macro_f1"], abs=1e-12), branch
+        assert got["per_class_accuracy"] == pytest.approx(expected["per_class_accuracy"], abs=1e-12), branch
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "train", "evaluate", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def export_evaluation(colour_export, colour_folder, tmp_path_factory):
+    """`python -m train evaluate --model <export> --data imagefolder` in a fresh process."""
+    output_dir = tmp_path_factory.mktemp("eval-export") / "out"
+    result = cli("--model", colour_export, "--data", "imagefolder", "--root", colour_folder, "--output-dir",
+                 output_dir, "--batch-size", 4)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir, result
+
+
+def test_export_results_equal_the_models_own_outputs(export_evaluation, colour_export, colour_folder):
+    output_dir, result = export_evaluation
+    results = json.loads((output_dir / "results.json").read_text())
+    assert list(results["branches"]) == ["vlm", "head", "fused"]
+    assert results["labels"] == LABELS and results["split"] == "test"
+    model = AutoModelForImageClassification.from_pretrained(colour_export, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(colour_export, trust_remote_code=True)
+    outputs, references = {"vlm": [], "head": [], "fused": []}, []
+    with torch.inference_mode():
+        for path, label in split_images(colour_folder):
+            out = model(**processor([Image.open(path)], return_tensors="pt"))
+            for branch, logits in (("vlm", out.vlm_logits), ("head", out.head_logits), ("fused", out.logits)):
+                outputs[branch].append(logits[0].float())
+            references.append(label)
+    assert results["num_examples"] == len(references) == 18
+    assert_results_match(results, outputs, references)
+    assert (output_dir / "confusion_matrix.png").stat().st_size > 0
+    assert "EmoVLM-KD (fused)" in result.stdout
+
+
+def test_results_describe_what_was_evaluated_without_local_paths(export_evaluation, colour_export, colour_folder):
+    output_dir, _ = export_evaluation
+    text = (output_dir / "results.json").read_text()
+    evaluated = json.loads(text)["evaluated"]
+    assert evaluated["model"] == {"name": colour_export.name, "kind": "emovlm-kd"}
+    assert evaluated["data"] == {"kind": "imagefolder", "root_name": colour_folder.name}
+    assert evaluated["split"] == "test" and evaluated["num_examples"] == 18
+    assert evaluated["computed_with"] == {"dtype": "float32", "device": "cpu", "batch_size": 4}
+    for local in (str(colour_export), str(colour_folder), str(output_dir), tempfile.gettempdir()):
+        assert local not in text
+
+
+def test_stock_vlm_is_scored_zero_shot_on_its_vlm_branch_only(colour_base, colour_folder, tmp_path):
+    results = evaluate_model(str(colour_base["vlm"]), {"kind": "imagefolder", "root": str(colour_folder)},
+                             tmp_path / "out", labels=",".join(LABELS).split(","), batch_size=5)
+    assert list(results["branches"]) == ["vlm"]
+    assert results["evaluated"]["model"] == {"name": "vlm", "kind": "zero-shot"}
+    # The same wrapping as the command (assemble: the paper's categorical prompt, these labels), image by image.
+    model, processor = assemble(colour_base["vlm"], LABELS)
+    model.eval()
+    outputs, references = {"vlm": []}, []
+    with torch.inference_mode():
+        for path, label in split_images(colour_folder):
+            out = model(**processor.image_processor([Image.open(path)], return_tensors="pt"))
+            outputs["vlm"].append(out.vlm_logits[0].float())
+            references.append(label)
+    assert_results_match(results, outputs, references)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["branches"] == results["branches"]
+
+
+def test_stock_vlm_on_an_image_folder_needs_labels(colour_base, colour_folder, tmp_path):
+    result = cli("--model", colour_base["vlm"], "--data", "imagefolder", "--root", colour_folder, "--output-dir",
+                 tmp_path / "out")
+    assert result.returncode == 2 and "needs --labels" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_after_interruption_does_not_recompute_finished_images(colour_export, colour_folder, tmp_path,
+                                                                      monkeypatch, export_evaluation):
+    scored, score_batch, interrupt = [], evaluate_model_module.score_batch, [True]
+
+    def counting(model, image_processor, images):
+        if interrupt[0] and len(scored) == 5:
+            raise KeyboardInterrupt  # killed in the third chunk of 4 images
+        scored.append(len(images))
+        return score_batch(model, image_processor, images)
+
+    monkeypatch.setattr(evaluate_model_module, "score_batch", counting)
+    data = {"kind": "imagefolder", "root": str(colour_folder)}
+    kwargs = {"batch_size": 2, "cache_every": 4}
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(str(colour_export), data, tmp_path / "out", **kwargs)
+    assert sum(scored) == 10 and not (tmp_path / "out" / "results.json").exists()
+    assert len(list((tmp_path / "out" / "cache").glob("rows-*.safetensors"))) == 2  # two finished chunks
+    scored.clear()
+    interrupt[0] = False
+    resumed = evaluate_model(str(colour_export), data, tmp_path / "out", **kwargs)
+    assert sum(scored) == 18 - 8  # only the images after the two cached chunks
+    fresh = json.loads((export_evaluation[0] / "results.json").read_text())
+    assert resumed["branches"] == fresh["branches"]  # the same predictions as one uninterrupted run
+    scored.clear()
+    evaluate_model(str(colour_export), data, tmp_path / "out", **kwargs)
+    assert scored == []  # everything cached
+    evaluate_model(str(colour_export), data, tmp_path / "out", **kwargs, force=True)
+    assert sum(scored) == 18
+
+
+def test_label_mismatch_names_both_label_sets(tiny_checkpoint, colour_export, colour_folder, tmp_path):
+    # The Mikels-8 model on the colour folder: the data's labels are not the model's.
+    result = cli("--model", tiny_checkpoint, "--data", "imagefolder", "--root", colour_folder, "--output-dir",
+                 tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'blue'" in result.stderr and "the model's labels are ['amusement'" in result.stderr
+    with pytest.raises(EvaluationError, match=r"--labels \['red', 'blue', 'green'\] differ from the labels of the "
+                                              r"model emovlm-kd-colours: \['red', 'green', 'blue'\]"):
+        evaluate_model(str(colour_export), {"kind": "imagefolder", "root": str(colour_folder)}, tmp_path / "x",
+                       labels=["red", "blue", "green"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_are_clear_errors(colour_export, colour_folder, tmp_path):
+    wrong_option = cli("--model", colour_export, "--data", "imagefolder", "--root", colour_folder, "--label-file",
+                       "votes.txt", "--output-dir", tmp_path / "out")
+    assert wrong_option.returncode == 2 and "data.label_file is not an option of data kind 'imagefolder'" in (
+        wrong_option.stderr)
+    missing = cli("--model", tmp_path / "nothing-here", "--data", "imagefolder", "--root", colour_folder,
+                  "--output-dir", tmp_path / "out")
+    assert missing.returncode == 2 and "nothing-here" in missing.stderr and "Traceback" not in missing.stderr
+    both = cli("--model", colour_export, "--config", "recipe.yaml", "--data", "imagefolder", "--output-dir", tmp_path)
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_evaluate_with_a_config_is_still_the_runs_stage():
+    args = parse_args(["evaluate", "--config", "recipe.yaml"])
+    assert args.config == "recipe.yaml" and args.model is None
+
