@@ -393,22 +393,97 @@ def eval_results(results: dict, dataset_name: str, dataset_type: str) -> list[Ev
     ]
 
 
+@dataclass
+class Evaluation:
+    """A results.json of `python -m train evaluate --model` (train/evaluate_model.py) and the data set it names."""
+
+    path: Path
+    results: dict
+    dataset_name: str
+    dataset_type: str
+
+    @property
+    def split(self) -> str:
+        return self.results.get("split", "test")
+
+    @property
+    def path_in_repo(self) -> str:
+        return f"evaluations/{safe_name(self.dataset_name)}-{self.split}.json"
+
+
+def load_evaluations(paths: list[str | Path], folder: HubFolder, variants: dict, variant: str = "custom",
+                     dataset_name: str | None = None) -> list[Evaluation]:
+    """The further model-index entries, read from evaluation results only: each must be of this model's kind (an
+    EmoVLM-KD model with a fused branch, not a zero-shot VLM) and labels, one per data set and split."""
+    evaluations, seen = [], {}
+    if folder.results is not None:
+        name, _ = main_dataset(folder, variants, variant, dataset_name)
+        seen[(name, folder.results.get("split", "test"))] = f"{folder.path}/results.json"
+    for path in map(Path, paths):
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise PublishError(f"--eval-results {path}: cannot read it ({err}).") from None
+        evaluated = results.get("evaluated") if isinstance(results, dict) else None
+        if not isinstance(evaluated, dict) or "branches" not in results:
+            raise PublishError(f"--eval-results {path} is not the results.json of `python -m train evaluate "
+                               "--model` (it has no `evaluated` description).")
+        model = evaluated.get("model") or {}
+        if model.get("kind") != "emovlm-kd" or "fused" not in results["branches"]:
+            raise PublishError(f"--eval-results {path} holds {model.get('kind', 'unknown')} results of "
+                               f"{model.get('name', 'another model')}, not of an EmoVLM-KD model: they do not "
+                               "describe the model pushed.")
+        if results.get("labels") != folder.labels:
+            raise PublishError(f"--eval-results {path} is for labels {results.get('labels')}, but the model "
+                               f"predicts {folder.labels}.")
+        data = evaluated.get("data") or {}
+        kind = str(data.get("kind", "")).lower()
+        if kind in variants["variants"] and kind != "custom":
+            name, dataset_type = variants["variants"][kind]["dataset"], variants["variants"][kind]["dataset_type"]
+        else:
+            name, dataset_type = custom_dataset({"data": data}, None)
+        evaluation = Evaluation(path, results, name or "custom", dataset_type or "custom")
+        key = (evaluation.dataset_name, evaluation.split)
+        if key in seen:
+            raise PublishError(f"--eval-results {path} and {seen[key]} are both results on {key[0]} [{key[1]}]: "
+                               "the card takes one entry per data set and split.")
+        seen[key] = str(path)
+        evaluations.append(evaluation)
+    return evaluations
+
+
+def main_dataset(folder: HubFolder, variants: dict, variant: str = "custom", dataset_name: str | None = None):
+    """(name, model-index type) of the data set the run's own results.json is on."""
+    if variant == "custom":
+        return custom_dataset(folder.recipe, dataset_name)
+    meta = variants["variants"][variant]
+    return dataset_name or meta["dataset"], meta["dataset_type"]
+
+
+def card_eval_results(folder: HubFolder, name: str | None, dataset_type: str | None,
+                      evaluations: list[Evaluation] = ()) -> list[EvalResult] | None:
+    """The run's own model-index entries, then one per further evaluation; None when there are no results."""
+    entries = eval_results(folder.results, name or "custom", dataset_type or "custom") if folder.results else []
+    for evaluation in evaluations:
+        entries += eval_results(evaluation.results, evaluation.dataset_name, evaluation.dataset_type)
+    return entries or None
+
+
 def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str | None = None,
                variants: dict | None = None, revision: str | None = None, space: str | None = None,
-               examples: dict[str, tuple[str, Path]] | None = None) -> ModelCard:
+               examples: dict[str, tuple[str, Path]] | None = None,
+               evaluations: list[Evaluation] = ()) -> ModelCard:
     """Render `hub_cards/README.md.j2` for a run and a variant; checks the variant fits the run first.
 
     `revision` is the branch the card is pushed to (its snippets name it; see the module docstring for why not a
     commit hash), `space` the repo id of the demo Space to link, `examples` the uploaded example images
-    (`example_files`), shown by the card's widget.
+    (`example_files`), shown by the card's widget, `evaluations` further results (`load_evaluations`), one more
+    model-index entry each.
     """
     variants = variants or load_variants()
     meta = check_variant(variant, folder, variants)
     common, recipe = variants["common"], folder.recipe
-    if variant == "custom":
-        name, dataset_type = custom_dataset(recipe, dataset_name)
-    else:
-        name, dataset_type = dataset_name or meta["dataset"], meta["dataset_type"]
+    name, dataset_type = main_dataset(folder, variants, variant, dataset_name)
     base_models = recipe.get("base_models") or {}
     tiny_run = bool(base_models.get("tiny"))
     # A tiny test run derives from no Hub model; naming Qwen2-VL-7B as its base would be false.
@@ -422,8 +497,7 @@ def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str 
         pipeline_tag=common["pipeline_tag"],
         base_model=base_vlm,
         tags=list(dict.fromkeys([*common["tags"], *meta.get("tags", []), *([] if not tiny_run else ["test-run"])])),
-        eval_results=eval_results(folder.results, name or "custom", dataset_type or "custom")
-        if folder.results else None,
+        eval_results=card_eval_results(folder, name, dataset_type, evaluations),
         **({"widget": widget(repo_id, revision or "main", examples)} if examples else {}),
     )
     label_set = meta["label_set"]
@@ -468,9 +542,18 @@ def render_card(card_data: ModelCardData, template_path: str | Path = TEMPLATE_P
     return ModelCard(template.render(card_data=card_data.to_yaml(), **context))
 
 
-def check_card(card: ModelCard, folder: HubFolder) -> None:
-    """Parse the rendered card back, as the Hub will, and compare its model-index with results.json."""
+def check_card(card: ModelCard, folder: HubFolder, evaluations: list[Evaluation] = ()) -> None:
+    """Parse the rendered card back, as the Hub will, and compare its model-index with results.json (and with the
+    further evaluations' results files)."""
     parsed = ModelCard(str(card))
+    if evaluations:
+        entries = parsed.data.eval_results or []
+        found = [(r.dataset_name, r.dataset_split, r.metric_type, r.metric_value) for r in entries]
+        measured = [(e.dataset_name, e.split, metric, e.results["branches"]["fused"][key])
+                    for e in evaluations for metric, key in (("accuracy", "accuracy"), ("f1", "macro_f1"))]
+        if found[len(found) - len(measured):] != measured:
+            raise RuntimeError(f"The card's model-index {found} does not end with the evaluations' {measured}.")
+        parsed.data.eval_results = entries[:len(entries) - len(measured)] or None  # the run's own, checked below
     if folder.results is None:
         if parsed.data.eval_results:
             raise RuntimeError("A card without results must not carry a model-index.")
@@ -574,11 +657,13 @@ def push(
     token: str | None = None,
     space: str | None = None,
     example_images: list[str | Path] | None = None,
+    eval_results_files: list[str | Path] | None = None,
 ):
     """Upload a run's Hub-ready folder and its card in one commit; with `dry_run`, write them there instead.
 
     `example_images` (files or folders) become the card's widget examples; without them, a `custom` run on an
-    image folder contributes its first test images. Returns the `CommitInfo` of the push, or the dry-run folder.
+    image folder contributes its first test images. `eval_results_files` (results.json files of `python -m train
+    evaluate --model` on this model) add one model-index entry each and are uploaded under `evaluations/`. Returns the `CommitInfo` of the push, or the dry-run folder.
     """
     folder = HubFolder.load(run_dir)
     if example_images:
@@ -586,9 +671,12 @@ def push(
     else:
         chosen = run_examples(folder) if variant == "custom" else []
     examples = example_files(chosen)
-    card = build_card(folder, variant, repo_id, dataset_name, revision=revision, space=space, examples=examples)
-    check_card(card, folder)
+    evaluations = load_evaluations(eval_results_files or [], folder, load_variants(), variant, dataset_name)
+    card = build_card(folder, variant, repo_id, dataset_name, revision=revision, space=space, examples=examples,
+                      evaluations=evaluations)
+    check_card(card, folder, evaluations)
     plan = upload_plan(folder, card, examples)
+    plan.update({evaluation.path_in_repo: published_json(evaluation.path) for evaluation in evaluations})
     if dry_run is not None:
         return write_plan(plan, dry_run)
 
@@ -660,6 +748,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--example-images", nargs="+", metavar="PATH",
                         help=f"Images (files or folders, at most {MAX_EXAMPLES}) uploaded to examples/ for the "
                              "card's widget; default for a custom run on an image folder: its first test images.")
+    parser.add_argument("--eval-results", action="append", metavar="RESULTS_JSON",
+                        help="results.json of `python -m train evaluate --model` on this model: one more model-index "
+                             "entry (its data set and split); repeat for several.")
     parser.add_argument("--dry-run", metavar="DIR", help="Write the files that would be uploaded into DIR instead.")
     return parser
 
@@ -674,7 +765,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         result = push(run_dir, args.variant, args.repo_id, private=args.private, revision=args.revision,
                       commit_message=args.commit_message, dataset_name=args.dataset_name, dry_run=args.dry_run,
-                      space=args.space, example_images=args.example_images)
+                      space=args.space, example_images=args.example_images,
+                      eval_results_files=args.eval_results)
     except PublishError as error:
         sys.exit(f"push: error: {error}")
     if args.dry_run is not None:

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import LABELS
+from hub_server import FakeHubServer
+from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -22,9 +24,11 @@ import train.evaluate_model as evaluate_model_module
 from train.__main__ import parse_args
 from train.assemble import assemble, save_hub_folder
 from train.evaluate_model import EvaluationError, evaluate_model
+from train.publish import HubFolder, PublishError, load_evaluations, load_variants, push
 from train.tiny import build_tiny_base_models
 
 ROOT = Path(__file__).resolve().parents[2]
+WRITE_TOKEN = "hf_alice_write"
 
 
 @pytest.fixture(scope="module")
@@ -198,4 +202,58 @@ def test_bad_options_are_clear_errors(colour_export, colour_folder, tmp_path):
 def test_evaluate_with_a_config_is_still_the_runs_stage():
     args = parse_args(["evaluate", "--config", "recipe.yaml"])
     assert args.config == "recipe.yaml" and args.model is None
+
+
+def fake_results(path, labels, kind="emovlm-kd", split="test", data=None, accuracy=0.5, macro_f1=0.25):
+    branches = {"vlm": {"accuracy": 0.1, "macro_f1": 0.1}}
+    if kind == "emovlm-kd":
+        branches["fused"] = {"accuracy": accuracy, "macro_f1": macro_f1}
+    path.write_text(json.dumps({"labels": labels, "split": split, "branches": branches, "evaluated": {
+        "model": {"name": "m", "kind": kind}, "data": data or {"kind": "emotion6", "root_name": "Emotion6"}}}))
+    return path
+
+
+def test_push_refuses_results_of_another_model(colour_export, tmp_path):
+    folder, variants = HubFolder.load(colour_export), load_variants()
+    with pytest.raises(PublishError, match="zero-shot results of m, not of an EmoVLM-KD model"):
+        load_evaluations([fake_results(tmp_path / "a.json", LABELS, kind="zero-shot")], folder, variants)
+    with pytest.raises(PublishError, match=r"is for labels \['a', 'b', 'c'\], but the model predicts"):
+        load_evaluations([fake_results(tmp_path / "b.json", ["a", "b", "c"])], folder, variants)
+    twice = [fake_results(tmp_path / "c.json", LABELS), fake_results(tmp_path / "d.json", LABELS)]
+    with pytest.raises(PublishError, match=r"both results on Emotion6 \[test\]"):
+        load_evaluations(twice, folder, variants)
+    (tmp_path / "run.json").write_text(json.dumps({"labels": LABELS, "branches": {}}))
+    with pytest.raises(PublishError, match="has no `evaluated` description"):
+        load_evaluations([tmp_path / "run.json"], folder, variants)
+
+
+def test_push_adds_one_model_index_entry_per_data_set_and_split(export_evaluation, colour_export, colour_folder,
+                                                              tmp_path):
+    """Push the export with two evaluations (test and validation split) to the Hub test server."""
+    validation = tmp_path / "validation"
+    done = cli("--model", colour_export, "--data", "imagefolder", "--root", colour_folder, "--split", "validation",
+               "--output-dir", validation)
+    assert done.returncode == 0, done.stderr[-4000:]
+    files = [export_evaluation[0] / "results.json", validation / "results.json"]
+    measured = [json.loads(path.read_text()) for path in files]
+    dry = push(colour_export, "custom", "emo-org/colours", dry_run=tmp_path / "dry", eval_results_files=files)
+    with FakeHubServer(tokens={WRITE_TOKEN: ("alice", "write")}, organisations={"alice": ["emo-org"]}) as hub:
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
+        env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+                    "HF_TOKEN": WRITE_TOKEN, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(ROOT)})
+        pushed = subprocess.run(
+            [sys.executable, "-m", "train", "push", "--run-dir", str(colour_export), "--variant", "custom",
+             "--repo-id", "emo-org/colours", "--eval-results", str(files[0]), "--eval-results", str(files[1])],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert pushed.returncode == 0, pushed.stderr[-4000:]
+        card = ModelCard(hub.file_content("emo-org/colours", "README.md").decode())
+        uploaded = {path: hub.file_content("emo-org/colours", f"evaluations/{colour_folder.name}-{path}.json")
+                    for path in ("test", "validation")}
+    entries = [(r.dataset_name, r.dataset_type, r.dataset_split, r.metric_type, r.metric_value)
+               for r in card.data.eval_results]
+    expected = [(colour_folder.name, colour_folder.name, results["split"], metric, results["branches"]["fused"][key])
+                for results in measured for metric, key in (("accuracy", "accuracy"), ("f1", "macro_f1"))]
+    assert entries == expected
+    assert (Path(dry) / "README.md").read_text() == str(card)
+    assert json.loads(uploaded["validation"]) == measured[1] and json.loads(uploaded["test"]) == measured[0]
 
