@@ -10,7 +10,7 @@
     python -m train spread --config RECIPE.yaml --seeds 3         # stages 2-3 over 3 seeds: mean and std
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME
-        [--private] [--revision BRANCH] [--dry-run DIR]
+        [--private] [--revision BRANCH] [--eval-results RESULTS_JSON ...] [--dry-run DIR]
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
 """
 

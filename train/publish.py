@@ -4,6 +4,7 @@
     python -m train push --config train/recipes/qwen2-vl-7b/fi.yaml --variant fi --repo-id my-org/emovlm-kd-fi --private
     python -m train push --run-dir runs/demo --variant custom --repo-id me/emovlm-kd-demo --dry-run /tmp/to-upload
     python -m train push --run-dir RUN --variant emoset --repo-id ORG/NAME --space ORG/NAME-demo --example-images a.jpg b.jpg
+    python -m train push --run-dir RUN --variant emoset --repo-id ORG/NAME --eval-results eval/fi/results.json
 
 The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
 processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
@@ -13,7 +14,9 @@ them go `handler.py` (the Inference Endpoints custom handler, from `modeling_emo
 for the endpoint, and example images under `examples/` that the card's `widget:` shows (`--example-images`, or for
 a `custom` run on an image folder the first test image of up to four labels; never automatically for the named
 data sets, whose images are their owners'). `--space ORG/NAME-demo` links the card to the Space that
-`python -m train push-space` publishes.
+`python -m train push-space` publishes. `--eval-results` (repeatable) adds the results.json of `python -m train
+evaluate --model` on this model as a further model-index entry (its data set and split) and uploads it under
+`evaluations/`.
 
 Pinning the revision. `trust_remote_code=True` runs the repository's code, so the card's snippets pass `revision=`.
 A commit's hash covers every file in it, README.md included, so no card can name the hash of its own commit. A
