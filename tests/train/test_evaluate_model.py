@@ -249,6 +249,17 @@ def test_push_adds_one_model_index_entry_per_data_set_and_split(export_evaluatio
         card = ModelCard(hub.file_content("emo-org/colours", "README.md").decode())
         uploaded = {path: hub.file_content("emo-org/colours", f"evaluations/{colour_folder.name}-{path}.json")
                     for path in ("test", "validation")}
+        # The pushed model evaluated from the Hub, pinned to its commit: the same numbers as the local folder.
+        commit = hub.commits("emo-org/colours")[0].oid
+        from_hub = subprocess.run(
+            [sys.executable, "-m", "train", "evaluate", "--model", "emo-org/colours", "--revision", commit, "--data",
+             "imagefolder", "--root", str(colour_folder), "--output-dir", str(tmp_path / "from-hub")],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert from_hub.returncode == 0, from_hub.stderr[-4000:]
+    hub_results = json.loads((tmp_path / "from-hub" / "results.json").read_text())
+    assert hub_results["branches"] == measured[0]["branches"]
+    assert hub_results["evaluated"]["model"] == {"name": "emo-org/colours", "revision": commit, "commit": commit,
+                                                 "kind": "emovlm-kd"}
     entries = [(r.dataset_name, r.dataset_type, r.dataset_split, r.metric_type, r.metric_value)
                for r in card.data.eval_results]
     expected = [(colour_folder.name, colour_folder.name, results["split"], metric, results["branches"]["fused"][key])
