@@ -125,6 +125,8 @@ def load_split(data: dict, split: str, labels: list[str] | None):
 
     options = dict(data)
     kind = options.pop("kind")
+    # `load_hub_dataset(..., **load_kwargs)`: the section's mapping is its keyword arguments, not one named argument.
+    options.update(options.pop("load_kwargs", None) or {})
     if kind in ("imagefolder", "hub"):
         if labels is None:
             raise EvaluationError(f"--data {kind} needs --labels (a label set name or a comma-separated list) to "

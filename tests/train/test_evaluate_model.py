@@ -268,3 +268,25 @@ def test_push_adds_one_model_index_entry_per_data_set_and_split(export_evaluatio
     assert (Path(dry) / "README.md").read_text() == str(card)
     assert json.loads(uploaded["validation"]) == measured[1] and json.loads(uploaded["test"]) == measured[0]
 
+
+
+def test_hub_kind_takes_load_dataset_options_as_yaml(export_evaluation, colour_export, colour_folder, tmp_path):
+    # `datasets`' own imagefolder builder through `--data hub`: its ClassLabel names (sorted: blue, green, red) are
+    # mapped onto the model's label order by name.
+    from train.__main__ import main
+
+    code = main(["evaluate", "--model", str(colour_export), "--data", "hub", "--name-or-path", "imagefolder",
+                 "--load-kwargs", f"{{data_dir: '{colour_folder}'}}", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["evaluated"]["data"] == {"kind": "hub", "name_or_path": "imagefolder", "load_kwargs": {}}
+    assert results["branches"] == json.loads((export_evaluation[0] / "results.json").read_text())["branches"]
+
+
+def test_console_script_has_the_evaluate_command(tmp_path):
+    script = Path(sys.executable).parent / "emovlm-kd"
+    result = subprocess.run([str(script), "evaluate", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for option in ("--model", "--revision", "--data", "--split", "--root", "--config"):
+        assert option in result.stdout
