@@ -27,7 +27,7 @@ app: $(STAMP)
 
 # The benchmarks of bench/ (not part of `make test`): tables on stdout, JSON under bench/results/.
 bench: $(STAMP)
-	for b in inference overhead training scaling; do HF_HUB_OFFLINE=1 $(PY) -m bench.$$b --threads 1 || exit 1; done
+	for b in inference overhead training scaling feature_workers; do HF_HUB_OFFLINE=1 $(PY) -m bench.$$b --threads 1 || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

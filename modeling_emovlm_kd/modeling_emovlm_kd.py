@@ -387,6 +387,40 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         label_positions = start + self._prompt_cache["offset"].view(1, 1, -1)
         return torch.cat([position_ids, label_positions], dim=-1)
 
+    # Memoize label scoring's inputs for the last batch shape only while the 4D mask is this small (images of
+    # thousands of tokens would keep hundreds of MiB alive between calls).
+    _SCORING_MEMO_BYTES = 64 << 20
+
+    def _scoring_inputs(self, image_grid_thw: torch.LongTensor, dtype: torch.dtype) -> dict:
+        """The language model's inputs for label scoring besides the image (ids, tree mask, M-RoPE positions,
+        rows to keep) and the rows' gather indices. They depend only on the prompt and the images' patch grids, so
+        the last batch's are reused while the grids, device, dtype and inference mode stay the same."""
+        prompt = self._prompt_tensors(image_grid_thw.device)
+        key = (dtype, torch.is_inference_mode_enabled(), tuple(image_grid_thw.flatten().tolist()))
+        memo = prompt.get("scoring")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        input_ids, valid, mm_token_type_ids, prefix_len = self._classification_inputs(image_grid_thw)
+        # Each continuation token is predicted by the previous token of its own label (the prompt's last one
+        # for a label's first token); only those positions need logits.
+        first = prompt["offset"] == 0
+        predictor = torch.arange(len(prompt["offset"]), device=input_ids.device) + prefix_len - 1
+        predictor = torch.where(first, torch.full_like(predictor, prefix_len - 1), predictor)
+        # Every label's first token is predicted from the same (last prompt) position: compute each row once.
+        positions, row = torch.unique(predictor, return_inverse=True)
+        mask = self._label_scoring_mask(valid, prefix_len, dtype)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": self._position_ids(input_ids, mm_token_type_ids, image_grid_thw, valid, prefix_len),
+            "mm_token_type_ids": mm_token_type_ids,
+            "logits_to_keep": positions,
+            "row": row,
+        }
+        if mask.numel() * mask.element_size() <= self._SCORING_MEMO_BYTES:
+            prompt["scoring"] = (key, inputs)
+        return inputs
+
     def score_labels(self, image_features: BaseModelOutputWithPooling, image_grid_thw: torch.LongTensor):
         """Log-likelihood of each label string (and the answer's closing suffix) after the answer prefix.
 
@@ -396,26 +430,16 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(num_images, num_labels)`.
         """
-        input_ids, valid, mm_token_type_ids, prefix_len = self._classification_inputs(image_grid_thw)
-        prompt = self._prompt_cache
         dtype = self.vlm.get_input_embeddings().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
-        # Each continuation token is predicted by the previous token of its own label (the prompt's last one
-        # for a label's first token); only those positions need logits.
-        first = prompt["offset"] == 0
-        predictor = torch.arange(len(prompt["offset"]), device=input_ids.device) + prefix_len - 1
-        predictor = torch.where(first, torch.full_like(predictor, prefix_len - 1), predictor)
-        # Every label's first token is predicted from the same (last prompt) position: compute each row once.
-        positions, row = torch.unique(predictor, return_inverse=True)
+        inputs = dict(self._scoring_inputs(image_grid_thw, dtype))
+        row = inputs.pop("row")
+        prompt = self._prompt_cache
         outputs = self.vlm(
-            input_ids=input_ids,
-            attention_mask=self._label_scoring_mask(valid, prefix_len, dtype),
-            position_ids=self._position_ids(input_ids, mm_token_type_ids, image_grid_thw, valid, prefix_len),
-            mm_token_type_ids=mm_token_type_ids,
+            **inputs,
             image_grid_thw=image_grid_thw,
             mm_encoder_outputs={"image": image_features},
             use_cache=False,
-            logits_to_keep=positions,
         )
         logits = outputs.logits.float()
         token_scores = logits[:, row, prompt["continuations"]] - torch.logsumexp(logits, -1)[:, row]

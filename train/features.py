@@ -67,13 +67,18 @@ def _read(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
     return tensors
 
 
-def cached(path: str | Path, fingerprint: str, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Load the tensors at `path` if they were built with `fingerprint`, else build and store them atomically."""
+def cached(path: str | Path, fingerprint: str, build: Callable[[], dict[str, torch.Tensor]], *,
+           store: bool = True) -> dict[str, torch.Tensor]:
+    """Load the tensors at `path` if they were built with `fingerprint`, else build and store them atomically.
+
+    `store=False` builds without writing (the other ranks of a distributed build, whose main process writes)."""
     path = Path(path)
     if path.exists() and (tensors := _read(path, fingerprint)) is not None:
         logger.info("Using cached features %s", path)
         return tensors
     tensors = {key: value.contiguous().cpu() for key, value in build().items()}
+    if not store:
+        return tensors
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a build killed while writing
         stale.unlink(missing_ok=True)
@@ -84,37 +89,67 @@ def cached(path: str | Path, fingerprint: str, build: Callable[[], dict[str, tor
     return tensors
 
 
-def _batches(dataset, batch_size: int, description: str):
-    for start in tqdm(range(0, len(dataset), batch_size), desc=description, unit="batch"):
-        rows = dataset[start : start + batch_size]
-        yield rows["image"], torch.tensor(rows["label"])
+class _PreprocessedBatches(torch.utils.data.Dataset):
+    """Batch `i` of a split, decoded and preprocessed: what one `DataLoader` worker prepares while the model runs."""
+
+    def __init__(self, dataset, batch_size: int, preprocess: Callable[[list], dict]):
+        self.dataset, self.batch_size, self.preprocess = dataset, batch_size, preprocess
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        start = index * self.batch_size
+        rows = self.dataset[start : start + self.batch_size]  # decodes the images
+        return dict(self.preprocess(rows["image"])), torch.tensor(rows["label"])
+
+
+def _batches(dataset, batch_size: int, preprocess: Callable[[list], dict], num_workers: int, description: str):
+    """`(inputs, labels)` per batch in the data set's order; `num_workers > 0` decodes and preprocesses in that many
+    `DataLoader` worker processes, overlapped with the model's forward (0: in this process, one batch at a time)."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be at least 0, got {num_workers}.")
+    # `batch_size=None`: each item already is a batch; the loader keeps the items' order whatever the workers.
+    loader = torch.utils.data.DataLoader(_PreprocessedBatches(dataset, batch_size, preprocess), batch_size=None,
+                                         num_workers=num_workers)
+    yield from tqdm(loader, desc=description, unit="batch")
 
 
 @torch.inference_mode()
-def compute_vlm_features(model, image_processor, dataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Pooled visual features, VLM label scores and labels for every image, one fused-model pass per batch."""
+def compute_vlm_features(model, image_processor, dataset, batch_size: int = 8,
+                         num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """Pooled visual features, VLM label scores and labels for every image, one fused-model pass per batch.
+
+    `num_workers` `DataLoader` workers decode and preprocess the images (0: in this process)."""
     model.eval()
     device = model.vlm.get_input_embeddings().weight.device
+
+    def preprocess(images):
+        return image_processor(images, return_tensors="pt")
+
     features, scores, labels = [], [], []
-    for images, label in _batches(dataset, batch_size, "VLM features"):
-        inputs = image_processor(images, return_tensors="pt").to(device)
-        image_features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    for inputs, label in _batches(dataset, batch_size, preprocess, num_workers, "VLM features"):
+        pixel_values, grid = inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device)
+        image_features = model.get_image_features(pixel_values, grid)
         features.append(pool_visual_tokens(image_features.pooler_output, model.config.pooling).float().cpu())
-        scores.append(model.score_labels(image_features, inputs["image_grid_thw"]).float().cpu())
+        scores.append(model.score_labels(image_features, grid).float().cpu())
         labels.append(label)
     return {"visual_features": torch.cat(features), "vlm_logits": torch.cat(scores), "labels": torch.cat(labels)}
 
 
 @torch.inference_mode()
-def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """The fine-tuned teacher's logits for every image, in the data set's order."""
+def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 32,
+                           num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """The fine-tuned teacher's logits for every image, in the data set's order (`num_workers`: as above)."""
     teacher.eval()
     device = next(teacher.parameters()).device
+
+    def preprocess(images):
+        return image_processor([image.convert("RGB") for image in images], return_tensors="pt")
+
     logits, labels = [], []
-    for images, label in _batches(dataset, batch_size, "Teacher logits"):
-        images = [image.convert("RGB") for image in images]
-        inputs = image_processor(images, return_tensors="pt").to(device)
-        logits.append(teacher(**inputs).logits.float().cpu())
+    for inputs, label in _batches(dataset, batch_size, preprocess, num_workers, "Teacher logits"):
+        logits.append(teacher(**{key: value.to(device) for key, value in inputs.items()}).logits.float().cpu())
         labels.append(label)
     return {"teacher_logits": torch.cat(logits), "labels": torch.cat(labels)}
 

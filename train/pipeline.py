@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -292,8 +293,8 @@ class Pipeline:
     def run_features(self) -> None:
         """Pooled visual features, VLM label scores and teacher logits of every split, computed once.
 
-        Under several processes each rank computes a disjoint contiguous shard; the main process concatenates
-        the shards in order and stores the cache atomically.
+        Under several processes each rank computes a contiguous shard (`split_between_processes`), the shards are
+        gathered in rank order (`gather_object`) and the main process stores the cache atomically.
         """
         merged, teacher_dir = self.require("sft") / "merged", self.require("teacher")
         options: ModelSection = self.spec.sections["model"]
@@ -303,36 +304,26 @@ class Pipeline:
         teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
         teacher.to(model.vlm.get_input_embeddings().weight.device)
         teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
-        batch_size = options.feature_batch_size
+        batch_size, workers = options.feature_batch_size, options.preprocess_workers
         vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
         for split in SPLITS:
             dataset = self.data[split]
             fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
-            shard = dataset.shard(self.state.num_processes, self.state.process_index, contiguous=True)
 
-            def build(shard=shard):
-                vlm = compute_vlm_features(model, processor.image_processor, shard, batch_size)
-                teacher_out = compute_teacher_logits(teacher, teacher_processor, shard, batch_size * 4)
+            def build(dataset=dataset):
+                # Every rank runs this (or none: they all find the same stored cache), so the gather is collective.
+                with self.state.split_between_processes(dataset) as shard:
+                    vlm = compute_vlm_features(model, processor.image_processor, shard, batch_size, workers)
+                    teacher_out = compute_teacher_logits(teacher, teacher_processor, shard, batch_size * 4, workers)
                 if not torch.equal(vlm["labels"], teacher_out["labels"]):
                     raise RuntimeError("VLM and teacher passes saw the data in different orders.")
-                return {**vlm, "teacher_logits": teacher_out["teacher_logits"]}
+                part = {**vlm, "teacher_logits": teacher_out["teacher_logits"]}
+                if self.state.num_processes == 1:
+                    return part
+                parts = gather_object([part])
+                return {key: torch.cat([p[key] for p in parts]) for key in part}
 
-            if self.state.num_processes == 1:
-                cached(self.feature_path(split), fingerprint, build)
-                continue
-            part = self.feature_path(split).with_name(f"{split}.part{self.state.process_index}.safetensors")
-            cached(part, f"{fingerprint}-{self.state.process_index}/{self.state.num_processes}", build)
-            self.state.wait_for_everyone()
-            if self.state.is_main_process:
-                parts = [part.with_name(f"{split}.part{r}.safetensors") for r in range(self.state.num_processes)]
-
-                def gather(parts=parts):
-                    loaded = [load_file(p) for p in parts]
-                    return {key: torch.cat([t[key] for t in loaded]) for key in loaded[0]}
-
-                cached(self.feature_path(split), fingerprint, gather)
-                for p in parts:
-                    p.unlink()
+            cached(self.feature_path(split), fingerprint, build, store=self.state.is_main_process)
             self.state.wait_for_everyone()
         self.mark_done("features")
 

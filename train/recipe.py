@@ -149,6 +149,9 @@ class ModelSection:
     load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
     dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
     feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
+    preprocess_workers: int = field(default=0, metadata={
+        "help": "Feature caches: DataLoader worker processes that decode and preprocess the next batches while the "
+                "model runs (0: in the main process, one batch at a time). Changes speed, never the caches."})
     min_pixels: int | None = field(default=None, metadata={
         "help": "Smallest image area (pixels) every image is resized to (unset: the base model's processor's)."})
     max_pixels: int | None = field(default=None, metadata={
@@ -169,6 +172,8 @@ class ModelSection:
     def __post_init__(self):
         if self.feature_batch_size < 1:
             raise ValueError(f"feature_batch_size must be at least 1, got {self.feature_batch_size}.")
+        if self.preprocess_workers < 0:
+            raise ValueError(f"preprocess_workers must be at least 0, got {self.preprocess_workers}.")
 
     def config_kwargs(self, explicit: dict) -> dict[str, Any]:
         """The config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""

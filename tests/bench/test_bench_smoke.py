@@ -1,6 +1,6 @@
 """Smoke runs of the benchmark scripts on the tiny model: they run, print a table and write complete JSON.
 
-No timing is asserted here: benchmarks are not tests. The four scripts run side by side, each in its own process.
+No timing is asserted here: benchmarks are not tests. The scripts run side by side, each in its own process.
 """
 
 import json
@@ -17,6 +17,7 @@ RUNS = {
     "overhead": ["--reps", "1", "--inner", "5"],
     "training": ["--num-images", "4", "--epochs", "2", "--max-new-tokens", "4"],
     "scaling": ["--reps", "1", "--sides", "56", "112", "--batch-sizes", "1", "2", "--max-new-tokens", "4"],
+    "feature_workers": ["--num-images", "4", "--batch-size", "2", "--reps", "1"],
 }
 
 
@@ -92,3 +93,7 @@ def test_bench_scripts_smoke(tmp_path):
     assert all(row["peak_mib"] is None or row["peak_mib"] > 0 for row in scaling)
     assert all(row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"] and row["profile"]["top_ops"]
                for row in scaling)
+
+    workers = {row["case"]: row for row in results["feature_workers"]["results"]}
+    assert set(workers) == {"preprocess_only", "workers0", "workers2"}
+    assert workers["workers2"]["cache_equals_workers0"] is True  # same cache with preprocessing in 2 workers

@@ -140,3 +140,74 @@ def test_a_model_on_the_meta_device_builds_and_finds_its_patch_embedding(tiny_ch
         x = torch.empty(4, *conv.weight.shape[1:], device="meta")
         assert conv(x).shape == (4, conv.out_channels, 1, 1, 1)
     assert "forward" not in conv.__dict__
+
+
+def _label_scores_one_by_one(model, image_processor, images):
+    """Reference label scores from the unmodified Qwen2-VL modules: for every image and label, one plain causal
+    forward of `prompt + label` (batch 1, no padding, no tree mask, no memoized inputs, fast path off), summing the
+    log-probabilities of the label's tokens."""
+    ids, config = model.config.prompt_token_ids, model.config.vlm_config
+    merge = config.vision_config.spatial_merge_size
+    scores = torch.zeros(len(images), model.config.num_labels)
+    with torch.no_grad(), fast_path.stock():
+        for i, image in enumerate(images):
+            inputs = image_processor([image], return_tensors="pt")
+            n = int(inputs["image_grid_thw"].prod()) // merge**2
+            prompt = ids["before_image"] + [config.image_token_id] * n + ids["after_image"]
+            for j, continuation in enumerate(ids["label_continuations"]):
+                input_ids = torch.tensor([prompt + continuation])
+                logits = model.vlm(input_ids=input_ids, pixel_values=inputs["pixel_values"],
+                                   image_grid_thw=inputs["image_grid_thw"],
+                                   mm_token_type_ids=(input_ids == config.image_token_id).int(), use_cache=False).logits
+                logprobs = logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+                scores[i, j] = logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].sum()
+    return scores
+
+
+def test_fused_logits_equal_label_by_label_scoring_with_the_stock_modules_in_float32(tiny_base):
+    """The batched tree-masked scoring with memoized inputs, the fast patch product and the head and gate give the
+    logits of the plain computation: each label scored on its own by the unmodified Qwen2-VL modules."""
+    torch.manual_seed(0)
+    model, processor = assemble(tiny_base["vlm"], "mikels8", head_hidden_dims=[64])
+    model = model.float().eval()
+    # Images of different sizes: different numbers of visual tokens, so the prompts are left-padded in the batch.
+    images = random_images(4, seed=6)
+    inputs = processor.image_processor(images, return_tensors="pt")
+    reference = _label_scores_one_by_one(model, processor.image_processor, images)
+    with torch.no_grad(), fast_path.stock():
+        stock_tokens = model.vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                          return_dict=True).pooler_output
+    visual = torch.stack([tokens.mean(0) for tokens in stock_tokens])
+    with torch.no_grad():
+        expected_logits = model.fuse(reference, model.distillation_head(visual))
+    for attempt in range(2):  # the second call reuses the memoized prompt, mask and positions
+        with torch.inference_mode():
+            out = model(**inputs)
+        torch.testing.assert_close(out.vlm_logits, reference, atol=1e-5, rtol=0, msg=f"vlm_logits, call {attempt}")
+        torch.testing.assert_close(out.visual_features, visual, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.logits, expected_logits, atol=1e-5, rtol=0, msg=f"logits, call {attempt}")
+
+
+def test_label_scoring_inputs_are_built_once_per_batch_shape(tiny_base, monkeypatch):
+    model, processor = assemble(tiny_base["vlm"], "mikels8", head_hidden_dims=[64])
+    model = model.float().eval()
+    built = []
+    original = type(model)._classification_inputs
+
+    def counting(self, grid):
+        built.append(grid.tolist())
+        return original(self, grid)
+
+    monkeypatch.setattr(type(model), "_classification_inputs", counting)
+    square = processor.image_processor(random_images(2, seed=8), return_tensors="pt")
+    other = processor.image_processor(random_images(2, seed=9, sizes=((56, 56), (100, 30))), return_tensors="pt")
+    with torch.inference_mode():
+        first = model(**square).vlm_logits
+        again = model(**square).vlm_logits
+        assert len(built) == 1  # same image grids: prompt ids, mask and positions reused
+        model(**other)
+        assert len(built) == 2  # other grids: built anew
+    with torch.no_grad():  # outside inference mode the memo's inference tensors are not reused
+        outside = model(**square).vlm_logits
+    assert len(built) == 3
+    assert torch.equal(first, again) and torch.equal(first, outside)

@@ -1,3 +1,5 @@
+import os
+
 import datasets
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from train.assemble import assemble
-from train.features import cached, compute_vlm_features, model_fingerprint
+from train.features import cached, compute_teacher_logits, compute_vlm_features, model_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,41 @@ def test_cached_features_equal_fresh_model_outputs(tiny_base, image_dataset):
     torch.testing.assert_close(cache["visual_features"], fresh.visual_features, atol=1e-5, rtol=0)
     torch.testing.assert_close(cache["vlm_logits"], fresh.vlm_logits, atol=1e-5, rtol=0)
     assert cache["labels"].tolist() == list(image_dataset["label"])
+
+
+@torch.no_grad()
+def test_preprocessing_in_dataloader_workers_gives_identical_caches(tiny_base, image_dataset, monkeypatch):
+    """`num_workers=2` decodes and preprocesses in two worker processes; the caches equal the in-process ones."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    model, processor = assemble(tiny_base["vlm"], ["a", "b", "c"], head_hidden_dims=[16])
+    model.eval()
+    torch.manual_seed(0)
+    teacher = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=3)).eval()
+    teacher_processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    pids = set()
+    image_processor = processor.image_processor
+    original = type(image_processor).__call__
+
+    def recording(self, *args, **kwargs):
+        pids.add(os.getpid())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(image_processor), "__call__", recording)
+    inline = compute_vlm_features(model, image_processor, image_dataset, batch_size=4)
+    inline_teacher = compute_teacher_logits(teacher, teacher_processor, image_dataset, batch_size=4)
+    assert pids == {os.getpid()}  # 0 workers: today's behaviour, in this process
+    pids.clear()
+    workers = compute_vlm_features(model, image_processor, image_dataset, batch_size=4, num_workers=2)
+    workers_teacher = compute_teacher_logits(teacher, teacher_processor, image_dataset, batch_size=4, num_workers=2)
+    assert inline.keys() == workers.keys() and inline_teacher.keys() == workers_teacher.keys()
+    for key in inline:
+        assert torch.equal(inline[key], workers[key]), key
+    for key in inline_teacher:
+        assert torch.equal(inline_teacher[key], workers_teacher[key]), key
+    assert workers["labels"].tolist() == list(image_dataset["label"])
+    assert not pids  # with workers, this process preprocessed nothing (the workers' calls are in their processes)
 
 
 def test_cache_is_built_once_and_rebuilt_when_stale_or_damaged(tmp_path):

@@ -38,6 +38,8 @@ DEMO = ROOT / "train" / "recipes" / "tiny" / "demo.yaml"
     ("instructions.api_key=sk-abc", r"instructions\.api_key is not an option of generator 'none'"),
     ("seed=one", r"seed: expected an integer"),
     ("instructions.num_workers=0", r"section 'instructions' is invalid: num_workers must be at least 1, got 0"),
+    ("model.preprocess_workers=-1", r"section 'model' is invalid: preprocess_workers must be at least 0, got -1"),
+    ("model.preprocess_workers=two", r"model\.preprocess_workers: expected an integer"),
 ])
 def test_recipe_mistakes_name_the_key(override, message):
     with pytest.raises(RecipeError, match=message):
