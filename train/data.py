@@ -35,6 +35,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Im
 
 from modeling_emovlm_kd.configuration_emovlm_kd import LABEL_SETS, resolve_label_set
 
+from . import registry
 from .files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -573,38 +574,20 @@ def load_hub_dataset(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _flickr(**kwargs) -> DatasetDict:
-    return load_flickr_instagram(name="flickr", **kwargs)
-
-
-def _instagram(**kwargs) -> DatasetDict:
-    return load_flickr_instagram(name="instagram", **kwargs)
-
-
-LOADERS = {
-    "emoset": load_emoset,
-    "fi": load_fi,
-    "emotion6": load_emotion6,
-    "flickr": _flickr,
-    "instagram": _instagram,
-    "imagefolder": load_imagefolder,
-    "hub": load_hub_dataset,
-}
-
-
 def load_dataset_from_config(kind: str, **kwargs) -> DatasetDict:
-    """Call the loader named `kind` (`emoset`, `fi`, `emotion6`, `flickr`, `instagram`, `imagefolder`, `hub`)."""
-    loader = LOADERS.get(kind.lower())
-    if loader is None:
-        raise ValueError(f"Unknown data set kind {kind!r}; use one of {sorted(LOADERS)}.")
-    return loader(**kwargs)
+    """Call the loader that `train.registry` names for data set `kind` (`emoset`, `fi`, `emotion6`, `flickr`,
+    `instagram`, `imagefolder`, `hub`, or any registered one) with the recipe's `data` options."""
+    entry = registry.get(kind)
+    fixed = sorted(set(kwargs) & set(entry.loader_kwargs))
+    if fixed:
+        raise ValueError(f"Data set {entry.name!r} fixes {fixed} itself; leave them out of the recipe's data section.")
+    return entry.load_function()(**entry.loader_kwargs, **kwargs)
 
 
 __all__ = [
     "DEFAULT_FRACTIONS",
     "IMAGE_EXTENSIONS",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
-    "LOADERS",
     "SPLITS",
     "dataset_summary",
     "load_dataset_from_config",

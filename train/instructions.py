@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -40,6 +39,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.processing_emovlm_kd import load_image
+
+from .records import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def failures_path(cache_path: str | os.PathLike) -> Path:
 
 class AnswerCache:
     """
-    Append-only JSONL of generated answers, one record per (image key, kind).
+    Append-only JSONL of generated answers, one record per (image key, kind), in a `train.records.RecordStore`.
 
     Every record is written, flushed and fsynced as soon as it exists, so killing a run loses at most the answers
     in flight. A partially written last line (the kill came mid-write) is ignored on read and cut off before the
@@ -403,29 +404,10 @@ class AnswerCache:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.records: dict[tuple[str, str], dict[str, Any]] = {}
-        self.skipped_lines = 0
-        self._repair_at: int | None = None  # byte offset of a partial last line, cut before the next append
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            self._repair_at = end
-            self.skipped_lines += 1
-            logger.warning("Ignoring a partially written last line of %s (an interrupted run).", self.path)
-        for line in data[:end].splitlines():
-            record = _parse_record(line)
-            if record is None:
-                self.skipped_lines += line.strip() != b""
-                continue
-            self.records[(record["key"], record["kind"])] = record
-        if self.skipped_lines:
-            logger.warning("Skipped %d unreadable line(s) of %s.", self.skipped_lines, self.path)
+        self.store = RecordStore(path, validate=_is_answer, ensure_ascii=False)
+        self.path = self.store.path
+        self.records = {(record["key"], record["kind"]): record for record in self.store.read()}
+        self.skipped_lines = self.store.skipped_lines
 
     def get(self, key: str, kind: str) -> dict[str, Any] | None:
         return self.records.get((key, kind))
@@ -437,30 +419,12 @@ class AnswerCache:
         return len(self.records)
 
     def append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._repair_at is not None:
-            with open(self.path, "r+b") as file:
-                file.truncate(self._repair_at)
-            self._repair_at = None
-        _append_jsonl(self.path, record)
+        self.store.append([record])
         self.records[(record["key"], record["kind"])] = record
 
 
-def _parse_record(line: bytes) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    fields_ok = isinstance(record, dict) and all(isinstance(record.get(f), str) for f in ("key", "kind", "answer"))
-    return record if fields_ok else None
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    # One write per record, flushed and synced: a kill can only ever truncate the line being written.
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+def _is_answer(record: dict[str, Any]) -> bool:
+    return all(isinstance(record.get(f), str) for f in ("key", "kind", "answer"))
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
@@ -521,6 +485,7 @@ def generate_answers(
     summary = GenerationSummary(failures_path=failures_path(cache_path))
     summary.failures_path.parent.mkdir(parents=True, exist_ok=True)
     summary.failures_path.unlink(missing_ok=True)
+    failures = RecordStore(summary.failures_path, ensure_ascii=False)
     pending, summary.cached = _plan(keys, kinds, cache)
     labels = list(dataset["label"]) if pending else []
     name = getattr(generator, "name", type(generator).__name__)
@@ -556,7 +521,7 @@ def generate_answers(
         else:
             failure = {"key": key, "kind": kind, "label": label, "index": index, "error": f"{type(error).__name__}: {error}"}
             summary.failures.append(failure)
-            _append_jsonl(summary.failures_path, failure)
+            failures.append([failure])
             logger.warning("No %s answer for row %d (image %s): %s", kind, index, key[:12], failure["error"])
             consecutive_failures += 1
         progress.update(1)

@@ -8,7 +8,9 @@ that cannot be read or classified gets a row with its error, and the run goes on
 image at a time, so only the bad image gets an error row); the summary counts it. Files of a folder that are not
 images (`.svg`, broken or looping symlinks, other suffixes) are reported and counted as skipped. A rerun with the
 same output skips the images already there, so a killed run resumes without duplicating or losing rows. Under
-`torchrun`, each process classifies a disjoint shard into `<output>.part<rank>` and the main process merges them.
+`torchrun`, each process classifies a disjoint shard (`accelerate`'s `split_between_processes`) into
+`<output>.part<rank>`; the parts' rows are gathered (`gather_object`) and the main process merges them.
+`--num-workers N` decodes and preprocesses images in N `DataLoader` worker processes while the model runs.
 
 While a run writes `<output>`, it holds the lock `<output>.lock` (its PID in `<output>.lock.pid`); a second run into
 the same output fails at once, naming the lock and the PID. The lock is the operating system's (`flock`), so the
@@ -22,19 +24,23 @@ import contextlib
 import csv
 import errno
 import io
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .locks import LockedError, exclusive
+from .records import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -141,48 +147,46 @@ def _read_csv(path: Path) -> list[dict]:
     return [r for r in records if r.get("path")]
 
 
+def _row_store(path: Path) -> RecordStore:
+    return RecordStore(path, validate=lambda row: isinstance(row.get("path"), str))
+
+
 def read_rows(path: Path) -> list[dict]:
-    """Rows already written; a partial last line (a killed write) is dropped and truncated away."""
+    """Rows already written; a partial last row (a killed write) is dropped, and cut off before the next write."""
     if not path.exists():
         return []
     if path.suffix == ".csv":
         return _read_csv(path)
-    rows, good = [], 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                rows.append(json.loads(line))
-                good += len(line)
-            except json.JSONDecodeError:
-                break
-    if good != path.stat().st_size:
-        with open(path, "r+b") as handle:
-            handle.truncate(good)
-    return rows
+    return _row_store(path).read()
 
 
 class RowWriter:
-    """Appends rows and makes each batch durable before the next one starts."""
+    """Appends rows and makes each batch durable before the next one starts (JSONL: a `RecordStore`)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.csv = path.suffix == ".csv"
+        if not self.csv:
+            self.store = _row_store(path)
+            path.touch()  # an empty run still leaves its (empty) output
+            return
         new = not path.exists() or path.stat().st_size == 0
         self.handle = open(path, "a", newline="")
-        if self.csv and new:
+        if new:
             csv.DictWriter(self.handle, CSV_FIELDS).writeheader()
 
     def write(self, rows: Sequence[dict]) -> None:
-        if self.csv:
-            writer = csv.DictWriter(self.handle, CSV_FIELDS, extrasaction="ignore")
-            writer.writerows({**row, "error": row.get("error") or ""} for row in rows)
-        else:
-            self.handle.writelines(json.dumps(row) + "\n" for row in rows)
+        if not self.csv:
+            self.store.append(rows)
+            return
+        writer = csv.DictWriter(self.handle, CSV_FIELDS, extrasaction="ignore")
+        writer.writerows({**row, "error": row.get("error") or ""} for row in rows)
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
     def close(self) -> None:
-        self.handle.close()
+        if self.csv:
+            self.handle.close()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -229,16 +233,13 @@ class Predictor:
         self.labels = self.model.config.id2label
         self.top_k = min(top_k, len(self.labels))
 
-    def _load(self, path: str):
-        try:
-            return self.image_processor.load_images(path), None
-        except (OSError, ValueError, TypeError) as err:
-            return None, f"{type(err).__name__}: {err}"
+    def prepare(self, paths: Sequence[str]) -> PreparedBatch:
+        """Decode and preprocess a batch on the CPU (`prepare_batch` with this checkpoint's processor)."""
+        return prepare_batch(self.image_processor, paths)
 
-    def _classify(self, images: list) -> list[dict]:
-        """Label fields for decoded images, one forward pass."""
-        inputs = self.image_processor(images, return_tensors="pt").to(self.device)
-        out = self.model(**inputs)
+    def _forward(self, inputs) -> list[dict]:
+        """Label fields for preprocessed images, one forward pass."""
+        out = self.model(**inputs.to(self.device))
         probs = out.logits.float().softmax(-1)
         top = probs.topk(self.top_k, dim=-1)
         return [
@@ -250,18 +251,25 @@ class Predictor:
                 vlm_label=self.labels[int(out.vlm_logits[j].argmax())],
                 head_label=self.labels[int(out.head_logits[j].argmax())],
             )
-            for j in range(len(images))
+            for j in range(len(probs))
         ]
 
+    def _classify(self, images: list) -> list[dict]:
+        """Label fields for decoded images: preprocessing and one forward pass."""
+        return self._forward(self.image_processor(images, return_tensors="pt"))
+
     @torch.inference_mode()
-    def predict(self, paths: Sequence[str]) -> list[dict]:
-        loaded = [self._load(path) for path in paths]
-        good = [i for i, (image, _) in enumerate(loaded) if image is not None]
-        rows = [{"path": path, "error": error} for path, (_, error) in zip(paths, loaded)]
+    def classify(self, batch: PreparedBatch) -> list[dict]:
+        """One row per path of a prepared batch: its labels, or the error that kept it from being classified."""
+        paths = batch.paths
+        rows = [{"path": path, "error": error} for path, error in zip(paths, batch.errors)]
+        good = [i for i, image in enumerate(batch.images) if image is not None]
         if not good:
             return rows
         try:
-            results = self._classify([loaded[i][0] for i in good])
+            if batch.failure is not None:
+                raise batch.failure
+            results = self._forward(batch.inputs)
         except (ValueError, OSError, RuntimeError, MemoryError) as err:
             # One image the processor or the model cannot take fails the whole batch: retry one at a time, so that
             # it gets an error row naming it and the others are classified.
@@ -270,12 +278,78 @@ class Predictor:
             results = []
             for i in good:
                 try:
-                    results.append(self._classify([loaded[i][0]])[0])
+                    results.append(self._classify([batch.images[i]])[0])
                 except (ValueError, OSError, RuntimeError, MemoryError) as single:
                     results.append({"error": f"{type(single).__name__}: cannot classify {paths[i]}: {single}"})
         for i, result in zip(good, results):
             rows[i].update(result)
         return rows
+
+    def predict(self, paths: Sequence[str]) -> list[dict]:
+        """Rows for one batch of image files (decoded, preprocessed and classified here)."""
+        return self.classify(self.prepare(paths))
+
+    def predict_batches(self, chunks: Sequence[Sequence[str]], num_workers: int = 0) -> Iterator[list[dict]]:
+        """Rows of each chunk of paths, in order. With `num_workers` > 0, `DataLoader` worker processes decode and
+        preprocess the next chunks while the model classifies the current one; the rows are the same."""
+        if num_workers == 0:
+            for chunk in chunks:
+                yield self.predict(chunk)
+            return
+        loader = DataLoader(_Chunks(self, chunks), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+        for batch in loader:
+            yield self.classify(batch)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch decoded and preprocessed on the CPU: `images[i]` is None where decoding failed with `errors[i]`;
+    `inputs` is the processor's output for the decoded images, or `failure` the processor's error."""
+
+    paths: list[str]
+    images: list
+    errors: list[str | None]
+    inputs: Any = None
+    failure: BaseException | None = None
+
+
+def _load_image(image_processor, path: str):
+    try:
+        return image_processor.load_images(path), None
+    except (OSError, ValueError, TypeError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+def prepare_batch(image_processor, paths: Sequence[str]) -> PreparedBatch:
+    """Decode and preprocess a batch on the CPU (what `DataLoader` workers run): per-file decoding errors, and the
+    processor's output for the decoded images or the error that made the processor refuse the batch."""
+    loaded = [_load_image(image_processor, path) for path in paths]
+    batch = PreparedBatch(list(paths), [image for image, _ in loaded], [error for _, error in loaded])
+    good = [image for image in batch.images if image is not None]
+    if good:
+        try:
+            batch.inputs = image_processor(good, return_tensors="pt")
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:
+            batch.failure = err
+    return batch
+
+
+class _Chunks(TorchDataset):
+    """Chunk `i` of the paths, decoded and preprocessed (workers get the processor, never the model's weights)."""
+
+    def __init__(self, predictor: Predictor, chunks: Sequence[Sequence[str]]):
+        self.image_processor = predictor.image_processor
+        self.chunks = list(chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> PreparedBatch:
+        return prepare_batch(self.image_processor, self.chunks[index])
+
+
+def _as_is(batch):
+    return batch
 
 
 def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -294,22 +368,24 @@ def output_lock(output: Path):
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], output: Path, batch_size: int = 8,
-                  show_progress: bool = True, done: set[str] = frozenset()) -> PredictionSummary:
-    """Classify `paths` into `output`, skipping those already there (or in `done`); `output` is locked meanwhile."""
+                  show_progress: bool = True, done: set[str] = frozenset(), num_workers: int = 0) -> PredictionSummary:
+    """Classify `paths` into `output`, skipping those already there (or in `done`); `output` is locked meanwhile.
+    `num_workers` > 0 decodes and preprocesses in that many `DataLoader` worker processes (same rows)."""
     with output_lock(output):
-        return _predict_files(predictor, paths, output, batch_size, show_progress, done)
+        return _predict_files(predictor, paths, output, batch_size, show_progress, done, num_workers)
 
 
 def _predict_files(predictor: Predictor, paths: Sequence[str], output: Path, batch_size: int,
-                   show_progress: bool, done: set[str]) -> PredictionSummary:
+                   show_progress: bool, done: set[str], num_workers: int = 0) -> PredictionSummary:
     summary = PredictionSummary(total=len(paths))
     done = set(done) | {row["path"] for row in read_rows(output)}
     summary.resumed = sum(path in done for path in paths)
     todo = [path for path in paths if path not in done]
     writer = RowWriter(output)
     try:
-        for chunk in tqdm(list(batches(todo, batch_size)), desc="Predicting", unit="batch", disable=not show_progress):
-            rows = predictor.predict(chunk)
+        chunks = list(batches(todo, batch_size))
+        for rows in tqdm(predictor.predict_batches(chunks, num_workers), total=len(chunks), desc="Predicting",
+                         unit="batch", disable=not show_progress):
             writer.write(rows)
             for row in rows:
                 if row.get("error"):
@@ -327,9 +403,9 @@ def summarize(rows: Sequence[dict], total: int) -> PredictionSummary:
     return PredictionSummary(total=total, predicted=len(rows) - len(errors), failed=len(errors), errors=errors)
 
 
-def merge_parts(parts: Sequence[Path], paths: Sequence[str], output: Path) -> None:
-    """Write the earlier output's and the shards' rows into `output` in input order, atomically."""
-    rows = {row["path"]: row for part in (output, *parts) for row in read_rows(part)}
+def merge_rows(shard_rows: Sequence[dict], paths: Sequence[str], output: Path) -> None:
+    """Write the earlier output's rows and the shards' (gathered) rows into `output` in input order, atomically."""
+    rows = {row["path"]: row for row in (*read_rows(output), *shard_rows)}
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.unlink(missing_ok=True)
     writer = RowWriter(tmp)
@@ -339,55 +415,63 @@ def merge_parts(parts: Sequence[Path], paths: Sequence[str], output: Path) -> No
 
 
 def run_predict(model: str, source: str, output: str | Path, batch_size: int = 8, top_k: int = 3,
-                show_progress: bool = True, **loading) -> PredictionSummary:
-    """Classify every image of `source` into `output`; `loading`: `Predictor`'s revision, dtype, device_map and
-    load_in_4bit."""
+                show_progress: bool = True, num_workers: int = 0, **loading) -> PredictionSummary:
+    """Classify every image of `source` into `output`; `num_workers` `DataLoader` workers decode and preprocess
+    (0: the main process does); `loading`: `Predictor`'s revision, dtype, device_map and load_in_4bit."""
     state = PartialState(cpu=not torch.cuda.is_available())
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # The main process holds the output's lock for the whole run (shards, merge), before the model loads, so that
     # a second run into the same output fails at once.
     with output_lock(output) if state.is_main_process else contextlib.nullcontext():
-        summary = _run_predict(state, model, source, output, batch_size, top_k, show_progress, loading)
+        summary = _run_predict(state, model, source, output, batch_size, top_k, show_progress, loading, num_workers)
     return summary
 
 
 def _run_predict(state: PartialState, model: str, source: str, output: Path, batch_size: int, top_k: int,
-                 show_progress: bool, loading: dict) -> PredictionSummary:
+                 show_progress: bool, loading: dict, num_workers: int = 0) -> PredictionSummary:
     paths, skipped = scan_inputs(source)
     predictor = Predictor(model, top_k=top_k, device=None if state.num_processes == 1 else "cpu"
                           if not torch.cuda.is_available() else f"cuda:{state.local_process_index}", **loading)
     if state.num_processes == 1:
-        summary = _predict_files(predictor, paths, output, batch_size, show_progress, set())
+        summary = _predict_files(predictor, paths, output, batch_size, show_progress, set(), num_workers)
     else:
-        # Each rank takes every `world`-th image, a disjoint shard, and resumes its own part file.
+        # Each rank takes a disjoint contiguous shard and writes (and, after a kill, resumes) its own part file;
+        # the parts' rows are then gathered on the main process, which merges them into the output.
         part = output.with_name(f"{output.name}.part{state.process_index}")
-        shard = paths[state.process_index :: state.num_processes]
+        with state.split_between_processes(list(paths)) as shard:
+            shard = list(shard)
         done = {row["path"] for row in read_rows(output)} if output.exists() else set()
-        summary = predict_files(predictor, shard, part, batch_size, show_progress and state.is_main_process, done)
+        summary = predict_files(predictor, shard, part, batch_size, show_progress and state.is_main_process, done,
+                                num_workers)
         print(f"Rank {state.process_index}/{state.num_processes}: shard of {len(shard)} images: {summary}", flush=True)
-        state.wait_for_everyone()
+        rows = gather_object(read_rows(part))
         if state.is_main_process:
-            parts = [output.with_name(f"{output.name}.part{r}") for r in range(state.num_processes)]
-            merge_parts(parts, paths, output)
-            for p in parts:  # every rank has released its part's lock; the output's lock still guards the run
-                p.unlink()
-                lock_path(p).unlink(missing_ok=True)
+            merge_rows(rows, paths, output)
             summary = summarize(read_rows(output), len(paths))
-        state.wait_for_everyone()
+        state.wait_for_everyone()  # the output is complete before any part file goes
+        part.unlink(missing_ok=True)  # every rank has released its part's lock; the output's lock still guards the run
+        lock_path(part).unlink(missing_ok=True)
     summary.skipped = skipped
     return summary
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer of at least `minimum` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -396,6 +480,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="predictions.jsonl or predictions.csv (appended/resumed).")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="Images per forward pass (>= 1).")
     parser.add_argument("--top-k", type=positive_int, default=3, help="Labels kept per image (>= 1).")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0,
+                        help="DataLoader worker processes decoding and preprocessing images while the model runs "
+                             "(0: the main process does it; the rows are the same).")
     parser.add_argument("--revision", help="Branch, tag or commit of a Hub repo (pin a commit for reproducible runs).")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="Weights' dtype (auto: bfloat16 on a GPU that has it, else float32; head and gate stay "
@@ -407,7 +494,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> PredictionSummary:
     try:
         summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k,
-                              revision=args.revision, dtype=args.dtype, device_map=args.device_map,
+                              num_workers=args.num_workers, revision=args.revision, dtype=args.dtype, device_map=args.device_map,
                               load_in_4bit=args.load_in_4bit)
     except LockedError as err:
         raise SystemExit(f"train predict: {err}") from None
@@ -421,5 +508,5 @@ def run(args: argparse.Namespace) -> PredictionSummary:
     return summary
 
 
-__all__ = ["PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
+__all__ = ["PreparedBatch", "PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
            "predict_files", "read_rows", "run", "run_predict", "scan_inputs"]

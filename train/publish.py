@@ -8,7 +8,8 @@
 
 The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
 processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
-`hub_cards/README.md.j2` and the variant's entry of `hub_cards/variants.yaml`. The card's `model-index` carries the
+`hub_cards/README.md.j2`, the data set's entry of `train/registry.py` and `hub_cards/variants.yaml` (what every card
+shares, the `custom` variant). The card's `model-index` carries the
 accuracy and macro-F1 measured in the run's `results.json`; a run without results gets a card that says so. Next to
 them go `handler.py` (the Inference Endpoints custom handler, from `modeling_emovlm_kd/`), a `requirements.txt`
 for the endpoint, and example images under `examples/` that the card's `widget:` shows (`--example-images`, or for
@@ -34,7 +35,6 @@ in one step, older revisions staying loadable by their commit hash. The token co
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import logging
@@ -64,13 +64,14 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
+from . import registry
+
 logger = logging.getLogger(__name__)
 
 # `hub_cards/` sits next to the `train` package, in the source tree as in an installed wheel.
 CARDS_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
 TEMPLATE_PATH = CARDS_DIR / "README.md.j2"
 VARIANTS_PATH = CARDS_DIR / "variants.yaml"
-VARIANTS = ("emoset", "fi", "emotion6", "flickr", "instagram", "custom")
 # Display names of results.json's branches, as in `train.evaluation.BRANCHES` (not imported: it loads torch).
 BRANCH_TITLES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
 STAGE_TITLES = {
@@ -177,12 +178,15 @@ def folder_files(folder: Path) -> dict[str, Path]:
 
 
 def load_variants(path: str | Path = VARIANTS_PATH) -> dict:
-    """`hub_cards/variants.yaml`: `common` metadata, `label_sets` descriptions and one entry per variant."""
+    """The cards' metadata: `common` and `label_sets` from `hub_cards/variants.yaml`, and one entry per variant: each
+    named data set's card metadata from `train.registry`, plus `custom` (any other data) from the YAML file."""
     data = yaml.safe_load(Path(path).read_text())
-    unknown = set(data["variants"]) ^ set(VARIANTS)
-    if unknown:
-        raise ValueError(f"{path} must describe exactly the variants {VARIANTS}; differs on {sorted(unknown)}.")
-    return data
+    variants = {name: registry.get(name).card() for name in registry.named_datasets()}
+    for name, meta in variants.items():
+        if meta["label_set"] not in data["label_sets"]:
+            raise ValueError(f"Data set {name!r} of train/registry.py has label set {meta['label_set']!r}, which "
+                             f"{path} does not describe under label_sets ({sorted(data['label_sets'])}).")
+    return {**data, "variants": {**variants, "custom": data["custom"]}}
 
 
 def package_dir() -> Path:
@@ -192,39 +196,27 @@ def package_dir() -> Path:
 
 
 def package_label_sets() -> tuple[dict[str, list[str]], dict[str, str]]:
-    """`LABEL_SETS` and `DATASET_LABEL_SETS` of `modeling_emovlm_kd`, read from its source.
+    """`LABEL_SETS` and `DATASET_LABEL_SETS` of `modeling_emovlm_kd` (imported here: it loads torch)."""
+    from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
 
-    They are literal tables; importing the package would load torch and transformers (seconds), which a push does
-    not otherwise need. `find_spec` of the top-level package does not import it.
-    """
-    source = package_dir() / "configuration_emovlm_kd.py"
-    tables = {}
-    for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("LABEL_SETS", "DATASET_LABEL_SETS"):
-                tables[node.targets[0].id] = ast.literal_eval(node.value)
-    return tables["LABEL_SETS"], tables["DATASET_LABEL_SETS"]
+    return LABEL_SETS, DATASET_LABEL_SETS
 
 
 def check_variant(variant: str, folder: HubFolder, variants: dict) -> dict:
     """The variant's metadata, after checking that the run fits it: same labels in the same order, same data."""
-    if variant not in VARIANTS:
-        raise PublishError(f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}.")
+    if variant not in variants["variants"]:
+        raise PublishError(f"Unknown variant {variant!r}; use one of {', '.join(variants['variants'])}.")
     meta = variants["variants"][variant]
     if variant == "custom":
         return meta
-    label_sets, dataset_label_sets = package_label_sets()
-    if meta["label_set"] != dataset_label_sets[variant]:
-        raise ValueError(f"{VARIANTS_PATH}: {variant} has label_set {meta['label_set']!r}, but "
-                         f"modeling_emovlm_kd says {dataset_label_sets[variant]!r}.")
-    expected = label_sets[meta["label_set"]]
+    expected = package_label_sets()[0][meta["label_set"]]
     if folder.labels != expected:
         raise PublishError(
             f"The run's labels {folder.labels} are not the {variant} label set {meta['label_set']} {expected} "
-            f"(same labels, same order). Train with `labels: {variant}` in the recipe, or push with --variant custom."
+            f"(same labels, same order). Train with `labels: {meta['label_set']}` in the recipe, or push with --variant custom."
         )
     kind = str((folder.recipe.get("data") or {}).get("kind", "")).lower()
-    if kind in VARIANTS and kind != variant:
+    if kind in variants["variants"] and kind != variant:
         raise PublishError(f"The run was trained on the {kind!r} data set; pushing it as {variant!r} would name the "
                            f"wrong data set on its card. Use --variant {kind}.")
     return meta
@@ -740,7 +732,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="The run's output_dir (or its final/ folder).")
     source.add_argument("--config", help="The run's YAML recipe; its output_dir is the run.")
-    parser.add_argument("--variant", required=True, choices=VARIANTS,
+    parser.add_argument("--variant", required=True, choices=registry.card_variants(),
                         help="Data set the model was trained on; sets the card's metadata and checks the labels.")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if missing).")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
@@ -786,7 +778,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 __all__ = [
-    "VARIANTS",
     "HubFolder",
     "PublishError",
     "add_arguments",

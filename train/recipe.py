@@ -37,6 +37,8 @@ from transformers import HfArgumentParser
 
 from modeling_emovlm_kd import GATE_TYPES, resolve_label_set
 
+from . import registry
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the file, the `section.key` and what is allowed."""
@@ -427,19 +429,14 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
 
 
 def _check_data(data: DataSection, explicit: dict, where: str) -> None:
-    from .data import LOADERS
-
-    loader = LOADERS.get(data.kind.lower())
-    if loader is None:
-        raise RecipeError(f"{where}: data.kind: unknown data set kind {data.kind!r}; use one of {sorted(LOADERS)}.")
-    parameters = inspect.signature(loader).parameters
+    try:
+        entry = registry.get(data.kind)
+        loader = entry.load_function()
+    except ValueError as error:
+        raise RecipeError(f"{where}: data.kind: {error}") from None
+    parameters = {name: p for name, p in inspect.signature(loader).parameters.items() if name not in entry.loader_kwargs}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     accepted = {name for name in parameters if name != "name"}
-    if data.kind.lower() in ("flickr", "instagram"):
-        from .data import load_flickr_instagram
-
-        accepted = set(inspect.signature(load_flickr_instagram).parameters) - {"name"}
-        takes_any = False
     for key in explicit:
         if key == "kind" or key == "load_kwargs" and takes_any:
             continue

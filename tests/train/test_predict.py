@@ -52,6 +52,19 @@ def test_bad_files_are_reported_and_the_run_goes_on(predictor, folder, tmp_path)
     assert all(r["label"] in predictor.labels.values() and len(r["top_k"]) == 2 for r in good)
 
 
+def test_dataloader_workers_give_exactly_the_rows_of_the_main_process(predictor, folder, tmp_path):
+    """Decoding and preprocessing in 2 DataLoader workers: the same rows, bad files' errors included, in order."""
+    images = write_images(tmp_path / "images", 9, 30, seed=5)
+    Image.new("RGB", (20000, 2), (1, 2, 3)).save(images / "0004_thin.png")  # refused in loading: one error row
+    paths = paths_of(folder) + paths_of(images)
+    summaries = {workers: predict_files(predictor, paths, tmp_path / f"w{workers}.jsonl", batch_size=4,
+                                        show_progress=False, num_workers=workers) for workers in (0, 2)}
+    serial, parallel = read_rows(tmp_path / "w0.jsonl"), read_rows(tmp_path / "w2.jsonl")
+    assert [r["path"] for r in parallel] == paths and parallel == serial
+    assert (summaries[2].predicted, summaries[2].failed) == (summaries[0].predicted, summaries[0].failed) == (20, 3)
+    assert summaries[2].errors == summaries[0].errors
+
+
 def test_batched_predictions_equal_one_at_a_time(predictor, folder, tmp_path):
     paths = paths_of(folder)
     predict_files(predictor, paths, tmp_path / "b8.jsonl", batch_size=8, show_progress=False)
@@ -213,7 +226,7 @@ def test_file_names_with_line_separators_resume_without_duplicates(predictor, tm
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--top-k", "0"), ("--top-k", "-1"),
-                                        ("--batch-size", "many")])
+                                        ("--batch-size", "many"), ("--num-workers", "-1")])
 def test_non_positive_counts_are_argparse_errors(flag, value, capsys, tmp_path):
     from train.__main__ import parse_args
 

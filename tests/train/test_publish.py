@@ -22,7 +22,8 @@ from hub_server import FakeHubServer
 from huggingface_hub import ModelCard
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
-from train.publish import VARIANTS, HubFolder, PublishError, build_card, load_variants, package_label_sets
+from train.publish import HubFolder, PublishError, build_card, load_variants, package_label_sets
+from train.registry import card_variants
 from train.space import SETTINGS_FILE, pinned_versions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,7 +328,7 @@ def test_card_of_a_7b_run_pins_its_branch_and_names_each_backbones_licence(tmp_p
 
 def test_variants_file_agrees_with_the_package():
     variants = load_variants()
-    assert set(variants["variants"]) == set(VARIANTS)
+    assert set(variants["variants"]) == set(card_variants())
     for variant, label_set in DATASET_LABEL_SETS.items():
         assert variants["variants"][variant]["label_set"] == label_set
         assert variants["variants"][variant]["citation"].lstrip().startswith("@")
