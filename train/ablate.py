@@ -55,13 +55,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig, EmoVLMKDDistillationHead  # noqa: E402
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs  # noqa: E402
+from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig, EmoVLMKDDistillationHead, EmoVLMKDFusion  # noqa: E402
+from modeling_emovlm_kd.fusion import gate_from_config, head_from_config  # noqa: E402
 
 from .distill import DistillationConfig, train_distillation  # noqa: E402
 from .evaluation import classification_metrics  # noqa: E402
 from .files import write_json_atomic  # noqa: E402
-from .gate import GateConfig, build_gate, head_logits, train_gate  # noqa: E402
+from .gate import GateConfig, head_logits, train_gate  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .recipe import read_recipe, validate_recipe  # noqa: E402
 from .trainer_utils import count_parameters  # noqa: E402
@@ -227,10 +227,8 @@ def _quiet():
 def train_head(run: RunData, settings: Settings, hidden_dims: Sequence[int], seed: int,
                **distill_overrides) -> EmoVLMKDDistillationHead:
     """A fresh head (seeded like stage 2's) trained by `train_distillation` on the run's cached features."""
-    config = run.config
     set_seed(seed)
-    head = EmoVLMKDDistillationHead(run.feature_dim, list(hidden_dims), run.num_labels, config.head_activation,
-                                    config.head_dropout)
+    head = head_from_config(run.config, hidden_dims=list(hidden_dims))
     values = {**settings.stage_values(run.pipeline.recipe, "distill"), **distill_overrides, "seed": seed}
     with tempfile.TemporaryDirectory(prefix="emovlm-ablate-") as work, _quiet():
         head, _ = train_distillation(head, run.splits["train"], run.splits["validation"],
@@ -243,7 +241,8 @@ def train_fusion(run: RunData, settings: Settings, gate_type: str, inputs: dict[
     """A fresh gate trained by `train_gate` on cached VLM scores and head logits, as stage 3 trains it: to its
     objective's optimum, with no selection among iterates (so `--selection` does not apply) and no checkpoints."""
     config = run.config
-    gate = build_gate(gate_type, run.num_labels, config.gate_num_experts, seed=seed)
+    torch.manual_seed(seed)
+    gate = gate_from_config(config, gate_type=gate_type)
     values = {**settings.stage_values(run.pipeline.recipe, "gate"), "seed": seed,
               "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
     with tempfile.TemporaryDirectory(prefix="emovlm-ablate-") as work, _quiet():
@@ -254,8 +253,8 @@ def train_fusion(run: RunData, settings: Settings, gate_type: str, inputs: dict[
 
 @torch.inference_mode()
 def fused_test_logits(run: RunData, gate: torch.nn.Module, test_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return gate(*gate_inputs(test_inputs["vlm_logits"], test_inputs["head_logits"], run.config.gate_vlm_signal,
-                             head_signal=run.config.gate_head_signal))
+    fusion = EmoVLMKDFusion(None, gate, run.config.gate_vlm_signal, run.config.gate_head_signal)
+    return fusion(test_inputs["vlm_logits"], head_logits=test_inputs["head_logits"], output_branch_weights=False).logits
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> float:
@@ -332,7 +331,7 @@ def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
             gate = train_fusion(run, settings, gate_type, inputs, seed)
             return _scores("fused", fused_test_logits(run, gate, test), test["labels"], run.num_labels)
 
-        gate = build_gate(gate_type, run.num_labels, run.config.gate_num_experts)
+        gate = gate_from_config(run.config, gate_type=gate_type, initialise=False)
         name = f"{gate_type} (run's)" if gate_type == run.config.gate_type else gate_type
         return Variant(name, {"gate_type": gate_type, "vlm_signal": run.config.gate_vlm_signal,
                               "head_signal": run.config.gate_head_signal, "num_experts": run.config.gate_num_experts},

@@ -33,8 +33,8 @@ from transformers import (
     set_seed,
 )
 
-from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, resolve_label_set
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, EmoVLMKDFusion, resolve_label_set
+from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
 
 from . import STAGES
 from .assemble import assemble, load_processor, save_hub_folder
@@ -43,7 +43,7 @@ from .distill import DistillationConfig, train_distillation
 from .evaluation import evaluate_branches, format_table, plot_confusion_matrices
 from .features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
 from .files import write_json_atomic
-from .gate import GateConfig, build_gate, head_logits, train_gate
+from .gate import GateConfig, head_logits, train_gate
 from .instructions import LocalVLMGenerator, OpenAIChatGenerator
 from .locks import exclusive
 from .provenance import DONE, STAGE_INPUTS, STARTED, changed_keys, new_marker, read_marker, stage_settings
@@ -343,8 +343,7 @@ class Pipeline:
     def new_head(self) -> EmoVLMKDDistillationHead:
         config = self.fused_config()
         torch.manual_seed(self.seed)
-        return EmoVLMKDDistillationHead(config.feature_dim, config.head_hidden_dims, config.num_labels,
-                                        config.head_activation, config.head_dropout)
+        return head_from_config(config)
 
     def run_distill(self) -> None:
         set_seed(self.seed)
@@ -368,7 +367,8 @@ class Pipeline:
     def run_gate(self) -> None:
         set_seed(self.seed)
         config = self.fused_config()
-        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts, seed=self.seed)
+        torch.manual_seed(self.seed)
+        gate = gate_from_config(config)
         args = self.stage_args("gate", GateConfig)
         gate, trainer = train_gate(gate, config.gate_vlm_signal, self.gate_inputs("train"),
                                    self.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"),
@@ -379,11 +379,11 @@ class Pipeline:
 
     def fused_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         config = self.fused_config()
-        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
+        gate = gate_from_config(config, initialise=False)
         gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
+        fusion = EmoVLMKDFusion(None, gate, config.gate_vlm_signal, config.gate_head_signal).eval()
         with torch.inference_mode():
-            return gate.eval()(*gate_inputs(inputs["vlm_logits"], inputs["head_logits"], config.gate_vlm_signal,
-                                            head_signal=config.gate_head_signal))
+            return fusion(inputs["vlm_logits"], head_logits=inputs["head_logits"], output_branch_weights=False).logits
 
     def branch_logits(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The logits of the VLM, the head, the teacher and the fused model on a split, and its labels."""
@@ -415,7 +415,7 @@ class Pipeline:
         with torch.device("meta"):
             teacher = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(self.require("teacher")))
             vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
-        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
+        gate = gate_from_config(config, initialise=False)
         return {"vlm": count_parameters(vlm), "head": count_parameters(self.new_head()),
                 "gate": count_parameters(gate), "teacher": count_parameters(teacher)}
 
