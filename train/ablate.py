@@ -62,13 +62,12 @@ from .distill import DistillationConfig, train_distillation  # noqa: E402
 from .evaluation import classification_metrics  # noqa: E402
 from .files import write_json_atomic  # noqa: E402
 from .gate import GateConfig, head_logits, train_gate  # noqa: E402
-from .pipeline import Pipeline  # noqa: E402
-from .recipe import read_recipe, validate_recipe  # noqa: E402
+from .run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, open_run  # noqa: E402
 from .trainer_utils import count_parameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-WHAT = ("depth", "alpha", "gate")
+WHAT = ABLATIONS
 PAPER_FEATURE_DIM = 3584  # Qwen2-VL-7B's hidden size, for which the paper's head widths were chosen
 PAPER_DEPTHS = ([1024], [1024, 512], [1024, 512, 256], [1024, 512, 256, 128], [1024, 512, 256, 128, 64])
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -92,31 +91,15 @@ SELECTION = {
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
-def open_run(run_dir: str | Path) -> Pipeline:
-    """The `Pipeline` of a finished run, from the recipe the run stored (`recipe.yaml`), pointed at `run_dir`.
-
-    The stored `output_dir` may be relative to wherever the run was started; the folder given here wins. A run
-    copied without its `recipe.yaml` is opened from the public recipe in its results (enough for the caches).
-    """
-    run_dir = Path(run_dir)
-    results = run_dir / "evaluate" / "results.json"
-    if not results.exists():
-        raise FileNotFoundError(f"{results} not found: {run_dir} is not a finished run (run the pipeline first).")
-    stored = run_dir / "recipe.yaml"
-    recipe = read_recipe(stored) if stored.exists() else json.loads(results.read_text())["recipe"]
-    recipe["output_dir"] = str(run_dir)
-    return Pipeline(validate_recipe(recipe, where=str(stored if stored.exists() else results)))
-
-
 @dataclass
 class RunData:
-    """What the ablations need of a run: its pipeline, fused config and cached features."""
+    """What the ablations need of a run (read through `train/run.py`): its fused config and cached features."""
 
-    pipeline: Pipeline
+    pipeline: Run
 
     @cached_property
     def config(self) -> EmoVLMKDConfig:
-        return self.pipeline.fused_config()
+        return self.pipeline.fused_config
 
     @cached_property
     def splits(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -138,11 +121,7 @@ class RunData:
     def fingerprint(self) -> str:
         """The files and model options every ablation reads, so cached trainings of another run state are not
         reused (a rerun stage, or another gate type or VLM signal)."""
-        output_dir = self.pipeline.output_dir
-        files = sorted((output_dir / "features").glob("*.safetensors")) + [output_dir / "distill" / "head.safetensors"]
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-        payload = {"files": stats, "model": self.pipeline.model_kwargs()}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return self.pipeline.fingerprint()
 
     def test_accuracy(self, logits: torch.Tensor) -> float:
         return float((logits.argmax(-1) == self.splits["test"]["labels"]).float().mean())
@@ -403,11 +382,7 @@ def run_variants(what: str, variants: list[Variant], run: RunData, settings: Set
 
 # ---- tables and plots ----------------------------------------------------------------------------------------
 
-TITLES = {
-    "depth": "Head depth (paper Table 3)",
-    "alpha": "Distillation weight α (paper Figure 3)",
-    "gate": "Gate variants (paper Table 4)",
-}
+TITLES = ABLATION_TITLES
 # The setting shown next to each variant's name (a gate's name is its setting already).
 SETTING_COLUMNS = {"depth": ("hidden_dims", "hidden dims"), "alpha": ("hidden_dims", "hidden dims"),
                    "gate": ("vlm_signal", "VLM signal")}
@@ -563,8 +538,9 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
              "selection": selection, "training": {"epochs_note": _epochs_note(run, settings, what)},
              "references": references, "run_fingerprint": run.fingerprint(), "variants": rows}
     _check_finite(table)
-    paths = {"json": write_json_atomic(table, out / f"{what}.json"), "png": plot_table(table, out / f"{what}.png")}
-    paths["md"] = out / f"{what}.md"
+    files = ablation_files(run.pipeline.output_dir, what)
+    paths = {"json": write_json_atomic(table, files["json"]), "png": plot_table(table, files["png"])}
+    paths["md"] = files["md"]
     paths["md"].write_text(markdown_table(table))
     return paths
 
