@@ -117,17 +117,8 @@ class BilinearGate(nn.Module):
         return _shares((vlm_only - neither) + (both - head_only), (head_only - neither) + (both - vlm_only))
 
 
-class DynamicWeightingGate(nn.Module):
-    """Per-image softmax weights `w = softmax(Linear(2C, 2)(cat(v, h)))`, then `Linear(C, C)(w1 v + w2 h)`."""
-
-    def __init__(self, num_labels: int, **kwargs):
-        super().__init__()
-        self.weigher = nn.Linear(2 * num_labels, 2)
-        self.proj = nn.Linear(num_labels, num_labels)
-
-    def _terms(self, v, h):
-        w = self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
-        return w[:, :1] * v, w[:, 1:] * h
+class _TermsThenLinear(nn.Module):
+    """Gates whose last layer is `proj = Linear(C, C)` over the sum of one term per branch (`_terms`)."""
 
     def forward(self, v, h):
         vlm_term, head_term = self._terms(v, h)
@@ -139,7 +130,20 @@ class DynamicWeightingGate(nn.Module):
         return _shares(vlm_term @ self.proj.weight.T, head_term @ self.proj.weight.T)
 
 
-class CrossGatingGate(nn.Module):
+class DynamicWeightingGate(_TermsThenLinear):
+    """Per-image softmax weights `w = softmax(Linear(2C, 2)(cat(v, h)))`, then `Linear(C, C)(w1 v + w2 h)`."""
+
+    def __init__(self, num_labels: int, **kwargs):
+        super().__init__()
+        self.weigher = nn.Linear(2 * num_labels, 2)
+        self.proj = nn.Linear(num_labels, num_labels)
+
+    def _terms(self, v, h):
+        w = self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
+        return w[:, :1] * v, w[:, 1:] * h
+
+
+class CrossGatingGate(_TermsThenLinear):
     """Each branch gated by a sigmoid of the other, summed, then a linear layer:
     `Linear(C, C)(sigmoid(Linear(C, C)(h)) * v + sigmoid(Linear(C, C)(v)) * h)`."""
 
@@ -151,14 +155,6 @@ class CrossGatingGate(nn.Module):
 
     def _terms(self, v, h):
         return v * torch.sigmoid(self.gate_from_head(h)), h * torch.sigmoid(self.gate_from_vlm(v))
-
-    def forward(self, v, h):
-        vlm_term, head_term = self._terms(v, h)
-        return self.proj(vlm_term + head_term)
-
-    def branch_weights(self, v, h):
-        vlm_term, head_term = self._terms(v, h)
-        return _shares(vlm_term @ self.proj.weight.T, head_term @ self.proj.weight.T)
 
 
 # The gate registry: a name (the config's `gate_type`) -> its class, `cls(num_labels, num_experts=...)`. A new gate
