@@ -117,8 +117,8 @@ class RunData:
         return self.config.num_labels
 
     def fingerprint(self) -> str:
-        """The files and model options every ablation reads, so cached trainings of another run state are not
-        reused (a rerun stage, or another gate type or VLM signal)."""
+        """The files and model options every ablation reads (`Run.fingerprint`), stored in each table so that the
+        report can flag a table computed on an earlier state of the run."""
         return self.pipeline.fingerprint()
 
     def test_accuracy(self, logits: torch.Tensor) -> float:
