@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import html
-import importlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +83,6 @@ class Classifier:
     model: Any
     image_processor: Any
     labels: list[str]
-    gate_inputs: Callable
 
     @property
     def gate_type(self) -> str:
@@ -159,14 +156,12 @@ def load_classifier(reference: str | os.PathLike, revision: str | None = None, d
         image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - any load failure becomes a message on the page
         raise CheckpointError(f"Could not load the EmoVLM-KD checkpoint `{source}`: {err}") from err
-    # `gate_inputs` lives next to the model class in the checkpoint's modeling file; using it (not a copy)
-    # keeps the contributions identical to what `model.fuse` feeds the gate.
-    modeling = importlib.import_module(type(model).__module__)
-    if not hasattr(modeling, "gate_inputs") or not hasattr(model.gate, "branch_weights"):
-        raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint with a gate that reports branch weights.")
+    # The branch shares come with the model's own output (its fusion computes them on the inputs it fuses).
+    if not hasattr(model, "fusion") or not hasattr(model.gate, "branch_weights"):
+        raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint whose model reports branch weights.")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     name = display_name(source) + (f"@{revision}" if kwargs else "")
-    return Classifier(name, model, image_processor, labels, modeling.gate_inputs)
+    return Classifier(name, model, image_processor, labels)
 
 
 def display_name(source: str) -> str:
@@ -188,12 +183,10 @@ def check_image_file(path: str | os.PathLike, shown_name: str) -> None:
         raise ValueError(f"{shown_name} is empty (0 bytes), not an image.")
 
 
-def branch_shares(classifier: Classifier, vlm_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
-    """`(batch, 2)` [vlm, head] contributions from the gate's own `branch_weights`, on the inputs `fuse` uses."""
-    model = classifier.model
-    vlm, head = classifier.gate_inputs(vlm_logits, head_logits, model.config.gate_vlm_signal)
-    dtype = model.gate_dtype
-    return model.gate.branch_weights(vlm.to(dtype), head.to(dtype)).float()
+def branch_shares(output) -> torch.Tensor:
+    """`(batch, 2)` [vlm, head] contributions: the model output's `branch_weights` (the gate's own, on the inputs
+    the model's fusion fused)."""
+    return output.branch_weights.float()
 
 
 @torch.no_grad()
@@ -203,7 +196,7 @@ def predict_paths(classifier: Classifier, paths: list[str]) -> list[Prediction]:
     device = classifier.model.get_input_embeddings().weight.device
     output = classifier.model(pixel_values=inputs["pixel_values"].to(device),
                               image_grid_thw=inputs["image_grid_thw"].to(device))
-    shares = branch_shares(classifier, output.vlm_logits, output.head_logits)
+    shares = branch_shares(output)
     as_dict = lambda row: dict(zip(classifier.labels, row.tolist()))  # noqa: E731
     return [
         Prediction(

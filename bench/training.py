@@ -44,8 +44,9 @@ from bench.common import (
     synchronize,
     write_json,
 )
-from modeling_emovlm_kd import EmoVLMKDDistillationHead
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs, pool_visual_tokens
+from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
+from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
+from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.distill import (
     DistillationConfig,
     DistillationStudent,
@@ -53,7 +54,7 @@ from train.distill import (
     distillation_loss,
 )
 from train.features import cached, compute_teacher_logits, compute_vlm_features
-from train.gate import GateConfig, build_gate, head_logits, train_gate
+from train.gate import GateConfig, head_logits, train_gate
 from train.trainer_utils import FeatureDataset
 
 
@@ -78,9 +79,14 @@ def trainer_arguments(config_class, output_dir: Path, epochs: int, batch_size: i
 
 def new_head(bm, seed: int) -> EmoVLMKDDistillationHead:
     torch.manual_seed(seed)
+    return head_from_config(bm.model.config).to(bm.device)
+
+
+def new_fusion(bm, seed: int) -> EmoVLMKDFusion:
+    """A new gate (seeded) as the model package builds it, without a head (the benches pass its logits)."""
     config = bm.model.config
-    return EmoVLMKDDistillationHead(config.feature_dim, config.head_hidden_dims, config.num_labels,
-                                    config.head_activation, config.head_dropout).to(bm.device)
+    torch.manual_seed(seed)
+    return EmoVLMKDFusion(None, gate_from_config(config), config.gate_vlm_signal, config.gate_head_signal).to(bm.device)
 
 
 def cached_stage2_epochs(bm, cache, epochs, batch_size, workdir, seed) -> list[float]:
@@ -99,7 +105,7 @@ def cached_stage3(bm, cache, epochs, workdir, seed) -> dict:
     """Stage 3 as `train.pipeline` runs it: `train_gate` (full-batch L-BFGS, at most `epochs` L-BFGS calls, fewer
     when it converges) on the cached tensors, validated on the same rows (only the timing matters here)."""
     config = bm.model.config
-    gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts, seed=seed).to(bm.device)
+    gate = new_fusion(bm, seed).gate
     keys = ("vlm_logits", "head_logits", "labels")
     rows = {k: cache[k] for k in keys}
     args = GateConfig(output_dir=str(workdir / "gate"), num_train_epochs=epochs, save_strategy="no",
@@ -163,7 +169,7 @@ def recompute_stage2_epoch(bm, dataset, batch_size, seed) -> float:
 def recompute_stage3_epoch(bm, dataset, batch_size, head, seed) -> float:
     """Ours without caches: the fused scorer's label scores + frozen head logits for every batch, then the gate's
     update."""
-    gate = build_gate(bm.model.config.gate_type, bm.model.config.num_labels, seed=seed).to(bm.device)
+    fusion = new_fusion(bm, seed)
 
     def loss_of(images, labels):
         with torch.no_grad():
@@ -172,11 +178,10 @@ def recompute_stage3_epoch(bm, dataset, batch_size, head, seed) -> float:
             features = pool_visual_tokens(image_features.pooler_output, bm.model.config.pooling).float()
             scores = bm.model.score_labels(image_features, inputs["image_grid_thw"]).float()
             logits = head(features)
-        fused = gate(*gate_inputs(scores, logits, bm.model.config.gate_vlm_signal,
-                                  head_signal=bm.model.config.gate_head_signal))
+        fused = fusion(scores, head_logits=logits, output_branch_weights=False).logits
         return torch.nn.functional.cross_entropy(fused, labels)
 
-    return _timed_epoch(bm, gate, _batches(dataset, batch_size), loss_of)
+    return _timed_epoch(bm, fusion.gate, _batches(dataset, batch_size), loss_of)
 
 
 def _vision_copy_features(bm, inputs) -> torch.Tensor:
@@ -195,7 +200,7 @@ def official_stage3_epoch(bm, dataset, head, max_new_tokens, seed) -> tuple[floa
     """The authors' stage 3: batch size 1, greedy generation + parsing (the VLM's label) and the vision copy + frozen
     head for every image, every epoch; then the gate's update on the one-hot label."""
     processor, model = bm.processor, bm.model
-    gate = build_gate(model.config.gate_type, model.config.num_labels, seed=seed).to(bm.device)
+    fusion = new_fusion(bm, seed)
     prompt = processor.apply_chat_template(processor.categorical_messages(), add_generation_prompt=True,
                                            tokenize=False)
     vocab = len(processor.tokenizer)
@@ -214,10 +219,12 @@ def official_stage3_epoch(bm, dataset, head, max_new_tokens, seed) -> tuple[floa
             if label is not None:
                 one_hot[0, model.config.label2id[label]] = 1.0
             logits = head(_vision_copy_features(bm, inputs).float())
-        _, head_signal = gate_inputs(one_hot, logits, "one_hot", head_signal=model.config.gate_head_signal)
-        return torch.nn.functional.cross_entropy(gate(one_hot, head_signal), labels)
+        # The authors feed the parsed label's one-hot, all zeros when the answer does not parse: the gate gets that
+        # row as it is, and the head's side as the model's fusion prepares it.
+        _, head_signal = fusion.gate_inputs(one_hot, logits)
+        return torch.nn.functional.cross_entropy(fusion.gate(one_hot, head_signal), labels)
 
-    return _timed_epoch(bm, gate, _batches(dataset, 1), loss_of), generated_tokens
+    return _timed_epoch(bm, fusion.gate, _batches(dataset, 1), loss_of), generated_tokens
 
 
 def parse_args(argv=None):

@@ -15,6 +15,7 @@ from .configuration_emovlm_kd import (
     EmoVLMKDConfig,
     resolve_label_set,
 )
+from .fusion import EmoVLMKDFusion
 from .modeling_emovlm_kd import (
     GATES,
     EmoVLMKDDistillationHead,
@@ -63,6 +64,7 @@ __all__ = [
     "EmoVLMKDConfig",
     "EmoVLMKDDistillationHead",
     "EmoVLMKDForImageClassification",
+    "EmoVLMKDFusion",
     "EmoVLMKDImageClassifierOutput",
     "EmoVLMKDImageProcessor",
     "EmoVLMKDPreTrainedModel",

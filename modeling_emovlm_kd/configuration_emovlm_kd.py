@@ -23,10 +23,24 @@ DATASET_LABEL_SETS = {
     "instagram": "binary",
 }
 
-GATE_TYPES = ("concat_linear", "moe", "bilinear", "dynamic_weighting", "cross_gating")
 GATE_VLM_SIGNALS = ("one_hot", "probs")
 GATE_HEAD_SIGNALS = ("probs", "logits")
 POOLING_TYPES = ("mean", "max")
+
+
+def gate_types() -> tuple[str, ...]:
+    """The gate names, read from the gate registry `GATES` in `fusion.py` (imported on first use, so that importing
+    the configuration does not load the gates' torch modules)."""
+    from .fusion import GATES
+
+    return tuple(GATES)
+
+
+def __getattr__(name: str):
+    # `GATE_TYPES` is derived from the registry when first asked for (PEP 562), not kept as a second list.
+    if name == "GATE_TYPES":
+        return gate_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # The paper's three instructions (arXiv 2505.07164, Sec. 3.1), word for word. The authors' released code
 # (sange1104/EmoVLM-KD, train_vlm.py) uses the same conversation and reasoning sentences, each followed by a worked
@@ -162,8 +176,8 @@ class EmoVLMKDConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.head_hidden_dims = [int(d) for d in self.head_hidden_dims]
-        if self.gate_type not in GATE_TYPES:
-            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}.")
+        if self.gate_type not in gate_types():
+            raise ValueError(f"gate_type must be one of {gate_types()}, got {self.gate_type!r}.")
         if self.gate_vlm_signal not in GATE_VLM_SIGNALS:
             raise ValueError(f"gate_vlm_signal must be one of {GATE_VLM_SIGNALS}, got {self.gate_vlm_signal!r}.")
         if self.gate_head_signal not in GATE_HEAD_SIGNALS:
@@ -206,6 +220,6 @@ class EmoVLMKDConfig(PretrainedConfig):
         return self.vlm_config.get_text_config().hidden_size
 
 
-__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "GATE_VLM_SIGNALS", "GATE_HEAD_SIGNALS",
+__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "GATE_VLM_SIGNALS", "GATE_HEAD_SIGNALS",  # noqa: F822
            "DEFAULT_CATEGORICAL_PROMPT", "DEFAULT_CONVERSATION_PROMPT", "DEFAULT_REASONING_PROMPT", "PROMPT_KEYS",
            "default_categorical_prompt", "list_classes", "resolve_label_set"]

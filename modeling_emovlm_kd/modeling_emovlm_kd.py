@@ -7,12 +7,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForImageTextToText, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .configuration_emovlm_kd import GATE_HEAD_SIGNALS, GATE_VLM_SIGNALS, EmoVLMKDConfig
+from .configuration_emovlm_kd import EmoVLMKDConfig
 from .fast_path import applied as _fast_path_applied
+
+# The fusion lives in `fusion.py`; its names stay importable from here for existing code and checkpoints.
+from .fusion import (  # noqa: F401
+    GATES,
+    BilinearGate,
+    ConcatLinearGate,
+    CrossGatingGate,
+    DynamicWeightingGate,
+    EmoVLMKDDistillationHead,
+    EmoVLMKDFusion,
+    MoEGate,
+    _linear_share,
+    _shares,
+    gate_inputs,
+    init_fusion_weights,
+    initializer_range,
+)
 
 
 @dataclass
@@ -29,6 +45,9 @@ class EmoVLMKDImageClassifierOutput(ModelOutput):
         Logits of the distillation head.
     visual_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Pooled merged visual tokens, the head's input.
+    branch_weights (`torch.FloatTensor` of shape `(batch_size, 2)`):
+        How much each branch drove the decision, rows [vlm, head] summing to 1, from the gate's own
+        `branch_weights` on the inputs it fused.
     """
 
     loss: torch.FloatTensor | None = None
@@ -36,171 +55,7 @@ class EmoVLMKDImageClassifierOutput(ModelOutput):
     vlm_logits: torch.FloatTensor | None = None
     head_logits: torch.FloatTensor | None = None
     visual_features: torch.FloatTensor | None = None
-
-
-class EmoVLMKDDistillationHead(nn.Module):
-    """`Linear(D, h1) -> act -> ... -> Linear(h_n, C)`: the student distilled from the ViT teacher."""
-
-    def __init__(self, in_features: int, hidden_dims: list[int], num_labels: int, activation: str, dropout: float):
-        super().__init__()
-        layers = []
-        for i, width in enumerate(hidden_dims):
-            layers += [nn.Dropout(dropout) if i else nn.Identity(), nn.Linear(in_features, width), ACT2FN[activation]]
-            in_features = width
-        layers += [nn.Dropout(dropout) if hidden_dims else nn.Identity(), nn.Linear(in_features, num_labels)]
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features)
-
-
-# Gates fuse the VLM's signal `v` (one-hot label or label probabilities) with the head's signal `h` (its
-# probabilities, or its logits with `gate_head_signal="logits"`), both `(batch, C)`, into class logits `(batch, C)`.
-# The five are the paper's Table 4 as the authors' released code defines them (`train_gate.py`). `branch_weights`
-# says how much each branch drove the decision, from the gate's own computation, as `(batch, 2)` rows [vlm, head]
-# summing to 1.
-
-
-def _shares(vlm_part: torch.Tensor, head_part: torch.Tensor) -> torch.Tensor:
-    """`(batch, 2)` shares of the L1 sizes of two `(batch, C)` logit contributions; an even split where both are 0."""
-    parts = torch.stack([vlm_part.abs().sum(-1), head_part.abs().sum(-1)], dim=-1)
-    total = parts.sum(-1, keepdim=True)
-    return torch.where(total > 0, parts / total.clamp_min(torch.finfo(parts.dtype).tiny), torch.full_like(parts, 0.5))
-
-
-def _linear_share(weight: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Relative size of the logit contributions `W_v v` and `W_h h` of a linear layer over `cat(v, h)`."""
-    num_labels = v.shape[-1]
-    return _shares(v @ weight[:, :num_labels].T, h @ weight[:, num_labels:].T)
-
-
-class ConcatLinearGate(nn.Module):
-    """The paper's gate: `Linear(2C, C)` over `cat(v, h)`."""
-
-    def __init__(self, num_labels: int, **kwargs):
-        super().__init__()
-        self.proj = nn.Linear(2 * num_labels, num_labels)
-
-    def forward(self, v, h):
-        return self.proj(torch.cat([v, h], dim=-1))
-
-    def branch_weights(self, v, h):
-        return _linear_share(self.proj.weight, v, h)
-
-
-class MoEGate(nn.Module):
-    """Mixture of experts: `num_experts` (3, as released) experts `Linear(2C, C)` over `cat(v, h)`, summed with the
-    weights of a softmax router `Linear(2C, num_experts)`."""
-
-    def __init__(self, num_labels: int, num_experts: int = 3, **kwargs):
-        super().__init__()
-        self.experts = nn.ModuleList(nn.Linear(2 * num_labels, num_labels) for _ in range(num_experts))
-        self.router = nn.Linear(2 * num_labels, num_experts)
-
-    def forward(self, v, h):
-        x = torch.cat([v, h], dim=-1)
-        weights = self.router(x).softmax(-1)
-        outputs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (batch, experts, C)
-        return (weights.unsqueeze(-1) * outputs).sum(1)
-
-    def branch_weights(self, v, h):
-        # The router-weighted mixture of the experts' weights is, per image, one linear layer over `cat(v, h)`.
-        weights = self.router(torch.cat([v, h], dim=-1)).softmax(-1)
-        stacked = torch.stack([expert.weight for expert in self.experts])  # (experts, C, 2C)
-        effective = torch.einsum("be,eco->bco", weights, stacked)
-        num_labels = v.shape[-1]
-        return _shares(torch.einsum("bco,bo->bc", effective[..., :num_labels], v),
-                       torch.einsum("bco,bo->bc", effective[..., num_labels:], h))
-
-
-class BilinearGate(nn.Module):
-    """Bilinear pooling then a linear layer: `Linear(C, C)(Bilinear(C, C, C)(v, h))`, both with biases."""
-
-    def __init__(self, num_labels: int, **kwargs):
-        super().__init__()
-        self.bilinear = nn.Bilinear(num_labels, num_labels, num_labels)
-        self.proj = nn.Linear(num_labels, num_labels)
-
-    def forward(self, v, h):
-        return self.proj(self.bilinear(v, h))
-
-    def branch_weights(self, v, h):
-        # Every term needs both branches, so there is no additive split: each branch's share is its Shapley value
-        # (the average change of the logits when it is revealed, with the other hidden or shown), against
-        # inputs that carry no class information (each row's mean in every class: 1/C for probabilities).
-        v0 = v.mean(-1, keepdim=True).expand_as(v)
-        h0 = h.mean(-1, keepdim=True).expand_as(h)
-        both, neither = self(v, h), self(v0, h0)
-        vlm_only, head_only = self(v, h0), self(v0, h)
-        return _shares((vlm_only - neither) + (both - head_only), (head_only - neither) + (both - vlm_only))
-
-
-class DynamicWeightingGate(nn.Module):
-    """Per-image softmax weights `w = softmax(Linear(2C, 2)(cat(v, h)))`, then `Linear(C, C)(w1 v + w2 h)`."""
-
-    def __init__(self, num_labels: int, **kwargs):
-        super().__init__()
-        self.weigher = nn.Linear(2 * num_labels, 2)
-        self.proj = nn.Linear(num_labels, num_labels)
-
-    def _terms(self, v, h):
-        w = self.weigher(torch.cat([v, h], dim=-1)).softmax(-1)
-        return w[:, :1] * v, w[:, 1:] * h
-
-    def forward(self, v, h):
-        vlm_term, head_term = self._terms(v, h)
-        return self.proj(vlm_term + head_term)
-
-    def branch_weights(self, v, h):
-        # The final layer is linear: split its logits into the two summed terms' contributions.
-        vlm_term, head_term = self._terms(v, h)
-        return _shares(vlm_term @ self.proj.weight.T, head_term @ self.proj.weight.T)
-
-
-class CrossGatingGate(nn.Module):
-    """Each branch gated by a sigmoid of the other, summed, then a linear layer:
-    `Linear(C, C)(sigmoid(Linear(C, C)(h)) * v + sigmoid(Linear(C, C)(v)) * h)`."""
-
-    def __init__(self, num_labels: int, **kwargs):
-        super().__init__()
-        self.gate_from_head = nn.Linear(num_labels, num_labels)
-        self.gate_from_vlm = nn.Linear(num_labels, num_labels)
-        self.proj = nn.Linear(num_labels, num_labels)
-
-    def _terms(self, v, h):
-        return v * torch.sigmoid(self.gate_from_head(h)), h * torch.sigmoid(self.gate_from_vlm(v))
-
-    def forward(self, v, h):
-        vlm_term, head_term = self._terms(v, h)
-        return self.proj(vlm_term + head_term)
-
-    def branch_weights(self, v, h):
-        vlm_term, head_term = self._terms(v, h)
-        return _shares(vlm_term @ self.proj.weight.T, head_term @ self.proj.weight.T)
-
-
-GATES = {
-    "concat_linear": ConcatLinearGate,
-    "moe": MoEGate,
-    "bilinear": BilinearGate,
-    "dynamic_weighting": DynamicWeightingGate,
-    "cross_gating": CrossGatingGate,
-}
-
-def gate_inputs(vlm_logits: torch.Tensor, head_logits: torch.Tensor, vlm_signal: str, *, head_signal: str = "probs"):
-    """The gate's two inputs, both `(batch, C)` float32: the VLM's one-hot label (the paper) or its label
-    probabilities (`vlm_signal="probs"`), and the head's probabilities (the paper, `head_signal="probs"`) or its raw
-    logits (`head_signal="logits"`, what the authors' released code feeds the gate)."""
-    if vlm_signal not in GATE_VLM_SIGNALS:
-        raise ValueError(f"vlm_signal must be one of {GATE_VLM_SIGNALS}, got {vlm_signal!r}.")
-    if head_signal not in GATE_HEAD_SIGNALS:
-        raise ValueError(f"head_signal must be one of {GATE_HEAD_SIGNALS}, got {head_signal!r}.")
-    if vlm_signal == "probs":
-        vlm = vlm_logits.float().softmax(-1)
-    else:
-        vlm = F.one_hot(vlm_logits.argmax(-1), vlm_logits.shape[-1]).float()
-    head = head_logits.float().softmax(-1) if head_signal == "probs" else head_logits.float()
-    return vlm, head
+    branch_weights: torch.FloatTensor | None = None
 
 
 def pool_visual_tokens(image_embeds: tuple[torch.Tensor, ...], pooling: str) -> torch.Tensor:
@@ -268,10 +123,7 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Bilinear)) and not isinstance(module, PreTrainedModel):
-            std = getattr(self.config.vlm_config.get_text_config(), "initializer_range", 0.02)
-            module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.zero_()
+            init_fusion_weights(module, initializer_range(self.config))
         else:
             super()._init_weights(module)
 
@@ -286,14 +138,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def __init__(self, config: EmoVLMKDConfig):
         super().__init__(config)
         self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
-        self.distillation_head = EmoVLMKDDistillationHead(
-            in_features=config.feature_dim,
-            hidden_dims=config.head_hidden_dims,
-            num_labels=config.num_labels,
-            activation=config.head_activation,
-            dropout=config.head_dropout,
-        )
-        self.gate = GATES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
+        # Built as every head and gate is (`fusion.py`); `post_init` initialises them through `_init_weights`. They
+        # stay top-level modules so that checkpoints keep their `distillation_head.*` and `gate.*` tensor names.
+        fusion = EmoVLMKDFusion.from_config(config, initialise=False)
+        self.distillation_head = fusion.distillation_head
+        self.gate = fusion.gate
         self._prompt_cache = None
         self.post_init()
 
@@ -448,16 +297,24 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     # ---- fusion ----------------------------------------------------------------------------------------
 
+    @property
+    def fusion(self) -> EmoVLMKDFusion:
+        """This model's head and gate with the config's gate inputs, as the one `EmoVLMKDFusion` every consumer calls
+        (not a registered submodule: it holds the model's own modules, rebuilt if one is replaced)."""
+        config, fusion = self.config, self.__dict__.get("_fusion")
+        if (fusion is None or fusion.distillation_head is not self.distillation_head or fusion.gate is not self.gate
+                or (fusion.vlm_signal, fusion.head_signal) != (config.gate_vlm_signal, config.gate_head_signal)):
+            fusion = EmoVLMKDFusion(self.distillation_head, self.gate, config.gate_vlm_signal, config.gate_head_signal)
+            self.__dict__["_fusion"] = fusion  # outside `_modules`: no second copy of the tensors in the state dict
+        return fusion
+
     def fuse(self, vlm_logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
         """Gate logits from the VLM's label scores and the head's logits."""
-        dtype = self.gate_dtype
-        vlm, head = gate_inputs(vlm_logits, head_logits, self.config.gate_vlm_signal,
-                                head_signal=self.config.gate_head_signal)
-        return self.gate(vlm.to(dtype), head.to(dtype))
+        return self.fusion(vlm_logits, head_logits=head_logits, output_branch_weights=False).logits
 
     @property
     def gate_dtype(self) -> torch.dtype:
-        return next(self.gate.parameters()).dtype
+        return self.fusion.gate_dtype
 
     def forward(
         self,
@@ -485,14 +342,14 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             image_features = self.get_image_features(pixel_values, image_grid_thw)
             visual_features = pool_visual_tokens(image_features.pooler_output, self.config.pooling)
             vlm_logits = self.score_labels(image_features, image_grid_thw)
-        head_dtype = self.distillation_head.mlp[-1].weight.dtype
-        head_logits = self.distillation_head(visual_features.to(head_dtype))
-        logits = self.fuse(vlm_logits, head_logits)
+        fused = self.fusion(vlm_logits, visual_features=visual_features)
+        logits = fused.logits
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device))
         return EmoVLMKDImageClassifierOutput(
-            loss=loss, logits=logits, vlm_logits=vlm_logits, head_logits=head_logits, visual_features=visual_features
+            loss=loss, logits=logits, vlm_logits=vlm_logits, head_logits=fused.head_logits,
+            visual_features=visual_features, branch_weights=fused.branch_weights,
         )
 
 
@@ -501,6 +358,7 @@ __all__ = [
     "EmoVLMKDForImageClassification",
     "EmoVLMKDImageClassifierOutput",
     "EmoVLMKDDistillationHead",
+    "EmoVLMKDFusion",
     "GATES",
     "gate_inputs",
     "pool_visual_tokens",

@@ -128,8 +128,9 @@ def tiny_run(colour_folder, tmp_path_factory):
 
 
 def copy_finished_run(source: Path, target: Path) -> Path:
-    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy."""
-    for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate"):
+    """What the analysis reads of a finished run (no checkpoints), so a test writes into its own copy. Every stage's
+    folder up to `evaluate`: ablations run child runs whose provenance reaches back to `base`."""
+    for stage in ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate"):
         shutil.copytree(source / stage, target / stage, ignore=shutil.ignore_patterns("checkpoint-*"))
     shutil.copy2(source / "recipe.yaml", target / "recipe.yaml")
     return target

@@ -1,15 +1,17 @@
 """Ablations of a finished run on its cached features: head depth (Table 3), the distillation weight α (Figure 3)
 and the gate variants (Table 4) of the paper, each over several seeds, as Markdown + JSON tables and a plot.
 
-No VLM or teacher forward pass runs: every variant trains on `<run>/features/*.safetensors` through the project's
-own `train_distillation` / `train_gate` (the `Trainer` code paths of stages 2 and 3), with the run's recipe
-hyperparameters unless `--epochs` overrides them, and is scored on the test split.
+No VLM or teacher forward pass runs. Every (variant, seed) is a recipe override run by the pipeline's own stages
+(`distill`, `gate`, `evaluate`, as the variant needs) in a child run `<run>/ablations/<what>/<variant>/seed-<s>/`
+that links the parent's earlier stages, feature caches included (as `python -m train spread` does): one training
+path, with the run's recipe hyperparameters unless `--epochs` overrides them, scored on the test split.
 
     python -m train ablate --run runs/demo --what all
     python -m train ablate --run runs/demo --what alpha --epochs 5 --seeds 2 --alphas 0 0.5 1
 
-Writes `<run>/ablations/<what>.{md,json,png}`. Finished (variant, seed) trainings are kept in
-`<run>/ablations/cache/<what>.jsonl`, so an interrupted sweep resumes where it stopped (`--fresh` ignores them).
+Writes `<run>/ablations/<what>.{md,json,png}`. A child run's finished stages are skipped when rerun with the same
+settings on the same parent (stage provenance), an interrupted one resumes from its checkpoints, so an interrupted
+sweep resumes where it stopped; `--fresh` retrains every variant.
 
 Head depth: the paper's hidden sizes [1024], [1024, 512], ..., [1024, 512, 256, 128, 64] are for Qwen2-VL-7B's
 3584-wide visual features. For a model of width `D` every size is scaled by `D / 3584` and rounded, and kept at
@@ -21,7 +23,7 @@ paper's heads, a 2B run (D=1536) [439], ..., [439, 219, 110, 55, 27]; the tiny V
 skips the gate).
 
 Checkpoint selection: like stage 2, each head training keeps the epoch best on validation accuracy
-(`--selection best`, checkpoints in a temporary folder that is deleted afterwards); `--selection last` keeps the
+(`--selection best`, checkpoints in the child run's `distill/`); `--selection last` keeps the
 final epoch instead and skips the per-epoch evaluation, which is faster. Gates are fitted as stage 3 fits them, to
 their objective's optimum by full-batch L-BFGS, so `--selection` does not apply to them.
 
@@ -35,13 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import io
-import json
 import logging
 import math
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -53,22 +52,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import set_seed  # noqa: E402
 
-from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig, EmoVLMKDDistillationHead  # noqa: E402
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs  # noqa: E402
+from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig  # noqa: E402
+from modeling_emovlm_kd.fusion import gate_from_config  # noqa: E402
 
-from .distill import DistillationConfig, train_distillation  # noqa: E402
+from . import STAGES  # noqa: E402
 from .evaluation import classification_metrics  # noqa: E402
 from .files import write_json_atomic  # noqa: E402
-from .gate import GateConfig, build_gate, head_logits, train_gate  # noqa: E402
-from .pipeline import Pipeline  # noqa: E402
-from .recipe import read_recipe, validate_recipe  # noqa: E402
+from .pipeline import Pipeline, child_pipeline  # noqa: E402
+from .run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, open_run  # noqa: E402
 from .trainer_utils import count_parameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-WHAT = ("depth", "alpha", "gate")
+WHAT = ABLATIONS
 PAPER_FEATURE_DIM = 3584  # Qwen2-VL-7B's hidden size, for which the paper's head widths were chosen
 PAPER_DEPTHS = ([1024], [1024, 512], [1024, 512, 256], [1024, 512, 256, 128], [1024, 512, 256, 128, 64])
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -92,31 +89,15 @@ SELECTION = {
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
-def open_run(run_dir: str | Path) -> Pipeline:
-    """The `Pipeline` of a finished run, from the recipe the run stored (`recipe.yaml`), pointed at `run_dir`.
-
-    The stored `output_dir` may be relative to wherever the run was started; the folder given here wins. A run
-    copied without its `recipe.yaml` is opened from the public recipe in its results (enough for the caches).
-    """
-    run_dir = Path(run_dir)
-    results = run_dir / "evaluate" / "results.json"
-    if not results.exists():
-        raise FileNotFoundError(f"{results} not found: {run_dir} is not a finished run (run the pipeline first).")
-    stored = run_dir / "recipe.yaml"
-    recipe = read_recipe(stored) if stored.exists() else json.loads(results.read_text())["recipe"]
-    recipe["output_dir"] = str(run_dir)
-    return Pipeline(validate_recipe(recipe, where=str(stored if stored.exists() else results)))
-
-
 @dataclass
 class RunData:
-    """What the ablations need of a run: its pipeline, fused config and cached features."""
+    """What the ablations need of a run (read through `train/run.py`): its fused config and cached features."""
 
-    pipeline: Pipeline
+    pipeline: Run
 
     @cached_property
     def config(self) -> EmoVLMKDConfig:
-        return self.pipeline.fused_config()
+        return self.pipeline.fused_config
 
     @cached_property
     def splits(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -136,13 +117,9 @@ class RunData:
         return self.config.num_labels
 
     def fingerprint(self) -> str:
-        """The files and model options every ablation reads, so cached trainings of another run state are not
-        reused (a rerun stage, or another gate type or VLM signal)."""
-        output_dir = self.pipeline.output_dir
-        files = sorted((output_dir / "features").glob("*.safetensors")) + [output_dir / "distill" / "head.safetensors"]
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-        payload = {"files": stats, "model": self.pipeline.model_kwargs()}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        """The files and model options every ablation reads (`Run.fingerprint`), stored in each table so that the
+        report can flag a table computed on an earlier state of the run."""
+        return self.pipeline.fingerprint()
 
     def test_accuracy(self, logits: torch.Tensor) -> float:
         return float((logits.argmax(-1) == self.splits["test"]["labels"]).float().mean())
@@ -179,12 +156,16 @@ def head_parameter_count(in_features: int, hidden_dims: Sequence[int], num_label
 
 @dataclass
 class Variant:
-    """One row of an ablation table: its settings and a function training it with a seed and scoring it."""
+    """One row of an ablation table: its settings, the recipe overrides that make it, the pipeline stages that
+    train and evaluate it (the others are the parent run's, linked), and how its child run is scored."""
 
     name: str
+    slug: str  # the child runs' folder, `<run>/ablations/<what>/<slug>/seed-<s>`
     settings: dict
     parameters: int
-    train_and_score: Callable[[int], dict[str, float]] = field(repr=False)
+    overrides: dict[str, dict]
+    stages: tuple[str, ...]
+    score: Callable[[Run], dict[str, float]] = field(repr=False)
 
 
 @dataclass
@@ -196,11 +177,16 @@ class Settings:
     selection: str = "best"
 
     def stage_values(self, recipe: dict, stage: str) -> dict:
-        """The run's recipe values for a stage with the ablation's overrides (what the cache key records)."""
-        values = {**recipe.get(stage, {}), **SELECTION[self.selection]}
+        """The run's recipe values for a stage with the ablation's overrides (what a child run trains with)."""
+        return {**recipe.get(stage, {}), **self.overrides(stage)}
+
+    def overrides(self, stage: str) -> dict:
+        """The ablation's recipe overrides of stage `distill` or `gate` (checkpoint selection applies to the head)."""
+        values = dict(SELECTION[self.selection]) if stage == "distill" else {}
         if self.epochs is not None:
             values["num_train_epochs"] = self.epochs
-        # Quiet and fast: no progress bars, no logging integrations, no pinned memory on a CPU.
+        # Quiet and fast: no progress bars, no logging integrations, no pinned memory on a CPU (report-only values:
+        # they change no stage's provenance).
         values.update(disable_tqdm=True, report_to="none", logging_strategy="no",
                       dataloader_pin_memory=torch.cuda.is_available())
         return values
@@ -224,40 +210,6 @@ def _quiet():
         yield
 
 
-def train_head(run: RunData, settings: Settings, hidden_dims: Sequence[int], seed: int,
-               **distill_overrides) -> EmoVLMKDDistillationHead:
-    """A fresh head (seeded like stage 2's) trained by `train_distillation` on the run's cached features."""
-    config = run.config
-    set_seed(seed)
-    head = EmoVLMKDDistillationHead(run.feature_dim, list(hidden_dims), run.num_labels, config.head_activation,
-                                    config.head_dropout)
-    values = {**settings.stage_values(run.pipeline.recipe, "distill"), **distill_overrides, "seed": seed}
-    with tempfile.TemporaryDirectory(prefix="emovlm-ablate-") as work, _quiet():
-        head, _ = train_distillation(head, run.splits["train"], run.splits["validation"],
-                                     DistillationConfig(output_dir=work, **values))
-    return head.cpu().eval()  # `Trainer` may have moved it to a GPU; the cached features live on the CPU
-
-
-def train_fusion(run: RunData, settings: Settings, gate_type: str, inputs: dict[str, dict[str, torch.Tensor]],
-                 seed: int) -> torch.nn.Module:
-    """A fresh gate trained by `train_gate` on cached VLM scores and head logits, as stage 3 trains it: to its
-    objective's optimum, with no selection among iterates (so `--selection` does not apply) and no checkpoints."""
-    config = run.config
-    gate = build_gate(gate_type, run.num_labels, config.gate_num_experts, seed=seed)
-    values = {**settings.stage_values(run.pipeline.recipe, "gate"), "seed": seed,
-              "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
-    with tempfile.TemporaryDirectory(prefix="emovlm-ablate-") as work, _quiet():
-        gate, _ = train_gate(gate, config.gate_vlm_signal, inputs["train"], inputs["validation"],
-                             GateConfig(output_dir=work, **values), head_signal=config.gate_head_signal)
-    return gate.cpu().eval()
-
-
-@torch.inference_mode()
-def fused_test_logits(run: RunData, gate: torch.nn.Module, test_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return gate(*gate_inputs(test_inputs["vlm_logits"], test_inputs["head_logits"], run.config.gate_vlm_signal,
-                             head_signal=run.config.gate_head_signal))
-
-
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> float:
     """Mean per-image KL(p_teacher ‖ p_head) at the distillation temperature (without the loss's τ² factor)."""
     return float(F.kl_div(F.log_softmax(student_logits.float() / temperature, -1),
@@ -270,105 +222,87 @@ def _scores(prefix: str, logits: torch.Tensor, labels: torch.Tensor, num_labels:
     return {f"{prefix}_accuracy": float(metrics["accuracy"]), f"{prefix}_macro_f1": float(metrics["macro_f1"])}
 
 
-def head_inputs(run: RunData, head: EmoVLMKDDistillationHead) -> dict[str, dict[str, torch.Tensor]]:
-    """Gate inputs of every split with a given head's logits (what stage 3 would see with this head)."""
-    return {split: {"vlm_logits": data["vlm_logits"], "labels": data["labels"],
-                    "head_logits": head_logits(head, data["visual_features"])}
-            for split, data in run.splits.items()}
+def _evaluated(child: Run, branches: Sequence[str]) -> dict[str, float]:
+    """Test accuracy and macro-F1 of `branches`, as the child run's own stage `evaluate` measured them."""
+    results = child.results()["branches"]
+    return {f"{branch}_{metric}": float(results[branch][metric]) for branch in branches
+            for metric in ("accuracy", "macro_f1")}
+
+
+def _head_scores(child: Run) -> dict[str, float]:
+    """The child's trained head on the test split (for variants that stop after stage 2)."""
+    test = child.features("test")
+    return _scores("head", child.head_logits("test"), test["labels"], len(child.labels))
 
 
 def depth_variants(run: RunData, settings: Settings, min_width: int = MIN_WIDTH,
                    with_fusion: bool = True) -> list[Variant]:
-    """Table 3: the paper's five head depths, scaled to the run's feature width; head alone and fused."""
-    test, floor = run.splits["test"], depth_min_width(run.num_labels, min_width)
+    """Table 3: the paper's five head depths, scaled to the run's feature width; head alone and fused (the run's
+    gate type retrained on each head by stages 3 and `evaluate`)."""
+    floor = depth_min_width(run.num_labels, min_width)
 
     def variant(paper_dims: list[int]) -> Variant:
         dims = scaled_hidden_dims(paper_dims, run.feature_dim, floor)
-
-        def train_and_score(seed: int) -> dict[str, float]:
-            head = train_head(run, settings, dims, seed)
-            inputs = head_inputs(run, head)
-            scores = _scores("head", inputs["test"]["head_logits"], test["labels"], run.num_labels)
-            if with_fusion:
-                gate = train_fusion(run, settings, run.config.gate_type, inputs, seed)
-                scores |= _scores("fused", fused_test_logits(run, gate, inputs["test"]), test["labels"],
-                                  run.num_labels)
-            return scores
-
         layers = len(dims)
-        return Variant(f"{layers} hidden layer{'s' if layers > 1 else ''}",
+        return Variant(f"{layers} hidden layer{'s' if layers > 1 else ''}", "hidden-" + "-".join(map(str, dims)),
                        {"hidden_dims": dims, "paper_hidden_dims": list(paper_dims)},
-                       head_parameter_count(run.feature_dim, dims, run.num_labels), train_and_score)
+                       head_parameter_count(run.feature_dim, dims, run.num_labels),
+                       {"model": {"head_hidden_dims": dims}},
+                       ("distill", "gate", "evaluate") if with_fusion else ("distill",),
+                       (lambda child: _evaluated(child, ("head", "fused"))) if with_fusion else _head_scores)
 
     return [variant(list(dims)) for dims in PAPER_DEPTHS]
 
 
 def alpha_variants(run: RunData, settings: Settings, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[Variant]:
-    """Figure 3: the run's head trained with each KL weight α; test accuracy and KL to the teacher."""
-    test, dims = run.splits["test"], run.config.head_hidden_dims
+    """Figure 3: the run's head trained with each KL weight α (stage 2 only); test accuracy and KL to the teacher."""
+    dims = run.config.head_hidden_dims
     temperature = float(settings.stage_values(run.pipeline.recipe, "distill").get("temperature", 2.0))
 
-    def variant(alpha: float) -> Variant:
-        def train_and_score(seed: int) -> dict[str, float]:
-            head = train_head(run, settings, dims, seed, alpha=alpha)
-            logits = head_logits(head, test["visual_features"])
-            return {**_scores("head", logits, test["labels"], run.num_labels),
-                    "kl_to_teacher": kl_to_teacher(logits, test["teacher_logits"], temperature),
-                    "teacher_agreement": float((logits.argmax(-1) == test["teacher_logits"].argmax(-1))
-                                               .float().mean())}
+    def score(child: Run) -> dict[str, float]:
+        logits, teacher = child.head_logits("test"), child.features("test")["teacher_logits"]
+        return {**_head_scores(child), "kl_to_teacher": kl_to_teacher(logits, teacher, temperature),
+                "teacher_agreement": float((logits.argmax(-1) == teacher.argmax(-1)).float().mean())}
 
-        return Variant(f"α={alpha:g}", {"alpha": alpha, "temperature": temperature, "hidden_dims": list(dims)},
-                       head_parameter_count(run.feature_dim, dims, run.num_labels), train_and_score)
+    def variant(alpha: float) -> Variant:
+        return Variant(f"α={alpha:g}", f"alpha-{alpha:g}",
+                       {"alpha": alpha, "temperature": temperature, "hidden_dims": list(dims)},
+                       head_parameter_count(run.feature_dim, dims, run.num_labels),
+                       {"distill": {"alpha": alpha}}, ("distill",), score)
 
     return [variant(float(alpha)) for alpha in alphas]
 
 
 def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
-    """Table 4: every gate type trained on the run's trained head's cached outputs."""
-    inputs, test = run.run_gate_inputs, run.run_gate_inputs["test"]
+    """Table 4: every gate type trained by stage 3 on the run's own trained head (its stage 2 is linked)."""
 
     def variant(gate_type: str) -> Variant:
-        def train_and_score(seed: int) -> dict[str, float]:
-            gate = train_fusion(run, settings, gate_type, inputs, seed)
-            return _scores("fused", fused_test_logits(run, gate, test), test["labels"], run.num_labels)
-
-        gate = build_gate(gate_type, run.num_labels, run.config.gate_num_experts)
+        gate = gate_from_config(run.config, gate_type=gate_type, initialise=False)
         name = f"{gate_type} (run's)" if gate_type == run.config.gate_type else gate_type
-        return Variant(name, {"gate_type": gate_type, "vlm_signal": run.config.gate_vlm_signal,
-                              "head_signal": run.config.gate_head_signal, "num_experts": run.config.gate_num_experts},
-                       count_parameters(gate), train_and_score)
+        return Variant(name, gate_type,
+                       {"gate_type": gate_type, "vlm_signal": run.config.gate_vlm_signal,
+                        "head_signal": run.config.gate_head_signal, "num_experts": run.config.gate_num_experts},
+                       count_parameters(gate), {"model": {"gate_type": gate_type}}, ("gate", "evaluate"),
+                       lambda child: _evaluated(child, ("fused",)))
 
     return [variant(gate_type) for gate_type in GATE_TYPES]
 
 
-# ---- running, caching, summarising -------------------------------------------------------------------------
+# ---- running, summarising --------------------------------------------------------------------------------------
 
 
-class ResultCache:
-    """Finished (variant, seed) scores as JSON lines, so that a long sweep resumes instead of restarting."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self.records: dict[str, dict] = {}
-        if enabled and path.exists():
-            for line in path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError, KeyError):  # a line cut short by a kill
-                    entry = json.loads(line)
-                    self.records[entry["key"]] = entry["scores"]
-
-    def get(self, key: str) -> dict | None:
-        return self.records.get(key)
-
-    def put(self, key: str, scores: dict) -> None:
-        self.records[key] = scores
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"key": key, "scores": scores}) + "\n")
-
-
-def cache_key(what: str, variant: Variant, seed: int, training: dict, fingerprint: str) -> str:
-    payload = {"what": what, "settings": variant.settings, "seed": seed, "training": training, "run": fingerprint}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def child_run(run: RunData, what: str, variant: Variant, seed: int, settings: Settings) -> Pipeline:
+    """The variant as a child run of the parent, `<run>/ablations/<what>/<slug>/seed-<seed>`: the recipe with the
+    variant's and the ablation's overrides, every stage before the variant's first one linked from the parent."""
+    parent = run.pipeline.spec
+    overrides = {section: dict(values) for section, values in variant.overrides.items()}
+    for stage in ("distill", "gate"):
+        if stage in variant.stages:
+            overrides[stage] = {**overrides.get(stage, {}), **settings.overrides(stage), "seed": seed}
+    shared = STAGES[: STAGES.index(variant.stages[0])]
+    folder = run.pipeline.output_dir / "ablations" / what / variant.slug / f"seed-{seed}"
+    return child_pipeline(parent, folder, overrides, shared, where=f"{parent.source} ({what} {variant.name}, "
+                                                                   f"seed {seed})")
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:
@@ -379,20 +313,17 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
 
 
 def run_variants(what: str, variants: list[Variant], run: RunData, settings: Settings,
-                 cache: ResultCache) -> list[dict]:
-    """Train and score every variant with every seed (reusing cached scores); one summary row per variant."""
-    recipe = run.pipeline.recipe
-    training = {stage: settings.stage_values(recipe, stage) for stage in ("distill", "gate")}
-    fingerprint = run.fingerprint()
+                 fresh: bool = False) -> list[dict]:
+    """Every variant with every seed as a child run through the pipeline's own stages (a finished, up-to-date child
+    is not retrained: `fresh` forces it); one summary row per variant."""
     rows = []
     for variant in variants:
         runs = []
         for seed in settings.seeds:
-            key = cache_key(what, variant, seed, training, fingerprint)
-            scores = cache.get(key)
-            if scores is None:
-                scores = variant.train_and_score(seed)
-                cache.put(key, scores)
+            child = child_run(run, what, variant, seed, settings)
+            with _quiet():
+                child.run(stages=variant.stages, force=fresh)
+            scores = variant.score(child.read())
             logger.info("%s %s seed %d: %s", what, variant.name, seed,
                         ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
             runs.append({"seed": seed, **scores})
@@ -404,11 +335,7 @@ def run_variants(what: str, variants: list[Variant], run: RunData, settings: Set
 
 # ---- tables and plots ----------------------------------------------------------------------------------------
 
-TITLES = {
-    "depth": "Head depth (paper Table 3)",
-    "alpha": "Distillation weight α (paper Figure 3)",
-    "gate": "Gate variants (paper Table 4)",
-}
+TITLES = ABLATION_TITLES
 # The setting shown next to each variant's name (a gate's name is its setting already).
 SETTING_COLUMNS = {"depth": ("hidden_dims", "hidden dims"), "alpha": ("hidden_dims", "hidden dims"),
                    "gate": ("vlm_signal", "VLM signal")}
@@ -552,10 +479,8 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
     variants = {"depth": lambda: depth_variants(run, settings, min_width, with_fusion),
                 "alpha": lambda: alpha_variants(run, settings, alphas),
                 "gate": lambda: gate_variants(run, settings)}[what]()
-    out = run.pipeline.output_dir / "ablations"
-    cache = ResultCache(out / "cache" / f"{what}.jsonl", enabled=not fresh)
     with _frozen_heap():
-        rows = run_variants(what, variants, run, settings, cache)
+        rows = run_variants(what, variants, run, settings, fresh=fresh)
     # The run by its folder name: the tables go into reports and cards, where a local path means nothing.
     table = {"what": what, "title": TITLES[what], "run": Path(run_dir).name, "split": "test",
              "num_examples": int(len(run.splits["test"]["labels"])), "labels": run.config.labels,
@@ -564,8 +489,9 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
              "selection": selection, "training": {"epochs_note": _epochs_note(run, settings, what)},
              "references": references, "run_fingerprint": run.fingerprint(), "variants": rows}
     _check_finite(table)
-    paths = {"json": write_json_atomic(table, out / f"{what}.json"), "png": plot_table(table, out / f"{what}.png")}
-    paths["md"] = out / f"{what}.md"
+    files = ablation_files(run.pipeline.output_dir, what)
+    paths = {"json": write_json_atomic(table, files["json"]), "png": plot_table(table, files["png"])}
+    paths["md"] = files["md"]
     paths["md"].write_text(markdown_table(table))
     return paths
 
@@ -589,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="Keep the epoch best on validation (like stages 2/3) or the last one (faster).")
     parser.add_argument("--min-width", type=int, default=MIN_WIDTH, help="Narrowest scaled hidden layer.")
     parser.add_argument("--no-fusion", action="store_true", help="Depth: score the head alone, no gate retraining.")
-    parser.add_argument("--fresh", action="store_true", help="Ignore the cache of finished trainings.")
+    parser.add_argument("--fresh", action="store_true", help="Retrain every variant, finished child runs included.")
     return parser
 
 
@@ -615,6 +541,7 @@ __all__ = [
     "ablate",
     "add_arguments",
     "alpha_variants",
+    "child_run",
     "depth_min_width",
     "depth_variants",
     "gate_variants",

@@ -32,8 +32,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import ModelOutput
 
-from modeling_emovlm_kd import GATES, EmoVLMKDDistillationHead
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
+from modeling_emovlm_kd.fusion import new_gate
 
 from .trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
 
@@ -78,17 +78,15 @@ class GateConfig(CachedFeatureArguments):
             raise ValueError(f"weight_decay must not be negative, got {self.weight_decay}.")
 
 
-class GateStudent(nn.Module):
-    """A gate as a `Trainer` model: cached VLM scores and head logits -> fused logits (+ CE loss)."""
+class GateStudent(EmoVLMKDFusion):
+    """A gate as a `Trainer` model: the model package's fusion without a head (its logits are cached), cached VLM
+    scores and head logits -> fused logits (+ CE loss). Its tensors are the gate's, `gate.*`."""
 
     def __init__(self, gate: nn.Module, vlm_signal: str, head_signal: str = "probs"):
-        super().__init__()
-        self.gate = gate
-        self.vlm_signal = vlm_signal
-        self.head_signal = head_signal
+        super().__init__(None, gate, vlm_signal, head_signal)
 
     def forward(self, vlm_logits, head_logits, labels=None, **kwargs) -> ModelOutput:
-        logits = self.gate(*gate_inputs(vlm_logits, head_logits, self.vlm_signal, head_signal=self.head_signal))
+        logits = super().forward(vlm_logits, head_logits=head_logits, output_branch_weights=False).logits
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits)
 
@@ -184,15 +182,11 @@ def head_logits(head: EmoVLMKDDistillationHead, visual_features: torch.Tensor, b
     return torch.cat([head(chunk) for chunk in visual_features.split(batch_size)])
 
 
-def build_gate(gate_type: str, num_labels: int, num_experts: int = 3, seed: int = 0) -> nn.Module:
+def build_gate(gate_type: str, num_labels: int, num_experts: int = 3, seed: int = 0,
+               std: float = 0.02) -> nn.Module:
+    """A new gate seeded by `seed`, built and initialised by the model package (`fusion.new_gate`)."""
     torch.manual_seed(seed)
-    gate = GATES[gate_type](num_labels, num_experts=num_experts)
-    for module in gate.modules():
-        if isinstance(module, (nn.Linear, nn.Bilinear)):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    return gate
+    return new_gate(gate_type, num_labels, num_experts, std=std)
 
 
 def _report_against_branches(gate: nn.Module, validation: dict[str, torch.Tensor], vlm_signal: str,
@@ -201,8 +195,9 @@ def _report_against_branches(gate: nn.Module, validation: dict[str, torch.Tensor
     labels = validation["labels"]
     device = next(gate.parameters()).device
     with torch.no_grad():
-        inputs = gate_inputs(validation["vlm_logits"], validation["head_logits"], vlm_signal, head_signal=head_signal)
-        fused = gate(*(x.to(device) for x in inputs)).argmax(-1).cpu()
+        fused = EmoVLMKDFusion(None, gate, vlm_signal, head_signal)(
+            validation["vlm_logits"].to(device), head_logits=validation["head_logits"].to(device),
+            output_branch_weights=False).logits.argmax(-1).cpu()
     correct = {"VLM": int((validation["vlm_logits"].argmax(-1) == labels).sum()),
                "head": int((validation["head_logits"].argmax(-1) == labels).sum())}
     branch = max(correct, key=correct.get)

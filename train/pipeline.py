@@ -14,10 +14,12 @@ the other stages run on the main process while the others wait.
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
+import os
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
@@ -27,32 +29,30 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    AutoModelForImageTextToText,
     set_seed,
 )
 
-from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, resolve_label_set
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead
+from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
 
 from . import STAGES
 from .assemble import assemble, load_processor, save_hub_folder
-from .data import load_dataset_from_config
 from .distill import DistillationConfig, train_distillation
 from .evaluation import evaluate_branches, format_table, plot_confusion_matrices
 from .features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
 from .files import write_json_atomic
-from .gate import GateConfig, build_gate, head_logits, train_gate
+from .gate import GateConfig, train_gate
 from .instructions import LocalVLMGenerator, OpenAIChatGenerator
 from .locks import exclusive
 from .provenance import DONE, STAGE_INPUTS, STARTED, changed_keys, new_marker, read_marker, stage_settings
 from .recipe import ModelSection, Recipe, load_recipe, public_recipe, save_recipe, validate_recipe
+from .run import Run
 from .sft import SFTStageConfig, train_sft
 from .teacher import TeacherConfig, train_teacher
 from .tiny import build_tiny_base_models
-from .trainer_utils import count_parameters, last_complete_checkpoint
+from .trainer_utils import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +72,22 @@ class Pipeline:
         self.recipe = self.spec.raw
         self.output_dir = self.spec.output_dir
         self.seed = self.spec.seed
-        self.labels = resolve_label_set(self.recipe["labels"])
+        self.folder = Run(self.spec)  # the run folder's layout; `read()` opens its artefacts
+        self.labels = self.folder.labels
         self.state = PartialState(cpu=not torch.cuda.is_available())
 
     # ---- shared pieces ---------------------------------------------------------------------------------
 
+    def read(self) -> Run:
+        """A reader of the run folder as it is now (`train/run.py`): one per stage, so that a stage reads what the
+        stages before it have just written, each file once."""
+        return Run(self.spec)
+
     def stage_dir(self, stage: str) -> Path:
-        return self.output_dir / stage
+        return self.folder.stage_dir(stage)
 
     def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / DONE).exists()
+        return self.folder.is_done(stage)
 
     # ---- provenance ------------------------------------------------------------------------------------
 
@@ -146,26 +152,12 @@ class Pipeline:
         self.state.wait_for_everyone()
 
     def require(self, stage: str) -> Path:
-        if not self.is_done(stage):
-            raise FileNotFoundError(
-                f"Stage {stage!r} has not finished in {self.output_dir}; run `python -m train {stage}` "
-                "or the whole pipeline first."
-            )
-        return self.stage_dir(stage)
+        return self.folder.require(stage)
 
     @cached_property
     def data(self):
-        data = dict(self.recipe["data"])
-        kind = data.pop("kind")
-        if kind in ("imagefolder", "hub"):
-            data.setdefault("labels", self.labels)
-        if "split_file" in data and data["split_file"] is None:
-            data["split_file"] = str(self.output_dir / "split.json")
-        dataset = load_dataset_from_config(kind, **data)
-        names = dataset["train"].features["label"].names
-        if names != self.labels:
-            raise ValueError(f"The data set's labels {names} differ from the recipe's {self.labels}.")
-        return dataset
+        """The recipe's data set (`Run.data`), loaded once per pipeline."""
+        return self.folder.data
 
     @property
     def base_models(self) -> dict[str, str]:
@@ -181,7 +173,7 @@ class Pipeline:
 
     def model_kwargs(self) -> dict:
         """The fused model's config options the recipe sets."""
-        return self.spec.sections["model"].config_kwargs(self.recipe.get("model") or {})
+        return self.folder.model_kwargs()
 
     def processor_kwargs(self) -> dict:
         """The prompts and resolution bounds the recipe sets (`train.assemble.load_processor`'s options)."""
@@ -197,10 +189,6 @@ class Pipeline:
         except ValueError as err:
             raise StageError(f"{self.spec.source}: labels {self.labels} cannot be scored with {vlm}'s tokenizer: "
                              f"{err}") from err
-
-    def fused_config(self) -> EmoVLMKDConfig:
-        vlm_config = AutoConfig.from_pretrained(self.require("sft") / "merged")
-        return EmoVLMKDConfig.from_label_set(self.labels, vlm_config=vlm_config.to_dict(), **self.model_kwargs())
 
     def resume(self, stage: str):
         return last_complete_checkpoint(self.stage_dir(stage))
@@ -288,7 +276,7 @@ class Pipeline:
         self.mark_done("teacher", best_validation_accuracy=trainer.state.best_metric)
 
     def feature_path(self, split: str) -> Path:
-        return self.stage_dir("features") / f"{split}.safetensors"
+        return self.folder.feature_path(split)
 
     def run_features(self) -> None:
         """Pooled visual features, VLM label scores and teacher logits of every split, computed once.
@@ -327,88 +315,53 @@ class Pipeline:
             self.state.wait_for_everyone()
         self.mark_done("features")
 
-    def features(self, split: str) -> dict[str, torch.Tensor]:
-        self.require("features")
-        return load_file(self.feature_path(split))
-
-    def new_head(self) -> EmoVLMKDDistillationHead:
-        config = self.fused_config()
+    def new_head(self, config: EmoVLMKDConfig) -> EmoVLMKDDistillationHead:
+        """Stage 2's head before training: the config's, seeded by the run's seed, initialised as the model's."""
         torch.manual_seed(self.seed)
-        return EmoVLMKDDistillationHead(config.feature_dim, config.head_hidden_dims, config.num_labels,
-                                        config.head_activation, config.head_dropout)
+        return head_from_config(config)
 
     def run_distill(self) -> None:
         set_seed(self.seed)
+        run = self.read()
         args = self.stage_args("distill", DistillationConfig)
-        head, trainer = train_distillation(self.new_head(), self.features("train"), self.features("validation"),
-                                           args, resume_from_checkpoint=self.resume("distill"))
+        head, trainer = train_distillation(self.new_head(run.fused_config), run.features("train"),
+                                           run.features("validation"), args,
+                                           resume_from_checkpoint=self.resume("distill"))
         if self.state.is_main_process:
             save_file(head.state_dict(), self.stage_dir("distill") / "head.safetensors")
         self.mark_done("distill", best_validation_accuracy=trainer.state.best_metric)
 
-    def trained_head(self) -> EmoVLMKDDistillationHead:
-        head = self.new_head()
-        head.load_state_dict(load_file(self.require("distill") / "head.safetensors"))
-        return head.eval()
-
-    def gate_inputs(self, split: str, features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        features = features if features is not None else self.features(split)
-        return {"vlm_logits": features["vlm_logits"], "labels": features["labels"],
-                "head_logits": head_logits(self.trained_head(), features["visual_features"])}
-
     def run_gate(self) -> None:
         set_seed(self.seed)
-        config = self.fused_config()
-        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts, seed=self.seed)
+        run = self.read()
+        config = run.fused_config
+        torch.manual_seed(self.seed)
+        gate = gate_from_config(config)
         args = self.stage_args("gate", GateConfig)
-        gate, trainer = train_gate(gate, config.gate_vlm_signal, self.gate_inputs("train"),
-                                   self.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"),
+        gate, trainer = train_gate(gate, config.gate_vlm_signal, run.gate_inputs("train"),
+                                   run.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"),
                                    head_signal=config.gate_head_signal)
         if self.state.is_main_process:
             save_file(gate.state_dict(), self.stage_dir("gate") / "gate.safetensors")
         self.mark_done("gate", best_validation_accuracy=trainer.state.best_metric)
 
-    def fused_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        config = self.fused_config()
-        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
-        gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
-        with torch.inference_mode():
-            return gate.eval()(*gate_inputs(inputs["vlm_logits"], inputs["head_logits"], config.gate_vlm_signal,
-                                            head_signal=config.gate_head_signal))
-
-    def branch_logits(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The logits of the VLM, the head, the teacher and the fused model on a split, and its labels."""
-        features = self.features(split)
-        inputs = self.gate_inputs(split, features)
-        logits = {"vlm": inputs["vlm_logits"], "head": inputs["head_logits"],
-                  "teacher": features["teacher_logits"], "fused": self.fused_logits(inputs)}
-        return logits, inputs["labels"]
-
     def run_evaluate(self) -> None:
         if self.state.is_main_process:
+            run = self.read()
             results = {}
             for split in ("validation", "test"):
-                results[split] = evaluate_branches(*self.branch_logits(split), self.labels)
+                results[split] = evaluate_branches(*run.branch_logits(split), self.labels)
             results["test"]["split"] = "test"
             results["test"]["validation"] = results["validation"]["branches"]
             # What may leave the machine (results.json goes into `final/`, the report and the model card).
             results["test"]["recipe"] = public_recipe(self.recipe, self.output_dir)
-            results["test"]["parameters"] = self.parameter_counts()
+            results["test"]["parameters"] = run.parameter_counts()
             # How the numbers were computed: the exported model runs its VLM in this dtype (4-bit: load it so).
             options: ModelSection = self.spec.sections["model"]
             results["test"]["computed_with"] = {"dtype": options.dtype, "load_in_4bit": options.load_in_4bit}
             write_json_atomic(results["test"], self.stage_dir("evaluate") / "results.json")
             plot_confusion_matrices(results["test"], self.stage_dir("evaluate") / "confusion_matrix.png")
         self.mark_done("evaluate")
-
-    def parameter_counts(self) -> dict[str, int]:
-        config = self.fused_config()
-        with torch.device("meta"):
-            teacher = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(self.require("teacher")))
-            vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
-        gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts)
-        return {"vlm": count_parameters(vlm), "head": count_parameters(self.new_head()),
-                "gate": count_parameters(gate), "teacher": count_parameters(teacher)}
 
     def run_export(self) -> None:
         """The fused model with the trained head and gate, as a Hub-ready folder with results and figures."""
@@ -418,8 +371,9 @@ class Pipeline:
             options: ModelSection = self.spec.sections["model"]
             model, processor = assemble(self.require("sft") / "merged", self.labels, dtype=options.dtype,
                                         **{**self.model_kwargs(), **self.processor_kwargs()})
-            model.distillation_head.load_state_dict(self.trained_head().state_dict())
-            model.gate.load_state_dict(load_file(self.require("gate") / "gate.safetensors"))
+            run = self.read()
+            model.distillation_head.load_state_dict(run.trained_head.state_dict())
+            model.gate.load_state_dict(run.trained_gate.state_dict())
             final = save_hub_folder(model, processor, self.output_dir / "final",
                                     max_shard_size=options.export_max_shard_size)
             for name in ("results.json", "confusion_matrix.png"):
@@ -456,11 +410,31 @@ class Pipeline:
                 logger.info("Stage %s runs: %s.", stage, reason or "--force")
                 self.start_stage(stage)
                 getattr(self, f"run_{stage}")()
-        return self.results()
+        return self.folder.results()
 
-    def results(self) -> dict:
-        path = self.stage_dir("evaluate") / "results.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+
+def child_pipeline(parent: Recipe, folder: Path, overrides: dict[str, dict], shared: Sequence[str],
+                   where: str) -> Pipeline:
+    """The pipeline of `parent` with recipe `overrides` (section -> values) in a child run folder `folder` that links
+    the parent's `shared` stages (symbolic links): the child runs the other stages itself, on the parent's caches,
+    with provenance and resume like any run. Used by the seed spread and the ablations."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in shared:
+        link, target = folder / stage, parent.output_dir / stage
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and os.readlink(link) == os.path.relpath(target, folder):
+                continue
+            if link.is_dir() and not link.is_symlink():
+                shutil.rmtree(link)
+            else:
+                link.unlink()
+        if target.exists():
+            link.symlink_to(os.path.relpath(target, folder), target_is_directory=True)
+    recipe = copy.deepcopy(parent.raw)
+    recipe["output_dir"] = str(folder)
+    for section, values in overrides.items():
+        recipe[section] = {**(recipe.get(section) or {}), **values}
+    return Pipeline(validate_recipe(recipe, where=where))
 
 
 def print_results(results: dict) -> None:
@@ -469,4 +443,4 @@ def print_results(results: dict) -> None:
         print(format_table(results))
 
 
-__all__ = ["STAGES", "Pipeline", "StageError", "load_recipe", "print_results"]
+__all__ = ["STAGES", "Pipeline", "StageError", "child_pipeline", "load_recipe", "print_results"]

@@ -65,6 +65,7 @@ from huggingface_hub.errors import (
 )
 
 from . import registry
+from . import run as run_folder  # the run folder's light readers (no torch)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ STAGE_TITLES = {
 # Recipe keys that describe logging rather than training; the card leaves them out.
 NOT_HYPERPARAMETERS = {"disable_tqdm", "logging_steps", "report_to", "save_steps", "save_strategy", "save_total_limit"}
 # The files a folder needs to load with `from_pretrained(..., trust_remote_code=True)`.
-REQUIRED_FILES = ("config.json",)
+REQUIRED_FILES = run_folder.HUB_FOLDER_FILES
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Shipped from `modeling_emovlm_kd/` with every push: Inference Endpoints load `EndpointHandler` from it.
 HANDLER_FILE = "handler.py"
@@ -153,10 +154,10 @@ class HubFolder:
 
 def find_hub_folder(run_dir: str | Path) -> Path:
     """The Hub-ready folder of a run: `<run_dir>/final`, or `run_dir` itself when it holds a `config.json`."""
+    found = run_folder.find_hub_folder(run_dir)
+    if found is not None:
+        return found
     run_dir = Path(run_dir)
-    for candidate in (run_dir / "final", run_dir):
-        if all((candidate / name).is_file() for name in REQUIRED_FILES):
-            return candidate
     raise PublishError(f"No Hub-ready folder in {run_dir}: expected {run_dir / 'final'} with config.json and "
                        "weights (`python -m train pipeline` writes it in its export stage).")
 
@@ -251,10 +252,10 @@ def run_examples(folder: HubFolder, limit: int = DEFAULT_EXAMPLES) -> list[tuple
     Read from the run's own `recipe.yaml` (it holds the data root; results.json's recipe does not), so only a
     folder inside a run (`<run>/final`) with a `root/test/<label>/` layout has them.
     """
-    recipe_path = folder.path.parent / "recipe.yaml"
-    if folder.path.name != "final" or not recipe_path.is_file():
+    recipe = run_folder.stored_recipe(folder.path.parent) if folder.path.name == "final" else None
+    if recipe is None:
         return []
-    data = (yaml.safe_load(recipe_path.read_text()) or {}).get("data") or {}
+    data = recipe.get("data") or {}
     if str(data.get("kind", "")).lower() != "imagefolder" or not data.get("root"):
         return []
     test = Path(str(data["root"])) / "test"

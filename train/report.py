@@ -14,7 +14,6 @@ rerun after evaluation) is pointed out in the report.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil
@@ -32,12 +31,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from .ablate import TITLES as ABLATION_TITLES  # noqa: E402
-from .ablate import WHAT as ABLATIONS  # noqa: E402
-from .ablate import RunData, open_run  # noqa: E402
 from .evaluation import BRANCHES, evaluate_branches, plot_confusion_matrices  # noqa: E402
-from .pipeline import Pipeline  # noqa: E402
 from .recipe import public_recipe  # noqa: E402
+from .run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, ablation_fingerprint, open_run  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +65,7 @@ class BranchOutputs:
         return self.predictions[branch] == self.labels
 
 
-def branch_outputs(pipeline: Pipeline, split: str = "test") -> BranchOutputs:
+def branch_outputs(pipeline: Run, split: str = "test") -> BranchOutputs:
     """The four branches' logits on a split, as stage `evaluate` computes them."""
     return BranchOutputs(*pipeline.branch_logits(split))
 
@@ -99,7 +95,7 @@ def adapter_parameters(run_dir: Path) -> int | None:
         return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
 
 
-def _vlm_trained(pipeline: Pipeline, total: int) -> str:
+def _vlm_trained(pipeline: Run, total: int) -> str:
     """What stage 1 trained of the VLM: all of it, or a LoRA adapter (`use_peft` defaults to LoRA)."""
     if not pipeline.recipe.get("sft", {}).get("use_peft", True):
         return f"{total:,} (stage 1, full fine-tuning)"
@@ -107,7 +103,7 @@ def _vlm_trained(pipeline: Pipeline, total: int) -> str:
     return f"{lora:,} (stage 1, LoRA)" if lora is not None else "a LoRA adapter (stage 1; adapter file not found)"
 
 
-def module_rows(pipeline: Pipeline, metrics: dict, validation: dict, parameters: dict) -> list[dict]:
+def module_rows(pipeline: Run, metrics: dict, validation: dict, parameters: dict) -> list[dict]:
     """Table 2: each module's parameters, what trains it, and its accuracy (test and validation)."""
     vlm_trained = _vlm_trained(pipeline, parameters["vlm"])
     fused_total = parameters["vlm"] + parameters["head"] + parameters["gate"]
@@ -246,7 +242,7 @@ def plot_disagreements(images: list, picked: list[tuple[int, str]], outputs: Bra
     return path
 
 
-def load_test_images(pipeline: Pipeline, rows: Sequence[int], labels: torch.Tensor) -> list:
+def load_test_images(pipeline: Run, rows: Sequence[int], labels: torch.Tensor) -> list:
     """The picked test images from the run's data set; their labels must match the caches' (same row order)."""
     test = pipeline.data["test"]
     if len(test) != len(labels):
@@ -334,18 +330,19 @@ def shown_path(path: Path) -> str:
         return Path(path).name
 
 
-def ablation_section(pipeline: Pipeline, report_dir: Path) -> list[str]:
+def ablation_section(pipeline: Run, report_dir: Path) -> list[str]:
     """The run's ablation tables and plots, copied next to the report; a pointer to the command where missing."""
     run_dir = pipeline.output_dir
     shown = shown_path(run_dir)
-    current = RunData(pipeline).fingerprint()
+    current = pipeline.fingerprint()
     lines = ["## Ablations (paper Tables 3-4, Figure 3)", ""]
     for what in ABLATIONS:
-        table, figure = run_dir / "ablations" / f"{what}.md", run_dir / "ablations" / f"{what}.png"
+        files = ablation_files(run_dir, what)
+        table, figure = files["md"], files["png"]
         if table.exists() and figure.exists():
             shutil.copy2(figure, report_dir / f"ablation_{what}.png")
             lines += [table.read_text().rstrip(), ""]
-            if _ablation_fingerprint(run_dir, what) != current:
+            if ablation_fingerprint(run_dir, what) != current:
                 lines += [f"> Note: computed on an earlier state of this run (its features, head or model options "
                           f"have changed since); rerun `python -m train ablate --run {shown} --what {what}`.", ""]
             lines += [f"![{ABLATION_TITLES[what]}](ablation_{what}.png)", ""]
@@ -353,11 +350,6 @@ def ablation_section(pipeline: Pipeline, report_dir: Path) -> list[str]:
             lines += [f"### {ABLATION_TITLES[what]}", "",
                       f"Not run yet: `python -m train ablate --run {shown} --what {what}`.", ""]
     return lines
-
-
-def _ablation_fingerprint(run_dir: Path, what: str) -> str | None:
-    path = run_dir / "ablations" / f"{what}.json"
-    return json.loads(path.read_text()).get("run_fingerprint") if path.exists() else None
 
 
 def _stale_note(metrics: dict, stored: dict) -> str | None:
@@ -416,7 +408,7 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None, exam
     return path
 
 
-def _disagreement_figure(pipeline: Pipeline, outputs: BranchOutputs, examples: int,
+def _disagreement_figure(pipeline: Run, outputs: BranchOutputs, examples: int,
                          report_dir: Path) -> tuple[str | None, str | None, list]:
     """Figure 4's PNG name (or None, with the reason, when no images can be shown)."""
     picked = pick_disagreements(outputs, examples) if examples > 0 else []

@@ -12,14 +12,13 @@ do not depend on these seeds and are reported as they are.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import statistics
 
 from . import STAGES
-from .pipeline import Pipeline
-from .recipe import Recipe, load_recipe, validate_recipe
+from .pipeline import Pipeline, child_pipeline
+from .recipe import Recipe, load_recipe
+from .run import read_results
 
 SEEDED_STAGES = ("distill", "gate", "evaluate")
 SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seeded stages read, upstream
@@ -27,21 +26,9 @@ SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seede
 
 def child_run(parent: Recipe, seed: int) -> Pipeline:
     """The pipeline of `parent` with stages 2-3 seeded by `seed`, in a child folder that links the shared stages."""
-    folder = parent.output_dir / "seeds" / f"seed-{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED_STAGES:
-        link, target = folder / stage, parent.output_dir / stage
-        if link.is_symlink() or link.exists():
-            if link.is_symlink() and os.readlink(link) == os.path.relpath(target, folder):
-                continue
-            link.unlink()
-        if target.exists():
-            link.symlink_to(os.path.relpath(target, folder), target_is_directory=True)
-    recipe = copy.deepcopy(parent.raw)
-    recipe["output_dir"] = str(folder)
-    for stage in ("distill", "gate"):
-        recipe.setdefault(stage, {})["seed"] = seed
-    return Pipeline(validate_recipe(recipe, where=f"{parent.source} (seed {seed})"))
+    return child_pipeline(parent, parent.output_dir / "seeds" / f"seed-{seed}",
+                          {stage: {"seed": seed} for stage in ("distill", "gate")}, SHARED_STAGES,
+                          where=f"{parent.source} (seed {seed})")
 
 
 def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
@@ -56,7 +43,7 @@ def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
         runs[seed] = child
     per_seed = {}
     for seed, pipeline in runs.items():
-        results = pipeline.results()
+        results = read_results(pipeline.output_dir)
         if not results:
             raise FileNotFoundError(f"{pipeline.output_dir} has no results.json: finish the run first.")
         per_seed[seed] = {branch: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
@@ -70,7 +57,7 @@ def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
             summary[branch][metric] = {"mean": statistics.fmean(values),
                                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     table = {"seeds": list(per_seed), "per_seed": per_seed, "summary": summary,
-             "num_examples": runs[parent.seed].results()["num_examples"]}
+             "num_examples": read_results(parent.output_dir)["num_examples"]}
     path = parent.output_dir / "seeds" / "spread.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=2) + "\n")
@@ -113,7 +100,7 @@ def _positive(text: str) -> int:
 def run(args: argparse.Namespace) -> dict:
     parent = load_recipe(args.config, args.set, output_dir=args.output_dir)
     table = seed_spread(parent, args.seeds)
-    print(format_spread(table, Pipeline(parent).results()))
+    print(format_spread(table, read_results(parent.output_dir)))
     return table
 
 

@@ -63,6 +63,12 @@ def test_depth_ablation_has_a_row_per_depth_with_the_implied_parameters(run_copy
         assert row["parameters"] == head_parameter_count(64, row["settings"]["hidden_dims"], 3)
         assert set(row["summary"]) == {"head_accuracy", "head_macro_f1", "fused_accuracy", "fused_macro_f1"}
         assert all(0 <= run["head_accuracy"] <= 1 for run in row["runs"])
+    # A depth is a recipe override run by the pipeline's stages 2, 3 and evaluate in a child run.
+    child = run_copy / "ablations" / "depth" / "hidden-18-9" / f"seed-{table['seeds'][1]}"
+    results = json.loads((child / "evaluate" / "results.json").read_text())
+    assert results["recipe"]["model"]["head_hidden_dims"] == [18, 9]
+    assert results["recipe"]["distill"]["seed"] == results["recipe"]["gate"]["seed"] == table["seeds"][1]
+    assert table["variants"][1]["runs"][1]["fused_accuracy"] == results["branches"]["fused"]["accuracy"]
     markdown = paths["md"].read_text()
     assert markdown.count("| [18") == 5 and " ± " in markdown
     assert paths["png"].stat().st_size > 10_000
@@ -77,10 +83,15 @@ def test_gate_ablation_covers_every_gate_and_resumes_from_its_cache(run_copy):
     for row in table["variants"]:
         assert row["parameters"] == count_parameters(build_gate(row["settings"]["gate_type"], 3))
     assert table["variants"][0]["parameters"] == 2 * 3 * 3 + 3  # concat_linear: Linear(2C, C)
-    cache = run_copy / "ablations" / "cache" / "gate.jsonl"
-    lines = cache.read_text().count("\n")
-    ablate(run_copy, "gate", **FAST)  # every (variant, seed) is cached: nothing trains, nothing is appended
-    assert cache.read_text().count("\n") == lines
+    # Each (variant, seed) is a child run of the pipeline's own stages on the parent's caches, stage 2 linked.
+    children = sorted((run_copy / "ablations" / "gate").glob("*/seed-*"))
+    assert len(children) == 2 * len(GATE_TYPES)
+    for child in children:
+        assert (child / "features").is_symlink() and (child / "distill").is_symlink()
+        assert (child / "gate" / "stage_done.json").exists() and (child / "evaluate" / "results.json").exists()
+    markers = {child: (child / "gate" / "stage_done.json").read_text() for child in children}
+    ablate(run_copy, "gate", **FAST)  # every (variant, seed) is finished and up to date: nothing trains
+    assert {child: (child / "gate" / "stage_done.json").read_text() for child in children} == markers
     assert load_table(run_copy, "gate")["variants"] == table["variants"]
 
 

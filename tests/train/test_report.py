@@ -9,7 +9,7 @@ import torch
 from conftest import SECRET_API_KEY, copy_finished_run
 
 from train.__main__ import main as cli
-from train.ablate import ablate, open_run
+from train.ablate import ablate
 from train.report import (
     OUTCOMES,
     BranchOutputs,
@@ -19,6 +19,7 @@ from train.report import (
     pick_disagreements,
     write_report,
 )
+from train.run import open_run
 
 
 @pytest.fixture(scope="module")
