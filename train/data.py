@@ -581,7 +581,11 @@ def load_dataset_from_config(kind: str, **kwargs) -> DatasetDict:
     fixed = sorted(set(kwargs) & set(entry.loader_kwargs))
     if fixed:
         raise ValueError(f"Data set {entry.name!r} fixes {fixed} itself; leave them out of the recipe's data section.")
-    return entry.load_function()(**entry.loader_kwargs, **kwargs)
+    # The recipe's `data.load_kwargs` is a mapping of further keyword arguments (`hub`: `load_dataset`'s).
+    extra = kwargs.pop("load_kwargs", None) or {}
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"data.load_kwargs must be a mapping of keyword arguments, got {extra!r}.")
+    return entry.load_function()(**entry.loader_kwargs, **kwargs, **extra)
 
 
 __all__ = [

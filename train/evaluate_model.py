@@ -121,13 +121,12 @@ def data_section(kind: str, options: dict) -> dict:
 
 def load_split(data: dict, split: str, labels: list[str] | None):
     """One split of the data set `data` describes (a `data` section), through `load_dataset_from_config`."""
+    from . import registry
     from .data import load_dataset_from_config
 
     options = dict(data)
     kind = options.pop("kind")
-    # `load_hub_dataset(..., **load_kwargs)`: the section's mapping is its keyword arguments, not one named argument.
-    options.update(options.pop("load_kwargs", None) or {})
-    if kind in ("imagefolder", "hub"):
+    if not registry.get(kind).named:
         if labels is None:
             raise EvaluationError(f"--data {kind} needs --labels (a label set name or a comma-separated list) to "
                                   "evaluate a stock VLM: the labels fix the class order.")

@@ -130,11 +130,12 @@ class Run:
     @cached_property
     def data(self):
         """The recipe's data set (`DatasetDict` of train/validation/test), with the recipe's labels checked."""
+        from . import registry
         from .data import load_dataset_from_config
 
         data = dict(self.recipe["data"])
         kind = data.pop("kind")
-        if kind in ("imagefolder", "hub"):
+        if not registry.get(kind).named:  # generic loaders (imagefolder, hub) take the recipe's labels
             data.setdefault("labels", self.labels)
         if "split_file" in data and data["split_file"] is None:
             data["split_file"] = str(self.output_dir / "split.json")

@@ -436,3 +436,16 @@ def test_hub_unknown_label_name_is_an_error(tmp_path):
 def test_dispatcher_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="'affectnet'"):
         load_dataset_from_config("affectnet", root="x")
+
+
+def test_hub_recipe_load_kwargs_reach_load_dataset(tmp_path):
+    # A recipe's `data.load_kwargs` is a mapping of `load_dataset` arguments, not one argument named `load_kwargs`.
+    image = str(_image(tmp_path / "img.jpg"))
+    features = Features({"image": Image(), "label": ClassLabel(names=["negative", "positive"])})
+    rows = {"train": [(image, 0), (image, 1)], "validation": [(image, 1)], "test": [(image, 0)]}
+    data_dir = _parquet_dataset(tmp_path, rows, features)
+    dd = load_dataset_from_config("hub", name_or_path=str(data_dir), labels="binary",
+                                  load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    assert dd["train"]["label"] == [0, 1] and (tmp_path / "cache").is_dir()
+    with pytest.raises(ValueError, match="load_kwargs"):
+        load_dataset_from_config("hub", name_or_path=str(data_dir), labels="binary", load_kwargs=["cache_dir"])
