@@ -1,6 +1,5 @@
 # Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
-"""EmoVLM-KD: a Qwen2-VL (or Qwen2.5-VL, Qwen3-VL) classifier fused with a distilled head on the same visual features
-(arXiv 2505.07164). What differs between the VLM families is asked of `backbones.py`."""
+"""EmoVLM-KD: a Qwen2-VL classifier fused with a distilled head on the same visual features (arXiv 2505.07164)."""
 
 from dataclasses import dataclass
 
