@@ -83,7 +83,12 @@ def load_processor(
             raise ValueError(f"min_pixels ({size['shortest_edge']}) is larger than max_pixels "
                              f"({size['longest_edge']}).")
         image_processor = EmoVLMKDImageProcessor.from_pretrained(vlm_path, size=size)
-    check_patch_size(image_processor, AutoConfig.from_pretrained(vlm_path), vlm_path)
+    try:
+        vlm_config = AutoConfig.from_pretrained(vlm_path)
+    except (OSError, ValueError):
+        vlm_config = None  # a folder of tokenizer and image processor only: no vision tower to check against
+    if vlm_config is not None:
+        check_patch_size(image_processor, vlm_config, vlm_path)
     return EmoVLMKDProcessor.from_config(image_processor, tokenizer, config)
 
 
