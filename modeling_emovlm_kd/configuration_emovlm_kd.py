@@ -1,9 +1,12 @@
 # Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
-"""EmoVLM-KD configuration: a Qwen2-VL sub-config plus the label set, prompt and fusion heads."""
+"""EmoVLM-KD configuration: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL sub-config plus the label set, prompt and fusion
+heads."""
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .backbones import DEFAULT_MODEL_TYPE, Backbone, get_backbone
 
 # Label sets are named and ordered once, here. The order is the class index order of every checkpoint
 # trained with them; nothing in this project derives an order from a directory listing.
@@ -105,7 +108,8 @@ class EmoVLMKDConfig(PretrainedConfig):
 
     Args:
         vlm_config (`dict` or `PretrainedConfig`, *optional*):
-            Configuration of the wrapped vision-language model (`Qwen2VLConfig` by default).
+            Configuration of the wrapped vision-language model: a `Qwen2VLConfig` (the default), `Qwen2_5_VLConfig`
+            or `Qwen3VLConfig` (any `model_type` of `backbones.BACKBONES`; others are refused).
         label_set (`str`, *optional*, defaults to `"custom"`):
             Name of the label set (`mikels8`, `ekman6`, `binary` or `custom`); `id2label` holds the ordered labels.
         categorical_prompt (`str`, *optional*):
@@ -154,7 +158,7 @@ class EmoVLMKDConfig(PretrainedConfig):
     ```"""
 
     model_type = "emovlm_kd"
-    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_vl")}
+    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type=DEFAULT_MODEL_TYPE)}
 
     vlm_config: dict | PretrainedConfig | None = None
     label_set: str = "custom"
@@ -175,6 +179,7 @@ class EmoVLMKDConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        get_backbone(self.vlm_config)  # refuses a VLM family backbones.py does not know, naming the known ones
         self.head_hidden_dims = [int(d) for d in self.head_hidden_dims]
         if self.gate_type not in gate_types():
             raise ValueError(f"gate_type must be one of {gate_types()}, got {self.gate_type!r}.")
@@ -213,6 +218,11 @@ class EmoVLMKDConfig(PretrainedConfig):
     @property
     def labels(self) -> list[str]:
         return [self.id2label[i] for i in range(len(self.id2label))]
+
+    @property
+    def backbone(self) -> Backbone:
+        """What differs between the supported VLM families, for the wrapped one (`backbones.py`)."""
+        return get_backbone(self.vlm_config)
 
     @property
     def feature_dim(self) -> int:

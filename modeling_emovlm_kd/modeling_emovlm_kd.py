@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from .backbones import BACKBONES
 from .configuration_emovlm_kd import EmoVLMKDConfig
 from .fast_path import applied as _fast_path_applied
 
@@ -71,7 +72,7 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    _no_split_modules = sorted({name for backbone in BACKBONES.values() for name in backbone.no_split_modules})
     _supports_sdpa = True
     # Label scoring uses a custom 4D attention mask, which flash-attention kernels cannot take.
     _supports_flash_attn = False
@@ -194,8 +195,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         device = image_grid_thw.device
         prompt = self._prompt_tensors(device)
         vlm_config = self.config.vlm_config
-        merge = vlm_config.vision_config.spatial_merge_size
-        num_image_tokens = (image_grid_thw.prod(-1) // merge**2).tolist()
+        num_image_tokens = self.config.backbone.num_image_tokens(vlm_config, image_grid_thw)
         prefix_lengths = [len(prompt["before"]) + n + len(prompt["after"]) for n in num_image_tokens]
         prefix_len = max(prefix_lengths)
         num_cont = len(prompt["continuations"])
@@ -226,7 +226,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def _position_ids(self, input_ids, mm_token_type_ids, image_grid_thw, valid, prefix_len):
         """M-RoPE positions for the prompts; every label starts right after its prompt."""
-        position_ids, _ = self.vlm.model.get_rope_index(
+        position_ids = self.config.backbone.rope_index(
+            self.vlm,
             input_ids[:, :prefix_len],
             mm_token_type_ids=mm_token_type_ids[:, :prefix_len],
             image_grid_thw=image_grid_thw,

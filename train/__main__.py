@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tiny = commands.add_parser("tiny", help="build tiny offline base models")
     tiny.add_argument("--output-dir", required=True)
     tiny.add_argument("--labels", default="mikels8", help="A label set name or a comma-separated list.")
+    tiny.add_argument("--backbone", default="qwen2_vl",
+                      help="VLM family (model_type) of the tiny model: a key of modeling_emovlm_kd/backbones.py.")
     return parser.parse_args(argv)
 
 
@@ -135,8 +137,13 @@ def main(argv=None) -> None:
 
         labels = args.labels.split(",") if "," in args.labels else args.labels
         from modeling_emovlm_kd import resolve_label_set
+        from modeling_emovlm_kd.backbones import get_backbone
 
-        paths = build_tiny_base_models(args.output_dir, resolve_label_set(labels))
+        try:
+            get_backbone(args.backbone)
+        except ValueError as err:
+            raise SystemExit(f"error: --backbone: {err}") from None
+        paths = build_tiny_base_models(args.output_dir, resolve_label_set(labels), model_type=args.backbone)
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return
     if args.command == "evaluate" and (getattr(args, "model", None) or not args.config):

@@ -1,4 +1,5 @@
-"""Put an EmoVLM-KD model together from a (tuned) Qwen2-VL checkpoint, and save it as a Hub-ready folder.
+"""Put an EmoVLM-KD model together from a (tuned) Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, and save it as a
+Hub-ready folder.
 
     model, processor = assemble("runs/demo/sft/merged", labels="mikels8")
     save_hub_folder(model, processor, "runs/demo/final")
@@ -24,15 +25,20 @@ from modeling_emovlm_kd import (
     register_for_auto_class,
     resolve_label_set,
 )
+from modeling_emovlm_kd.backbones import DEFAULT_MODEL_TYPE, get_backbone
 from modeling_emovlm_kd.configuration_emovlm_kd import PROMPT_KEYS
 
 # Modules that stay in full precision when the VLM is loaded in 4 bits: the heads are tiny, and bitsandbytes'
-# CPU kernels need Linear input sizes that are multiples of 64.
-FULL_PRECISION_MODULES = ["distillation_head", "gate", "lm_head", "merger"]
+# CPU kernels need Linear input sizes that are multiples of 64; the backbone adds its own (`lm_head`, the visual
+# mergers: `backbones.py`).
+TRAINED_MODULES = ("distillation_head", "gate")
+FULL_PRECISION_MODULES = get_backbone(DEFAULT_MODEL_TYPE).skip_modules(TRAINED_MODULES)
 
 
-def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig | None:
-    """QLoRA's 4-bit NF4 with double quantisation, or `None` for a full-precision model."""
+def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.bfloat16,
+                        model_type: str = DEFAULT_MODEL_TYPE) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit NF4 with double quantisation, or `None` for a full-precision model; `model_type` (the VLM
+    config's) names the backbone whose modules stay in full precision."""
     if not load_in_4bit:
         return None
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
@@ -43,7 +49,7 @@ def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.b
         bnb_4bit_compute_dtype=compute_dtype,
         # FSDP shards flat parameters of one dtype: store the 4-bit weights in the compute dtype (peft's recipe).
         bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
-        llm_int8_skip_modules=FULL_PRECISION_MODULES,
+        llm_int8_skip_modules=get_backbone(model_type).skip_modules(TRAINED_MODULES),
     )
 
 
@@ -56,7 +62,7 @@ def load_processor(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> EmoVLMKDProcessor:
-    """An `EmoVLMKDProcessor` from a Qwen2-VL checkpoint's tokenizer and image processor, for a label set.
+    """An `EmoVLMKDProcessor` from a Qwen2-VL-family checkpoint's tokenizer and image processor, for a label set.
 
     The prompts (the recipe's `model.*_prompt`) go through `EmoVLMKDConfig`, so an unset one is the config's default
     (the paper's wording for these labels), the same text that stage 1 trains on and the fused model scores.
@@ -77,7 +83,25 @@ def load_processor(
             raise ValueError(f"min_pixels ({size['shortest_edge']}) is larger than max_pixels "
                              f"({size['longest_edge']}).")
         image_processor = EmoVLMKDImageProcessor.from_pretrained(vlm_path, size=size)
+    try:
+        vlm_config = AutoConfig.from_pretrained(vlm_path)
+    except (OSError, ValueError):
+        vlm_config = None  # a folder of tokenizer and image processor only: no vision tower to check against
+    if vlm_config is not None:
+        check_patch_size(image_processor, vlm_config, vlm_path)
     return EmoVLMKDProcessor.from_config(image_processor, tokenizer, config)
+
+
+def check_patch_size(image_processor, vlm_config, vlm_path) -> None:
+    """The image processor must cut the patches the vision tower embeds (14 pixels for Qwen2/2.5-VL, 16 for
+    Qwen3-VL): another size would fail deep inside the model, or silently change what it sees."""
+    processor_patch, model_patch = image_processor.patch_size, vlm_config.vision_config.patch_size
+    if processor_patch != model_patch:
+        raise ValueError(
+            f"{Path(vlm_path) / 'preprocessor_config.json'} has patch_size {processor_patch}, but the "
+            f"{get_backbone(vlm_config).name} vision tower of {Path(vlm_path) / 'config.json'} embeds "
+            f"{model_patch}-pixel patches (vision_config.patch_size); use the image processor saved with the model."
+        )
 
 
 def assemble(
@@ -88,14 +112,13 @@ def assemble(
     device_map=None,
     **config_kwargs,
 ) -> tuple[EmoVLMKDForImageClassification, EmoVLMKDProcessor]:
-    """Wrap a Qwen2-VL checkpoint with freshly initialised distillation head and gate."""
+    """Wrap a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint with freshly initialised distillation head and gate."""
     named = labels if isinstance(labels, str) else None
     processor_kwargs = {key: config_kwargs.pop(key) for key in (*PROMPT_KEYS, "min_pixels", "max_pixels")
                         if key in config_kwargs}
     processor = load_processor(vlm_path, labels, **processor_kwargs)
-    config = EmoVLMKDConfig.from_label_set(
-        named or processor.labels, vlm_config=AutoConfig.from_pretrained(vlm_path).to_dict(), **config_kwargs
-    )
+    vlm_config = AutoConfig.from_pretrained(vlm_path)
+    config = EmoVLMKDConfig.from_label_set(named or processor.labels, vlm_config=vlm_config.to_dict(), **config_kwargs)
     processor.prepare_config(config)
     # Build the wrapper on the meta device so no random 7B VLM is ever allocated, then load the real one.
     with torch.device("meta"):
@@ -104,7 +127,7 @@ def assemble(
         vlm_path,
         dtype=dtype,
         device_map=device_map,
-        quantization_config=quantization_config(load_in_4bit),
+        quantization_config=quantization_config(load_in_4bit, model_type=vlm_config.model_type),
     )
     model.config.vlm_config = model.vlm.config
     device = model.vlm.get_input_embeddings().weight.device
@@ -158,4 +181,5 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
     return output_dir
 
 
-__all__ = ["FULL_PRECISION_MODULES", "assemble", "load_processor", "quantization_config", "save_hub_folder"]
+__all__ = ["FULL_PRECISION_MODULES", "assemble", "check_patch_size", "load_processor", "quantization_config",
+           "save_hub_folder"]

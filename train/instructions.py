@@ -332,10 +332,11 @@ def _completion_text(output) -> str:
 
 class LocalVLMGenerator:
     """
-    Answers from a local Qwen2-VL (`Qwen2VLForConditionalGeneration`) with greedy decoding, so runs are repeatable.
+    Answers from a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL with greedy decoding, so runs are repeatable.
 
     Args:
-        model_path_or_model (`str`, `os.PathLike` or `Qwen2VLForConditionalGeneration`): a checkpoint or a model.
+        model_path_or_model (`str`, `os.PathLike` or a VLM such as `Qwen2VLForConditionalGeneration`): a checkpoint
+            (loaded with `AutoModelForImageTextToText`, whatever its family) or a model.
         processor: a Qwen2-VL processor (e.g. `EmoVLMKDProcessor`) with the model's chat template.
         max_new_tokens (`int`): length limit of an answer.
     """
@@ -344,10 +345,10 @@ class LocalVLMGenerator:
         import torch
 
         if isinstance(model_path_or_model, (str, os.PathLike)):
-            from transformers import Qwen2VLForConditionalGeneration
+            from transformers import AutoModelForImageTextToText
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            model_path_or_model = Qwen2VLForConditionalGeneration.from_pretrained(model_path_or_model).to(device)
+            model_path_or_model = AutoModelForImageTextToText.from_pretrained(model_path_or_model).to(device)
         self.model = model_path_or_model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens

@@ -67,7 +67,8 @@ class DataSection:
 class BaseModelsSection:
     """The models the run starts from."""
 
-    vlm: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM (Hub id or folder)."})
+    vlm: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={
+        "help": "Base VLM (Hub id or folder): a Qwen2-VL, Qwen2.5-VL or Qwen3-VL; its config.json picks the backbone."})
     teacher: str = field(default="google/vit-base-patch16-384", metadata={"help": "Base image classifier."})
     tiny: bool = field(default=False, metadata={"help": "Build tiny random base models offline (train/tiny.py)."})
 

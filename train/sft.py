@@ -1,4 +1,4 @@
-"""Stage 1: instruction-tune Qwen2-VL with TRL's `SFTTrainer` (QLoRA on `q_proj`, `k_proj`, `v_proj` by default).
+"""Stage 1: instruction-tune the VLM with TRL's `SFTTrainer` (QLoRA on the LLM's `q_proj`, `k_proj`, `v_proj` by default).
 
 Trains on the categorical, conversation and reasoning instructions of every training image, with the loss on the
 assistant's answers only. Saves the LoRA adapter and a merged full model (tokenizer and image processor included),
@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 from trl import SFTConfig, SFTTrainer
+
+from modeling_emovlm_kd.backbones import get_backbone
 
 from .assemble import load_processor, quantization_config
 from .instructions import KINDS, build_instruction_dataset
@@ -38,7 +40,7 @@ class SFTStageConfig(SFTConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
-        metadata={"help": "Modules LoRA adapts (Qwen2-VL's vision attention is a fused `qkv`: LLM only)."},
+        metadata={"help": "Modules LoRA adapts, in the LLM only (the backbone's vision tower is excluded)."},
     )
     instruction_kinds: list[str] = field(
         default_factory=lambda: list(KINDS), metadata={"help": "Instruction formats to train on."}
@@ -69,9 +71,13 @@ class SFTStageConfig(SFTConfig):
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
-            target_modules=self.lora_target_modules,
+            **get_backbone(self.base_model_type()).lora_kwargs(self.lora_target_modules),
             task_type="CAUSAL_LM",
         )
+
+    def base_model_type(self) -> str:
+        """The base model's `model_type` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`): its backbone family."""
+        return AutoConfig.from_pretrained(self.model_name_or_path).model_type
 
 
 def _compute_dtype(args: SFTStageConfig) -> torch.dtype:
@@ -111,7 +117,8 @@ def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrai
     args.model_init_kwargs = dict(args.model_init_kwargs or {})
     args.model_init_kwargs.setdefault("dtype", _compute_dtype(args))
     if args.load_in_4bit:
-        args.model_init_kwargs["quantization_config"] = quantization_config(True, _compute_dtype(args))
+        args.model_init_kwargs["quantization_config"] = quantization_config(True, _compute_dtype(args),
+                                                                            args.base_model_type())
         if not torch.cuda.is_available():
             args.model_init_kwargs.setdefault("device_map", "cpu")
     trainer = EmoVLMSFTTrainer(
