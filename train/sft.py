@@ -23,6 +23,7 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTConfig, SFTTrainer
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
@@ -145,6 +146,10 @@ class EmoVLMSFTTrainer(SFTTrainer):
         self.label_eval_dataset = label_eval_dataset
         self._label_scorer = None
         super().__init__(*args, **kwargs)
+        if label_eval_dataset is not None and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+            # The label scoring runs the unwrapped model, whose parameters FSDP and ZeRO-3 keep sharded.
+            raise ValueError("Stage 1's label accuracy (sft.eval_strategy) cannot run under FSDP or DeepSpeed ZeRO-3 "
+                             "(sharded parameters); use DDP or ZeRO-2, or set sft.eval_strategy: 'no'.")
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

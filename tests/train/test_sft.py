@@ -281,3 +281,15 @@ def test_a_bad_eval_max_images_in_the_recipe_fails_naming_the_key(tmp_path, valu
     with pytest.raises(RecipeError, match=message) as raised:
         validate_recipe(recipe, where="my-recipe.yaml")
     assert "my-recipe.yaml" in str(raised.value) and "sft" in str(raised.value)
+
+
+def test_label_accuracy_refuses_sharded_parameters(tiny_base, with_validation, tmp_path, monkeypatch):
+    import train.sft as sft
+
+    monkeypatch.setattr(sft, "is_deepspeed_zero3_enabled", lambda: True)  # as under a ZeRO-3 launch
+    processor = load_processor(tiny_base["vlm"], LABELS)
+    instructions = build_instruction_dataset(with_validation["validation"], processor, kinds=["categorical"])
+    args = sft_args(tmp_path, model_name_or_path=str(tiny_base["vlm"]), use_peft=False, eval_strategy="epoch")
+    with pytest.raises(ValueError, match="FSDP or DeepSpeed ZeRO-3"):
+        build_sft_trainer(instructions, processor, args, eval_dataset=instructions,
+                          label_eval_dataset=with_validation["validation"])
