@@ -134,7 +134,7 @@ class EmoVLMSFTTrainer(SFTTrainer):
 
     Given `label_eval_dataset` (`image`, `label` columns), every evaluation adds `<prefix>_label_accuracy` and
     `<prefix>_label_images` to the metrics of `evaluation_loop`, so they are logged with `eval_loss` (log history,
-    every `report_to` tracker) and can be `metric_for_best_model`. Under several processes each scores a shard.
+    every `report_to` tracker). Under several processes each scores a shard and the counts are summed.
 
     `Trainer._load_from_checkpoint` reads the checkpoint's state dict as saved (Hub key layout: `model.layers.*`,
     `visual.*`) into a model whose modules are named `model.language_model.*`, `model.visual.*`, and loads it
@@ -174,13 +174,15 @@ class EmoVLMSFTTrainer(SFTTrainer):
         shard = self.label_eval_dataset.shard(self.accelerator.num_processes, self.accelerator.process_index,
                                               contiguous=True)
         correct, batch_size = 0, self.args.per_device_eval_batch_size
-        for start in range(0, len(shard), batch_size):
-            rows = shard[start : start + batch_size]
-            inputs = image_processor(rows["image"], return_tensors="pt").to(device)
-            features = scorer.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-            scores = scorer.score_labels(features, inputs["image_grid_thw"])
-            correct += int((scores.argmax(-1).cpu() == torch.tensor(rows["label"])).sum())
-        vlm.train(was_training)
+        try:
+            for start in range(0, len(shard), batch_size):
+                rows = shard[start : start + batch_size]
+                inputs = image_processor(rows["image"], return_tensors="pt").to(device)
+                features = scorer.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+                scores = scorer.score_labels(features, inputs["image_grid_thw"])
+                correct += int((scores.argmax(-1).cpu() == torch.tensor(rows["label"])).sum())
+        finally:
+            vlm.train(was_training)
         counts = torch.tensor([correct, len(shard)], device=self.accelerator.device)
         correct, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         return {"label_accuracy": correct / max(total, 1), "label_images": total}
