@@ -168,8 +168,15 @@ class Pipeline:
         return {"vlm": models.vlm, "teacher": models.teacher}
 
     def stage_args(self, stage: str, config_class, **fixed):
-        values = {"seed": self.seed, **self.recipe.get(stage, {}), **fixed}
-        return config_class(output_dir=str(self.stage_dir(stage)), **values)
+        """The stage's `TrainingArguments` from its recipe section. A tracker (`report_to`) names the stage's run
+        `<run>/<stage>` (`run_name`, unless the recipe sets one; `<run>` is the run folder's name); W&B also groups a
+        run's stages (`WANDB_RUN_GROUP`, unless set). TensorBoard writes under `<output_dir>/<stage>/runs/`."""
+        values = {"seed": self.seed, "run_name": f"{self.output_dir.name}/{stage}", **self.recipe.get(stage, {}),
+                  **fixed}
+        args = config_class(output_dir=str(self.stage_dir(stage)), **values)
+        if "wandb" in args.report_to:
+            os.environ.setdefault("WANDB_RUN_GROUP", self.output_dir.name)
+        return args
 
     def model_kwargs(self) -> dict:
         """The fused model's config options the recipe sets."""

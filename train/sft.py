@@ -5,6 +5,11 @@ assistant's answers only. Saves the LoRA adapter and a merged full model (tokeni
 which stages 2 and 3 freeze. Full fine-tuning (`use_peft: false`) is an option; the tiny offline model needs it,
 since its vision tower is random.
 
+With `eval_strategy` set (`steps` or `epoch`), each evaluation reports, besides `eval_loss` on the categorical
+instructions of (a seeded subset of, `eval_max_images`) the validation images, `eval_label_accuracy`: how often the
+label the model scores highest (`EmoVLMKDForImageClassification.score_labels`, on the model being trained, LoRA
+adapters active) is the image's label, the metric stages 2-3 and the export are judged by.
+
     python -m train sft --config recipes/qwen2-vl-7b/emoset.yaml
 """
 
@@ -18,8 +23,10 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTConfig, SFTTrainer
 
+from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
 from modeling_emovlm_kd.backbones import get_backbone
 
 from .assemble import load_processor, quantization_config
@@ -52,6 +59,10 @@ class SFTStageConfig(SFTConfig):
     save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints to keep."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    eval_max_images: int | None = field(default=None, metadata={
+        "help": "Validation images scored at each evaluation (eval_strategy: steps or epoch), drawn with the seed: "
+                "eval_label_accuracy (the scored label's accuracy) and eval_loss on their categorical instructions. "
+                "Unset: the whole validation split."})
 
     def __post_init__(self):
         # TRL turns bf16 on by default; use it only where the hardware has it, so one recipe runs on CPU and GPU.
@@ -63,6 +74,13 @@ class SFTStageConfig(SFTConfig):
             raise ValueError(f"instruction_kinds must be a non-empty subset of {KINDS}, got {self.instruction_kinds}.")
         if self.load_in_4bit and not self.use_peft:
             raise ValueError("load_in_4bit (QLoRA) needs use_peft: 4-bit weights cannot be fine-tuned directly.")
+        if self.eval_max_images is not None:
+            if self.eval_max_images < 1:
+                raise ValueError(f"eval_max_images must be at least 1 (or unset: the whole validation split), got "
+                                 f"{self.eval_max_images}.")
+            if self.eval_strategy == "no":
+                raise ValueError("eval_max_images is set but eval_strategy is 'no': nothing would be evaluated; set "
+                                 "eval_strategy to steps (with eval_steps) or epoch.")
 
     def peft_config(self) -> LoraConfig | None:
         if not self.use_peft:
@@ -94,14 +112,85 @@ def _avoid_cpu_4bit_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def validation_subset(dataset, max_images: int | None, seed: int):
+    """The validation images stage 1 evaluates on: all of them, or `max_images` drawn with `seed` (a split is often
+    sorted by label, so its first rows would be one class)."""
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(max_images))
+
+
+def label_scorer(vlm, processor) -> EmoVLMKDForImageClassification:
+    """The fused model's label scoring around `vlm` itself (not a copy): `score_labels` then runs the model being
+    trained, adapters included, after the prompt and label tokens of `processor`. Head and gate stay on the meta
+    device: only the VLM branch is used."""
+    config = EmoVLMKDConfig.from_label_set(processor.labels, vlm_config=vlm.config.to_dict())
+    processor.prepare_config(config)
+    with torch.device("meta"):
+        scorer = EmoVLMKDForImageClassification(config)
+    scorer.vlm = vlm
+    scorer.config.vlm_config = vlm.config
+    return scorer
+
+
 class EmoVLMSFTTrainer(SFTTrainer):
-    """`SFTTrainer` whose resume also works for fully fine-tuned Qwen2-VL.
+    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume also works
+    for fully fine-tuned Qwen2-VL.
+
+    Given `label_eval_dataset` (`image`, `label` columns), every evaluation adds `<prefix>_label_accuracy` and
+    `<prefix>_label_images` to the metrics of `evaluation_loop`, so they are logged with `eval_loss` (log history,
+    every `report_to` tracker). Under several processes each scores a shard and the counts are summed.
 
     `Trainer._load_from_checkpoint` reads the checkpoint's state dict as saved (Hub key layout: `model.layers.*`,
     `visual.*`) into a model whose modules are named `model.language_model.*`, `model.visual.*`, and loads it
     non-strictly, so nothing but `lm_head` is restored (transformers issue #43701). Loading the checkpoint with
     `from_pretrained` applies the model's own key conversion; the weights are then copied strictly.
     """
+
+    def __init__(self, *args, label_eval_dataset=None, **kwargs):
+        self.label_eval_dataset = label_eval_dataset
+        self._label_scorer = None
+        super().__init__(*args, **kwargs)
+        if label_eval_dataset is not None and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+            # The label scoring runs the unwrapped model, whose parameters FSDP and ZeRO-3 keep sharded.
+            raise ValueError("Stage 1's label accuracy (sft.eval_strategy) cannot run under FSDP or DeepSpeed ZeRO-3 "
+                             "(sharded parameters); use DDP or ZeRO-2, or set sft.eval_strategy: 'no'.")
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.label_eval_dataset is not None:
+            for key, value in self.label_metrics().items():
+                output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
+
+    @torch.no_grad()
+    def label_metrics(self) -> dict[str, float]:
+        """Accuracy of the highest-scored label on `label_eval_dataset`, with the model as it is now."""
+        model = self.accelerator.unwrap_model(self.model)
+        vlm = model.get_base_model() if isinstance(model, PeftModel) else model  # LoRA layers stay in, active
+        if self._label_scorer is None or self._label_scorer.vlm is not vlm:
+            self._label_scorer = label_scorer(vlm, self.processing_class)
+        scorer, image_processor = self._label_scorer, self.processing_class.image_processor
+        was_training = vlm.training
+        vlm.eval()
+        device = vlm.get_input_embeddings().weight.device
+        shard = self.label_eval_dataset.shard(self.accelerator.num_processes, self.accelerator.process_index,
+                                              contiguous=True)
+        correct, batch_size = 0, self.args.per_device_eval_batch_size
+        try:
+            for start in range(0, len(shard), batch_size):
+                rows = shard[start : start + batch_size]
+                inputs = image_processor(rows["image"], return_tensors="pt").to(device)
+                features = scorer.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+                scores = scorer.score_labels(features, inputs["image_grid_thw"])
+                correct += int((scores.argmax(-1).cpu() == torch.tensor(rows["label"])).sum())
+        finally:
+            vlm.train(was_training)
+        counts = torch.tensor([correct, len(shard)], device=self.accelerator.device)
+        correct, total = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return {"label_accuracy": correct / max(total, 1), "label_images": total}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
@@ -112,8 +201,11 @@ class EmoVLMSFTTrainer(SFTTrainer):
         model.load_state_dict(restored.state_dict(), strict=True)
 
 
-def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrainer:
-    """`SFTTrainer` over an instruction data set (`images`, `messages` columns) for the configured base model."""
+def build_sft_trainer(train_dataset, processor, args: SFTStageConfig, eval_dataset=None,
+                      label_eval_dataset=None) -> SFTTrainer:
+    """`SFTTrainer` over an instruction data set (`images`, `messages` columns) for the configured base model.
+
+    `eval_dataset` (instructions) gives `eval_loss`; `label_eval_dataset` (`image`, `label`) the label accuracy."""
     args.model_init_kwargs = dict(args.model_init_kwargs or {})
     args.model_init_kwargs.setdefault("dtype", _compute_dtype(args))
     if args.load_in_4bit:
@@ -125,8 +217,10 @@ def build_sft_trainer(train_dataset, processor, args: SFTStageConfig) -> SFTTrai
         model=args.model_name_or_path,
         args=args,
         train_dataset=train_dataset.select_columns(["images", "messages"]),
+        eval_dataset=eval_dataset.select_columns(["images", "messages"]) if eval_dataset is not None else None,
         processing_class=processor,
         peft_config=args.peft_config(),
+        label_eval_dataset=label_eval_dataset,
     )
     if args.load_in_4bit and not torch.cuda.is_available():
         _avoid_cpu_4bit_repacking(trainer.model)
@@ -203,9 +297,18 @@ def train_sft(
             skip_missing=skip_missing or not state.is_main_process,
         )
     logger.info("Stage 1 trains on %d instructions (%s).", len(train_set), ", ".join(args.instruction_kinds))
-    trainer = build_sft_trainer(train_set, processor, args)
+    label_eval = eval_set = None
+    if args.eval_strategy != "no":
+        if "validation" not in dataset_dict:
+            raise ValueError(f"sft.eval_strategy is {args.eval_strategy.value!r} but the data has no 'validation' "
+                             f"split (it has {', '.join(dataset_dict)}); set sft.eval_strategy: 'no' or add one.")
+        label_eval = validation_subset(dataset_dict["validation"], args.eval_max_images, args.seed)
+        eval_set = build_instruction_dataset(label_eval, processor, kinds=["categorical"], show_progress=False)
+        logger.info("Stage 1 evaluates on %d validation images.", len(label_eval))
+    trainer = build_sft_trainer(train_set, processor, args, eval_dataset=eval_set, label_eval_dataset=label_eval)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return save_merged(trainer, processor, args, Path(args.output_dir))
 
 
-__all__ = ["EmoVLMSFTTrainer", "SFTStageConfig", "build_sft_trainer", "save_merged", "train_sft"]
+__all__ = ["EmoVLMSFTTrainer", "SFTStageConfig", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
+           "validation_subset"]

@@ -137,3 +137,44 @@ def test_only_the_main_process_generates_answers_under_torchrun(tiny_run, tmp_pa
     records = [json.loads(line) for line in (output_dir / "answers.jsonl").read_text().splitlines()]
     assert len(records) == len({(r["key"], r["kind"]) for r in records}) == images
     assert (output_dir / "sft" / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_stage1_label_accuracy_under_torchrun_counts_every_subset_image_once(colour_folder, tmp_path):
+    import json
+
+    import yaml
+    from conftest import LABELS
+
+    from train.assemble import assemble
+    from train.pipeline import Pipeline
+
+    output_dir = tmp_path / "sft-eval-ddp"
+    recipe = write_recipe(tmp_path / "recipe.yaml", colour_folder, output_dir, sft_epochs=1)
+    values = yaml.safe_load(recipe.read_text())
+    values["instructions"] = {"generator": "none"}
+    # 5 images on 2 ranks: shards of 3 and 2, summed into one accuracy.
+    values["sft"].update(eval_strategy="epoch", eval_max_images=5, per_device_train_batch_size=3)
+    recipe.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for stage in ("base", "instructions"):
+        result = subprocess.run([sys.executable, "-m", "train", stage, "--config", str(recipe)], env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "train", "sft", "--config", str(recipe)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (checkpoint,) = (output_dir / "sft").glob("checkpoint-*")
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    (evaluation,) = [entry for entry in history if "eval_loss" in entry]
+    assert evaluation["eval_label_images"] == 5
+    pipeline = Pipeline(values)
+    subset = pipeline.data["validation"].shuffle(seed=pipeline.seed).select(range(5))
+    model, processor = assemble(checkpoint, LABELS)
+    inputs = processor.image_processor(list(subset["image"]), return_tensors="pt")
+    with torch.no_grad():
+        scores = model.score_labels(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]),
+                                    inputs["image_grid_thw"])
+    expected = float((scores.argmax(-1) == torch.tensor(list(subset["label"]))).float().mean())
+    assert evaluation["eval_label_accuracy"] == pytest.approx(expected)

@@ -108,8 +108,8 @@ def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the
     seen = {}
     build = sft.build_sft_trainer
 
-    def recording_build(train_dataset, processor, args):  # the real trainer; the test keeps what it trains on
-        seen["rows"], seen["trainer"] = train_dataset, build(train_dataset, processor, args)
+    def recording_build(train_dataset, processor, args, **kwargs):  # the real trainer; the test keeps its rows
+        seen["rows"], seen["trainer"] = train_dataset, build(train_dataset, processor, args, **kwargs)
         return seen["trainer"]
 
     monkeypatch.setattr(sft, "build_sft_trainer", recording_build)
@@ -163,3 +163,133 @@ def test_every_prompt_is_a_recipe_model_option_that_reruns_stage1_and_reaches_th
     assert {f"model.{key}" for key in PROMPT_KEYS} <= set(stage_settings(recipe, "sft"))
     assert "model.categorical_prompt" in stage_settings(recipe, "features")  # the caches score after it
     assert ModelSection().processor_kwargs(recipe["model"]) == recipe["model"]
+
+
+# ---- validation during stage 1: the scored label's accuracy at each evaluation -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_validation(dataset_dict):
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(8)]
+    features = dataset_dict["train"].features
+    validation = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 3, 3, 2, 1, 0]}, features=features)
+    return datasets.DatasetDict({"train": dataset_dict["train"], "validation": validation})
+
+
+def evaluations(log_history):
+    return [entry for entry in log_history if "eval_loss" in entry]
+
+
+def accuracy_of_saved_model(folder, dataset):
+    """argmax(score_labels) == label, with the model as `assemble` loads it from a saved folder."""
+    from train.assemble import assemble
+
+    model, processor = assemble(folder, LABELS)
+    inputs = processor.image_processor(list(dataset["image"]), return_tensors="pt")
+    with torch.no_grad():
+        scores = model.score_labels(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]),
+                                    inputs["image_grid_thw"])
+    return float((scores.argmax(-1) == torch.tensor(list(dataset["label"]))).float().mean())
+
+
+def test_stage1_logs_the_scored_label_accuracy_of_the_training_model_at_each_evaluation(tiny_base, with_validation,
+                                                                                       tmp_path):
+    args = sft_args(tmp_path, model_name_or_path=str(tiny_base["vlm"]), use_peft=False, learning_rate=5e-2,
+                    instruction_kinds=["categorical"], eval_strategy="steps", eval_steps=1, eval_max_images=3,
+                    per_device_eval_batch_size=2, save_strategy="steps", save_steps=1, save_total_limit=None)
+    train_sft(with_validation, LABELS, args)
+    history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    evals = evaluations(history)
+    assert [entry["step"] for entry in evals] == [1, 2]
+    # The seeded subset: eval_max_images images, the same at each evaluation.
+    subset = with_validation["validation"].shuffle(seed=args.seed).select(range(3))
+    for entry in evals:
+        assert entry["eval_label_images"] == 3
+        # Each evaluation scores the model as it was at that step: the checkpoint saved right after it.
+        expected = accuracy_of_saved_model(tmp_path / f"checkpoint-{entry['step']}", subset)
+        assert entry["eval_label_accuracy"] == pytest.approx(expected)
+
+
+def full_sequence_scores(model, processor, images):
+    """Each label's log-likelihood by plain causal forwards of `prompt + label continuation` (one per label), not
+    through the fused model's one-pass tree-masked scoring."""
+    ids = processor.prompt_token_ids()
+    scores = []
+    for image in images:
+        inputs = processor.image_processor([image], return_tensors="pt")
+        n_image = int(inputs["image_grid_thw"].prod()) // 4  # spatial merge 2x2
+        prompt = ids["before_image"] + [processor.image_token_id] * n_image + ids["after_image"]
+        row = []
+        for continuation in ids["label_continuations"]:
+            input_ids = torch.tensor([prompt + continuation])
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, pixel_values=inputs["pixel_values"],
+                               image_grid_thw=inputs["image_grid_thw"],
+                               mm_token_type_ids=(input_ids == processor.image_token_id).int(),
+                               use_cache=False).logits[0].float()
+            log_probs = logits[len(prompt) - 1 : -1].log_softmax(-1)
+            row.append(float(log_probs[torch.arange(len(continuation)), torch.tensor(continuation)].sum()))
+        scores.append(row)
+    return torch.tensor(scores)
+
+
+def test_qlora_stage1_scores_labels_with_its_adapters_active_on_the_whole_validation_split(tiny_base, with_validation,
+                                                                                          tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import train.sft as sft
+
+    seen = {}
+    build = sft.build_sft_trainer
+
+    def recording_build(*args, **kwargs):  # the real trainer; the test keeps it to score its model afterwards
+        seen["trainer"] = build(*args, **kwargs)
+        return seen["trainer"]
+
+    monkeypatch.setattr(sft, "build_sft_trainer", recording_build)
+    args = sft_args(tmp_path, model_name_or_path=str(tiny_base["vlm"]), use_peft=True, load_in_4bit=True,
+                    instruction_kinds=["categorical"], learning_rate=5e-2, eval_strategy="steps", eval_steps=2)
+    train_sft(with_validation, LABELS, args)
+    trainer = seen["trainer"]
+    (last,) = evaluations(trainer.state.log_history)
+    assert last["step"] == 2 and last["eval_label_images"] == 8  # no eval_max_images: every validation image
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "the adapters did not train"
+    validation = with_validation["validation"]
+    trainer.model.eval()
+    scores = full_sequence_scores(trainer.model, trainer.processing_class, list(validation["image"]))
+    expected = float((scores.argmax(-1) == torch.tensor(list(validation["label"]))).float().mean())
+    assert last["eval_label_accuracy"] == pytest.approx(expected)
+
+
+def test_evaluation_needs_a_validation_split_and_eval_max_images_an_evaluation(tiny_base, dataset_dict, tmp_path):
+    args = sft_args(tmp_path, model_name_or_path=str(tiny_base["vlm"]), use_peft=False,
+                    instruction_kinds=["categorical"], eval_strategy="steps", eval_steps=1)
+    with pytest.raises(ValueError, match="'validation' split"):
+        train_sft(dataset_dict, LABELS, args)
+    with pytest.raises(ValueError, match="eval_max_images is set but eval_strategy is 'no'"):
+        sft_args(tmp_path, eval_max_images=4)
+
+
+@pytest.mark.parametrize("value, message", [(0, r"eval_max_images must be at least 1"),
+                                            ("many", r"sft\.eval_max_images: expected int")])
+def test_a_bad_eval_max_images_in_the_recipe_fails_naming_the_key(tmp_path, value, message):
+    from train.recipe import RecipeError, validate_recipe
+
+    recipe = {"output_dir": str(tmp_path / "run"), "labels": LABELS, "data": {"kind": "imagefolder", "root": "x"},
+              "sft": {"eval_strategy": "steps", "eval_steps": 10, "eval_max_images": value}}
+    with pytest.raises(RecipeError, match=message) as raised:
+        validate_recipe(recipe, where="my-recipe.yaml")
+    assert "my-recipe.yaml" in str(raised.value) and "sft" in str(raised.value)
+
+
+def test_label_accuracy_refuses_sharded_parameters(tiny_base, with_validation, tmp_path, monkeypatch):
+    import train.sft as sft
+
+    monkeypatch.setattr(sft, "is_deepspeed_zero3_enabled", lambda: True)  # as under a ZeRO-3 launch
+    processor = load_processor(tiny_base["vlm"], LABELS)
+    instructions = build_instruction_dataset(with_validation["validation"], processor, kinds=["categorical"])
+    args = sft_args(tmp_path, model_name_or_path=str(tiny_base["vlm"]), use_peft=False, eval_strategy="epoch")
+    with pytest.raises(ValueError, match="FSDP or DeepSpeed ZeRO-3"):
+        build_sft_trainer(instructions, processor, args, eval_dataset=instructions,
+                          label_eval_dataset=with_validation["validation"])
