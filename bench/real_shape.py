@@ -63,6 +63,7 @@ from bench.common import (
     cpu_supports_bf16,
     default_dtype,
     device_name,
+    environment,
     log,
     make_shape,
     markdown_table,
@@ -76,6 +77,7 @@ from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, EmoVLMK
 from train.assemble import assemble, load_processor, save_hub_folder
 from train.distill import DistillationConfig, train_distillation
 from train.features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
+from train.files import write_json_atomic
 from train.gate import GateConfig, build_gate, head_logits, train_gate
 from train.instructions import build_instruction_dataset
 from train.qwen_tokenizer import build_qwen2_vl_tokenizer
@@ -125,29 +127,37 @@ def _reset_peak() -> bool:
 
 
 class Phases:
-    """Times each phase and records its peak RSS; prints one line per phase as it ends."""
+    """Times each phase (wall clock and this process's CPU time: on a shared machine they differ) and records its
+    peak RSS; prints one line per phase as it ends and calls `on_phase` (the partial result is written)."""
 
-    def __init__(self):
+    def __init__(self, on_phase=None):
         self.rows: list[dict] = []
+        self.on_phase = on_phase
 
     def run(self, name: str, function, *args, **kwargs):
         gc.collect()
         reset = _reset_peak()
         rss_before = _status_kib("VmRSS")
         log(f"[real_shape] {name} ...")
-        start = time.perf_counter()
+        cpu_start, start = _cpu_seconds(), time.perf_counter()
         result = function(*args, **kwargs)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
         peak_kib = _status_kib("VmHWM") if reset else None
         if peak_kib is None:
             peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the process's peak so far
-        row = {"phase": name, "seconds": round(seconds, 2), "peak_rss_gib": round(peak_kib / 1024**2, 3),
-               "rss_before_gib": round((rss_before or 0) / 1024**2, 3),
-               "rss_after_gib": round((_status_kib("VmRSS") or 0) / 1024**2, 3),
-               "peak_is_per_phase": reset}
+        row = {"phase": name, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+               "peak_rss_gib": round(peak_kib / 1024**2, 3), "rss_before_gib": round((rss_before or 0) / 1024**2, 3),
+               "rss_after_gib": round((_status_kib("VmRSS") or 0) / 1024**2, 3), "peak_is_per_phase": reset}
         self.rows.append(row)
-        log(f"[real_shape] {name}: {seconds:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB")
+        log(f"[real_shape] {name}: {seconds:.1f} s ({cpu:.1f} s CPU), peak RSS {row['peak_rss_gib']:.2f} GiB")
+        if self.on_phase is not None:
+            self.on_phase()
         return result
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---- the phases ------------------------------------------------------------------------------------------
@@ -341,8 +351,45 @@ def main(argv=None) -> dict:
     work = Path(args.work_dir) if keep else Path(tempfile.mkdtemp(prefix="real_shape-"))
     work.mkdir(parents=True, exist_ok=True)
     base, merged_root, final = work / "base", work / "sft", work / "final"
-    phases = Phases()
     results: dict = {}
+    payload: dict = {}
+
+    def report(complete: bool = False) -> None:
+        """Write the result so far (after every phase, so an interrupted run still records what it measured)."""
+        columns = [("phase", "phase"), ("seconds", "seconds"), ("cpu_seconds", "CPU seconds"),
+                   ("peak_rss_gib", "peak RSS (GiB)"), ("rss_after_gib", "RSS after (GiB)")]
+        table = markdown_table(phases.rows, columns)
+        peak = max(row["peak_rss_gib"] for row in phases.rows)
+        total = sum(row["seconds"] for row in phases.rows)
+        payload.clear()
+        payload.update({
+            "benchmark": "real_shape",
+            "complete": complete,
+            "config": {"shape": shape.name, "text": shape.text, "vision": shape.vision, "teacher": shape.teacher,
+                       "labels": labels, "min_pixels": shape.min_pixels, "max_pixels": shape.max_pixels,
+                       "compute_dtype": str(dtype).removeprefix("torch."), "export_dtype": "bfloat16",
+                       "device": device_name(torch.device("cpu")), "torch_threads": torch.get_num_threads()},
+            "settings": {"sft_images": args.sft_images, "sft_image_size": list(sft_size),
+                         "sft_steps": args.sft_steps, "feature_images": dict(zip(SPLITS, args.feature_images)),
+                         "feature_image_size": list(feature_size), "distill_epochs": args.distill_epochs,
+                         "gate_epochs": args.gate_epochs, "max_shard_size": args.max_shard_size, "seed": args.seed},
+            "phases": phases.rows,
+            "results": results,
+            "summary": {"peak_rss_gib": peak, "total_seconds": round(total, 1),
+                        "total_cpu_seconds": round(sum(row["cpu_seconds"] for row in phases.rows), 1)},
+            "ratios": {"export_bytes_over_merged_bytes": results["export"]["bytes"] / results["sft"]["merged_bytes"]}
+            if "export" in results else {},
+            "table_markdown": table,
+        })
+        if complete:
+            print(table)
+            print(f"\nTotal {total:.0f} s; peak RSS {peak:.2f} GiB ({device_name(torch.device('cpu'))}, "
+                  f"{torch.get_num_threads()} threads).")
+            write_json(args.output, payload)
+        else:
+            write_json_atomic({"environment": environment(), **payload}, args.output, default=str)
+
+    phases = Phases(on_phase=report)
     try:
         results["base"] = phases.run("build_base", build_base, shape, base, args.seed)
 
@@ -400,32 +447,8 @@ def main(argv=None) -> dict:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    table = markdown_table(phases.rows, [("phase", "phase"), ("seconds", "seconds"),
-                                         ("peak_rss_gib", "peak RSS (GiB)"), ("rss_after_gib", "RSS after (GiB)")])
-    print(table)
-    peak = max(row["peak_rss_gib"] for row in phases.rows)
-    total = sum(row["seconds"] for row in phases.rows)
-    print(f"\nTotal {total:.0f} s; peak RSS {peak:.2f} GiB ({device_name(torch.device('cpu'))}, "
-          f"{torch.get_num_threads()} threads).")
-    payload = {
-        "benchmark": "real_shape",
-        "config": {"shape": shape.name, "text": shape.text, "vision": shape.vision, "teacher": shape.teacher,
-                   "labels": labels, "min_pixels": shape.min_pixels, "max_pixels": shape.max_pixels,
-                   "compute_dtype": str(dtype).removeprefix("torch."), "export_dtype": "bfloat16",
-                   "device": device_name(torch.device("cpu")), "torch_threads": torch.get_num_threads()},
-        "settings": {"sft_images": args.sft_images, "sft_image_size": list(sft_size), "sft_steps": args.sft_steps,
-                     "feature_images": dict(zip(SPLITS, args.feature_images)),
-                     "feature_image_size": list(feature_size), "distill_epochs": args.distill_epochs,
-                     "gate_epochs": args.gate_epochs, "max_shard_size": args.max_shard_size, "seed": args.seed},
-        "phases": phases.rows,
-        "results": results,
-        "summary": {"peak_rss_gib": peak, "total_seconds": round(total, 1)},
-        "ratios": {"export_bytes_over_merged_bytes": results["export"]["bytes"] / results["sft"]["merged_bytes"]},
-        "table_markdown": table,
-    }
-    write_json(args.output, payload)
+    report(complete=True)
     return payload
-
 
 if __name__ == "__main__":
     main()
