@@ -18,6 +18,7 @@ RUNS = {
     "training": ["--num-images", "4", "--epochs", "2", "--max-new-tokens", "4"],
     "scaling": ["--reps", "1", "--sides", "56", "112", "--batch-sizes", "1", "2", "--max-new-tokens", "4"],
     "feature_workers": ["--num-images", "4", "--batch-size", "2", "--reps", "1"],
+    "real_shape": ["--sft-steps", "2", "--feature-image-size", "300x200"],
 }
 
 
@@ -36,7 +37,8 @@ def numbers(value, path=""):
 
 
 def test_bench_scripts_smoke(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}  # bench.real_shape loads its export's remote code
     processes = {}
     for name, extra in RUNS.items():
         command = [sys.executable, "-m", f"bench.{name}", "--tiny", "--threads", "1",
@@ -97,3 +99,18 @@ def test_bench_scripts_smoke(tmp_path):
     workers = {row["case"]: row for row in results["feature_workers"]["results"]}
     assert set(workers) == {"preprocess_only", "workers0", "workers2"}
     assert workers["workers2"]["cache_equals_workers0"] is True  # same cache with preprocessing in 2 workers
+    real = results["real_shape"]
+    phases = [row["phase"] for row in real["phases"]]
+    assert phases == ["build_base", "sft_load_4bit", "sft_steps", "sft_merge", "features", "distill", "gate",
+                      "export", "reload_4bit", "classify"]
+    assert all(row["seconds"] >= 0 and row["peak_rss_gib"] > 0 for row in real["phases"])
+    done = real["results"]
+    assert done["sft"]["linear4bit_modules"] > 0 and done["sft"]["steps"] == 2
+    assert done["sft"]["kinds"] == ["categorical", "conversation"]
+    # 300x200 images are resized under the tiny bound (112^2 pixels: at most 16 visual tokens per image).
+    tokens = [n for split in done["features"]["visual_tokens_per_image"].values() for n in split]
+    assert tokens and max(tokens) <= done["features"]["max_visual_tokens_of_bound"] == 16
+    assert "BF16" in done["export"]["tensors_by_dtype"] and done["export"]["head_and_gate_dtypes"] == ["F32"]
+    assert done["reload_4bit"]["linear4bit_modules"] > 0 and done["reload_4bit"]["head_and_gate_dtypes"] == ["float32"]
+    labels = set(real["config"]["labels"])
+    assert len(done["classify"]["top1"]) == 1 and set(done["classify"]["top1"]) <= labels
