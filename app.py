@@ -21,7 +21,8 @@ In a Space published by `python -m train push-space`, `emovlm_space.json` next t
 exactly that model) and `examples` (a folder relative to this file); flags and environment variables still win.
 
 Only `transformers`, `torch`, `PIL` and `gradio` are imported, never the project's packages: what the page shows
-is what a user of the published checkpoint gets.
+is what a user of the published checkpoint gets. Files are classified by the checkpoint's own `inference.py`, the
+code `train predict` runs, so the page shows what `predict` writes for the same files.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ def test_payload_modules_only_define_classes_at_import(tiny_checkpoint, tmp_path
     payload.mkdir()
     (payload / "__init__.py").write_text("")
     for name in ("configuration_emovlm_kd.py", "processing_emovlm_kd.py", "modeling_emovlm_kd.py",
-                 "pipeline_emovlm_kd.py", "fast_path.py", "fusion.py"):
+                 "pipeline_emovlm_kd.py", "fast_path.py", "fusion.py", "inference.py"):
         shutil.copy(tiny_checkpoint / name, payload / name)
     result = subprocess.run([sys.executable, "-c", IMPORT_AUDIT, str(payload)], capture_output=True, text=True,
                             check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
