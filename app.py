@@ -21,13 +21,15 @@ In a Space published by `python -m train push-space`, `emovlm_space.json` next t
 exactly that model) and `examples` (a folder relative to this file); flags and environment variables still win.
 
 Only `transformers`, `torch`, `PIL` and `gradio` are imported, never the project's packages: what the page shows
-is what a user of the published checkpoint gets.
+is what a user of the published checkpoint gets. Files are classified by the checkpoint's own `inference.py`, the
+code `train predict` runs, so the page shows what `predict` writes for the same files.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import importlib
 import json
 import os
 import re
@@ -83,6 +85,7 @@ class Classifier:
     model: Any
     image_processor: Any
     labels: list[str]
+    inference: Any  # the checkpoint's `inference.py` module
 
     @property
     def gate_type(self) -> str:
@@ -156,12 +159,18 @@ def load_classifier(reference: str | os.PathLike, revision: str | None = None, d
         image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - any load failure becomes a message on the page
         raise CheckpointError(f"Could not load the EmoVLM-KD checkpoint `{source}`: {err}") from err
-    # The branch shares come with the model's own output (its fusion computes them on the inputs it fuses).
-    if not hasattr(model, "fusion") or not hasattr(model.gate, "branch_weights"):
-        raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint whose model reports branch weights.")
+    # The branch shares come with the model's own output (its fusion computes them on the inputs it fuses); the
+    # batched, error-tolerant inference on files is the checkpoint's own `inference.py` (`train predict`'s too).
+    try:
+        inference = importlib.import_module(type(model).__module__.rpartition(".")[0] + ".inference")
+    except ImportError:
+        inference = None
+    if not hasattr(model, "fusion") or not hasattr(model.gate, "branch_weights") or inference is None:
+        raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint whose model reports branch weights "
+                              "and ships `inference.py`; export it again with this version of the project.")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     name = display_name(source) + (f"@{revision}" if kwargs else "")
-    return Classifier(name, model, image_processor, labels)
+    return Classifier(name, model, image_processor, labels, inference)
 
 
 def display_name(source: str) -> str:
@@ -183,44 +192,46 @@ def check_image_file(path: str | os.PathLike, shown_name: str) -> None:
         raise ValueError(f"{shown_name} is empty (0 bytes), not an image.")
 
 
-def branch_shares(output) -> torch.Tensor:
-    """`(batch, 2)` [vlm, head] contributions: the model output's `branch_weights` (the gate's own, on the inputs
-    the model's fusion fused)."""
-    return output.branch_weights.float()
+def readable_error(error: str, path: str, shown_name: str) -> str:
+    """The inference code's error for a file, as the user reads it: naming their file, not the server's path."""
+    return f"{shown_name} is not a readable image ({error.replace(path, shown_name)})."
 
 
-@torch.no_grad()
-def predict_paths(classifier: Classifier, paths: list[str]) -> list[Prediction]:
-    """One forward pass for a list of readable image files; the processor raises ValueError for bad ones."""
-    inputs = classifier.image_processor(paths, return_tensors="pt")
-    device = classifier.model.get_input_embeddings().weight.device
-    output = classifier.model(pixel_values=inputs["pixel_values"].to(device),
-                              image_grid_thw=inputs["image_grid_thw"].to(device))
-    shares = branch_shares(output)
+def prediction_of(classifier: Classifier, result) -> Prediction:
+    """What the page shows for one classified file (an `ImageResult` of the checkpoint's `inference.py`)."""
     as_dict = lambda row: dict(zip(classifier.labels, row.tolist()))  # noqa: E731
-    return [
-        Prediction(
-            fused=as_dict(output.logits[i].float().softmax(-1)),
-            vlm=as_dict(output.vlm_logits[i].float().softmax(-1)),
-            vlm_log_likelihood=as_dict(output.vlm_logits[i].float()),
-            head=as_dict(output.head_logits[i].float().softmax(-1)),
-            vlm_share=float(shares[i, 0]),
-            head_share=float(shares[i, 1]),
-        )
-        for i in range(len(paths))
-    ]
+    return Prediction(
+        fused=as_dict(result.probabilities("logits")),
+        vlm=as_dict(result.probabilities("vlm_logits")),
+        vlm_log_likelihood=as_dict(result.vlm_logits),
+        head=as_dict(result.probabilities("head_logits")),
+        vlm_share=float(result.branch_weights[0]),
+        head_share=float(result.branch_weights[1]),
+    )
+
+
+def classify_files(classifier: Classifier, paths: list[str]) -> list:
+    """The checkpoint's own batched inference (`train predict` runs the same code): one `ImageResult` per path,
+    with its error or its fused, VLM and head logits and branch weights; a failing batch is retried one by one."""
+    return classifier.inference.classify_files(classifier.model, classifier.image_processor, paths, BATCH_SIZE)
+
+
+def predict_paths(classifier: Classifier, paths: list[str]) -> list[Prediction]:
+    """Predictions for a list of readable image files; ValueError naming the first file that is not one."""
+    results = classify_files(classifier, paths)
+    for result in results:
+        if result.error is not None:
+            raise ValueError(result.error)
+    return [prediction_of(classifier, result) for result in results]
 
 
 def predict_one(classifier: Classifier, path: str, shown_name: str) -> Prediction:
     """Validate and classify one file; errors name the user's file."""
     check_image_file(path, shown_name)
-    try:
-        return predict_paths(classifier, [path])[0]
-    except (ValueError, OSError) as err:
-        # The processor's ValueError wraps PIL's reason; show that reason with the user's file name, not the
-        # server's temporary path.
-        reason = str(err.__cause__ or err).replace(path, shown_name)
-        raise ValueError(f"{shown_name} is not a readable image ({reason}).") from err
+    (result,) = classify_files(classifier, [path])
+    if result.error is not None:
+        raise ValueError(readable_error(result.error, path, shown_name))
+    return prediction_of(classifier, result)
 
 
 # ---- presentation ----------------------------------------------------------------------------------------
@@ -333,21 +344,9 @@ def classify_batch(classifier: Classifier | None, load_error: str, files: list[A
             good.append((index, path, name))
         except ValueError as err:
             rows[index] = batch_row(name, error=str(err))
-    for start in range(0, len(good), BATCH_SIZE):
-        chunk = good[start : start + BATCH_SIZE]
-        try:
-            predictions = predict_paths(classifier, [path for _, path, _ in chunk])
-        except (ValueError, OSError):
-            # Some file in the chunk is unreadable: classify one by one so only that file gets an error row.
-            predictions = None
-        for position, (index, path, name) in enumerate(chunk):
-            if predictions is not None:
-                rows[index] = batch_row(name, predictions[position])
-                continue
-            try:
-                rows[index] = batch_row(name, predict_one(classifier, path, name))
-            except ValueError as err:
-                rows[index] = batch_row(name, error=str(err))
+    for (index, path, name), result in zip(good, classify_files(classifier, [path for _, path, _ in good])):
+        rows[index] = (batch_row(name, error=readable_error(result.error, path, name)) if result.error is not None
+                       else batch_row(name, prediction_of(classifier, result)))
     failed = sum(1 for row in rows.values() if row[-1])
     if failed:
         gr.Warning(f"{failed} of {len(uploads)} files could not be read as images; see the error column.")

@@ -44,7 +44,7 @@ from modeling_emovlm_kd import (
     fast_path,
     resolve_label_set,
 )
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs, pool_visual_tokens
+from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.files import write_json_atomic
 from train.qwen_tokenizer import build_qwen2_vl_tokenizer
 from train.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
@@ -349,8 +349,7 @@ def head_and_gate(bm: BenchModels, visual_tokens: tuple[torch.Tensor, ...], vlm_
     """What the fused model adds to the VLM: pooling, the head and the gate."""
     model = bm.model
     features = pool_visual_tokens(visual_tokens, model.config.pooling)
-    head = model.distillation_head(features.to(model.distillation_head.mlp[-1].weight.dtype))
-    return model.fuse(vlm_logits, head)
+    return model.fusion(vlm_logits, visual_features=features, output_branch_weights=False).logits
 
 
 @dataclass
@@ -402,16 +401,18 @@ class OfficialStyle:
         merge = model.config.vlm_config.vision_config.spatial_merge_size
         sizes = (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()
         features = pool_visual_tokens(torch.split(merged, sizes), model.config.pooling)
-        head = model.distillation_head(features.to(model.distillation_head.mlp[-1].weight.dtype))
+        fusion = model.fusion  # the model's own head, gate and gate inputs (modeling_emovlm_kd/fusion.py)
+        head = fusion.head_logits(features)
         tick("second_vision_pass_and_head")
         # 3. The ViT teacher's forward, on its own preprocessing.
         teacher_inputs = bm.teacher_processor([image.convert("RGB") for image in images], return_tensors="pt")
         bm.teacher(pixel_values=teacher_inputs["pixel_values"].to(bm.device, bm.dtype)).logits.float()
         tick("teacher_forward")
         # 4. The gate on the parsed one-hot label and the head's signal (the config's `gate_head_signal`).
-        dtype = model.gate_dtype
-        _, head_signal = gate_inputs(vlm_one_hot, head, "one_hot", head_signal=model.config.gate_head_signal)
-        logits = model.gate(vlm_one_hot.to(dtype), head_signal.to(dtype))
+        # The VLM side is the parsed one-hot itself (a zero row where no label parsed), which the fusion's own
+        # `one_hot` signal (an argmax) cannot express; the head side is the fusion's.
+        _, head_signal = fusion.gate_inputs(vlm_one_hot, head)
+        logits = fusion.gate(vlm_one_hot.to(fusion.gate_dtype), head_signal)
         tick("gate")
         self.calls.append({"batch_size": len(images), "generated_tokens": int(new_tokens.shape[1]),
                            "prompt_tokens": int(inputs["input_ids"].shape[1]),

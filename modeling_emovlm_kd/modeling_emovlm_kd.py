@@ -31,6 +31,9 @@ from .fusion import (  # noqa: F401
     initializer_range,
 )
 
+# Batched, error-tolerant inference on files (`train predict` and the app); imported so that it ships with the model.
+from .inference import classify_files  # noqa: F401
+
 
 @dataclass
 class EmoVLMKDImageClassifierOutput(ModelOutput):

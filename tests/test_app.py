@@ -130,6 +130,48 @@ def test_bad_files_are_named_errors(app, checkpoint, tmp_path):
     assert str(tmp_path) not in str(caught.value)  # the user sees their file name, not the server's temp path
 
 
+def test_the_app_shows_what_predict_writes(app, tiny_checkpoint, colour_folder, tmp_path):
+    """One inference path: for the same files, a broken one and an oversized one among them, the app's batch
+    table and `train predict`'s rows give the same fused label and score, VLM and head labels, and error rows for
+    the same files; the app's shares are the model output's `branch_weights`, through the checkpoint's own code."""
+    from PIL import Image
+
+    from train.predict import Predictor, predict_files, read_rows
+
+    images = sorted(str(p) for p in (colour_folder / "test").rglob("*.png"))[:5]
+    broken, thin = tmp_path / "broken.png", tmp_path / "thin.png"
+    broken.write_text("not an image")
+    Image.new("RGB", (20000, 2), (1, 2, 3)).save(thin)  # refused when loaded (as in test_predict)
+    paths = [images[0], str(broken), *images[1:3], str(thin), *images[3:]]
+    predict_files(Predictor(str(tiny_checkpoint)), paths, tmp_path / "preds.jsonl", batch_size=3,
+                  show_progress=False)
+    rows = {row["path"]: row for row in read_rows(tmp_path / "preds.jsonl")}
+
+    classifier = app.load_classifier(tiny_checkpoint)
+    assert Path(classifier.inference.__file__).parent == Path(sys.modules[type(classifier.model).__module__].__file__).parent
+    table = app.classify_batch(classifier, "", [{"path": path, "orig_name": Path(path).name} for path in paths])
+    assert [line[0] for line in table] == [Path(path).name for path in paths]
+    columns = app.BATCH_COLUMNS
+    for path, line in zip(paths, table):
+        shown, row = dict(zip(columns, line)), rows[path]
+        assert bool(shown["error"]) == bool(row["error"]), path
+        if row["error"]:
+            assert shown["error"].startswith(f"{Path(path).name} is not a readable image") and str(tmp_path) not in shown["error"]
+            continue
+        assert (shown["fused label"], shown["VLM label"], shown["head label"]) == (
+            row["label"], row["vlm_label"], row["head_label"]), path
+        assert shown["fused p"] == pytest.approx(row["score"], abs=1e-4), path
+    assert {Path(p).name for p, row in rows.items() if row["error"]} == {"broken.png", "thin.png"}
+    good = [path for path in paths if not rows[path]["error"]]
+    predictions = app.predict_paths(classifier, good)
+    inputs = classifier.image_processor(good, return_tensors="pt")
+    with torch.no_grad():
+        output = classifier.model(**inputs)
+    shares = torch.tensor([[p.vlm_share, p.head_share] for p in predictions])
+    torch.testing.assert_close(shares, output.branch_weights.float())
+    assert [p.label for p in predictions] == [rows[path]["label"] for path in good]
+
+
 def test_missing_checkpoint_says_what_to_do(app, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", tmp_path / "runs" / "demo" / "final")
     with pytest.raises(app.CheckpointError, match="Run `make demo` first"):

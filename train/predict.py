@@ -29,7 +29,6 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -38,6 +37,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from modeling_emovlm_kd.inference import PreparedBatch, classify, prepare_batch
 
 from .locks import LockedError, exclusive
 from .records import RecordStore
@@ -237,53 +238,10 @@ class Predictor:
         """Decode and preprocess a batch on the CPU (`prepare_batch` with this checkpoint's processor)."""
         return prepare_batch(self.image_processor, paths)
 
-    def _forward(self, inputs) -> list[dict]:
-        """Label fields for preprocessed images, one forward pass."""
-        out = self.model(**inputs.to(self.device))
-        probs = out.logits.float().softmax(-1)
-        top = probs.topk(self.top_k, dim=-1)
-        return [
-            dict(
-                label=self.labels[int(top.indices[j, 0])],
-                score=round(float(top.values[j, 0]), 6),
-                top_k=[{"label": self.labels[int(k)], "score": round(float(v), 6)}
-                       for v, k in zip(top.values[j], top.indices[j])],
-                vlm_label=self.labels[int(out.vlm_logits[j].argmax())],
-                head_label=self.labels[int(out.head_logits[j].argmax())],
-            )
-            for j in range(len(probs))
-        ]
-
-    def _classify(self, images: list) -> list[dict]:
-        """Label fields for decoded images: preprocessing and one forward pass."""
-        return self._forward(self.image_processor(images, return_tensors="pt"))
-
-    @torch.inference_mode()
     def classify(self, batch: PreparedBatch) -> list[dict]:
-        """One row per path of a prepared batch: its labels, or the error that kept it from being classified."""
-        paths = batch.paths
-        rows = [{"path": path, "error": error} for path, error in zip(paths, batch.errors)]
-        good = [i for i, image in enumerate(batch.images) if image is not None]
-        if not good:
-            return rows
-        try:
-            if batch.failure is not None:
-                raise batch.failure
-            results = self._forward(batch.inputs)
-        except (ValueError, OSError, RuntimeError, MemoryError) as err:
-            # One image the processor or the model cannot take fails the whole batch: retry one at a time, so that
-            # it gets an error row naming it and the others are classified.
-            logger.warning("A batch of %d images failed (%s: %s); classifying them one at a time.", len(good),
-                           type(err).__name__, err)
-            results = []
-            for i in good:
-                try:
-                    results.append(self._classify([batch.images[i]])[0])
-                except (ValueError, OSError, RuntimeError, MemoryError) as single:
-                    results.append({"error": f"{type(single).__name__}: cannot classify {paths[i]}: {single}"})
-        for i, result in zip(good, results):
-            rows[i].update(result)
-        return rows
+        """One row per path of a prepared batch: its labels, or the error that kept it from being classified
+        (`modeling_emovlm_kd/inference.py`, the app's code too: a failing batch is retried one image at a time)."""
+        return [result.row(self.labels, self.top_k) for result in classify(self.model, self.image_processor, batch)]
 
     def predict(self, paths: Sequence[str]) -> list[dict]:
         """Rows for one batch of image files (decoded, preprocessed and classified here)."""
@@ -299,39 +257,6 @@ class Predictor:
         loader = DataLoader(_Chunks(self, chunks), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         for batch in loader:
             yield self.classify(batch)
-
-
-@dataclass
-class PreparedBatch:
-    """A batch decoded and preprocessed on the CPU: `images[i]` is None where decoding failed with `errors[i]`;
-    `inputs` is the processor's output for the decoded images, or `failure` the processor's error."""
-
-    paths: list[str]
-    images: list
-    errors: list[str | None]
-    inputs: Any = None
-    failure: BaseException | None = None
-
-
-def _load_image(image_processor, path: str):
-    try:
-        return image_processor.load_images(path), None
-    except (OSError, ValueError, TypeError) as err:
-        return None, f"{type(err).__name__}: {err}"
-
-
-def prepare_batch(image_processor, paths: Sequence[str]) -> PreparedBatch:
-    """Decode and preprocess a batch on the CPU (what `DataLoader` workers run): per-file decoding errors, and the
-    processor's output for the decoded images or the error that made the processor refuse the batch."""
-    loaded = [_load_image(image_processor, path) for path in paths]
-    batch = PreparedBatch(list(paths), [image for image, _ in loaded], [error for _, error in loaded])
-    good = [image for image in batch.images if image is not None]
-    if good:
-        try:
-            batch.inputs = image_processor(good, return_tensors="pt")
-        except (ValueError, OSError, RuntimeError, MemoryError) as err:
-            batch.failure = err
-    return batch
 
 
 class _Chunks(TorchDataset):

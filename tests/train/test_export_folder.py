@@ -18,7 +18,7 @@ def test_push_refuses_a_folder_missing_a_file_its_remote_code_imports(tiny_check
 
     from train.publish import HubFolder, PublishError
 
-    for name in ("fast_path.py", "fusion.py", "pipeline_emovlm_kd.py"):
+    for name in ("fast_path.py", "fusion.py", "inference.py", "pipeline_emovlm_kd.py"):
         folder = shutil.copytree(tiny_checkpoint, tmp_path / name)
         HubFolder.load(folder).check()  # complete: accepted
         (folder / name).unlink()
