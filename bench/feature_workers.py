@@ -18,24 +18,13 @@ import statistics
 import datasets
 import torch
 
-from bench.common import (
-    add_common_arguments,
-    build_models,
-    interleaved_timings,
-    log,
-    make_shape,
-    markdown_table,
-    random_images,
-    setup,
-    summarize,
-    write_json,
-)
+from bench import common
 from train.features import compute_vlm_features
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, "feature_workers.json")
+    common.add_common_arguments(parser, "feature_workers.json")
     parser.add_argument("--num-images", type=int, default=None, help="Images in the data set (default 12).")
     parser.add_argument("--batch-size", type=int, default=4, help="Images per forward (feature_batch_size).")
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="Worker counts to compare with 0.")
@@ -46,7 +35,7 @@ def parse_args(argv=None):
 
 def jpeg_dataset(n: int, side: int, seed: int) -> datasets.Dataset:
     encoded = []
-    for image in random_images(n, (side, side * 3 // 4), seed=seed):
+    for image in common.random_images(n, (side, side * 3 // 4), seed=seed):
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         encoded.append({"bytes": buffer.getvalue(), "path": None})
@@ -56,13 +45,13 @@ def jpeg_dataset(n: int, side: int, seed: int) -> datasets.Dataset:
 
 def main(argv=None):
     args = parse_args(argv)
-    setup(args)
+    common.setup(args)
     reps = args.reps or (1 if args.tiny else 2)
     num_images = args.num_images or (4 if args.tiny else 12)
     side = args.photo_side or (128 if args.tiny else 1024)
-    shape = make_shape("tiny" if args.tiny else "mid", args.text_layers, args.vision_depth)
-    log(f"Building the {shape.name} models ...")
-    bm = build_models(shape, dtype=args.dtype, device=args.device, seed=args.seed)
+    shape = common.make_shape("tiny" if args.tiny else "mid", args.text_layers, args.vision_depth)
+    common.log(f"Building the {shape.name} models ...")
+    bm = common.build_models(shape, dtype=args.dtype, device=args.device, seed=args.seed)
     dataset = jpeg_dataset(num_images, side, args.seed)
     results = {}
 
@@ -78,19 +67,19 @@ def main(argv=None):
     cases = {"preprocess_only": preprocess_only, "workers0": build(0)}
     cases.update({f"workers{w}": build(w) for w in args.workers if w})
     # No untimed warm-up: starting the workers is part of what a build costs.
-    times = interleaved_timings(cases, reps=reps, warmup=0, device=bm.device, log=log)
+    times = common.interleaved_timings(cases, reps=reps, warmup=0, device=bm.device, log=common.log)
     inline = results[0]
     rows = []
     for name, seconds in times.items():
         workers = None if name == "preprocess_only" else int(name.removeprefix("workers"))
-        row = {"case": name, "workers": workers, "latency": summarize(seconds),
+        row = {"case": name, "workers": workers, "latency": common.summarize(seconds),
                "images_per_s": num_images / statistics.median(seconds)}
         if workers is not None:
             row["speedup_over_workers0"] = statistics.median(times["workers0"]) / statistics.median(seconds)
             row["speedup_per_rep"] = [a / b for a, b in zip(times["workers0"], seconds)]
             row["cache_equals_workers0"] = all(torch.equal(inline[k], results[workers][k]) for k in inline)
         rows.append(row)
-    table = markdown_table(
+    table = common.markdown_table(
         [{**r, "median_s": r["latency"]["median_s"]} for r in rows],
         [("case", "case"), ("median_s", "s per build"), ("images_per_s", "images/s"),
          ("speedup_over_workers0", "x faster than 0 workers"), ("cache_equals_workers0", "cache identical")])
@@ -102,7 +91,7 @@ def main(argv=None):
               if r["workers"]}
     ratios["preprocess_share_of_workers0_build"] = (statistics.median(times["preprocess_only"])
                                                     / statistics.median(times["workers0"]))
-    write_json(args.output, {"benchmark": "feature_workers", "config": description, "settings": vars(args),
+    common.write_json(args.output, {"benchmark": "feature_workers", "config": description, "settings": vars(args),
                              "results": rows, "ratios": ratios, "table_markdown": table})
 
 
