@@ -298,13 +298,14 @@ def positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--model` form of `python -m train evaluate` (the subparser also has `--config` for a run's stage)."""
-    from .data import LOADERS, SPLITS
+    from . import registry
+    from .data import SPLITS
 
     group = parser.add_argument_group("evaluate any model (instead of --config)")
     group.add_argument("--model", help="EmoVLM-KD folder or Hub repo, or a stock Qwen2-VL folder or repo "
                                        "(zero-shot).")
     group.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model.")
-    group.add_argument("--data", choices=sorted(LOADERS), help="Data set kind (the recipe's data.kind).")
+    group.add_argument("--data", choices=registry.names(), help="Data set kind (the recipe's data.kind).")
     group.add_argument("--split", default="test", choices=SPLITS, help="Split to evaluate (default: test).")
     group.add_argument("--labels", help="Label set name or comma-separated labels (imagefolder/hub data with a stock "
                                         "VLM; an EmoVLM-KD model brings its own).")
