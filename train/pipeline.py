@@ -322,16 +322,17 @@ class Pipeline:
             self.state.wait_for_everyone()
         self.mark_done("features")
 
-    def new_head(self, config: EmoVLMKDConfig) -> EmoVLMKDDistillationHead:
-        """Stage 2's head before training: the config's, seeded by the run's seed, initialised as the model's."""
-        torch.manual_seed(self.seed)
+    def new_head(self, config: EmoVLMKDConfig, seed: int | None = None) -> EmoVLMKDDistillationHead:
+        """Stage 2's head before training: the config's, initialised as the model's, seeded by the stage's seed
+        (`distill.seed`, the run's seed unless the recipe sets it)."""
+        torch.manual_seed(self.seed if seed is None else seed)
         return head_from_config(config)
 
     def run_distill(self) -> None:
-        set_seed(self.seed)
         run = self.read()
         args = self.stage_args("distill", DistillationConfig)
-        head, trainer = train_distillation(self.new_head(run.fused_config), run.features("train"),
+        set_seed(args.seed)
+        head, trainer = train_distillation(self.new_head(run.fused_config, args.seed), run.features("train"),
                                            run.features("validation"), args,
                                            resume_from_checkpoint=self.resume("distill"))
         if self.state.is_main_process:
@@ -339,12 +340,13 @@ class Pipeline:
         self.mark_done("distill", best_validation_accuracy=trainer.state.best_metric)
 
     def run_gate(self) -> None:
-        set_seed(self.seed)
         run = self.read()
         config = run.fused_config
-        torch.manual_seed(self.seed)
-        gate = gate_from_config(config)
+        # The stage's seed (`gate.seed`, the run's unless the recipe sets it) seeds the gate's initial weights too:
+        # the seed spread and the ablations vary it per child run.
         args = self.stage_args("gate", GateConfig)
+        set_seed(args.seed)
+        gate = gate_from_config(config)
         gate, trainer = train_gate(gate, config.gate_vlm_signal, run.gate_inputs("train"),
                                    run.gate_inputs("validation"), args, resume_from_checkpoint=self.resume("gate"),
                                    head_signal=config.gate_head_signal)

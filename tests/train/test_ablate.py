@@ -5,7 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import copy_finished_run
+from safetensors.torch import load_file
 
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDDistillationHead
 from train.__main__ import main as cli
@@ -89,6 +91,9 @@ def test_gate_ablation_covers_every_gate_and_resumes_from_its_cache(run_copy):
     for child in children:
         assert (child / "features").is_symlink() and (child / "distill").is_symlink()
         assert (child / "gate" / "stage_done.json").exists() and (child / "evaluate" / "results.json").exists()
+    # A variant's seeds start its gate from different initial weights (the seed seeds the stage, init included).
+    moe = [load_file(child / "gate" / "gate.safetensors") for child in children if child.parent.name == "moe"]
+    assert len(moe) == 2 and any(not torch.equal(moe[0][k], moe[1][k]) for k in moe[0])
     markers = {child: (child / "gate" / "stage_done.json").read_text() for child in children}
     ablate(run_copy, "gate", **FAST)  # every (variant, seed) is finished and up to date: nothing trains
     assert {child: (child / "gate" / "stage_done.json").read_text() for child in children} == markers
