@@ -34,6 +34,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .arguments import positive_int
+
 logger = logging.getLogger(__name__)
 
 EMOVLM_KD_MODEL_TYPE = "emovlm_kd"
@@ -287,13 +289,6 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = 
     print(f"{source.name} on {data['kind']} [{split}], {len(dataset)} images:\n{format_table(results)}\n"
           f"Written: {output_dir / RESULTS_FILE}, {output_dir / FIGURE_FILE}")
     return results
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

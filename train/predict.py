@@ -40,6 +40,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from modeling_emovlm_kd.inference import PreparedBatch, classify, prepare_batch
 
+from .arguments import non_negative_int, positive_int
 from .locks import LockedError, exclusive
 from .records import RecordStore
 
@@ -379,24 +380,6 @@ def _run_predict(state: PartialState, model: str, source: str, output: Path, bat
         lock_path(part).unlink(missing_ok=True)
     summary.skipped = skipped
     return summary
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer of at least `minimum` (argparse names the flag in its error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import json
 import statistics
 
 from . import STAGES
+from .arguments import positive_int
 from .pipeline import Pipeline, child_pipeline
 from .recipe import Recipe, load_recipe
 from .run import read_results
@@ -86,15 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="The overrides the run was made with.")
     parser.add_argument("--output-dir", help="The run folder, if not the recipe's output_dir.")
-    parser.add_argument("--seeds", type=_positive, default=3, help="Seeds in all, the run's own included.")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="Seeds in all, the run's own included.")
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> dict:
