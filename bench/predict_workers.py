@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from modeling_emovlm_kd import LABEL_SETS
-from train.assemble import assemble, save_hub_folder
-from train.predict import Predictor, predict_files, read_rows
-from train.tiny import build_tiny_base_models
+from train.commands.predict import Predictor, predict_files, read_rows
+from train.infra.assemble import assemble, save_hub_folder
+from train.infra.tiny import build_tiny_base_models
 
 
 def main(argv=None) -> dict:

@@ -7,18 +7,18 @@ It goes through the project's own stage code, in the pipeline's order, and print
 memory of every phase:
 
 1. `build_base`: a random Qwen2-VL-2B (Qwen/Qwen2-VL-2B-Instruct's config.json, see `bench.common`) built from its
-   config in bf16, saved as an ordinary checkpoint with the real Qwen2-VL tokenizer (`train/qwen_tokenizer.py`,
+   config in bf16, saved as an ordinary checkpoint with the real Qwen2-VL tokenizer (`train/infra/qwen_tokenizer.py`,
    offline) and the image processor bounded at `--max-pixels` (1024 x 1024 as in the 7B recipes: the authors cap the
    longer side at 1024 px). Nothing is downloaded.
-2. stage 1 (`train/sft.py`): `sft_load_4bit` (`build_sft_trainer`: 4-bit NF4 + double quant, LoRA on q/k/v),
+2. stage 1 (`train/stages/sft.py`): `sft_load_4bit` (`build_sft_trainer`: 4-bit NF4 + double quant, LoRA on q/k/v),
    `sft_steps` (`--sft-steps` QLoRA steps on categorical + conversation rows of `--sft-images` generated images)
    and `sft_merge` (`save_merged`: adapter, merged model). These are `train_sft`'s steps, called one by one so each
    is measured. The conversation answers come from `CannedAnswers`, a stand-in for the answer model (generating them
    with a random 2B would be slow and meaningless); they go through the project's answer cache as real ones do.
-3. `features` (`train/assemble.py` + `train/features.py`): the merged model assembled with the same resolution
+3. `features` (`train/infra/assemble.py` + `train/stages/features.py`): the merged model assembled with the same resolution
    bound, pooled visual features and label scores of `--feature-images` images of `--feature-image-size` (train,
-   validation, test), and the logits of a random ViT-B/16-384 teacher, stored through `train.features.cached`.
-4. `distill` (`train/distill.py`) and `gate` (`train/gate.py`): the head and the gate trained on those caches.
+   validation, test), and the logits of a random ViT-B/16-384 teacher, stored through `train.stages.features.cached`.
+4. `distill` (`train/stages/distill.py`) and `gate` (`train/stages/gate.py`): the head and the gate trained on those caches.
 5. `export`: the export of `Pipeline.run_export`: `assemble(..., dtype=bfloat16)`, the trained head and gate, and
    `save_hub_folder` (sharded safetensors, remote code, processor).
 6. `reload_4bit`: `pipeline("image-classification")` on the exported folder as a user loads it, with a plain 4-bit
@@ -74,16 +74,22 @@ from bench.common import (
     write_json,
 )
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, EmoVLMKDImageProcessor, resolve_label_set
-from train.assemble import assemble, load_processor, save_hub_folder
-from train.distill import DistillationConfig, train_distillation
-from train.features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
-from train.files import write_json_atomic
-from train.gate import GateConfig, build_gate, head_logits, train_gate
-from train.instructions import build_instruction_dataset
-from train.qwen_tokenizer import build_qwen2_vl_tokenizer
-from train.sft import SFTStageConfig, build_sft_trainer, save_merged
-from train.tiny import build_tiny_tokenizer
-from train.trainer_utils import count_parameters
+from train.infra.assemble import assemble, load_processor, save_hub_folder
+from train.infra.files import write_json_atomic
+from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
+from train.infra.tiny import build_tiny_tokenizer
+from train.stages.distill import DistillationConfig, train_distillation
+from train.stages.features import (
+    cached,
+    compute_teacher_logits,
+    compute_vlm_features,
+    data_fingerprint,
+    model_fingerprint,
+)
+from train.stages.gate import GateConfig, build_gate, head_logits, train_gate
+from train.stages.instructions import build_instruction_dataset
+from train.stages.sft import SFTStageConfig, build_sft_trainer, save_merged
+from train.stages.trainer_utils import count_parameters
 
 SPLITS = ("train", "validation", "test")
 # The 7B recipes' bound (train/recipes/qwen2-vl-7b/*.yaml): 1024 x 1024 pixels.
@@ -92,7 +98,7 @@ GIB = 1024**3
 
 
 class CannedAnswers:
-    """Stand-in for the answer model (`train.instructions.AnswerGenerator`): a fixed, label-free description per
+    """Stand-in for the answer model (`train.stages.instructions.AnswerGenerator`): a fixed, label-free description per
     image, so stage 1's conversation rows have realistic answers without running a generator."""
 
     name = "canned"

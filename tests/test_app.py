@@ -136,7 +136,7 @@ def test_the_app_shows_what_predict_writes(app, tiny_checkpoint, colour_folder, 
     the same files; the app's shares are the model output's `branch_weights`, through the checkpoint's own code."""
     from PIL import Image
 
-    from train.predict import Predictor, predict_files, read_rows
+    from train.commands.predict import Predictor, predict_files, read_rows
 
     images = sorted(str(p) for p in (colour_folder / "test").rglob("*.png"))[:5]
     broken, thin = tmp_path / "broken.png", tmp_path / "thin.png"

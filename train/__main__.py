@@ -23,17 +23,17 @@ import os
 import sys
 from pathlib import Path
 
-from . import STAGES
+from train import STAGES
 
 # Commands with their own module, imported only when that command runs, so that e.g. `push` starts in a second
 # instead of loading the whole training stack: (module, one-line help).
 TOOLS = {
-    "predict": (".predict", "classify a folder of images into JSONL/CSV"),
-    "ablate": (".ablate", "depth / alpha / gate ablations on a run's caches"),
-    "spread": (".spread", "stages 2-3 over several seeds on a run's caches: mean and std of every branch"),
-    "report": (".report", "a run's Markdown report with the paper's figures"),
-    "push": (".publish", "upload a run's Hub-ready folder with its model card"),
-    "push-space": (".space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
+    "predict": ("train.commands.predict", "classify a folder of images into JSONL/CSV"),
+    "ablate": ("train.commands.ablate", "depth / alpha / gate ablations on a run's caches"),
+    "spread": ("train.commands.spread", "stages 2-3 over several seeds on a run's caches: mean and std of every branch"),
+    "report": ("train.commands.report", "a run's Markdown report with the paper's figures"),
+    "push": ("train.commands.publish", "upload a run's Hub-ready folder with its model card"),
+    "push-space": ("train.commands.space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
 }
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
 DEMO_DATA = Path(__file__).parent / "demo_data" / "fashion_mnist_sample"
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--output-dir", help="Override the recipe's output_dir.")
         if name == "recipe":
             if argv[:1] == ["recipe"]:
-                from .recipe import recipe_help
+                from train.infra.recipe import recipe_help
 
                 sub.epilog = recipe_help()
             continue
@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.epilog = ("Stages rerun when their recipe settings or the stages they read changed (see "
                       "`python -m train recipe --help` for every recipe field).")
         if name == "evaluate" and argv[:1] == ["evaluate"]:
-            # `evaluate --model M --data KIND`: any model on any data set, outside a run (train/evaluate_model.py).
-            from .evaluate_model import add_arguments
+            # `evaluate --model M --data KIND`: any model on any data set, outside a run (train/commands/evaluate_model.py).
+            from train.commands.evaluate_model import add_arguments
 
             add_arguments(sub)
     demo = commands.add_parser("demo", help="the whole pipeline offline on the bundled sample")
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (module_name, help_text) in TOOLS.items():
         sub = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
         if argv[:1] == [name]:
-            module = importlib.import_module(module_name, __package__)
+            module = importlib.import_module(module_name)
             sub.description = module.__doc__
             module.add_arguments(sub)
     tiny = commands.add_parser("tiny", help="build tiny offline base models")
@@ -89,8 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_demo(output_dir: str, overrides: list[str]) -> None:
     from transformers import pipeline as hf_pipeline
 
-    from .pipeline import Pipeline, print_results
-    from .recipe import read_recipe, validate_recipe
+    from train.infra.recipe import read_recipe, validate_recipe
+    from train.stages.pipeline import Pipeline, print_results
 
     recipe = read_recipe(DEMO_RECIPE, overrides)
     recipe["output_dir"] = output_dir
@@ -98,7 +98,7 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
     recipe = validate_recipe(recipe, where=str(DEMO_RECIPE))
     results = Pipeline(recipe).run()
     print_results(results)
-    from .spread import format_spread, seed_spread
+    from train.commands.spread import format_spread, seed_spread
 
     # One run is one draw of the head's and the gate's seeds; bf16 kernels also differ between CPUs. The spread over
     # seeds (stages 2-3 retrained on the same caches) says how much of a difference between branches is noise.
@@ -110,7 +110,7 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
     samples = [sorted((DEMO_DATA / "test" / label).glob("*.png"))[0] for label in recipe.labels[:5]]
     for path, prediction in zip(samples, classifier([str(p) for p in samples], batch_size=5, top_k=1)):
         print(f"  {path.parent.name:>10} / {path.name}: {prediction[0]['label']} ({prediction[0]['score']:.2f})")
-    from .report import write_report
+    from train.commands.report import write_report
 
     print(f"\nReport with the paper's tables and figures for this run: {write_report(output_dir)}")
 
@@ -126,14 +126,14 @@ def main(argv=None) -> None:
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in TOOLS:
-        result = importlib.import_module(TOOLS[args.command][0], __package__).run(args)
+        result = importlib.import_module(TOOLS[args.command][0]).run(args)
         # `predict` reports bad files in its output and fails only when no image could be classified.
         return 1 if args.command == "predict" and result.failed and not result.predicted else 0
     if args.command == "demo":
         run_demo(args.output_dir, args.set)
         return
     if args.command == "tiny":
-        from .tiny import build_tiny_base_models
+        from train.infra.tiny import build_tiny_base_models
 
         labels = args.labels.split(",") if "," in args.labels else args.labels
         from modeling_emovlm_kd import resolve_label_set
@@ -154,10 +154,10 @@ def main(argv=None) -> None:
         if not getattr(args, "model", None):
             print("error: evaluate needs --config RECIPE or --model M --data KIND --output-dir DIR.", file=sys.stderr)
             return 2
-        from .evaluate_model import run
+        from train.commands.evaluate_model import run
 
         return run(args)
-    from .recipe import RecipeError, load_recipe, public_recipe
+    from train.infra.recipe import RecipeError, load_recipe, public_recipe
 
     try:
         # Everything is validated before any stage runs or anything is deleted.
@@ -174,8 +174,8 @@ def main(argv=None) -> None:
         print(f"# {args.config}: valid. As stored in results.json (secrets and local paths removed):")
         print(yaml.safe_dump(public_recipe(recipe.raw, recipe.output_dir), sort_keys=False), end="")
         return 0
-    from .locks import LockedError
-    from .pipeline import Pipeline, StageError, print_results
+    from train.infra.locks import LockedError
+    from train.stages.pipeline import Pipeline, StageError, print_results
 
     pipeline = Pipeline(recipe)
     try:

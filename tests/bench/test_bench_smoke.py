@@ -86,7 +86,7 @@ def test_bench_scripts_smoke(tmp_path):
     assert {"cache_build_s", "stage2_cached_epoch_s", "stage3_cached_epoch_s", "stage2_recompute_epoch_s",
             "stage3_recompute_epoch_s", "stage2_official_epoch_s", "stage3_official_epoch_s"} <= set(training)
     assert len(training["stage2_cached_epoch_s"]["all"]) == 2
-    assert training["stage3_train_gate"]["lbfgs_calls"] >= 1  # stage 3 timed through train.gate.train_gate
+    assert training["stage3_train_gate"]["lbfgs_calls"] >= 1  # stage 3 timed through train.stages.gate.train_gate
     assert training["stage3_train_gate"]["head_signal"] == results["training"]["config"]["gate_head_signal"]
 
     scaling = results["scaling"]["results"]

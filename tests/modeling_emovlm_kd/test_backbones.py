@@ -20,9 +20,9 @@ from modeling_emovlm_kd import GATE_TYPES, LABEL_SETS, EmoVLMKDConfig, EmoVLMKDF
 from modeling_emovlm_kd.backbones import BACKBONES, get_backbone
 from modeling_emovlm_kd.fast_path import patch_convolutions
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
-from train.assemble import assemble, quantization_config, save_hub_folder
-from train.recipe import load_recipe
-from train.tiny import build_tiny_image_processor, build_tiny_vlm
+from train.infra.assemble import assemble, quantization_config, save_hub_folder
+from train.infra.recipe import load_recipe
+from train.infra.tiny import build_tiny_image_processor, build_tiny_vlm
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 RECIPES = Path(__file__).parents[2] / "train" / "recipes"
@@ -280,7 +280,7 @@ def test_sft_runs_qlora_for_the_family(family, family_vlm, tmp_path):
     import datasets
     from safetensors.torch import load_file
 
-    from train.sft import SFTStageConfig, train_sft
+    from train.stages.sft import SFTStageConfig, train_sft
 
     labels = ["amusement", "awe", "fear", "sadness"]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=labels)})

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification, AutoModelForImageTextToText, BitsAndBytesConfig
 
 from modeling_emovlm_kd import EmoVLMKDImageProcessor, fast_path
-from train.assemble import assemble
+from train.infra.assemble import assemble
 
 OUTPUTS = ("logits", "vlm_logits", "head_logits", "visual_features")
 

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 import modeling_emovlm_kd.configuration_emovlm_kd as configuration
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig, EmoVLMKDForImageClassification, EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import GATES, gate_from_config, gate_inputs, head_from_config, new_gate
-from train.assemble import assemble
+from train.infra.assemble import assemble
 
 
 class ScaledSumGate(nn.Module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.assemble import assemble
+from train.infra.assemble import assemble
 
 # Four labels, two of which share their leading token, so the test covers multi-token scoring paths too.
 LABELS = ["awe", "awe-struck", "fear", "sadness"]

@@ -14,7 +14,7 @@ from modeling_emovlm_kd import (
     EmoVLMKDProcessor,
 )
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
-from train.assemble import FULL_PRECISION_MODULES, assemble
+from train.infra.assemble import FULL_PRECISION_MODULES, assemble
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json, written out so no download is needed.
 QWEN2_VL_7B = {

@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDDistillationHead
 from train.__main__ import main as cli
-from train.ablate import (
+from train.commands.ablate import (
     PAPER_DEPTHS,
     ablate,
     depth_min_width,
     head_parameter_count,
     scaled_hidden_dims,
 )
-from train.gate import build_gate
-from train.trainer_utils import count_parameters
+from train.stages.gate import build_gate
+from train.stages.trainer_utils import count_parameters
 
 FAST = {"seeds": 2, "epochs": 1, "selection": "last"}
 

@@ -1,4 +1,4 @@
-"""Tests of `train.data` on tiny archives built in `tmp_path` with the original data sets' layouts."""
+"""Tests of `train.infra.data` on tiny archives built in `tmp_path` with the original data sets' layouts."""
 
 import json
 import logging
@@ -10,7 +10,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
 from modeling_emovlm_kd import LABEL_SETS
-from train.data import (
+from train.infra.data import (
     _majority,
     dataset_summary,
     load_dataset_from_config,
@@ -205,7 +205,7 @@ def test_fi_svg_and_broken_or_looping_symlinks_are_reported_and_counted(fi_root,
     (fi_root / "fear" / "broken.jpg").symlink_to(fi_root / "fear" / "deleted.jpg")
     (fi_root / "fear" / "loop.jpg").symlink_to(fi_root / "fear" / "loop.jpg")
     (fi_root / "fear" / "linked.jpg").symlink_to(fi_root / "fear" / "fear_0.jpg")  # a good symlink is an image
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.infra.data"):
         dd = load_fi(fi_root, split_file=tmp_path / "split.json")
     assert dataset_summary(dd)["skipped"] == {
         "non_image_file": 1, "unsupported_image_format": 1, "broken_symlink": 1, "symlink_loop": 1,
@@ -239,7 +239,7 @@ def _emotion6(root: Path) -> Path:
 
 
 def test_emotion6_labels_splits_and_ground_truth_cross_check(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.infra.data"):
         dd = load_emotion6(_emotion6(tmp_path / "Emotion6"), split_file=tmp_path / "e6.json")
     assert dd["train"].features["label"].names == EKMAN6
     rows = [r for split in dd.values() for r in split.select_columns(["label", "image_path"])]
@@ -292,7 +292,7 @@ def _flickr(root: Path) -> Path:
 
 def test_flickr_majority_votes_both_labels_and_skip_counts(tmp_path, caplog):
     root = _flickr(tmp_path / "flickr")
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.infra.data"):
         dd = load_flickr_instagram(root, "labels.txt", split_file=tmp_path / "flickr.json")
     assert dd["train"].features["label"].names == ["negative", "positive"]
     rows = {r["image_path"]: r["label"] for split in dd.values() for r in split.select_columns(["label", "image_path"])}
@@ -309,7 +309,7 @@ def test_flickr_broken_symlinks_and_svg_images_are_counted(tmp_path, caplog):
     root = _flickr(tmp_path / "flickr")
     (root / "images" / "gone.jpg").symlink_to(root / "images" / "nowhere.jpg")  # the id listed without an image
     (root / "images" / "extra.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.infra.data"):
         dd = load_flickr_instagram(root, "labels.txt", split_file=tmp_path / "flickr.json")
     assert dataset_summary(dd)["skipped"] == {
         "neutral": 3, "tie": 2, "missing_image": 1, "broken_symlink": 1, "unsupported_image_format": 1,

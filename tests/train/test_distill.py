@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
-from train.distill import DistillationConfig, distillation_loss, train_distillation
+from train.stages.distill import DistillationConfig, distillation_loss, train_distillation
 
 
 def reference(student, teacher, labels, alpha, tau):

@@ -10,7 +10,7 @@ from accelerate.commands.config.config_args import ClusterConfig
 from conftest import final_metrics, write_recipe
 from safetensors.torch import load_file
 
-from train.assemble import quantization_config
+from train.infra.assemble import quantization_config
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "train", "recipes", "accelerate")
 
@@ -93,7 +93,7 @@ def test_qlora_stage_one_on_gpu(tiny_base, tmp_path):
     import datasets
     from PIL import Image
 
-    from train.sft import SFTStageConfig, train_sft
+    from train.stages.sft import SFTStageConfig, train_sft
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     data = datasets.Dataset.from_dict({"image": [Image.new("RGB", (56, 56), c) for c in ("red", "blue")] * 4,
@@ -146,8 +146,8 @@ def test_stage1_label_accuracy_under_torchrun_counts_every_subset_image_once(col
     import yaml
     from conftest import LABELS
 
-    from train.assemble import assemble
-    from train.pipeline import Pipeline
+    from train.infra.assemble import assemble
+    from train.stages.pipeline import Pipeline
 
     output_dir = tmp_path / "sft-eval-ddp"
     recipe = write_recipe(tmp_path / "recipe.yaml", colour_folder, output_dir, sft_epochs=1)

@@ -20,12 +20,12 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-import train.evaluate_model as evaluate_model_module
+import train.commands.evaluate_model as evaluate_model_module
 from train.__main__ import parse_args
-from train.assemble import assemble, save_hub_folder
-from train.evaluate_model import EvaluationError, evaluate_model
-from train.publish import HubFolder, PublishError, load_evaluations, load_variants, push
-from train.tiny import build_tiny_base_models
+from train.commands.evaluate_model import EvaluationError, evaluate_model
+from train.commands.publish import HubFolder, PublishError, load_evaluations, load_variants, push
+from train.infra.assemble import assemble, save_hub_folder
+from train.infra.tiny import build_tiny_base_models
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITE_TOKEN = "hf_alice_write"

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from train.evaluation import evaluate_branches, format_table, plot_confusion_matrices
-from train.files import write_json_atomic
+from train.infra.evaluation import evaluate_branches, format_table, plot_confusion_matrices
+from train.infra.files import write_json_atomic
 
 
 def test_metrics_per_branch_and_figure(tmp_path):

@@ -16,7 +16,7 @@ def test_push_refuses_a_folder_missing_a_file_its_remote_code_imports(tiny_check
 
     import pytest
 
-    from train.publish import HubFolder, PublishError
+    from train.commands.publish import HubFolder, PublishError
 
     for name in ("fast_path.py", "fusion.py", "inference.py", "pipeline_emovlm_kd.py"):
         folder = shutil.copytree(tiny_checkpoint, tmp_path / name)

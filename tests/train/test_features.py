@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from train.assemble import assemble
-from train.features import cached, compute_teacher_logits, compute_vlm_features, model_fingerprint
+from train.infra.assemble import assemble
+from train.stages.features import cached, compute_teacher_logits, compute_vlm_features, model_fingerprint
 
 
 @pytest.fixture(scope="module")

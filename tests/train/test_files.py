@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from train.files import write_json_atomic
+from train.infra.files import write_json_atomic
 
 
 def test_json_is_written_whole_and_readable_by_others(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from modeling_emovlm_kd import GATE_TYPES
 from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
-from train.gate import GateConfig, build_gate, train_gate
+from train.stages.gate import GateConfig, build_gate, train_gate
 
 
 def gate_split(n, classes=4, seed=0):
@@ -101,7 +101,7 @@ def correct(gate, rows, vlm_signal="one_hot"):
 def test_the_gate_reaches_the_full_batch_optimum_and_is_as_good_as_the_better_branch(tmp_path, caplog, weight_decay):
     train, validation = binary_split(300, seed=0), binary_split(100, seed=1)
     args = stage_args(tmp_path, weight_decay=weight_decay)
-    with caplog.at_level(logging.WARNING, logger="train.gate"):
+    with caplog.at_level(logging.WARNING, logger="train.stages.gate"):
         gate, trainer = train_gate(build_gate("concat_linear", 2), "one_hot", train, validation, args)
     optimum = objective(reference_fit(train, weight_decay), train, weight_decay)
     assert objective(gate, train, weight_decay) <= optimum * 1.01
@@ -117,7 +117,7 @@ def test_a_gate_below_the_better_branch_on_validation_is_reported(tmp_path, capl
     # the gate learns to follow the VLM, and on validation the head alone is far better.
     train = binary_split(200, seed=0, vlm_right=1.0, head_right=0.5)
     validation = binary_split(100, seed=1, vlm_right=0.5, head_right=1.0)
-    with caplog.at_level(logging.WARNING, logger="train.gate"):
+    with caplog.at_level(logging.WARNING, logger="train.stages.gate"):
         gate, _ = train_gate(build_gate("concat_linear", 2), "one_hot", train, validation, stage_args(tmp_path))
     head = int((validation["head_logits"].argmax(-1) == validation["labels"]).sum())
     assert correct(gate, validation) < head - 1
@@ -154,7 +154,7 @@ TWO_PROCESS_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_gate import gate_split
-from train.gate import GateConfig, build_gate, train_gate
+from train.stages.gate import GateConfig, build_gate, train_gate
 train, validation = gate_split(257), gate_split(101, seed=1)
 args = GateConfig(output_dir=sys.argv[1], disable_tqdm=True, save_strategy="no", logging_strategy="no", use_cpu=True)
 gate, trainer = train_gate(build_gate("moe", 4), "probs", train, validation, args)

@@ -2,7 +2,7 @@
 """Tests of the stage-1 instruction data: prompts, the OpenAI-compatible client, the answer cache and resumption.
 
 The endpoint is `FakeChatServer`, a test double of `/v1/chat/completions` started on 127.0.0.1 by each test; the
-local model is the tiny random Qwen2-VL of `train.tiny.build_tiny_vlm` (the `tiny_base` fixture).
+local model is the tiny random Qwen2-VL of `train.infra.tiny.build_tiny_vlm` (the `tiny_base` fixture).
 """
 
 import base64
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from modeling_emovlm_kd import LABEL_SETS, EmoVLMKDImageProcessor, EmoVLMKDProcessor
 from modeling_emovlm_kd.configuration_emovlm_kd import default_categorical_prompt
 from modeling_emovlm_kd.processing_emovlm_kd import CONVERSATION_PROMPT, REASONING_PROMPT
-from train.instructions import (
+from train.stages.instructions import (
     AnswerCache,
     AnswerGenerationError,
     AnswerGenerator,
@@ -366,11 +366,11 @@ def test_parallel_workers_cache_every_answer(processor, make_server, tmp_path):
 
 
 def test_transient_errors_are_retried_with_exponential_backoff(make_server, monkeypatch):
-    import train.instructions
+    import train.stages.instructions
 
     server = make_server(fail_first=[500, 429, "malformed"])
     waits = []
-    monkeypatch.setattr(train.instructions.time, "sleep", waits.append)
+    monkeypatch.setattr(train.stages.instructions.time, "sleep", waits.append)
     answer = generator_for(server, max_retries=3, backoff=0.01).generate(Image.new("RGB", (8, 8)), "reasoning", "awe")
     assert answer.startswith("Canned answer") and server.requests == 4
     assert waits == pytest.approx([0.01, 0.02, 0.04])
@@ -573,8 +573,8 @@ def stage_recipe(tmp_path, tiny_base, server_url, kinds, **instructions):
 
 def test_instructions_stage_generates_before_sft_with_the_recipes_workers(tiny_base, make_server, tmp_path):
     from train import STAGES
-    from train.pipeline import Pipeline
-    from train.provenance import STAGE_INPUTS, stage_settings
+    from train.infra.provenance import STAGE_INPUTS, stage_settings
+    from train.stages.pipeline import Pipeline
 
     assert STAGES.index("instructions") < STAGES.index("sft") and "instructions" in STAGE_INPUTS["sft"]
     server = make_server(delay=0.05)
@@ -593,7 +593,7 @@ def test_instructions_stage_generates_before_sft_with_the_recipes_workers(tiny_b
 
 
 def test_categorical_only_instructions_stage_contacts_no_endpoint(tiny_base, make_server, tmp_path):
-    from train.pipeline import Pipeline
+    from train.stages.pipeline import Pipeline
 
     server = make_server()
     pipeline = Pipeline(stage_recipe(tmp_path, tiny_base, server.base_url, ["categorical"]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.predict import Predictor, predict_files, read_rows
+from train.commands.predict import Predictor, predict_files, read_rows
 
 
 def write_images(folder, count, side, seed=0, prefix=""):
@@ -115,7 +115,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     from pathlib import Path
-    from train.predict import Predictor, predict_files
+    from train.commands.predict import Predictor, predict_files
     predictor = Predictor(sys.argv[1])
     paths = sorted(str(p) for p in Path(sys.argv[2]).iterdir())
     out = Path(sys.argv[3])
@@ -237,7 +237,7 @@ def test_non_positive_counts_are_argparse_errors(flag, value, capsys, tmp_path):
 
 
 def test_svg_and_broken_or_looping_symlinks_are_reported_as_skipped(tiny_checkpoint, tmp_path):
-    from train.predict import run_predict
+    from train.commands.predict import run_predict
 
     images = write_images(tmp_path / "images", 2, 20)
     (images / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
@@ -300,7 +300,7 @@ def test_a_second_predict_into_the_same_output_fails_at_once_and_a_killed_holder
 BIG_PNG_SCRIPT = textwrap.dedent(
     """
     import sys
-    from train.predict import Predictor
+    from train.commands.predict import Predictor
 
     def peak():  # MiB; VmHWM is this process's own peak (ru_maxrss would start at the forking parent's RSS)
         status = open("/proc/self/status").read()
@@ -355,7 +355,7 @@ def test_predict_flags_reach_the_loader(tmp_path):
     args = parse_args(["predict", "--model", "org/name", "--input", "x", "--output", "y.jsonl", "--revision", "abc123",
                        "--dtype", "bfloat16", "--device-map", "auto", "--load-in-4bit"])
     assert (args.revision, args.dtype, args.device_map, args.load_in_4bit) == ("abc123", "bfloat16", "auto", True)
-    from train.predict import loading_kwargs
+    from train.commands.predict import loading_kwargs
 
     kwargs = loading_kwargs("cpu", args.revision, args.dtype, args.device_map, args.load_in_4bit)
     assert kwargs["revision"] == "abc123" and kwargs["dtype"] == torch.bfloat16 and kwargs["device_map"] == "auto"

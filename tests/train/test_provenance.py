@@ -136,7 +136,7 @@ def test_a_bf16_run_exports_bf16_weights_whose_predictions_are_the_results(tiny_
     numbers); the head and the gate stay float32."""
     from transformers import AutoConfig
 
-    from train.predict import Predictor, predict_files, read_rows
+    from train.commands.predict import Predictor, predict_files, read_rows
 
     run, recipe = copy_run(tiny_run, tmp_path)
     result = run_pipeline(recipe, "--set", "model.dtype=bfloat16", "--set", "model.export_max_shard_size=100KB")
@@ -173,8 +173,8 @@ def test_the_resolution_bound_applies_identically_in_every_stage(tiny_run, tmp_p
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from train.assemble import load_processor
-    from train.predict import Predictor
+    from train.commands.predict import Predictor
+    from train.infra.assemble import load_processor
 
     run, recipe = copy_run(tiny_run, tmp_path)
     bound = 6272  # 2 x 56 x 56: the tiny processor's own bounds are 3136 .. 12544 pixels

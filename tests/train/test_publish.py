@@ -22,9 +22,9 @@ from hub_server import FakeHubServer
 from huggingface_hub import ModelCard
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
-from train.publish import HubFolder, PublishError, build_card, load_variants, package_label_sets
-from train.registry import card_variants
-from train.space import SETTINGS_FILE, pinned_versions
+from train.commands.publish import HubFolder, PublishError, build_card, load_variants, package_label_sets
+from train.commands.space import SETTINGS_FILE, pinned_versions
+from train.infra.registry import card_variants
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITE_TOKEN, READ_TOKEN, WRONG_TOKEN = "hf_alice_write", "hf_bob_read", "hf_not_a_token"

@@ -1,4 +1,4 @@
-"""The real Qwen2-VL tokenizer built offline (`train/qwen_tokenizer.py`): Qwen2's ids, and the classification
+"""The real Qwen2-VL tokenizer built offline (`train/infra/qwen_tokenizer.py`): Qwen2's ids, and the classification
 prompt's scored ids equal to what stage 1 trains on, for every named label set and labels that share leading text."""
 
 import json
@@ -19,9 +19,8 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from modeling_emovlm_kd import LABEL_SETS, EmoVLMKDConfig, EmoVLMKDProcessor
 from modeling_emovlm_kd.configuration_emovlm_kd import default_categorical_prompt
-from train.assemble import load_processor
-from train.instructions import build_instruction_dataset
-from train.qwen_tokenizer import (
+from train.infra.assemble import load_processor
+from train.infra.qwen_tokenizer import (
     QWEN2_VL_SPECIAL_TOKENS,
     STAMP_FILE,
     build_qwen2_vl_tokenizer,
@@ -29,7 +28,8 @@ from train.qwen_tokenizer import (
     load_ranks,
     ranks_path,
 )
-from train.tiny import build_tiny_image_processor, qwen2_vl_chat_template
+from train.infra.tiny import build_tiny_image_processor, qwen2_vl_chat_template
+from train.stages.instructions import build_instruction_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -167,7 +167,7 @@ def _processor(tokenizer, labels) -> EmoVLMKDProcessor:
 
 def _stage1_batches(processor, labels):
     """Stage 1's categorical rows (one image per label) through TRL's vision collator, set up as `SFTTrainer` sets
-    it up for `assistant_only_loss=True` (train/sft.py: no `max_length`)."""
+    it up for `assistant_only_loss=True` (train/stages/sft.py: no `max_length`)."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)) for _ in labels]
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(labels))})

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from train.__main__ import parse_args
-from train.recipe import RecipeError, load_recipe, public_recipe, recipe_help, validate_recipe
+from train.infra.recipe import RecipeError, load_recipe, public_recipe, recipe_help, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "train" / "recipes" / "tiny" / "demo.yaml"

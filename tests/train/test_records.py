@@ -3,7 +3,7 @@ the torn line, which reads skip and the next append cuts off; unreadable lines a
 
 import json
 
-from train.records import RecordStore
+from train.infra.records import RecordStore
 
 
 def test_a_torn_last_line_is_skipped_on_read_and_cut_before_the_next_append(tmp_path):

@@ -11,9 +11,9 @@ from PIL import Image as PILImage
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
 from train import registry
-from train.data import _build, _scan_class_folders, dataset_summary, load_dataset_from_config
-from train.publish import HubFolder, PublishError, build_card, load_variants
-from train.recipe import RecipeError, validate_recipe
+from train.commands.publish import HubFolder, PublishError, build_card, load_variants
+from train.infra.data import _build, _scan_class_folders, dataset_summary, load_dataset_from_config
+from train.infra.recipe import RecipeError, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTPHOTO_LICENCE = "ArtPhoto's images are artworks that remain their owners' property; test licence note."
@@ -91,16 +91,16 @@ def test_the_registry_and_the_model_package_agree_on_every_built_in_data_set():
 
 
 def test_bad_entries_and_unknown_names_are_clear_errors():
-    with pytest.raises(ValueError, match=r"loader 'train.data.load_fi' must be 'module:function'"):
-        registry.DatasetEntry(name="x", loader="train.data.load_fi")
+    with pytest.raises(ValueError, match=r"loader 'train.infra.data.load_fi' must be 'module:function'"):
+        registry.DatasetEntry(name="x", loader="train.infra.data.load_fi")
     with pytest.raises(ValueError, match=r"'custom'"):
-        registry.DatasetEntry(name="custom", loader="train.data:load_fi")
+        registry.DatasetEntry(name="custom", loader="train.infra.data:load_fi")
     with pytest.raises(ValueError, match=r"'x' has a label set but no title"):
-        registry.DatasetEntry(name="x", loader="train.data:load_fi", label_set="mikels8")
+        registry.DatasetEntry(name="x", loader="train.infra.data:load_fi", label_set="mikels8")
     with pytest.raises(ValueError, match=r"already registered"):
         registry.register(registry.get("fi"))
-    with pytest.raises(ValueError, match=r"cannot import its loader 'train.data:load_nothing'"):
-        registry.DatasetEntry(name="x", loader="train.data:load_nothing").load_function()
+    with pytest.raises(ValueError, match=r"cannot import its loader 'train.infra.data:load_nothing'"):
+        registry.DatasetEntry(name="x", loader="train.infra.data:load_nothing").load_function()
     with pytest.raises(ValueError, match=r"unknown data set kind 'affectnet'; use one of \[.*'emoset'"):
         registry.get("affectnet")
     with pytest.raises(ValueError, match=r"'flickr' fixes \['name'\] itself"):
@@ -108,7 +108,7 @@ def test_bad_entries_and_unknown_names_are_clear_errors():
 
 
 def test_registry_and_card_metadata_load_without_torch_or_datasets():
-    code = ("import sys; from train import registry; from train.publish import load_variants; "
+    code = ("import sys; from train import registry; from train.commands.publish import load_variants; "
             "assert load_variants()['variants']['emoset']['dataset'] == 'EmoSet-118K'; "
             "assert registry.get('fi').label_set == 'mikels8'; "
             "print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")

@@ -9,8 +9,8 @@ import torch
 from conftest import SECRET_API_KEY, copy_finished_run
 
 from train.__main__ import main as cli
-from train.ablate import ablate
-from train.report import (
+from train.commands.ablate import ablate
+from train.commands.report import (
     OUTCOMES,
     BranchOutputs,
     branch_outputs,
@@ -19,7 +19,7 @@ from train.report import (
     pick_disagreements,
     write_report,
 )
-from train.run import open_run
+from train.infra.run import open_run
 
 
 @pytest.fixture(scope="module")

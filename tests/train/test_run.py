@@ -1,4 +1,4 @@
-"""Reading a finished run (`train/run.py`): one fusion for the gate stage, evaluation and the exported model, each
+"""Reading a finished run (`train/infra/run.py`): one fusion for the gate stage, evaluation and the exported model, each
 artefact loaded once, and no analysis module opening a run through another."""
 
 import ast
@@ -13,10 +13,10 @@ from transformers import AutoModelForImageClassification
 import train
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from modeling_emovlm_kd.fusion import head_from_config
-from train.evaluation import evaluate_branches
-from train.gate import GateStudent
-from train.pipeline import Pipeline
-from train.run import Run, open_run
+from train.infra.evaluation import evaluate_branches
+from train.infra.run import Run, open_run
+from train.stages.gate import GateStudent
+from train.stages.pipeline import Pipeline
 
 TRAIN = Path(train.__file__).parent
 
@@ -75,7 +75,7 @@ def test_stage_two_starts_from_the_models_initialisation(tiny_run):
 
 
 def test_a_run_names_the_stage_it_lacks(tmp_path):
-    from train.recipe import validate_recipe
+    from train.infra.recipe import validate_recipe
 
     recipe = {"output_dir": str(tmp_path), "labels": "binary", "data": {"kind": "imagefolder", "root": str(tmp_path)},
               "base_models": {"tiny": True}}
@@ -87,11 +87,15 @@ def test_a_run_names_the_stage_it_lacks(tmp_path):
 
 
 def _imported(module: str) -> set[str]:
-    tree = ast.parse((TRAIN / f"{module}.py").read_text())
+    """The train modules `module` (a command) imports, by their last name."""
+    tree = ast.parse((TRAIN / "commands" / f"{module}.py").read_text())
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names |= {node.module} if node.module else {alias.name for alias in node.names}
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("train"):
+            if node.module.count(".") == 2:
+                names.add(node.module.rsplit(".", 1)[1])
+            else:
+                names |= {alias.name for alias in node.names}
     return names
 
 

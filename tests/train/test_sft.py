@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from train.assemble import load_processor
-from train.instructions import build_instruction_dataset
-from train.sft import SFTStageConfig, build_sft_trainer, train_sft
+from train.infra.assemble import load_processor
+from train.stages.instructions import build_instruction_dataset
+from train.stages.sft import SFTStageConfig, build_sft_trainer, train_sft
 
 LABELS = ["amusement", "awe", "fear", "sadness"]
 
@@ -100,10 +100,10 @@ def write_image_folder(root):
 
 def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the_same_tokens(tiny_base, tmp_path,
                                                                                             monkeypatch):
-    import train.sft as sft
-    from train.assemble import assemble
-    from train.instructions import AnswerCache, image_key
-    from train.pipeline import Pipeline
+    import train.stages.sft as sft
+    from train.infra.assemble import assemble
+    from train.stages.instructions import AnswerCache, image_key
+    from train.stages.pipeline import Pipeline
 
     seen = {}
     build = sft.build_sft_trainer
@@ -155,8 +155,8 @@ def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the
 
 def test_every_prompt_is_a_recipe_model_option_that_reruns_stage1_and_reaches_the_config():
     from modeling_emovlm_kd.configuration_emovlm_kd import PROMPT_KEYS
-    from train.provenance import stage_settings
-    from train.recipe import ModelSection
+    from train.infra.provenance import stage_settings
+    from train.infra.recipe import ModelSection
 
     assert ModelSection.PROMPT_KEYS == PROMPT_KEYS and set(PROMPT_KEYS) <= set(ModelSection.CONFIG_KEYS)
     recipe = {"labels": LABELS, "model": {key: f"{key} text" for key in PROMPT_KEYS}}
@@ -183,7 +183,7 @@ def evaluations(log_history):
 
 def accuracy_of_saved_model(folder, dataset):
     """argmax(score_labels) == label, with the model as `assemble` loads it from a saved folder."""
-    from train.assemble import assemble
+    from train.infra.assemble import assemble
 
     model, processor = assemble(folder, LABELS)
     inputs = processor.image_processor(list(dataset["image"]), return_tensors="pt")
@@ -237,7 +237,7 @@ def full_sequence_scores(model, processor, images):
 def test_qlora_stage1_scores_labels_with_its_adapters_active_on_the_whole_validation_split(tiny_base, with_validation,
                                                                                           tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import train.sft as sft
+    import train.stages.sft as sft
 
     seen = {}
     build = sft.build_sft_trainer
@@ -274,7 +274,7 @@ def test_evaluation_needs_a_validation_split_and_eval_max_images_an_evaluation(t
 @pytest.mark.parametrize("value, message", [(0, r"eval_max_images must be at least 1"),
                                             ("many", r"sft\.eval_max_images: expected int")])
 def test_a_bad_eval_max_images_in_the_recipe_fails_naming_the_key(tmp_path, value, message):
-    from train.recipe import RecipeError, validate_recipe
+    from train.infra.recipe import RecipeError, validate_recipe
 
     recipe = {"output_dir": str(tmp_path / "run"), "labels": LABELS, "data": {"kind": "imagefolder", "root": "x"},
               "sft": {"eval_strategy": "steps", "eval_steps": 10, "eval_max_images": value}}
@@ -284,7 +284,7 @@ def test_a_bad_eval_max_images_in_the_recipe_fails_naming_the_key(tmp_path, valu
 
 
 def test_label_accuracy_refuses_sharded_parameters(tiny_base, with_validation, tmp_path, monkeypatch):
-    import train.sft as sft
+    import train.stages.sft as sft
 
     monkeypatch.setattr(sft, "is_deepspeed_zero3_enabled", lambda: True)  # as under a ZeRO-3 launch
     processor = load_processor(tiny_base["vlm"], LABELS)

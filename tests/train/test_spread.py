@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from train.recipe import load_recipe
-from train.spread import format_spread, seed_spread
+from train.commands.spread import format_spread, seed_spread
+from train.infra.recipe import load_recipe
 
 
 @pytest.mark.slow

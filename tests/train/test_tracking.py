@@ -9,7 +9,7 @@ from conftest import write_recipe
 from transformers import TrainerCallback
 from transformers.integrations import integration_utils
 
-from train.pipeline import Pipeline
+from train.stages.pipeline import Pipeline
 
 TRAINER_STAGES = ("sft", "teacher", "distill", "gate")
 
@@ -57,8 +57,8 @@ def test_every_stage_logs_to_the_recipes_tracker_as_run_slash_stage(colour_folde
 
 
 def test_a_recipes_run_name_wins_and_wandb_groups_the_runs_stages(tmp_path, monkeypatch):
-    from train.distill import DistillationConfig
-    from train.sft import SFTStageConfig
+    from train.stages.distill import DistillationConfig
+    from train.stages.sft import SFTStageConfig
 
     monkeypatch.setenv("WANDB_RUN_GROUP", "placeholder")
     monkeypatch.delenv("WANDB_RUN_GROUP")  # restored (removed) after the test

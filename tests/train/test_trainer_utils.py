@@ -2,7 +2,7 @@
 
 import json
 
-from train.trainer_utils import last_complete_checkpoint
+from train.stages.trainer_utils import last_complete_checkpoint
 
 
 def write_checkpoint(root, step, state="complete"):

@@ -20,8 +20,8 @@ from pathlib import Path
 from transformers import Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from train.files import write_json_atomic
-from train.tiny import QWEN_SPECIAL_TOKENS, qwen2_vl_chat_template
+from train.infra.files import write_json_atomic
+from train.infra.tiny import QWEN_SPECIAL_TOKENS, qwen2_vl_chat_template
 
 # Qwen2-VL's special tokens follow the 151,643 ranked tokens, in this order (its tokenizer.json's added tokens).
 QWEN2_VL_SPECIAL_TOKENS = list(QWEN_SPECIAL_TOKENS)

@@ -28,9 +28,8 @@ from trl import SFTConfig, SFTTrainer
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
 from modeling_emovlm_kd.backbones import get_backbone
-
-from .assemble import load_processor, quantization_config
-from .instructions import KINDS, build_instruction_dataset
+from train.infra.assemble import load_processor, quantization_config
+from train.stages.instructions import KINDS, build_instruction_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A recipe is a YAML file with these top-level keys:
 
     output_dir, seed, labels     plain values
-    data                         `DataSection` (which loader of `train/data.py`, and its options)
+    data                         `DataSection` (which loader of `train/infra/data.py`, and its options)
     base_models                  `BaseModelsSection`
     instructions                 `InstructionsSection` (who writes the conversation/reasoning answers)
     model                        `ModelSection` (the fused model's options, saved in its config)
@@ -36,8 +36,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from modeling_emovlm_kd import GATE_TYPES, resolve_label_set
-
-from . import registry
+from train.infra import registry
 
 
 class RecipeError(ValueError):
@@ -46,7 +45,7 @@ class RecipeError(ValueError):
 
 @dataclass
 class DataSection:
-    """Which loader of `train/data.py` reads the images, and its options (only those of that loader)."""
+    """Which loader of `train/infra/data.py` reads the images, and its options (only those of that loader)."""
 
     kind: str = field(metadata={"help": "emoset, fi, emotion6, flickr, instagram, imagefolder or hub."})
     root: str | None = field(default=None, metadata={"help": "Folder of the data set (relative to the working dir)."})
@@ -70,7 +69,7 @@ class BaseModelsSection:
     vlm: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={
         "help": "Base VLM (Hub id or folder): a Qwen2-VL, Qwen2.5-VL or Qwen3-VL; its config.json picks the backbone."})
     teacher: str = field(default="google/vit-base-patch16-384", metadata={"help": "Base image classifier."})
-    tiny: bool = field(default=False, metadata={"help": "Build tiny random base models offline (train/tiny.py)."})
+    tiny: bool = field(default=False, metadata={"help": "Build tiny random base models offline (train/infra/tiny.py)."})
 
 
 @dataclass
@@ -184,16 +183,16 @@ class ModelSection:
 
     def processor_kwargs(self, explicit: dict) -> dict[str, Any]:
         """The prompts (unset ones are the paper's wording, filled in by `EmoVLMKDConfig`) and the resolution bounds
-        the recipe sets: what `train.assemble.load_processor` takes."""
+        the recipe sets: what `train.infra.assemble.load_processor` takes."""
         return {key: explicit[key] for key in (*self.PROMPT_KEYS, "min_pixels", "max_pixels") if key in explicit}
 
 
 def _stage_sections() -> dict[str, type]:
     # Imported here: they pull in TRL/peft, which `python -m train recipe` and the tools need not load up front.
-    from .distill import DistillationConfig
-    from .gate import GateConfig
-    from .sft import SFTStageConfig
-    from .teacher import TeacherConfig
+    from train.stages.distill import DistillationConfig
+    from train.stages.gate import GateConfig
+    from train.stages.sft import SFTStageConfig
+    from train.stages.teacher import TeacherConfig
 
     return {"sft": SFTStageConfig, "teacher": TeacherConfig, "distill": DistillationConfig, "gate": GateConfig}
 
@@ -483,7 +482,7 @@ def load_recipe(path: str | Path, overrides=(), output_dir: str | None = None) -
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """The whole validated recipe (secrets included) for this machine's run folder only."""
-    from .files import write_text_atomic
+    from train.infra.files import write_text_atomic
 
     write_text_atomic(yaml.safe_dump(recipe.raw, sort_keys=False), path)
 

@@ -15,11 +15,11 @@ import argparse
 import json
 import statistics
 
-from . import STAGES
-from .arguments import positive_int
-from .pipeline import Pipeline, child_pipeline
-from .recipe import Recipe, load_recipe
-from .run import read_results
+from train import STAGES
+from train.commands.arguments import positive_int
+from train.infra.recipe import Recipe, load_recipe
+from train.infra.run import read_results
+from train.stages.pipeline import Pipeline, child_pipeline
 
 SEEDED_STAGES = ("distill", "gate", "evaluate")
 SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seeded stages read, upstream

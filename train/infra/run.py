@@ -27,15 +27,14 @@ if TYPE_CHECKING:
     import torch
 
     from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, EmoVLMKDFusion
-
-    from .recipe import Recipe
+    from train.infra.recipe import Recipe
 
 SPLITS = ("train", "validation", "test")
 DONE = "stage_done.json"  # = provenance.DONE, the marker of a finished stage
 RESULTS = Path("evaluate") / "results.json"
 # What a Hub-ready folder needs (publish checks the rest): a config and weights.
 HUB_FOLDER_FILES = ("config.json",)
-# The ablations a run folder may hold, as `<run>/ablations/<what>.{md,json,png}` (written by `train/ablate.py`).
+# The ablations a run folder may hold, as `<run>/ablations/<what>.{md,json,png}` (written by `train/commands/ablate.py`).
 ABLATION_TITLES = {
     "depth": "Head depth (paper Table 3)",
     "alpha": "Distillation weight α (paper Figure 3)",
@@ -130,8 +129,8 @@ class Run:
     @cached_property
     def data(self):
         """The recipe's data set (`DatasetDict` of train/validation/test), with the recipe's labels checked."""
-        from . import registry
-        from .data import load_dataset_from_config
+        from train.infra import registry
+        from train.infra.data import load_dataset_from_config
 
         data = dict(self.recipe["data"])
         kind = data.pop("kind")
@@ -203,7 +202,7 @@ class Run:
     def head_logits(self, split: str) -> torch.Tensor:
         """The trained head's logits on a split's cached features (what stage 3 trains the gate on)."""
         if split not in self._head_logits:
-            from .gate import head_logits
+            from train.stages.gate import head_logits
 
             self._head_logits[split] = head_logits(self.trained_head, self.features(split)["visual_features"])
         return self._head_logits[split]
@@ -235,8 +234,7 @@ class Run:
         from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForImageTextToText
 
         from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
-
-        from .trainer_utils import count_parameters
+        from train.stages.trainer_utils import count_parameters
 
         config = self.fused_config
         with torch.device("meta"):
@@ -263,7 +261,7 @@ def open_run(run_dir: str | Path) -> Run:
     The stored `output_dir` may be relative to wherever the run was started; the folder given here wins. A run
     copied without its `recipe.yaml` is opened from the public recipe in its results (enough for the caches).
     """
-    from .recipe import read_recipe, validate_recipe
+    from train.infra.recipe import read_recipe, validate_recipe
 
     run_dir = Path(run_dir)
     results, stored = run_dir / RESULTS, run_dir / "recipe.yaml"

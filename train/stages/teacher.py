@@ -14,8 +14,7 @@ from PIL import Image, ImageOps
 from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
 
 from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
-
-from .trainer_utils import BestOnValidationArguments, accuracy_metrics
+from train.stages.trainer_utils import BestOnValidationArguments, accuracy_metrics
 
 
 @dataclass

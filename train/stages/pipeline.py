@@ -1,8 +1,8 @@
 """All stages in order, from a YAML recipe: base models -> instruction answers -> stage 1 (SFT) -> teacher -> feature caches -> stage 2
 (distillation) -> stage 3 (gate) -> evaluation -> Hub-ready folder.
 
-The recipe is validated as a whole before anything runs (`train/recipe.py`). A finished stage leaves
-`<output_dir>/<stage>/stage_done.json` with the settings it used and the stages it read (`train/provenance.py`): on
+The recipe is validated as a whole before anything runs (`train/infra/recipe.py`). A finished stage leaves
+`<output_dir>/<stage>/stage_done.json` with the settings it used and the stages it read (`train/infra/provenance.py`): on
 rerun it is skipped if neither changed, and rerun (with everything downstream) if either did. An interrupted stage
 resumes from its last `Trainer` checkpoint when its settings are unchanged. One process at a time works on a run
 folder (`<output_dir>/.lock`). Runs under `torchrun`/`accelerate launch` too: `Trainer` stages use all processes,
@@ -36,23 +36,28 @@ from transformers import (
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead
 from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
-
-from . import STAGES
-from .assemble import assemble, load_processor, save_hub_folder
-from .distill import DistillationConfig, train_distillation
-from .evaluation import evaluate_branches, format_table, plot_confusion_matrices
-from .features import cached, compute_teacher_logits, compute_vlm_features, data_fingerprint, model_fingerprint
-from .files import write_json_atomic
-from .gate import GateConfig, train_gate
-from .instructions import LocalVLMGenerator, OpenAIChatGenerator
-from .locks import exclusive
-from .provenance import DONE, STAGE_INPUTS, STARTED, changed_keys, new_marker, read_marker, stage_settings
-from .recipe import ModelSection, Recipe, load_recipe, public_recipe, save_recipe, validate_recipe
-from .run import Run
-from .sft import SFTStageConfig, train_sft
-from .teacher import TeacherConfig, train_teacher
-from .tiny import build_tiny_base_models
-from .trainer_utils import last_complete_checkpoint
+from train import STAGES
+from train.infra.assemble import assemble, load_processor, save_hub_folder
+from train.infra.evaluation import evaluate_branches, format_table, plot_confusion_matrices
+from train.infra.files import write_json_atomic
+from train.infra.locks import exclusive
+from train.infra.provenance import DONE, STAGE_INPUTS, STARTED, changed_keys, new_marker, read_marker, stage_settings
+from train.infra.recipe import ModelSection, Recipe, load_recipe, public_recipe, save_recipe, validate_recipe
+from train.infra.run import Run
+from train.infra.tiny import build_tiny_base_models
+from train.stages.distill import DistillationConfig, train_distillation
+from train.stages.features import (
+    cached,
+    compute_teacher_logits,
+    compute_vlm_features,
+    data_fingerprint,
+    model_fingerprint,
+)
+from train.stages.gate import GateConfig, train_gate
+from train.stages.instructions import LocalVLMGenerator, OpenAIChatGenerator
+from train.stages.sft import SFTStageConfig, train_sft
+from train.stages.teacher import TeacherConfig, train_teacher
+from train.stages.trainer_utils import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +84,7 @@ class Pipeline:
     # ---- shared pieces ---------------------------------------------------------------------------------
 
     def read(self) -> Run:
-        """A reader of the run folder as it is now (`train/run.py`): one per stage, so that a stage reads what the
+        """A reader of the run folder as it is now (`train/infra/run.py`): one per stage, so that a stage reads what the
         stages before it have just written, each file once."""
         return Run(self.spec)
 
@@ -183,7 +188,7 @@ class Pipeline:
         return self.folder.model_kwargs()
 
     def processor_kwargs(self) -> dict:
-        """The prompts and resolution bounds the recipe sets (`train.assemble.load_processor`'s options)."""
+        """The prompts and resolution bounds the recipe sets (`train.infra.assemble.load_processor`'s options)."""
         return self.spec.sections["model"].processor_kwargs(self.recipe.get("model") or {})
 
     def check_labels(self) -> None:
@@ -222,7 +227,7 @@ class Pipeline:
         when the main process failed), then meet the main process at the barrier of `mark_done`, which is reached
         at once. Categorical-only kinds, or `generator: none`, need no endpoint: the stage is done at once (with
         `none`, stage 1 reads whatever the cache holds and stops if answers are missing)."""
-        from .instructions import GENERATED_KINDS, build_instruction_dataset
+        from train.stages.instructions import GENERATED_KINDS, build_instruction_dataset
 
         spec = self.spec.sections["instructions"]
         kinds = [k for k in self.spec.sections["sft"].instruction_kinds if k in GENERATED_KINDS]

@@ -8,7 +8,7 @@
 
 The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
 processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
-`hub_cards/README.md.j2`, the data set's entry of `train/registry.py` and `hub_cards/variants.yaml` (what every card
+`hub_cards/README.md.j2`, the data set's entry of `train/infra/registry.py` and `hub_cards/variants.yaml` (what every card
 shares, the `custom` variant). The card's `model-index` carries the
 accuracy and macro-F1 measured in the run's `results.json`; a run without results gets a card that says so. Next to
 them go `handler.py` (the Inference Endpoints custom handler, from `modeling_emovlm_kd/`), a `requirements.txt`
@@ -64,16 +64,16 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from . import registry
-from . import run as run_folder  # the run folder's light readers (no torch)
+from train.infra import registry
+from train.infra import run as run_folder  # the run folder's light readers (no torch)
 
 logger = logging.getLogger(__name__)
 
 # `hub_cards/` sits next to the `train` package, in the source tree as in an installed wheel.
-CARDS_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "hub_cards"
 TEMPLATE_PATH = CARDS_DIR / "README.md.j2"
 VARIANTS_PATH = CARDS_DIR / "variants.yaml"
-# Display names of results.json's branches, as in `train.evaluation.BRANCHES` (not imported: it loads torch).
+# Display names of results.json's branches, as in `train.infra.evaluation.BRANCHES` (not imported: it loads torch).
 BRANCH_TITLES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
 STAGE_TITLES = {
     "sft": "Stage 1: instruction tuning of the VLM (TRL `SFTTrainer`)",
@@ -180,12 +180,12 @@ def folder_files(folder: Path) -> dict[str, Path]:
 
 def load_variants(path: str | Path = VARIANTS_PATH) -> dict:
     """The cards' metadata: `common` and `label_sets` from `hub_cards/variants.yaml`, and one entry per variant: each
-    named data set's card metadata from `train.registry`, plus `custom` (any other data) from the YAML file."""
+    named data set's card metadata from `train.infra.registry`, plus `custom` (any other data) from the YAML file."""
     data = yaml.safe_load(Path(path).read_text())
     variants = {name: registry.get(name).card() for name in registry.named_datasets()}
     for name, meta in variants.items():
         if meta["label_set"] not in data["label_sets"]:
-            raise ValueError(f"Data set {name!r} of train/registry.py has label set {meta['label_set']!r}, which "
+            raise ValueError(f"Data set {name!r} of train/infra/registry.py has label set {meta['label_set']!r}, which "
                              f"{path} does not describe under label_sets ({sorted(data['label_sets'])}).")
     return {**data, "variants": {**variants, "custom": data["custom"]}}
 
@@ -230,7 +230,7 @@ def custom_dataset(recipe: dict, dataset_name: str | None) -> tuple[str | None, 
     if kind == "hub":
         source = data.get("name_or_path")
     elif data.get("root") or data.get("root_name"):
-        # An absolute root is not published (train/recipe.py: public_recipe); its folder name is.
+        # An absolute root is not published (train/infra/recipe.py: public_recipe); its folder name is.
         source = Path(str(data.get("root") or data["root_name"])).name
     else:
         source = kind
@@ -391,7 +391,7 @@ def eval_results(results: dict, dataset_name: str, dataset_type: str) -> list[Ev
 
 @dataclass
 class Evaluation:
-    """A results.json of `python -m train evaluate --model` (train/evaluate_model.py) and the data set it names."""
+    """A results.json of `python -m train evaluate --model` (train/commands/evaluate_model.py) and the data set it names."""
 
     path: Path
     results: dict

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-METRIC_PATH = str(Path(__file__).parent / "metrics" / "emotion_classification.py")
+METRIC_PATH = str(Path(__file__).resolve().parents[1] / "metrics" / "emotion_classification.py")
 BRANCHES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
 
 

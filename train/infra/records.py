@@ -1,7 +1,7 @@
 """An append-only JSONL record store that survives being killed mid-write.
 
-Used by the instruction answer cache (`train/instructions.py`) and `train predict`'s JSONL output
-(`train/predict.py`): one JSON object per line, each `append` written in one call, flushed and fsynced before it
+Used by the instruction answer cache (`train/stages/instructions.py`) and `train predict`'s JSONL output
+(`train/commands/predict.py`): one JSON object per line, each `append` written in one call, flushed and fsynced before it
 returns, so that a kill can only ever cut the line being written. Reading drops that torn last line (a line without
 its `\\n`) and cuts it off before the next append, so a new record always starts on a line of its own. Complete
 lines that do not parse (or that `validate` refuses) are skipped and counted, never fatal.

@@ -1,12 +1,12 @@
 """The named data sets: for each one its loader, its label set and its model card's metadata, in one table.
 
 Importable without torch or `datasets` (a loader is named as `module:function` and imported when it is called), so
-that `python -m train push` and the recipe checks read it cheaply. `train.data.load_dataset_from_config`, the
+that `python -m train push` and the recipe checks read it cheaply. `train.infra.data.load_dataset_from_config`, the
 recipe's `data.kind` check, `push --variant` and the card template (`hub_cards/README.md.j2`) all read this table.
 
 Adding a named data set is one loader plus one entry:
 
-    from train.registry import DatasetEntry, register
+    from train.infra.registry import DatasetEntry, register
 
     register(DatasetEntry(
         name="artphoto", loader="my_project.loaders:load_artphoto", label_set="mikels8",
@@ -77,7 +77,7 @@ class DatasetEntry:
         return self.label_set is not None
 
     def load_function(self) -> Callable:
-        """The loader function itself (imports its module, e.g. `train.data`, which loads `datasets`)."""
+        """The loader function itself (imports its module, e.g. `train.infra.data`, which loads `datasets`)."""
         module, _, function = self.loader.partition(":")
         try:
             return getattr(importlib.import_module(module), function)
@@ -131,7 +131,7 @@ def card_variants() -> list[str]:
 
 for _entry in (
     DatasetEntry(
-        name="emoset", loader="train.data:load_emoset", label_set="mikels8", title="EmoSet-118K",
+        name="emoset", loader="train.infra.data:load_emoset", label_set="mikels8", title="EmoSet-118K",
         url="https://vcc.tech/EmoSet", tags=("emoset", "mikels-emotions"),
         licence_note="EmoSet's images were collected from social networks and art websites and remain their owners' "
                      "property; the data set's terms of use are set by its authors (see the project page). "
@@ -146,7 +146,7 @@ for _entry in (
 """,
     ),
     DatasetEntry(
-        name="fi", loader="train.data:load_fi", label_set="mikels8", title="FI", tags=("fi", "mikels-emotions"),
+        name="fi", loader="train.infra.data:load_fi", label_set="mikels8", title="FI", tags=("fi", "mikels-emotions"),
         licence_note="FI's images are Flickr and Instagram photos that remain their uploaders' property; the data set "
                      "is distributed by its authors for research. " + _RESEARCH_ONLY,
         citation="""\
@@ -159,7 +159,7 @@ for _entry in (
 """,
     ),
     DatasetEntry(
-        name="emotion6", loader="train.data:load_emotion6", label_set="ekman6", title="Emotion6",
+        name="emotion6", loader="train.infra.data:load_emotion6", label_set="ekman6", title="Emotion6",
         tags=("emotion6", "ekman-emotions"),
         licence_note="Emotion6's images were collected from Flickr and remain their owners' property; the data set is "
                      "distributed by its authors for research. " + _RESEARCH_ONLY + " This model predicts the "
@@ -174,18 +174,18 @@ for _entry in (
 """,
     ),
     DatasetEntry(
-        name="flickr", loader="train.data:load_flickr_instagram", label_set="binary",
+        name="flickr", loader="train.infra.data:load_flickr_instagram", label_set="binary",
         title="Flickr (Katsurai & Satoh)", tags=("flickr", "sentiment-analysis"), licence_note=_KATSURAI_LICENCE,
         citation=_KATSURAI_CITATION, loader_kwargs={"name": "flickr"},
     ),
     DatasetEntry(
-        name="instagram", loader="train.data:load_flickr_instagram", label_set="binary",
+        name="instagram", loader="train.infra.data:load_flickr_instagram", label_set="binary",
         title="Instagram (Katsurai & Satoh)", tags=("instagram", "sentiment-analysis"),
         licence_note=_KATSURAI_LICENCE, citation=_KATSURAI_CITATION, loader_kwargs={"name": "instagram"},
     ),
     # Generic loaders: the recipe's `labels` decide; a run on them is pushed as `--variant custom`.
-    DatasetEntry(name="imagefolder", loader="train.data:load_imagefolder"),
-    DatasetEntry(name="hub", loader="train.data:load_hub_dataset"),
+    DatasetEntry(name="imagefolder", loader="train.infra.data:load_imagefolder"),
+    DatasetEntry(name="hub", loader="train.infra.data:load_hub_dataset"),
 ):
     register(_entry)
 del _entry

@@ -7,7 +7,7 @@ from `modeling_emovlm_kd.configuration_emovlm_kd.LABEL_SETS`, never a directory 
 stratified 80/5/15, into a JSON split file; later calls read that file, so a split is reproducible and shareable.
 What a loader skipped (neutral votes, missing images, ...) is logged and kept in `dataset_summary(...)`.
 
-    from train.data import dataset_summary, load_dataset_from_config, load_emoset, load_fi
+    from train.infra.data import dataset_summary, load_dataset_from_config, load_emoset, load_fi
 
     emoset = load_emoset("data/EmoSet-118K")
     fi = load_fi("data/FI", split_file="splits/fi_seed42.json", seed=42)
@@ -34,9 +34,8 @@ import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value
 
 from modeling_emovlm_kd.configuration_emovlm_kd import LABEL_SETS, resolve_label_set
-
-from . import registry
-from .files import write_json_atomic
+from train.infra import registry
+from train.infra.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -575,7 +574,7 @@ def load_hub_dataset(
 
 
 def load_dataset_from_config(kind: str, **kwargs) -> DatasetDict:
-    """Call the loader that `train.registry` names for data set `kind` (`emoset`, `fi`, `emotion6`, `flickr`,
+    """Call the loader that `train.infra.registry` names for data set `kind` (`emoset`, `fi`, `emotion6`, `flickr`,
     `instagram`, `imagefolder`, `hub`, or any registered one) with the recipe's `data` options."""
     entry = registry.get(kind)
     fixed = sorted(set(kwargs) & set(entry.loader_kwargs))

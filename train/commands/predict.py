@@ -39,10 +39,9 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from modeling_emovlm_kd.inference import PreparedBatch, classify, prepare_batch
-
-from .arguments import non_negative_int, positive_int
-from .locks import LockedError, exclusive
-from .records import RecordStore
+from train.commands.arguments import non_negative_int, positive_int
+from train.infra.locks import LockedError, exclusive
+from train.infra.records import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ def lock_path(output: Path) -> Path:
 
 
 def output_lock(output: Path):
-    """Hold `<output>.lock` (no waiting) while writing `output` (`train/locks.py`: the holder's PID is recorded
+    """Hold `<output>.lock` (no waiting) while writing `output` (`train/infra/locks.py`: the holder's PID is recorded
     beside it, a second writer fails at once naming both, a killed holder's lock is released by the system)."""
     return exclusive(lock_path(output), f"Predictions file {output}")
 

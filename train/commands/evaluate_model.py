@@ -7,7 +7,7 @@
         --output-dir eval/qwen2-vl-zero-shot                # zero-shot: the VLM branch only
 
 `--model` is an EmoVLM-KD folder (an exported `final/`) or Hub repo (`--revision` pins it), or a stock Qwen2-VL
-checkpoint. A stock VLM is wrapped with `train.assemble.assemble` and scored zero-shot: each label's log-likelihood
+checkpoint. A stock VLM is wrapped with `train.infra.assemble.assemble` and scored zero-shot: each label's log-likelihood
 after the paper's categorical prompt, no training; its distillation head and gate are untrained, so only the `vlm`
 branch is reported. `--data` is any data kind the recipes know; the data options are the recipe's `data` section
 (`python -m train recipe --help`), checked the same way. The labels come from the model (EmoVLM-KD: the data must
@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arguments import positive_int
+from train.commands.arguments import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def config_labels(config: dict) -> list[str]:
 
 def data_option_fields():
     """The recipe's `data` section fields other than `kind`: the command's data options."""
-    from .recipe import DataSection
+    from train.infra.recipe import DataSection
 
     return [field for field in dataclasses.fields(DataSection) if field.name != "kind"]
 
@@ -113,7 +113,7 @@ def data_option_fields():
 def data_section(kind: str, options: dict) -> dict:
     """The `data` section these options make, checked as a recipe's is (unknown options, wrong types, options of
     another kind, missing required ones: a `RecipeError` naming the option)."""
-    from .recipe import DataSection, _check_data, parse_section
+    from train.infra.recipe import DataSection, _check_data, parse_section
 
     values = {"kind": kind, **{key: value for key, value in options.items() if value is not None}}
     section, checked = parse_section("data", DataSection, values, where=WHERE)
@@ -123,8 +123,8 @@ def data_section(kind: str, options: dict) -> dict:
 
 def load_split(data: dict, split: str, labels: list[str] | None):
     """One split of the data set `data` describes (a `data` section), through `load_dataset_from_config`."""
-    from . import registry
-    from .data import load_dataset_from_config
+    from train.infra import registry
+    from train.infra.data import load_dataset_from_config
 
     options = dict(data)
     kind = options.pop("kind")
@@ -148,7 +148,7 @@ def load_model(source: ModelSource, config: dict, labels: list[str], dtype: str,
     wrapped by `assemble` for these labels."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from .predict import loading_kwargs
+    from train.commands.predict import loading_kwargs
 
     kwargs = loading_kwargs(device, dtype=dtype)
     if config.get("model_type") == EMOVLM_KD_MODEL_TYPE:
@@ -156,7 +156,7 @@ def load_model(source: ModelSource, config: dict, labels: list[str], dtype: str,
         image_processor = AutoImageProcessor.from_pretrained(source.path, trust_remote_code=True)
         branches = EMOVLM_KD_BRANCHES
     else:
-        from .assemble import assemble
+        from train.infra.assemble import assemble
 
         try:
             model, processor = assemble(source.path, labels, dtype=kwargs["dtype"])
@@ -195,11 +195,11 @@ def chunk_fingerprint(model_fingerprint: str, dataset_fingerprint: str, settings
 def branch_outputs(model, image_processor, dataset, branches, cache_dir: Path, fingerprints: tuple[str, str],
                    settings: dict, batch_size: int, cache_every: int) -> tuple[dict, object]:
     """Every branch's logits over `dataset` and its labels, `batch_size` images at a time, stored in `cache_dir`
-    every `cache_every` images (`train.features.cached`: atomic, checked against the fingerprint on reading)."""
+    every `cache_every` images (`train.stages.features.cached`: atomic, checked against the fingerprint on reading)."""
     import torch
     from tqdm.auto import tqdm
 
-    from .features import cached
+    from train.stages.features import cached
 
     chunk = max(batch_size, cache_every // batch_size * batch_size)
     parts = []
@@ -239,12 +239,11 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = 
     import torch
 
     from modeling_emovlm_kd import resolve_label_set
-
-    from .evaluation import evaluate_branches, format_table, plot_confusion_matrices
-    from .features import data_fingerprint, model_fingerprint
-    from .files import write_json_atomic
-    from .locks import exclusive
-    from .recipe import public_recipe
+    from train.infra.evaluation import evaluate_branches, format_table, plot_confusion_matrices
+    from train.infra.files import write_json_atomic
+    from train.infra.locks import exclusive
+    from train.infra.recipe import public_recipe
+    from train.stages.features import data_fingerprint, model_fingerprint
 
     output_dir = Path(output_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -293,8 +292,8 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--model` form of `python -m train evaluate` (the subparser also has `--config` for a run's stage)."""
-    from . import registry
-    from .data import SPLITS
+    from train.infra import registry
+    from train.infra.data import SPLITS
 
     group = parser.add_argument_group("evaluate any model (instead of --config)")
     group.add_argument("--model", help="EmoVLM-KD folder or Hub repo, or a stock Qwen2-VL folder or repo "
@@ -320,8 +319,8 @@ def run(args: argparse.Namespace) -> int:
     """`python -m train evaluate --model ...`: user errors exit with status 2 and a message, without a traceback."""
     import yaml
 
-    from .locks import LockedError
-    from .recipe import RecipeError
+    from train.infra.locks import LockedError
+    from train.infra.recipe import RecipeError
 
     if not args.data or not args.output_dir:
         print("error: evaluate --model needs --data KIND and --output-dir DIR.", file=sys.stderr)

@@ -55,13 +55,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig  # noqa: E402
 from modeling_emovlm_kd.fusion import gate_from_config  # noqa: E402
-
-from . import STAGES  # noqa: E402
-from .evaluation import classification_metrics  # noqa: E402
-from .files import write_json_atomic  # noqa: E402
-from .pipeline import Pipeline, child_pipeline  # noqa: E402
-from .run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, open_run  # noqa: E402
-from .trainer_utils import count_parameters  # noqa: E402
+from train import STAGES  # noqa: E402
+from train.infra.evaluation import classification_metrics  # noqa: E402
+from train.infra.files import write_json_atomic  # noqa: E402
+from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, open_run  # noqa: E402
+from train.stages.pipeline import Pipeline, child_pipeline  # noqa: E402
+from train.stages.trainer_utils import count_parameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ SELECTION = {
 
 @dataclass
 class RunData:
-    """What the ablations need of a run (read through `train/run.py`): its fused config and cached features."""
+    """What the ablations need of a run (read through `train/infra/run.py`): its fused config and cached features."""
 
     pipeline: Run
 

@@ -1,6 +1,6 @@
 """Stage 2: distil the ViT teacher into the head on the frozen VLM's pooled visual features.
 
-Only the head trains, on cached features and teacher logits (see `train/features.py`), so an epoch costs a few
+Only the head trains, on cached features and teacher logits (see `train/stages/features.py`), so an epoch costs a few
 matrix products instead of a VLM and a ViT forward per image.
 
     python -m train distill --config recipes/tiny/demo.yaml
@@ -17,8 +17,7 @@ from transformers import Trainer
 from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
-
-from .trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
+from train.stages.trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
 
 
 @dataclass

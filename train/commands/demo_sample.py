@@ -5,7 +5,7 @@ Fashion-MNIST (Zalando SE, Expat licence), from Debian's `dataset-fashion-mnist`
 `train/demo_data/fashion_mnist_sample/` was written by:
 
     apt-get install dataset-fashion-mnist
-    python -m train.demo_sample --source /usr/share/datasets/fashion-mnist --output-dir train/demo_data/fashion_mnist_sample
+    python -m train.commands.demo_sample --source /usr/share/datasets/fashion-mnist --output-dir train/demo_data/fashion_mnist_sample
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def write_sample(source: Path, output_dir: Path, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "demo_data/fashion_mnist_sample")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parents[1] / "demo_data/fashion_mnist_sample")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     write_sample(args.source, args.output_dir, args.seed)

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .recipe import SECRET_KEY
+from train.infra.recipe import SECRET_KEY
 
 # The stages whose outputs each stage reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {

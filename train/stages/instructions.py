@@ -7,7 +7,7 @@ emotion without leaking the class word. Those answers are expensive (one API cal
 JSONL file keyed by the image's content hash and the kind: an interrupted run resumes where it stopped, duplicates
 of an image are asked for once, and failures are reported rather than dropped silently.
 
-    from train.instructions import OpenAIChatGenerator, build_instruction_dataset
+    from train.stages.instructions import OpenAIChatGenerator, build_instruction_dataset
 
     generator = OpenAIChatGenerator(base_url="https://api.openai.com/v1", model="gpt-4o-mini")
     train_set, summary = build_instruction_dataset(
@@ -39,8 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.processing_emovlm_kd import load_image
-
-from .records import RecordStore
+from train.infra.records import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +396,7 @@ def failures_path(cache_path: str | os.PathLike) -> Path:
 
 class AnswerCache:
     """
-    Append-only JSONL of generated answers, one record per (image key, kind), in a `train.records.RecordStore`.
+    Append-only JSONL of generated answers, one record per (image key, kind), in a `train.infra.records.RecordStore`.
 
     Every record is written, flushed and fsynced as soon as it exists, so killing a run loses at most the answers
     in flight. A partially written last line (the kill came mid-write) is ignored on read and cut off before the

@@ -34,8 +34,7 @@ from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import new_gate
-
-from .trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
+from train.stages.trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
 
 logger = logging.getLogger(__name__)
 

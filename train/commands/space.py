@@ -37,7 +37,7 @@ import yaml
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from .publish import (
+from train.commands.publish import (
     CARDS_DIR,
     EXAMPLE_SUFFIXES,
     EXAMPLES_FOLDER,

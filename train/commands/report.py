@@ -31,9 +31,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from .evaluation import BRANCHES, evaluate_branches, plot_confusion_matrices  # noqa: E402
-from .recipe import public_recipe  # noqa: E402
-from .run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, ablation_fingerprint, open_run  # noqa: E402
+from train.infra.evaluation import BRANCHES, evaluate_branches, plot_confusion_matrices  # noqa: E402
+from train.infra.recipe import public_recipe  # noqa: E402
+from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, ablation_fingerprint, open_run  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .files import write_text_atomic
+from train.infra.files import write_text_atomic
 
 
 class LockedError(RuntimeError):
