@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
-from train import registry
+from train.infra import registry
 from train.commands.publish import HubFolder, PublishError, build_card, load_variants
 from train.infra.data import _build, _scan_class_folders, dataset_summary, load_dataset_from_config
 from train.infra.recipe import RecipeError, validate_recipe
@@ -108,7 +108,7 @@ def test_bad_entries_and_unknown_names_are_clear_errors():
 
 
 def test_registry_and_card_metadata_load_without_torch_or_datasets():
-    code = ("import sys; from train import registry; from train.commands.publish import load_variants; "
+    code = ("import sys; from train.infra import registry; from train.commands.publish import load_variants; "
             "assert load_variants()['variants']['emoset']['dataset'] == 'EmoSet-118K'; "
             "assert registry.get('fi').label_set == 'mikels8'; "
             "print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
