@@ -57,3 +57,16 @@ def test_console_script_passes_on_the_exit_status(user_dir):
     push = run([str(SCRIPT), "push", "--run-dir", str(user_dir / "no-run"), "--variant", "custom", "--repo-id",
                 "me/x", "--dry-run", str(user_dir / "out")], user_dir)
     assert push.returncode == 1 and "No Hub-ready folder" in push.stderr and "Traceback" not in push.stderr
+
+
+@pytest.mark.parametrize("revision", [None, "0123456789abcdef0123456789abcdef01234567"])
+def test_push_space_dry_run_offline_is_one_line(tmp_path, revision):
+    # The dry run still asks the Hub for the model's commit and config: offline, say so in one line.
+    command = [sys.executable, "-m", "train", "push-space", "--model", "me/emovlm-kd-demo", "--space", "me/app",
+               "--dry-run", str(tmp_path / "space")] + (["--model-revision", revision] if revision else [])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("push-space: error:") and "me/emovlm-kd-demo" in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "space").exists()
