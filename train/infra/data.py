@@ -735,7 +735,8 @@ def load_evaluation_split(kind: str, split: str | None = None, **options) -> tup
         if len(err.available) > 1:
             raise MissingSplitError(f"{err} Name the split to evaluate (one of {err.available}, or {ALL!r}).",
                                     err.available) from None
-        logger.info("%s Evaluating all of its images.", err)
+        logger.info("The data set has no split of its own: evaluating all of its images (split %r; a split_file "
+                    "cuts a test split instead).", ALL)
     return ALL, _load_splits(kind, (ALL,), options)[ALL]
 
 
