@@ -51,6 +51,8 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
 
     # Loaded with the model when the checkpoint has one (explain needs it); a checkpoint without one still classifies.
     _load_tokenizer = None
+    # What callers check before reading this format (a checkpoint exported earlier answers the stock pipeline's).
+    answers_every_branch = True
 
     def _sanitize_parameters(self, top_k=None, function_to_apply=None, timeout=None, explain=None,
                              max_new_tokens=None):
