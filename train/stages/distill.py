@@ -8,8 +8,6 @@ matrix products instead of a VLM and a ViT forward per image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,22 +15,8 @@ from transformers import Trainer
 from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
-from train.stages.trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
-
-
-@dataclass
-class DistillationConfig(CachedFeatureArguments):
-    """Arguments of stage 2: the shared cached-feature stage arguments plus the distillation loss's own fields."""
-
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term; 1 - alpha weighs the CE term."})
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of teacher and student."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+from train.configs.distill_config import DistillationConfig
+from train.stages.trainer_utils import FeatureDataset, accuracy_metrics
 
 
 def distillation_loss(
@@ -138,7 +122,6 @@ def train_distillation(
 
 
 __all__ = [
-    "DistillationConfig",
     "DistillationStudent",
     "DistillationTrainer",
     "distillation_loss",

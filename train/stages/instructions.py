@@ -39,11 +39,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.processing_emovlm_kd import load_image
+from train.configs.sft_config import KINDS
 from train.infra.records import RecordStore
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("categorical", "conversation", "reasoning")
 GENERATED_KINDS = ("conversation", "reasoning")
 
 # What the answer-writing model is asked, per kind. It is given the label so that the description is consistent
