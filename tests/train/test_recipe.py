@@ -48,10 +48,10 @@ def test_recipe_mistakes_name_the_key(override, message):
 
 def test_values_are_converted_as_yaml_and_set_means_set():
     recipe = load_recipe(DEMO, ["sft.learning_rate=1e-3", "distill.num_train_epochs=3", "model.pooling=max"])
-    assert recipe.sections["sft"].learning_rate == 1e-3 and recipe.raw["sft"]["learning_rate"] == 1e-3
-    assert recipe.sections["distill"].num_train_epochs == 3.0 and recipe.sections["distill"].alpha == 0.5
-    assert recipe.sections["model"].pooling == "max"
-    assert recipe.sections["sft"].output_dir == str(Path("runs/demo") / "sft")
+    assert recipe.sft.learning_rate == 1e-3 and recipe.as_set["sft"]["learning_rate"] == 1e-3
+    assert recipe.distill.num_train_epochs == 3.0 and recipe.distill.alpha == 0.5
+    assert recipe.model.pooling == "max"
+    assert recipe.sft.output_dir == str(Path("runs/demo") / "sft")
 
 
 def test_every_shipped_recipe_validates():
@@ -68,8 +68,8 @@ def test_every_set_applies_in_order():
     args = parse_args(["pipeline", "--config", str(DEMO), "--set", "seed=1", "--set", "distill.alpha=0.2",
                        "gate.learning_rate=0.1", "--set", "seed=3"])
     recipe = load_recipe(args.config, args.set)
-    assert recipe.seed == 3 and recipe.sections["distill"].alpha == 0.2
-    assert recipe.sections["gate"].learning_rate == 0.1
+    assert recipe.seed == 3 and recipe.distill.alpha == 0.2
+    assert recipe.gate.learning_rate == 0.1
 
 
 def test_a_bad_recipe_fails_at_once_with_exit_2_and_deletes_nothing(tmp_path):
@@ -144,5 +144,5 @@ def test_public_recipe_removes_secrets_and_local_paths(tmp_path):
 
 def test_a_validated_recipe_revalidates_to_the_same_values():
     recipe = load_recipe(DEMO, ["seed=5"])
-    again = validate_recipe(recipe.raw)
-    assert again.raw == recipe.raw
+    again = validate_recipe(recipe.as_set)
+    assert again.as_set == recipe.as_set

@@ -20,7 +20,7 @@ TRAINER_SECTIONS = ("sft", "teacher", "distill", "gate")
 def resolved(name: str) -> dict:
     # The 7B recipes train in bf16, which TrainingArguments accepts only on a GPU or with use_cpu (removed again).
     overrides = [] if name == "tiny/demo.yaml" else [f"{s}.use_cpu=true" for s in TRAINER_SECTIONS]
-    raw = load_recipe(RECIPES / name, overrides).raw
+    raw = load_recipe(RECIPES / name, overrides).as_set
     if overrides:
         for section in TRAINER_SECTIONS:
             raw[section].pop("use_cpu")

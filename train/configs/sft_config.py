@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig
@@ -20,6 +21,8 @@ KINDS = ("categorical", "conversation", "reasoning")
 @dataclass
 class SFTStageConfig(SFTConfig):
     """`SFTConfig` for stage 1, plus the base model, LoRA/QLoRA and instruction-data fields."""
+
+    SET_BY_PIPELINE: ClassVar[tuple[str, ...]] = ("model_name_or_path",)  # the run's base VLM (`base_models.vlm`)
 
     model_name_or_path: str = field(default=DEFAULT_VLM, metadata={"help": "Base VLM to tune."})
     use_peft: bool = field(default=True, metadata={"help": "LoRA (True) or full fine-tuning (False)."})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from train.configs.sections import DEFAULT_TEACHER
 from train.configs.trainer_args import BestOnValidationArguments
@@ -11,6 +12,8 @@ from train.configs.trainer_args import BestOnValidationArguments
 @dataclass
 class TeacherConfig(BestOnValidationArguments):
     """Arguments of the teacher: the shared select-on-validation arguments plus its base model and augmentation."""
+
+    SET_BY_PIPELINE: ClassVar[tuple[str, ...]] = ("teacher_model_name_or_path",)  # the run's `base_models.teacher`
 
     teacher_model_name_or_path: str = field(
         default=DEFAULT_TEACHER, metadata={"help": "Base image classifier to fine-tune."}

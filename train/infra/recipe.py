@@ -30,42 +30,45 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from transformers import HfArgumentParser
 
 from modeling_emovlm_kd import resolve_label_set
 from train.configs.sections import BaseModelsSection, DataSection, InstructionsSection, ModelSection
-from train.infra import registry
+from train.infra import registry, stage_table
+
+if TYPE_CHECKING:
+    from train.configs.distill_config import DistillationConfig
+    from train.configs.gate_config import GateConfig
+    from train.configs.sft_config import SFTStageConfig
+    from train.configs.teacher_config import TeacherConfig
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the file, the `section.key` and what is allowed."""
 
 
-def _stage_sections() -> dict[str, type]:
-    # Imported here: they pull in TRL/peft, which `python -m train recipe` and the tools need not load up front.
-    from train.configs.distill_config import DistillationConfig
-    from train.configs.gate_config import GateConfig
-    from train.configs.sft_config import SFTStageConfig
-    from train.configs.teacher_config import TeacherConfig
-
-    return {"sft": SFTStageConfig, "teacher": TeacherConfig, "distill": DistillationConfig, "gate": GateConfig}
-
-
 SCALARS = {"output_dir": str, "seed": int}
 SECTIONS = {"data": DataSection, "base_models": BaseModelsSection, "instructions": InstructionsSection,
             "model": ModelSection}
-STAGE_SECTIONS = ("sft", "teacher", "distill", "gate")
-# Fields of the stage sections that the pipeline sets itself.
-PIPELINE_SET = {"sft": ("output_dir", "model_name_or_path"), "teacher": ("output_dir", "teacher_model_name_or_path"),
-                "distill": ("output_dir",), "gate": ("output_dir",)}
-TOP_LEVEL = (*SCALARS, "labels", *SECTIONS, *STAGE_SECTIONS)
+
+
+def top_level() -> tuple[str, ...]:
+    """Every top-level key of a recipe: the scalars, the labels, the sections and the stage configs."""
+    return (*SCALARS, "labels", *SECTIONS, *stage_table.config_sections())
 
 
 def section_classes() -> dict[str, type]:
-    return {**SECTIONS, **_stage_sections()}
+    """Each section's dataclass: the recipe's own and the stage configs of the stage table (imported here: they pull
+    in TRL/peft, which `python -m train recipe` and the tools need not load up front)."""
+    return {**SECTIONS, **{name: stage_table.get(name).config_class() for name in stage_table.config_sections()}}
+
+
+def _set_by_pipeline(cls) -> tuple[str, ...]:
+    """Fields of a stage config that the pipeline sets itself (not recipe keys)."""
+    return ("output_dir", *getattr(cls, "SET_BY_PIPELINE", ()))
 
 
 # ---- types ---------------------------------------------------------------------------------------------------
@@ -155,15 +158,16 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def parse_section(name: str, cls, values: Any, where: str = "recipe", fixed: dict | None = None):
-    """The dataclass `cls` from a recipe section, through `HfArgumentParser.parse_dict(allow_extra_keys=False)`,
-    after checking every key and value type; errors name `name.key`."""
+def parse_section(name: str, cls, values: Any, where: str = "recipe", defaults: dict | None = None):
+    """The dataclass `cls` from a recipe section (over `defaults`), through
+    `HfArgumentParser.parse_dict(allow_extra_keys=False)`, after checking every key and value type; errors name
+    `name.key`."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise RecipeError(f"{where}: section {name!r} must be a mapping of keys to values, got {values!r}.")
     types_ = _field_types(cls)
-    settable = sorted(set(types_) - set(PIPELINE_SET.get(name, ())))
+    settable = sorted(set(types_) - set(_set_by_pipeline(cls) if name in stage_table.config_sections() else ()))
     checked = {}
     for key, value in values.items():
         if key not in settable:
@@ -175,7 +179,7 @@ def parse_section(name: str, cls, values: Any, where: str = "recipe", fixed: dic
         except TypeError as err:
             raise RecipeError(f"{where}: {name}.{key}: {err}.") from None
     try:
-        (parsed,) = HfArgumentParser(cls).parse_dict({**checked, **(fixed or {})}, allow_extra_keys=False)
+        (parsed,) = HfArgumentParser(cls).parse_dict({**(defaults or {}), **checked}, allow_extra_keys=False)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{where}: section {name!r} is invalid: {err}") from err
     return parsed, checked
@@ -193,28 +197,44 @@ def _close_match(key: str, allowed) -> str:
 
 @dataclass
 class Recipe:
-    """A validated recipe: `raw` holds what the file (and `--set`) said, with values converted to their types;
-    `sections` the parsed dataclass of each section (stage sections with the run's `output_dir`)."""
+    """A validated recipe, every section a typed attribute (`recipe.model.gate_type`, `recipe.sft.learning_rate`;
+    the stage configs with the run's `output_dir/<stage>` and seed).
 
-    raw: dict
-    sections: dict[str, Any]
+    `as_set` is what the file (and `--set`) said, each value converted to its field's type: what provenance hashes
+    (`train/infra/provenance.py`), `recipe.yaml` keeps and `public_recipe` publishes. Values left unset are not in
+    it, so a default that changes reruns nothing that was finished."""
+
+    output_dir: Path
+    seed: int
+    labels: list[str]
+    data: DataSection
+    base_models: BaseModelsSection
+    instructions: InstructionsSection
+    model: ModelSection
+    sft: SFTStageConfig
+    teacher: TeacherConfig
+    distill: DistillationConfig
+    gate: GateConfig
+    as_set: dict
     source: str = "recipe"
 
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.raw["output_dir"])
+    def model_kwargs(self) -> dict[str, Any]:
+        """The fused model's config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""
+        return self.model.config_kwargs(self.as_set.get("model") or {})
 
-    @property
-    def seed(self) -> int:
-        return int(self.raw.get("seed", 42))
+    def processor_kwargs(self) -> dict[str, Any]:
+        """The prompts and resolution bounds the recipe sets (`train.infra.assemble.load_processor`'s options)."""
+        return self.model.processor_kwargs(self.as_set.get("model") or {})
 
-    @property
-    def labels(self) -> list[str]:
-        return resolve_label_set(self.raw["labels"])
+    def stage_config(self, stage: str, **fixed):
+        """A fresh config of `stage` for running it: its section over `stage_defaults`, with the fields the
+        pipeline sets (`fixed`, e.g. the base model's resolved folder)."""
+        values = {**stage_defaults(self.output_dir, self.seed, stage), **(self.as_set.get(stage) or {}), **fixed}
+        return stage_table.get(stage).config_class()(**values)
 
-    def section(self, name: str) -> dict:
-        """What the recipe set in a section (not the defaults)."""
-        return dict(self.raw.get(name) or {})
+    def public(self) -> dict:
+        """What may leave the machine (`public_recipe`), local paths relative to the run folder."""
+        return public_recipe(self.as_set, self.output_dir)
 
 
 def apply_overrides(recipe: dict, overrides) -> dict:
@@ -248,41 +268,47 @@ def read_recipe(path: str | Path, overrides=()) -> dict:
     return apply_overrides(recipe, overrides)
 
 
+def stage_defaults(output_dir: Path, seed: int, stage: str) -> dict[str, Any]:
+    """What a stage config takes from the run unless its section sets it: its folder `<output_dir>/<stage>`, the
+    run's seed, and the tracker run name `<run>/<stage>` (`<run>`: the run folder's name)."""
+    return {"output_dir": str(output_dir / stage), "seed": seed, "run_name": f"{output_dir.name}/{stage}"}
+
+
 def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
     """Check every section, key and value of `recipe`; raise `RecipeError` naming the first problem."""
-    unknown = [key for key in recipe if key not in TOP_LEVEL]
+    allowed = top_level()
+    unknown = [key for key in recipe if key not in allowed]
     if unknown:
         key = unknown[0]
-        raise RecipeError(f"{where}: unknown section {key!r}{_close_match(key, TOP_LEVEL)}. "
-                          f"Allowed sections: {', '.join(TOP_LEVEL)}.")
+        raise RecipeError(f"{where}: unknown section {key!r}{_close_match(key, allowed)}. "
+                          f"Allowed sections: {', '.join(allowed)}.")
     for key in ("output_dir", "labels", "data"):
         if recipe.get(key) in (None, "", [], {}):
             raise RecipeError(f"{where}: {key!r} is required.")
-    raw: dict[str, Any] = {}
+    as_set: dict[str, Any] = {}
     for key, kind in SCALARS.items():
         if key in recipe:
             try:
-                raw[key] = _coerce(recipe[key], kind)
+                as_set[key] = _coerce(recipe[key], kind)
             except TypeError as err:
                 raise RecipeError(f"{where}: {key}: {err}.") from None
     try:
         labels = resolve_label_set(recipe["labels"])
     except (ValueError, TypeError, KeyError) as err:
         raise RecipeError(f"{where}: labels: {err}") from None
-    raw["labels"] = recipe["labels"]
-    sections, classes = {}, section_classes()
-    output_dir = Path(raw["output_dir"])
-    for name, cls in classes.items():
-        fixed = {"output_dir": str(output_dir / name)} if name in STAGE_SECTIONS else None
-        if name in STAGE_SECTIONS:
-            fixed["seed"] = raw.get("seed", 42)
-        sections[name], checked = parse_section(name, cls, recipe.get(name), where, fixed)
+    as_set["labels"] = recipe["labels"]
+    output_dir, seed = Path(as_set["output_dir"]), as_set.get("seed", 42)
+    stage_sections = stage_table.config_sections()
+    sections = {}
+    for name, cls in section_classes().items():
+        defaults = stage_defaults(output_dir, seed, name) if name in stage_sections else None
+        sections[name], checked = parse_section(name, cls, recipe.get(name), where, defaults)
         if name in recipe:
-            raw[name] = checked
-    _check_data(sections["data"], raw["data"], where)
+            as_set[name] = checked
+    _check_data(sections["data"], as_set["data"], where)
     _check_instructions(sections["instructions"], where)
-    _check_model(sections["model"], raw.get("model", {}), labels, where)
-    return Recipe(raw=raw, sections=sections, source=where)
+    _check_model(sections["model"], as_set.get("model", {}), labels, where)
+    return Recipe(output_dir=output_dir, seed=seed, labels=labels, as_set=as_set, source=where, **sections)
 
 
 def _check_data(data: DataSection, explicit: dict, where: str) -> None:
@@ -341,7 +367,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """The whole validated recipe (secrets included) for this machine's run folder only."""
     from train.infra.files import write_text_atomic
 
-    write_text_atomic(yaml.safe_dump(recipe.raw, sort_keys=False), path)
+    write_text_atomic(yaml.safe_dump(recipe.as_set, sort_keys=False), path)
 
 
 def recipe_help() -> str:
@@ -353,7 +379,7 @@ def recipe_help() -> str:
         lines.append(f"{name}:  {inspect.getdoc(cls).splitlines()[0]}")
         types_ = _field_types(cls)
         for f in dataclasses.fields(cls):
-            if not f.init or f.name in PIPELINE_SET.get(name, ()):
+            if not f.init or name in stage_table.config_sections() and f.name in _set_by_pipeline(cls):
                 continue
             if f.default is not dataclasses.MISSING:
                 default = f.default

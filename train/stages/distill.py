@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from transformers.utils import ModelOutput
 
-from modeling_emovlm_kd import EmoVLMKDDistillationHead
+from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead
+from modeling_emovlm_kd.fusion import head_from_config
 from train.configs.distill_config import DistillationConfig
 from train.stages.trainer_utils import FeatureDataset, accuracy_metrics
 
@@ -121,9 +123,30 @@ def train_distillation(
     return trainer.model.head, trainer
 
 
+def initial_head(config: EmoVLMKDConfig, seed: int) -> EmoVLMKDDistillationHead:
+    """Stage 2's head before training: the config's, initialised as the model's, seeded by the stage's seed
+    (`distill.seed`, the run's seed unless the recipe sets it)."""
+    torch.manual_seed(seed)
+    return head_from_config(config)
+
+
+def run(context) -> dict:
+    run = context.read()
+    args = context.stage_args("distill")
+    set_seed(args.seed)
+    head, trainer = train_distillation(initial_head(run.fused_config, args.seed), run.features("train"),
+                                       run.features("validation"), args,
+                                       resume_from_checkpoint=context.resume("distill"))
+    if context.state.is_main_process:
+        save_file(head.state_dict(), context.stage_dir("distill") / "head.safetensors")
+    return {"best_validation_accuracy": trainer.state.best_metric}
+
+
 __all__ = [
     "DistillationStudent",
     "DistillationTrainer",
     "distillation_loss",
+    "initial_head",
+    "run",
     "train_distillation",
 ]

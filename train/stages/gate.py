@@ -27,12 +27,13 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.utils import ModelOutput
 
-from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
-from modeling_emovlm_kd.fusion import new_gate
+from modeling_emovlm_kd import EmoVLMKDFusion
+from modeling_emovlm_kd.fusion import gate_from_config
 from train.configs.gate_config import GateConfig
 from train.stages.trainer_utils import FeatureDataset, accuracy_metrics
 
@@ -138,20 +139,6 @@ class GateTrainer(Trainer):
             return self.objective(model, inputs).detach()
 
 
-@torch.inference_mode()
-def head_logits(head: EmoVLMKDDistillationHead, visual_features: torch.Tensor, batch_size: int = 4096):
-    """The frozen head's logits for cached features, computed once for all of stage 3."""
-    head.eval()
-    return torch.cat([head(chunk) for chunk in visual_features.split(batch_size)])
-
-
-def build_gate(gate_type: str, num_labels: int, num_experts: int = 3, seed: int = 0,
-               std: float = 0.02) -> nn.Module:
-    """A new gate seeded by `seed`, built and initialised by the model package (`fusion.new_gate`)."""
-    torch.manual_seed(seed)
-    return new_gate(gate_type, num_labels, num_experts, std=std)
-
-
 def _report_against_branches(gate: nn.Module, validation: dict[str, torch.Tensor], vlm_signal: str,
                              head_signal: str) -> None:
     """Warn when the fused validation accuracy is more than one example below the better single branch's."""
@@ -201,4 +188,19 @@ def train_gate(
     return gate, trainer
 
 
-__all__ = ["GateStudent", "GateTrainer", "build_gate", "head_logits", "train_gate"]
+def run(context) -> dict:
+    run = context.read()
+    config = run.fused_config
+    # The stage's seed (`gate.seed`, the run's unless the recipe sets it) seeds the gate's initial weights too: the
+    # seed spread and the ablations vary it per child run.
+    args = context.stage_args("gate")
+    set_seed(args.seed)
+    gate, trainer = train_gate(gate_from_config(config), config.gate_vlm_signal, run.gate_inputs("train"),
+                               run.gate_inputs("validation"), args, resume_from_checkpoint=context.resume("gate"),
+                               head_signal=config.gate_head_signal)
+    if context.state.is_main_process:
+        save_file(gate.state_dict(), context.stage_dir("gate") / "gate.safetensors")
+    return {"best_validation_accuracy": trainer.state.best_metric}
+
+
+__all__ = ["GateStudent", "GateTrainer", "run", "train_gate"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
@@ -245,5 +245,16 @@ def train_sft(
     return save_merged(trainer, processor, args, Path(args.output_dir))
 
 
-__all__ = ["EmoVLMSFTTrainer", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
+def run(context) -> None:
+    set_seed(context.seed)
+    args = context.stage_args("sft", model_name_or_path=context.base_models["vlm"])
+    # The answers come from stage `instructions` (already run): every rank reads the same cache and leaves out the
+    # same failed rows. The recipe's prompts, the ones the caches and the export score after (unset: the paper's
+    # wording), and its resolution bounds, saved with the merged model's processor for every later stage.
+    generated = context.recipe.instructions.generator != "none"  # none: every answer must be cached
+    train_sft(context.data, context.labels, args, answers_cache=context.answers_cache,
+              resume_from_checkpoint=context.resume("sft"), skip_missing=generated,
+              **context.recipe.processor_kwargs())
+
+__all__ = ["EmoVLMSFTTrainer", "run", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
            "validation_subset"]

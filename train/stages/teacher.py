@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, set_seed
 
 from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
 from train.configs.teacher_config import TeacherConfig
@@ -71,4 +71,11 @@ def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_f
     return trainer
 
 
-__all__ = ["augment", "load_teacher", "train_teacher"]
+def run(context) -> dict:
+    set_seed(context.seed)
+    args = context.stage_args("teacher", teacher_model_name_or_path=context.base_models["teacher"])
+    trainer = train_teacher(context.data, context.labels, args, resume_from_checkpoint=context.resume("teacher"))
+    return {"best_validation_accuracy": trainer.state.best_metric}
+
+
+__all__ = ["augment", "load_teacher", "run", "train_teacher"]

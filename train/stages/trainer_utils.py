@@ -29,11 +29,6 @@ class FeatureDataset(torch.utils.data.Dataset):
         return {key: value[index] for key, value in self.tensors.items()}
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    """Parameters of `module`; a tied weight (one tensor in two places) counts once, as `parameters()` yields it."""
-    return sum(p.numel() for p in module.parameters())
-
-
 def last_complete_checkpoint(directory: str | Path) -> str | None:
     """The newest `checkpoint-N` folder that `Trainer` finished writing, or None.
 
@@ -69,4 +64,4 @@ def accuracy_metrics(eval_pred) -> dict[str, float]:
 
 
 __all__ = ["FeatureDataset", "accuracy_metrics",
-           "count_parameters", "last_complete_checkpoint"]
+           "last_complete_checkpoint"]
