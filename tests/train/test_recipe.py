@@ -146,3 +146,26 @@ def test_a_validated_recipe_revalidates_to_the_same_values():
     recipe = load_recipe(DEMO, ["seed=5"])
     again = validate_recipe(recipe.as_set)
     assert again.as_set == recipe.as_set
+
+
+def test_a_recipe_inherits_from_its_bases_and_states_only_what_differs(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "paper.yaml").write_text(yaml.safe_dump({
+        "seed": 1, "model": {"head_hidden_dims": [8, 4], "pooling": "max"}, "sft": {"lora_r": 4, "lora_alpha": 4}}))
+    (tmp_path / "bases" / "backbone.yaml").write_text(yaml.safe_dump({
+        "base": "paper.yaml", "model": {"head_hidden_dims": [16]}, "base_models": {"tiny": True}}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "base": ["bases/backbone.yaml"], "output_dir": str(tmp_path / "run"), "labels": "binary",
+        "data": {"kind": "imagefolder", "root": "x"}, "sft": {"lora_alpha": 2}}))
+    recipe = load_recipe(tmp_path / "run.yaml", ["sft.lora_r=16"])
+    # Sections merge key by key; a list replaces the base's; the file wins over its bases, --set over everything.
+    assert recipe.as_set["model"] == {"head_hidden_dims": [16], "pooling": "max"}
+    assert recipe.as_set["sft"] == {"lora_r": 16, "lora_alpha": 2} and recipe.seed == 1
+    assert recipe.model.head_hidden_dims == [16] and recipe.base_models.tiny and "base" not in recipe.as_set
+    (tmp_path / "bases" / "paper.yaml").write_text(yaml.safe_dump({"base": "../run.yaml", "seed": 1}))
+    with pytest.raises(RecipeError, match=r"run\.yaml is its own base"):
+        load_recipe(tmp_path / "run.yaml")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"base": [3], "output_dir": "x"}))
+    with pytest.raises(RecipeError, match=r"bad\.yaml: base: expected a path or a list of paths, got 3"):
+        load_recipe(tmp_path / "bad.yaml")
+    assert "base (optional)  A recipe file, or a list of them" in recipe_help()

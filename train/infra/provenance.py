@@ -35,13 +35,17 @@ NOT_RESULTS = {"logging_steps", "logging_strategy", "logging_first_step", "loggi
                "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
                "dataloader_prefetch_factor", "timeout", "max_retries", "backoff", "num_workers",
                "requests_per_minute", "project", "trackio_space_id"}
+# Keys a library renamed: both names are recorded under the new one, so a run finished under the old name stays up
+# to date after its recipe says the new one (transformers 5 renamed `gradient_checkpointing*`).
+RENAMED = {"gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 DONE, STARTED, FAILED = "stage_done.json", "stage_started.json", "stage_failed.json"
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{RENAMED.get(key, key)}"
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{name}."))
         else:
@@ -63,6 +67,15 @@ def stage_settings(recipe: dict, stage: str) -> dict[str, Any]:
             continue
         selected[key] = value
     return dict(sorted(selected.items()))
+
+
+def current_names(settings: dict) -> dict[str, Any]:
+    """Recorded `section.key` settings with renamed keys under their current names (`RENAMED`)."""
+    renamed = {}
+    for key, value in settings.items():
+        section, _, leaf = key.rpartition(".")
+        renamed[f"{section}.{RENAMED[leaf]}" if section and leaf in RENAMED else RENAMED.get(key, key)] = value
+    return dict(sorted(renamed.items()))
 
 
 def settings_hash(settings: dict) -> str:
@@ -129,7 +142,7 @@ class Provenance:
             return "it has not finished"
         if "settings" not in marker:
             return "it was recorded without its settings (an older version of this project)"
-        changes = changed_keys(marker["settings"], self.settings(stage))
+        changes = changed_keys(current_names(marker["settings"]), self.settings(stage))
         if changes:
             return "its settings changed: " + "; ".join(changes)
         recorded = marker.get("inputs") or {}
@@ -158,6 +171,8 @@ class Provenance:
         stage_dir = self.stage_dir(stage)
         started = {"settings": self.settings(stage), "inputs": self.current_inputs(stage)}
         previous = read_marker(stage_dir, STARTED)
+        if previous is not None and isinstance(previous.get("settings"), dict):
+            previous["settings"] = current_names(previous["settings"])
         fresh_start = self.is_done(stage) or (
             stage_dir.exists() and (previous is None or {k: previous.get(k) for k in started} != started))
         self.state.wait_for_everyone()
@@ -194,5 +209,5 @@ class Provenance:
             time.sleep(poll)
 
 
-__all__ = ["DONE", "FAILED", "STARTED", "Provenance", "StageError", "changed_keys", "new_marker", "read_marker",
+__all__ = ["DONE", "FAILED", "RENAMED", "STARTED", "Provenance", "StageError", "changed_keys", "current_names", "new_marker", "read_marker",
            "settings_hash", "stage_settings"]

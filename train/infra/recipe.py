@@ -7,9 +7,12 @@ A recipe is a YAML file with these top-level keys:
     base_models                  `BaseModelsSection`
     instructions                 `InstructionsSection` (who writes the conversation/reasoning answers)
     model                        `ModelSection` (the fused model's options, saved in its config)
-    sft, teacher, distill, gate  the stages' own argument classes (`SFTStageConfig`, `TeacherConfig`, ...)
+    sft, teacher, distill, gate  the stage configs of the stage table (`train/configs/`: `SFTStageConfig`, ...)
+    base                         optional: recipe file(s) merged under this one (`train/recipes/paper.yaml` holds
+                                 the paper's hyperparameters; each data set/backbone recipe states what differs)
 
-`load_recipe` parses each section with `HfArgumentParser.parse_dict(..., allow_extra_keys=False)` after checking
+`load_recipe` merges the bases first, so what is validated, hashed for provenance and stored is the resolved
+recipe. It parses each section with `HfArgumentParser.parse_dict(..., allow_extra_keys=False)` after checking
 every key and the type of every value against the section's dataclass, so a misspelled section or key, or a value
 of the wrong type, fails at once with `section.key`, what was wrong and the allowed keys, before anything is trained
 or deleted. `python -m train recipe --help` lists every field with its help text and default.
@@ -254,9 +257,7 @@ def apply_overrides(recipe: dict, overrides) -> dict:
     return recipe
 
 
-def read_recipe(path: str | Path, overrides=()) -> dict:
-    """The recipe file as a dict with the overrides applied (not yet validated)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
@@ -265,7 +266,41 @@ def read_recipe(path: str | Path, overrides=()) -> dict:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe {path} must be a mapping of sections, got {type(recipe).__name__}.")
-    return apply_overrides(recipe, overrides)
+    return recipe
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` over `base`: sections merge key by key (recursively), any other value (a list too) replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe file with its `base:` recipes (a path, or a list of paths, relative to the file) merged under it:
+    each base first (in order, each with its own bases resolved), then the file's own values over them."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise RecipeError(f"Recipe {path} is its own base (through {' -> '.join(str(p) for p in _seen)}).")
+    recipe = _read_yaml(path)
+    bases = recipe.pop("base", None) or []
+    if not isinstance(bases, list):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        if not isinstance(base, str):
+            raise RecipeError(f"{path}: base: expected a path or a list of paths, got {base!r}.")
+        merged = merge(merged, resolve_bases(path.parent / base, (*_seen, path.resolve())))
+    return merge(merged, recipe)
+
+
+def read_recipe(path: str | Path, overrides=()) -> dict:
+    """The recipe file as a dict, its bases merged under it and the overrides applied (not yet validated)."""
+    return apply_overrides(resolve_bases(path), overrides)
 
 
 def stage_defaults(output_dir: Path, seed: int, stage: str) -> dict[str, Any]:
@@ -374,7 +409,11 @@ def recipe_help() -> str:
     """Every section and field with its help text and default, from the dataclasses themselves."""
     lines = ["Recipe sections and their fields (YAML keys; override any with --set section.key=value):", "",
              "output_dir (str, required)  Run folder.", "seed (int, default 42)  Seed of every stage.",
-             "labels (required)  A label set name (mikels8, ekman6, binary) or an ordered list of class names.", ""]
+             "labels (required)  A label set name (mikels8, ekman6, binary) or an ordered list of class names.",
+             "base (optional)  A recipe file, or a list of them, relative to this one, merged under it: the file",
+             "  states only what differs (sections merge key by key; any other value, a list too, replaces the base's).",
+             "  train/recipes/paper.yaml holds the paper's hyperparameters; the recipes under train/recipes/ name it.",
+             ""]
     for name, cls in section_classes().items():
         lines.append(f"{name}:  {inspect.getdoc(cls).splitlines()[0]}")
         types_ = _field_types(cls)
@@ -452,5 +491,5 @@ def _looks_like_local_path(value: str) -> bool:
 
 
 __all__ = ["BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection", "Recipe", "RecipeError",
-           "apply_overrides", "load_recipe", "parse_section", "public_recipe", "read_recipe", "recipe_help",
-           "save_recipe", "validate_recipe"]
+           "apply_overrides", "load_recipe", "merge", "parse_section", "public_recipe", "read_recipe", "recipe_help",
+           "resolve_bases", "save_recipe", "validate_recipe"]
