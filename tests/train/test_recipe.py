@@ -169,3 +169,19 @@ def test_a_recipe_inherits_from_its_bases_and_states_only_what_differs(tmp_path)
     with pytest.raises(RecipeError, match=r"bad\.yaml: base: expected a path or a list of paths, got 3"):
         load_recipe(tmp_path / "bad.yaml")
     assert "base (optional)  A recipe file, or a list of them" in recipe_help()
+
+
+def test_the_model_sections_config_options_default_to_the_configs():
+    from modeling_emovlm_kd import EmoVLMKDConfig
+    from train.infra.recipe import ModelSection
+
+    assert ModelSection.CONFIG_KEYS == (
+        "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
+        "gate_head_signal", "gate_num_experts", "categorical_prompt", "conversation_prompt", "reasoning_prompt")
+    section, config = ModelSection(), EmoVLMKDConfig.from_label_set("binary")
+    for key in ModelSection.CONFIG_KEYS:
+        if key.endswith("_prompt"):
+            assert getattr(section, key) is None  # unset: the config fills in the paper's wording
+        else:
+            assert getattr(section, key) == (list(config.head_hidden_dims) if key == "head_hidden_dims"
+                                             else getattr(config, key)), key

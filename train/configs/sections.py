@@ -3,15 +3,35 @@ options. Each is a dataclass parsed by `HfArgumentParser`; `python -m train reci
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeling_emovlm_kd import GATE_TYPES
+from modeling_emovlm_kd.configuration_emovlm_kd import (
+    DEFAULT_CONVERSATION_PROMPT,
+    DEFAULT_REASONING_PROMPT,
+    GATE_TYPES,
+    POOLING_TYPES,
+    PROMPT_KEYS,
+    EmoVLMKDConfig,
+)
 
 # The models a run starts from unless its recipe names others: the paper's.
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_TEACHER = "google/vit-base-patch16-384"
+# `EmoVLMKDConfig`'s defaults (a dataclass): the model section's options that go into the config default to them.
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EmoVLMKDConfig)}
+_CONFIG_FIELDS: list[str] = []  # the fields made by `_config_field`, in order
+
+
+def _config_field(name: str, help_text: str):
+    """A recipe field of the fused model's config, with the config's default."""
+    default = _CONFIG_DEFAULTS[name]
+    _CONFIG_FIELDS.append(name)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -100,25 +120,25 @@ class InstructionsSection:
 class ModelSection:
     """Options of the fused model (saved in its config) and of how the frozen VLM runs for the feature caches."""
 
-    head_hidden_dims: list[int] = field(default_factory=lambda: [1024], metadata={"help": "Head MLP widths."})
-    head_activation: str = field(default="gelu", metadata={"help": "Activation between the head's layers."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
-    pooling: str = field(default="mean", metadata={"help": "Pooling of the merged visual tokens: mean or max."})
-    gate_type: str = field(default="concat_linear", metadata={"help": f"One of {', '.join(GATE_TYPES)}."})
-    gate_vlm_signal: str = field(default="one_hot", metadata={"help": "What the gate sees of the VLM: one_hot "
-                                                                      "(the paper) or probs."})
-    gate_head_signal: str = field(default="probs", metadata={"help": "What the gate sees of the head: probs (the "
-                                                                     "paper) or logits (the authors' code)."})
-    gate_num_experts: int = field(default=3, metadata={"help": "Experts of the moe gate."})
-    categorical_prompt: str | None = field(default=None, metadata={
-        "help": "Stage 1's categorical instruction, also the prompt the fused model scores labels after. Unset: the "
-                "paper's wording for the run's labels (classes listed alphabetically, the first as the example)."})
-    conversation_prompt: str | None = field(default=None, metadata={
-        "help": "Stage 1's conversation instruction. Unset: the paper's \"Observe the image and describe key "
-                "elements of the image.\""})
-    reasoning_prompt: str | None = field(default=None, metadata={
-        "help": "Stage 1's reasoning instruction. Unset: the paper's \"Observe the image and describe the process "
-                "of inferring the emotions conveyed in the image.\""})
+    # The fused model's options: `EmoVLMKDConfig`'s fields, with its defaults.
+    head_hidden_dims: list[int] = _config_field("head_hidden_dims", "Head MLP widths.")
+    head_activation: str = _config_field("head_activation", "Activation between the head's layers.")
+    head_dropout: float = _config_field("head_dropout", "Dropout inside the head.")
+    pooling: str = _config_field("pooling", f"Pooling of the merged visual tokens: {' or '.join(POOLING_TYPES)}.")
+    gate_type: str = _config_field("gate_type", f"One of {', '.join(GATE_TYPES)}.")
+    gate_vlm_signal: str = _config_field("gate_vlm_signal", "What the gate sees of the VLM: one_hot (the paper) or "
+                                                            "probs.")
+    gate_head_signal: str = _config_field("gate_head_signal", "What the gate sees of the head: probs (the paper) or "
+                                                              "logits (the authors' code).")
+    gate_num_experts: int = _config_field("gate_num_experts", "Experts of the moe gate.")
+    categorical_prompt: str | None = _config_field(
+        "categorical_prompt", "Stage 1's categorical instruction, also the prompt the fused model scores labels "
+        "after. Unset: the paper's wording for the run's labels (classes listed alphabetically, the first as the "
+        "example).")
+    conversation_prompt: str | None = _config_field(
+        "conversation_prompt", f"Stage 1's conversation instruction. Unset: the paper's {DEFAULT_CONVERSATION_PROMPT!r}")
+    reasoning_prompt: str | None = _config_field(
+        "reasoning_prompt", f"Stage 1's reasoning instruction. Unset: the paper's {DEFAULT_REASONING_PROMPT!r}")
     load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
     dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
     feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
@@ -134,13 +154,11 @@ class ModelSection:
     export_max_shard_size: str = field(default="5GB", metadata={
         "help": "Export: largest safetensors shard of final/ (the Hub serves shards with an index)."})
 
-    # The instructions (`EmoVLMKDConfig`'s prompt fields): stage 1 trains on them, the caches and export score after
-    # the categorical one, and every checkpoint's config stores all three.
-    PROMPT_KEYS: typing.ClassVar[tuple[str, ...]] = ("categorical_prompt", "conversation_prompt", "reasoning_prompt")
-    # The options that go into `EmoVLMKDConfig` (the others only say how the caches are computed).
-    CONFIG_KEYS: typing.ClassVar[tuple[str, ...]] = (
-        "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
-        "gate_head_signal", "gate_num_experts", *PROMPT_KEYS)
+    # The instructions (the model package's `PROMPT_KEYS`): stage 1 trains on them, the caches and export score
+    # after the categorical one, and every checkpoint's config stores all three.
+    PROMPT_KEYS: typing.ClassVar[tuple[str, ...]] = PROMPT_KEYS
+    # The options that go into `EmoVLMKDConfig` (the others only say how the caches are computed): its fields here.
+    CONFIG_KEYS: typing.ClassVar[tuple[str, ...]]
 
     def __post_init__(self):
         if self.feature_batch_size < 1:
@@ -156,6 +174,9 @@ class ModelSection:
         """The prompts (unset ones are the paper's wording, filled in by `EmoVLMKDConfig`) and the resolution bounds
         the recipe sets: what `train.infra.assemble.load_processor` takes."""
         return {key: explicit[key] for key in (*self.PROMPT_KEYS, "min_pixels", "max_pixels") if key in explicit}
+
+
+ModelSection.CONFIG_KEYS = tuple(_CONFIG_FIELDS)
 
 
 __all__ = ["DEFAULT_TEACHER", "DEFAULT_VLM", "BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection"]

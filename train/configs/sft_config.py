@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from peft import LoraConfig
 from transformers import AutoConfig
-from trl import SFTConfig
+from trl import ModelConfig, SFTConfig, get_peft_config
 
 from modeling_emovlm_kd.backbones import get_backbone
 from train.configs.sections import DEFAULT_VLM
@@ -67,16 +68,23 @@ class SFTStageConfig(SFTConfig):
                 raise ValueError("eval_max_images is set but eval_strategy is 'no': nothing would be evaluated; set "
                                  "eval_strategy to steps (with eval_steps) or epoch.")
 
+    def model_config(self) -> ModelConfig:
+        """The base model and LoRA/4-bit options as TRL's `ModelConfig` (what TRL's scripts parse beside
+        `SFTConfig`). The 4-bit load itself is the project's one 4-bit config
+        (`train.infra.assemble.quantization_config`), which keeps the head, the gate and the backbone's
+        full-precision modules out of the quantisation."""
+        return ModelConfig(model_name_or_path=self.model_name_or_path, use_peft=self.use_peft, lora_r=self.lora_r,
+                           lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                           lora_target_modules=list(self.lora_target_modules), load_in_4bit=self.load_in_4bit,
+                           bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+
     def peft_config(self) -> LoraConfig | None:
-        if not self.use_peft:
+        """TRL's LoRA config (`trl.get_peft_config`) with the backbone's scope: the named modules of the LLM only,
+        the vision tower excluded (`modeling_emovlm_kd/backbones.py`)."""
+        config = get_peft_config(self.model_config())
+        if config is None:
             return None
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            **get_backbone(self.base_model_type()).lora_kwargs(self.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
+        return dataclasses.replace(config, **get_backbone(self.base_model_type()).lora_kwargs(self.lora_target_modules))
 
     def base_model_type(self) -> str:
         """The base model's `model_type` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`): its backbone family."""

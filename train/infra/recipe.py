@@ -24,8 +24,10 @@ paths made relative to the run or dropped.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
+import functools
 import inspect
 import os
 import re
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from modeling_emovlm_kd import resolve_label_set
 from train.configs.sections import BaseModelsSection, DataSection, InstructionsSection, ModelSection
@@ -83,77 +86,56 @@ def _describe(annotation) -> str:
     return str(annotation).replace("typing.", "")
 
 
-def _coerce(value: Any, annotation) -> Any:
-    """`value` as the type `annotation` says, converting only what a YAML or `--set` string can mean (`"1e-3"` ->
-    1e-3, `"true"` -> True); raises `TypeError` otherwise."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any or annotation is typing.Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
-        if value is None and type(None) in members:
+# What each argparse `type` of `HfArgumentParser` accepts, for the error messages.
+_EXPECTED = {int: "an integer", float: "a number", str: "a string", string_to_bool: "true or false", dict: "a mapping"}
+
+
+@functools.cache
+def _field_actions(cls) -> dict[str, argparse.Action]:
+    """`HfArgumentParser`'s argparse action of every field of `cls`: its `type`, `nargs` and `choices`."""
+    actions = {}
+    for action in HfArgumentParser(cls)._actions:
+        actions.setdefault(action.dest, action)  # a bool field's `--no_*` complement comes second
+    return actions
+
+
+def _typed(value: Any, annotation, action: argparse.Action) -> Any:
+    """`value` typed as `HfArgumentParser` types the field on a command line (its argparse `type`, on each item of a
+    list field, and its `choices`), so that a YAML or `--set` string means what it would as a flag (`"1e-3"` ->
+    1e-3, `"true"` -> True); raises `TypeError` saying what was expected."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if value is None:
+        if type(None) in members:
             return None
-        for member in sorted(members, key=lambda m: m is str):  # try str last: it would take any string
-            if member is type(None):
-                continue
-            try:
-                return _coerce(value, member)
-            except (TypeError, ValueError):
-                continue
-        raise TypeError(f"expected {_describe(annotation)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in typing.get_args(annotation):
-            return value
-        raise TypeError(f"expected one of {typing.get_args(annotation)}, got {value!r}")
-    if origin in (list, tuple):
+        raise TypeError(f"expected {_describe(annotation)}, got null")
+    if isinstance(value, str) and str in members or isinstance(value, dict) and (dict in members or annotation is dict):
+        return value  # the string or mapping member of a union (`report_to: str | list[str]`, `fsdp_config`)
+    if action.nargs in ("+", "*"):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        item = args[0] if args else Any
-        return [_coerce(v, item) for v in value]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a mapping, got {value!r}")
-        return value
-    if value is None:
-        raise TypeError(f"expected {_describe(annotation)}, got null")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        raise TypeError(f"expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise TypeError(f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise TypeError(f"expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise TypeError(f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError(f"expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(f"expected a string, got {value!r}")
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        try:
-            return annotation(value).value
-        except ValueError:
-            raise TypeError(f"expected one of {[m.value for m in annotation]}, got {value!r}") from None
-    return value  # a type this checker does not know: the dataclass's own validation decides
+        return [_typed_item(item, action, str in members) for item in value]
+    return _typed_item(value, action, str in members)
+
+
+def _typed_item(value: Any, action: argparse.Action, any_string: bool) -> Any:
+    expected = _EXPECTED.get(action.type, f"one of {action.choices}" if action.choices else "a value")
+    if isinstance(value, (list, tuple, dict)) or action.type is None:
+        raise TypeError(f"expected {expected}, got {value!r}")
+    try:
+        typed = action.type(value if isinstance(value, str) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise TypeError(f"expected {expected}, got {value!r}") from None
+    if action.choices and typed not in action.choices and not any_string:
+        raise TypeError(f"expected one of {list(action.choices)}, got {value!r}")
+    return typed
+
+
+@dataclass
+class _RunValues:
+    """The recipe's top-level values (typed like the sections)."""
+
+    output_dir: str
+    seed: int = 42
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -178,7 +160,7 @@ def parse_section(name: str, cls, values: Any, where: str = "recipe", defaults: 
             raise RecipeError(f"{where}: unknown key {name}.{key}{hint}. Allowed keys of {name!r}: "
                               f"{', '.join(settable)}.")
         try:
-            checked[key] = _coerce(value, types_[key])
+            checked[key] = _typed(value, types_[key], _field_actions(cls)[key])
         except TypeError as err:
             raise RecipeError(f"{where}: {name}.{key}: {err}.") from None
     try:
@@ -324,7 +306,7 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
     for key, kind in SCALARS.items():
         if key in recipe:
             try:
-                as_set[key] = _coerce(recipe[key], kind)
+                as_set[key] = _typed(recipe[key], kind, _field_actions(_RunValues)[key])
             except TypeError as err:
                 raise RecipeError(f"{where}: {key}: {err}.") from None
     try:
