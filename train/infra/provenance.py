@@ -11,6 +11,9 @@ A stage is up to date when its marker exists, its settings equal the recipe's an
 `provenance` is the one it read. Any rerun of a stage gives it a new `provenance`, so everything downstream of a
 rerun stage reruns too. A stage that starts writes `stage_started.json` with its settings and inputs; a killed
 stage resumes from its checkpoints only when they were made with the same ones.
+
+Which values and stages each stage reads is the stage table's (`train/infra/stage_table.py`); `Provenance` keeps the
+markers of one run folder (the pipeline asks it what is stale, and starts and finishes stages through it).
 """
 
 from __future__ import annotations
