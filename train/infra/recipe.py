@@ -56,7 +56,15 @@ class RecipeError(ValueError):
     """A recipe that cannot run: the message names the file, the `section.key` and what is allowed."""
 
 
-SCALARS = {"output_dir": str, "seed": int}
+@dataclass
+class _RunValues:
+    """The recipe's top-level values (typed like the sections)."""
+
+    output_dir: str
+    seed: int = 42
+
+
+SCALARS = typing.get_type_hints(_RunValues)
 SECTIONS = {"data": DataSection, "base_models": BaseModelsSection, "instructions": InstructionsSection,
             "model": ModelSection}
 
@@ -128,14 +136,6 @@ def _typed_item(value: Any, action: argparse.Action, any_string: bool) -> Any:
     if action.choices and typed not in action.choices and not any_string:
         raise TypeError(f"expected one of {list(action.choices)}, got {value!r}")
     return typed
-
-
-@dataclass
-class _RunValues:
-    """The recipe's top-level values (typed like the sections)."""
-
-    output_dir: str
-    seed: int = 42
 
 
 def _field_types(cls) -> dict[str, Any]:
