@@ -122,11 +122,11 @@ def _typed(value: Any, annotation, action: argparse.Action) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a list, got {value!r}")
         return [_typed_item(item, action, str in members) for item in value]
-    return _typed_item(value, action, str in members)
+    return _typed_item(value, action, str in members, _describe(annotation) if members else None)
 
 
-def _typed_item(value: Any, action: argparse.Action, any_string: bool) -> Any:
-    expected = _EXPECTED.get(action.type, f"one of {action.choices}" if action.choices else "a value")
+def _typed_item(value: Any, action: argparse.Action, any_string: bool, expected: str | None = None) -> Any:
+    expected = expected or _EXPECTED.get(action.type, f"one of {action.choices}" if action.choices else "a value")
     if isinstance(value, (list, tuple, dict)) or action.type is None:
         raise TypeError(f"expected {expected}, got {value!r}")
     try:
