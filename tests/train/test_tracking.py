@@ -57,8 +57,8 @@ def test_every_stage_logs_to_the_recipes_tracker_as_run_slash_stage(colour_folde
 
 
 def test_a_recipes_run_name_wins_and_wandb_groups_the_runs_stages(tmp_path, monkeypatch):
-    from train.stages.distill import DistillationConfig
-    from train.stages.sft import SFTStageConfig
+    from train.configs.distill_config import DistillationConfig
+    from train.configs.sft_config import SFTStageConfig
 
     monkeypatch.setenv("WANDB_RUN_GROUP", "placeholder")
     monkeypatch.delenv("WANDB_RUN_GROUP")  # restored (removed) after the test
@@ -66,11 +66,13 @@ def test_a_recipes_run_name_wins_and_wandb_groups_the_runs_stages(tmp_path, monk
               "data": {"kind": "imagefolder", "root": "x"},
               "sft": {"report_to": ["wandb"], "run_name": "my-own-name"}, "distill": {"report_to": "wandb"}}
     pipeline = Pipeline(recipe)
-    distill = pipeline.stage_args("distill", DistillationConfig)
+    distill = pipeline.stage_args("distill")
+    assert isinstance(distill, DistillationConfig)
     assert distill.report_to == ["wandb"] and distill.run_name == "emoset-7b/distill"
     assert os.environ["WANDB_RUN_GROUP"] == "emoset-7b"
-    sft = pipeline.stage_args("sft", SFTStageConfig, model_name_or_path="unused")
+    sft = pipeline.stage_args("sft", model_name_or_path="unused")
+    assert isinstance(sft, SFTStageConfig)
     assert sft.report_to == ["wandb"] and sft.run_name == "my-own-name"
     monkeypatch.setenv("WANDB_RUN_GROUP", "chosen-by-the-user")
-    pipeline.stage_args("distill", DistillationConfig)
+    pipeline.stage_args("distill")
     assert os.environ["WANDB_RUN_GROUP"] == "chosen-by-the-user"

@@ -16,85 +16,21 @@ adapters active) is the image's label, the metric stages 2-3 and the export are 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, PeftModel
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
-from modeling_emovlm_kd.backbones import get_backbone
+from train.configs.sft_config import SFTStageConfig
 from train.infra.assemble import load_processor, quantization_config
-from train.stages.instructions import KINDS, build_instruction_dataset
+from train.stages.instructions import build_instruction_dataset
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTStageConfig(SFTConfig):
-    """`SFTConfig` for stage 1, plus the base model, LoRA/QLoRA and instruction-data fields."""
-
-    model_name_or_path: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM to tune."})
-    use_peft: bool = field(default=True, metadata={"help": "LoRA (True) or full fine-tuning (False)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit NF4 + double quant."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
-        metadata={"help": "Modules LoRA adapts, in the LLM only (the backbone's vision tower is excluded)."},
-    )
-    instruction_kinds: list[str] = field(
-        default_factory=lambda: list(KINDS), metadata={"help": "Instruction formats to train on."}
-    )
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
-    assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on the assistant's answers only."})
-    max_length: int | None = field(default=None, metadata={"help": "No truncation: it would cut image tokens."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints to keep."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    eval_max_images: int | None = field(default=None, metadata={
-        "help": "Validation images scored at each evaluation (eval_strategy: steps or epoch), drawn with the seed: "
-                "eval_label_accuracy (the scored label's accuracy) and eval_loss on their categorical instructions. "
-                "Unset: the whole validation split."})
-
-    def __post_init__(self):
-        # TRL turns bf16 on by default; use it only where the hardware has it, so one recipe runs on CPU and GPU.
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        super().__post_init__()
-        unknown = set(self.instruction_kinds) - set(KINDS)
-        if unknown or not self.instruction_kinds:
-            raise ValueError(f"instruction_kinds must be a non-empty subset of {KINDS}, got {self.instruction_kinds}.")
-        if self.load_in_4bit and not self.use_peft:
-            raise ValueError("load_in_4bit (QLoRA) needs use_peft: 4-bit weights cannot be fine-tuned directly.")
-        if self.eval_max_images is not None:
-            if self.eval_max_images < 1:
-                raise ValueError(f"eval_max_images must be at least 1 (or unset: the whole validation split), got "
-                                 f"{self.eval_max_images}.")
-            if self.eval_strategy == "no":
-                raise ValueError("eval_max_images is set but eval_strategy is 'no': nothing would be evaluated; set "
-                                 "eval_strategy to steps (with eval_steps) or epoch.")
-
-    def peft_config(self) -> LoraConfig | None:
-        if not self.use_peft:
-            return None
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            **get_backbone(self.base_model_type()).lora_kwargs(self.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
-
-    def base_model_type(self) -> str:
-        """The base model's `model_type` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`): its backbone family."""
-        return AutoConfig.from_pretrained(self.model_name_or_path).model_type
 
 
 def _compute_dtype(args: SFTStageConfig) -> torch.dtype:
@@ -309,5 +245,16 @@ def train_sft(
     return save_merged(trainer, processor, args, Path(args.output_dir))
 
 
-__all__ = ["EmoVLMSFTTrainer", "SFTStageConfig", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
+def run(context) -> None:
+    set_seed(context.seed)
+    args = context.stage_args("sft", model_name_or_path=context.base_models["vlm"])
+    # The answers come from stage `instructions` (already run): every rank reads the same cache and leaves out the
+    # same failed rows. The recipe's prompts, the ones the caches and the export score after (unset: the paper's
+    # wording), and its resolution bounds, saved with the merged model's processor for every later stage.
+    generated = context.recipe.instructions.generator != "none"  # none: every answer must be cached
+    train_sft(context.data, context.labels, args, answers_cache=context.answers_cache,
+              resume_from_checkpoint=context.resume("sft"), skip_missing=generated,
+              **context.recipe.processor_kwargs())
+
+__all__ = ["EmoVLMSFTTrainer", "run", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
            "validation_subset"]
