@@ -37,7 +37,12 @@ def test_lora_through_trl_keeps_the_backbones_scope(tiny_base, tmp_path, targets
     ("model.max_pixels=null", ("model", "max_pixels", None)),
     ("data.fractions=[0.8, 0.1, 0.1]", ("data", "fractions", [0.8, 0.1, 0.1])),
 ])
-def test_values_are_typed_by_the_parsers_field_types(override, typed):
+def test_values_are_typed_by_the_parsers_field_types(override, typed, monkeypatch):
+    from transformers.integrations import integration_utils
+
+    # Trackers named by a recipe must be installed (checked at validation): this test is about typing only.
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
     section, key, value = typed
     recipe = load_recipe(DEMO, [override])
     assert recipe.as_set[section][key] == value and type(recipe.as_set[section][key]) is type(value)

@@ -60,6 +60,8 @@ def test_a_recipes_run_name_wins_and_wandb_groups_the_runs_stages(tmp_path, monk
     from train.configs.distill_config import DistillationConfig
     from train.configs.sft_config import SFTStageConfig
 
+    # The recipe's trackers must be installed (checked at validation); this test needs wandb's name only.
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
     monkeypatch.setenv("WANDB_RUN_GROUP", "placeholder")
     monkeypatch.delenv("WANDB_RUN_GROUP")  # restored (removed) after the test
     recipe = {"output_dir": str(tmp_path / "emoset-7b"), "labels": "mikels8",
@@ -76,3 +78,20 @@ def test_a_recipes_run_name_wins_and_wandb_groups_the_runs_stages(tmp_path, monk
     monkeypatch.setenv("WANDB_RUN_GROUP", "chosen-by-the-user")
     pipeline.stage_args("distill")
     assert os.environ["WANDB_RUN_GROUP"] == "chosen-by-the-user"
+
+
+def test_a_recipe_naming_a_tracker_that_is_not_installed_is_refused_at_validation(tmp_path, monkeypatch):
+    """transformers checks a tracker only when `Trainer` starts (and for TensorBoard asks for tensorboardX): the
+    recipe is refused up front, in one line naming the key and what to install."""
+    from train.infra.recipe import RecipeError, validate_recipe
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
+    recipe = {"output_dir": str(tmp_path / "run"), "labels": "binary", "data": {"kind": "imagefolder", "root": "x"},
+              "teacher": {"report_to": ["tensorboard"]}}
+    with pytest.raises(RecipeError, match=r"teacher\.report_to: tensorboard is not installed: pip install "
+                                          r"\"emovlm-kd\[tracking\]\"") as error:
+        validate_recipe(recipe, where="r.yaml")
+    assert "\n" not in str(error.value)
+    recipe["teacher"]["report_to"] = ["tensorbord"]
+    with pytest.raises(RecipeError, match=r"teacher\.report_to: 'tensorbord' is not a tracker transformers knows"):
+        validate_recipe(recipe, where="r.yaml")

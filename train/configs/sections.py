@@ -75,7 +75,6 @@ class InstructionsSection:
                                                                 "stored in results, reports or model cards."})
     timeout: float | None = field(default=None, metadata={"help": "openai: seconds per request."})
     max_retries: int | None = field(default=None, metadata={"help": "openai: retries of a failed request."})
-    backoff: float | None = field(default=None, metadata={"help": "openai: first retry wait (doubles)."})
     temperature: float | None = field(default=None, metadata={"help": "openai: sampling temperature."})
     max_tokens: int | None = field(default=None, metadata={"help": "openai: longest answer."})
     max_image_size: int | None = field(default=None, metadata={"help": "openai: longer side of the sent image."})
@@ -89,7 +88,7 @@ class InstructionsSection:
 
     # The options each generator takes (the others must be left unset).
     OPTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "openai": ("base_url", "model", "api_key", "timeout", "max_retries", "backoff", "temperature", "max_tokens",
+        "openai": ("base_url", "model", "api_key", "timeout", "max_retries", "temperature", "max_tokens",
                    "max_image_size", "requests_per_minute", "num_workers"),
         "local": ("max_new_tokens", "batch_size"),
         "none": (),

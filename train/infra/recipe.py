@@ -44,6 +44,7 @@ from transformers.hf_argparser import string_to_bool
 from modeling_emovlm_kd import resolve_label_set
 from train.configs.sections import BaseModelsSection, DataSection, InstructionsSection, ModelSection
 from train.infra import registry, stage_table
+from train.infra.trackers import check_report_to
 
 if TYPE_CHECKING:
     from train.configs.distill_config import DistillationConfig
@@ -325,6 +326,11 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
     _check_data(sections["data"], as_set["data"], where)
     _check_instructions(sections["instructions"], where)
     _check_model(sections["model"], as_set.get("model", {}), labels, where)
+    for name in stage_sections:
+        try:
+            check_report_to(sections[name].report_to, f"{name}.report_to")
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
     return Recipe(output_dir=output_dir, seed=seed, labels=labels, as_set=as_set, source=where, **sections)
 
 
