@@ -17,7 +17,12 @@ from transformers import Trainer
 from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
-from train.stages.trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
+from train.stages.trainer_utils import (
+    CachedFeatureArguments,
+    FeatureDataset,
+    StrictCheckpointLoading,
+    accuracy_metrics,
+)
 
 
 @dataclass
@@ -85,8 +90,9 @@ class DistillationStudent(nn.Module):
         return ModelOutput(logits=self.head(visual_features))
 
 
-class DistillationTrainer(Trainer):
-    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits."""
+class DistillationTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits. Its checkpoints hold the
+    head as `head.*` and load strictly (`StrictCheckpointLoading`, `submodule_tensors`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
