@@ -50,6 +50,22 @@ def data_fingerprint(dataset) -> str:
     return getattr(dataset, "_fingerprint", None) or hashlib.sha256(repr(dataset).encode()).hexdigest()[:16]
 
 
+def cache_fingerprint(vlm_key: str, teacher_key: str, dataset, pooling: str) -> str:
+    """The fingerprint a split's feature cache is stored under: the stage-1 model's and the teacher's
+    `model_fingerprint`, the split's `data_fingerprint` and the pooling of the visual tokens."""
+    return f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{pooling}"
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint a cache file was stored under (None: no such file, or not a complete cache)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign
+        return None
+    return metadata.get("fingerprint") if metadata.get("complete") == "1" else None
+
+
 def _read(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
     try:
         with safe_open(path, framework="pt") as handle:
@@ -155,9 +171,11 @@ def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 
 
 
 __all__ = [
+    "cache_fingerprint",
     "cached",
     "compute_teacher_logits",
     "compute_vlm_features",
     "data_fingerprint",
     "model_fingerprint",
+    "read_fingerprint",
 ]

@@ -39,7 +39,7 @@ from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
 from train import STAGES
 from train.infra.assemble import assemble, load_processor, save_hub_folder
 from train.infra.evaluation import evaluate_branches, format_table, plot_confusion_matrices
-from train.infra.files import write_json_atomic
+from train.infra.files import weights_sha256, write_json_atomic
 from train.infra.locks import exclusive
 from train.infra.provenance import DONE, STAGE_INPUTS, STARTED, changed_keys, new_marker, read_marker, stage_settings
 from train.infra.recipe import ModelSection, Recipe, load_recipe, public_recipe, save_recipe, validate_recipe
@@ -47,10 +47,10 @@ from train.infra.run import Run
 from train.infra.tiny import build_tiny_base_models
 from train.stages.distill import DistillationConfig, train_distillation
 from train.stages.features import (
+    cache_fingerprint,
     cached,
     compute_teacher_logits,
     compute_vlm_features,
-    data_fingerprint,
     model_fingerprint,
 )
 from train.stages.gate import GateConfig, train_gate
@@ -308,7 +308,7 @@ class Pipeline:
         vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
         for split in SPLITS:
             dataset = self.data[split]
-            fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
+            fingerprint = cache_fingerprint(vlm_key, teacher_key, dataset, model.config.pooling)
 
             def build(dataset=dataset):
                 # Every rank runs this (or none: they all find the same stored cache), so the gather is collective.
@@ -379,6 +379,7 @@ class Pipeline:
 
     def run_export(self) -> None:
         """The fused model with the trained head and gate, as a Hub-ready folder with results and figures."""
+        info = {}
         if self.state.is_main_process:
             # The VLM in the dtype the feature caches were computed in (results.json's numbers are this model's);
             # the head and the gate stay float32 (`_keep_in_fp32_modules_strict`).
@@ -392,7 +393,8 @@ class Pipeline:
                                     max_shard_size=options.export_max_shard_size)
             for name in ("results.json", "confusion_matrix.png"):
                 shutil.copy2(self.require("evaluate") / name, final / name)
-        self.mark_done("export", folder=str(self.output_dir / "final"))
+            info["weights_sha256"] = weights_sha256(final)  # what `python -m train verify` checks final/ against
+        self.mark_done("export", folder=str(self.output_dir / "final"), **info)
 
     # ---- driver ----------------------------------------------------------------------------------------
 
