@@ -132,6 +132,29 @@ def test_a_published_models_numbers_are_checked_against_the_model(tiny_run, colo
     assert failing_rows(caught.stdout) == ["results.json head macro_f1 (edited on --data imagefolder)"]
 
 
+@pytest.mark.slow
+def test_a_model_cards_model_index_is_checked(tiny_run, colour_folder, tmp_path):
+    from huggingface_hub import ModelCard
+
+    pushed = tmp_path / "pushed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    dry_run = subprocess.run([sys.executable, "-m", "train", "push", "--run-dir", str(tiny_run[0]), "--variant",
+                              "custom", "--repo-id", "me/emovlm-kd-colours", "--dry-run", str(pushed)],
+                             capture_output=True, text=True, env=env)
+    assert dry_run.returncode == 0, dry_run.stderr[-4000:]
+    data = ("--data", "imagefolder", "--root", colour_folder)
+    result = verify("--model", pushed, *data)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "| README.md model-index fused accuracy |" in result.stdout
+    card = ModelCard.load(pushed / "README.md")
+    (accuracy,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+    accuracy.metric_value = round(accuracy.metric_value - 0.25, 4)
+    card.save(pushed / "README.md")
+    caught = verify("--model", pushed, *data)
+    assert caught.returncode == 1
+    assert failing_rows(caught.stdout) == ["README.md model-index fused accuracy"]
+
+
 def test_check_tolerances():
     import torch
 
