@@ -41,9 +41,13 @@ def _outputs(model, inputs, module=fast_path, stock=False):
     return {name: getattr(out, name) for name in OUTPUTS}
 
 
-def _assert_close(fast, stock, atol=1e-5):
+def _assert_close(fast, stock, rtol=1e-5):
+    """Float32 computations that differ in the order of their sums agree to about 1e-5 of the values' scale (the
+    label scores are log-likelihoods near -13, the features near 0.1): the tolerance is relative to each tensor's
+    largest magnitude, not an absolute number fitted to one tensor."""
     for name in OUTPUTS:
         assert fast[name].shape == stock[name].shape, name
+        atol = rtol * max(1.0, float(stock[name].abs().max()))
         torch.testing.assert_close(fast[name], stock[name], atol=atol, rtol=0, msg=name)
 
 
@@ -168,7 +172,7 @@ def test_fast_path_with_a_4bit_vlm(tiny_checkpoint, counted):
     assert len(counted) > calls
     bound = _bf16_kernel_bound(model, layers, stock32)
     for name in OUTPUTS:
-        tolerance = 2 * bound[name] + 1e-5
+        tolerance = 2 * bound[name] + 1e-5 * max(1.0, float(stock32[name].abs().max()))
         assert fast[name].shape == stock[name].shape, name
         torch.testing.assert_close(fast[name], stock[name], atol=tolerance, rtol=0, msg=name)
         if name in ("logits", "vlm_logits", "head_logits"):

@@ -127,7 +127,8 @@ def test_sharded_feature_cache_equals_the_single_process_cache(tiny_run, tmp_pat
         a = load_file(single_dir / "features" / f"{split}.safetensors")
         b = load_file(double_dir / "features" / f"{split}.safetensors")
         for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+            # Each rank's batches hold other images (float32 kernels sum in another order): 1e-5 of the scale.
+            torch.testing.assert_close(a[key], b[key], atol=1e-5 * max(1.0, float(a[key].abs().max())), rtol=0)
     assert not list((double_dir / "features").glob("*.part*"))
 
 
