@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, AutoModelForImageTextToText, TrainerCallback, set_seed
 
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
-from train.stages.trainer_utils import CheckpointLoadError
+from train.stages.trainer_utils import CheckpointLoadError, submodule_tensors
 
 
 def scripted_accuracy(values):
@@ -157,7 +157,7 @@ def test_the_distilled_head_is_its_best_checkpoint(tmp_path, monkeypatch):
                                                      cached_split(64), cached_split(32, seed=1), args)
     best = best_checkpoint(trainer, tmp_path)
     # The checkpoint holds the `Trainer` model, `DistillationStudent`: the head's tensors under `head.`.
-    checkpoint = {key.removeprefix("head."): value for key, value in load_file(best / "model.safetensors").items()}
+    checkpoint = submodule_tensors(best, "head.")
     assert_same_tensors(head.state_dict(), checkpoint, "head")
 
 
@@ -174,7 +174,7 @@ def test_the_gate_is_its_best_checkpoint_when_it_selects_on_validation(tmp_path,
                                           gate_split(64, seed=1), args)
     best = best_checkpoint(trainer, tmp_path)
     # The checkpoint holds the `Trainer` model, `GateStudent`: the gate's tensors under `gate.`.
-    checkpoint = {key.removeprefix("gate."): value for key, value in load_file(best / "model.safetensors").items()}
+    checkpoint = submodule_tensors(best, "gate.")
     assert_same_tensors(gate.state_dict(), checkpoint, "gate")
 
 
