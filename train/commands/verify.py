@@ -345,7 +345,7 @@ def card_metrics(folder: Path, split: str) -> dict[str, float]:
     return found
 
 
-def verify_model(model: str, data: dict, split: str = "test", revision: str | None = None, labels=None,
+def verify_model(model: str, data: dict, split: str | None = None, revision: str | None = None, labels=None,
                  dtype: str = "auto", device: str | None = None, output_dir: str | Path | None = None,
                  batch_size: int = 8, cache_every: int = 256, tolerance: float = 0.0) -> list[Check]:
     """A published model's recorded numbers (results.json, model card) against the model evaluated again."""
@@ -356,6 +356,7 @@ def verify_model(model: str, data: dict, split: str = "test", revision: str | No
     if not results_path.is_file():
         raise EvaluationError(f"--model {source.name} has no results.json: it records no numbers to verify.")
     recorded = json.loads(results_path.read_text())
+    split = split or recorded.get("split") or "test"  # by default, the split the recorded numbers are on
     if recorded.get("split", split) != split:
         raise EvaluationError(f"--model {source.name}'s results.json is on the {recorded['split']!r} split, not "
                               f"--split {split}.")
@@ -421,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.data:
                 _refuse("--model needs --data KIND (and the data's options).")
             data, labels = data_from_args(args)
-            what = f"model {args.model} on --data {args.data} [{args.split}]"
+            what = f"model {args.model} on --data {args.data}" + (f" [{args.split}]" if args.split else "")
             checks = verify_model(args.model, data, split=args.split, revision=args.revision, labels=labels,
                                   dtype=args.dtype, device=args.device, output_dir=args.output_dir,
                                   batch_size=args.batch_size, cache_every=args.cache_every, tolerance=args.tolerance)
