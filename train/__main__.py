@@ -6,7 +6,7 @@
     python -m train {base,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml
     python -m train evaluate --model MODEL_OR_REPO --data KIND [--root DIR ...] [--split test] --output-dir DIR
     python -m train report --run runs/demo                         # the paper's tables and figures for a run
-    python -m train ablate --run runs/demo --what all              # depth, alpha and gate ablations
+    python -m train ablate --run runs/demo --what all              # depth, alpha, gate and gate-data ablations
     python -m train spread --config RECIPE.yaml --seeds 3         # stages 2-3 over 3 seeds: mean and std
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME

@@ -112,3 +112,35 @@ def test_alpha_sweep_from_the_command_line(run_copy, capsys):
         assert all(run["kl_to_teacher"] >= 0 for run in row["runs"])
     out = capsys.readouterr().out
     assert "| α=0 |" in out and "alpha.png" in out
+
+
+@pytest.mark.slow
+def test_gate_data_ablation_compares_the_papers_rows_with_validation(run_copy, capsys):
+    # The run's own gate (the default, gate.fit_on: validation) records both of its accuracies; the tiny run's
+    # validation split has 4 images per class, so 4 folds.
+    own = json.loads((run_copy / "gate" / "stage_done.json").read_text())
+    assert own["fit_on"] == "validation" and own["folds"] == 4 and own["fitted_rows"] == 12
+    assert own["held_out_accuracy"] == own["cross_validated_accuracy"]
+    assert own["fitted_rows_accuracy"] == own["best_validation_accuracy"]
+    cli(["ablate", "--run", str(run_copy), "--what", "gate-data", "--seeds", "2", "--epochs", "1"])
+    table = load_table(run_copy, "gate-data")
+    assert_finite_rows(table, 2)
+    assert [row["name"] for row in table["variants"]] == ["train (the paper)", "validation (run's)"]
+    for row in table["variants"]:
+        fit_on = row["settings"]["fit_on"]
+        assert set(row["summary"]) == {"fused_accuracy", "fused_macro_f1", "held_out_accuracy", "weight_decay"}
+        assert row["parameters"] == count_parameters(new_gate("concat_linear", 3))
+        for scores in row["runs"]:
+            # Each (rows, seed) is a child run of the pipeline's gate and evaluate stages, its head linked.
+            child = run_copy / "ablations" / "gate-data" / f"fit-on-{fit_on}" / f"seed-{scores['seed']}"
+            assert (child / "distill").is_symlink()
+            marker = json.loads((child / "gate" / "stage_done.json").read_text())
+            results = json.loads((child / "evaluate" / "results.json").read_text())
+            assert marker["fit_on"] == results["recipe"]["gate"]["fit_on"] == fit_on
+            assert marker["fitted_rows"] == {"train": 36, "validation": 12}[fit_on]
+            assert scores["fused_accuracy"] == results["branches"]["fused"]["accuracy"]
+            held_out = {"train": "best_validation_accuracy", "validation": "cross_validated_accuracy"}[fit_on]
+            assert scores["held_out_accuracy"] == marker[held_out]
+            assert scores["weight_decay"] == marker["weight_decay"] == 1e-4  # the run's recipe: the default
+    out = capsys.readouterr().out
+    assert "| train (the paper) | 0.0001 |" in out and "gate-data.png" in out

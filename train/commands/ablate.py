@@ -1,5 +1,7 @@
 """Ablations of a finished run on its cached features: head depth (Table 3), the distillation weight α (Figure 3)
-and the gate variants (Table 4) of the paper, each over several seeds, as Markdown + JSON tables and a plot.
+and the gate variants (Table 4) of the paper, and the rows the gate is fitted on (`gate-data`: the training split's
+outputs, the paper's setting, against the validation split's), each over several seeds, as Markdown + JSON tables
+and a plot.
 
 No VLM or teacher forward pass runs. Every (variant, seed) is a recipe override run by the pipeline's own stages
 (`distill`, `gate`, `evaluate`, as the variant needs) in a child run `<run>/ablations/<what>/<variant>/seed-<s>/`
@@ -26,6 +28,13 @@ Checkpoint selection: like stage 2, each head training keeps the epoch best on v
 (`--selection best`, checkpoints in the child run's `distill/`); `--selection last` keeps the
 final epoch instead and skips the per-epoch evaluation, which is faster. Gates are fitted as stage 3 fits them, to
 their objective's optimum by full-batch L-BFGS, so `--selection` does not apply to them.
+
+Gate data: the run's gate type, head and `gate.weight_decay` rule, with `gate.fit_on` train (the paper's) and
+validation (see `train/stages/gate.py`); each row shows the fused test accuracy, the gate's own held-out estimate
+from its marker (its validation accuracy when fitted on train, its cross-validated accuracy when fitted on
+validation) and the weight decay it used. A seed changes the cross-validation folds and the initial gate.
+
+    python -m train ablate --run runs/demo --what gate-data --seeds 3
 
 Means and standard deviations are over seeds (sample standard deviation, 0 for one seed); seeds are the run's
 seed, +1, +2, ..., so the variant equal to the run's own configuration reproduces the run's number with its first
@@ -58,6 +67,7 @@ from modeling_emovlm_kd.fusion import gate_from_config  # noqa: E402
 from train import STAGES  # noqa: E402
 from train.infra.evaluation import classification_metrics  # noqa: E402
 from train.infra.files import write_json_atomic  # noqa: E402
+from train.infra.provenance import read_marker  # noqa: E402
 from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, count_parameters, open_run  # noqa: E402
 from train.stages.pipeline import Pipeline, child_pipeline  # noqa: E402
 
@@ -74,6 +84,8 @@ METRIC_NAMES = {
     "fused_accuracy": "fused accuracy",
     "fused_macro_f1": "fused macro-F1",
     "kl_to_teacher": "KL(teacher ‖ head)",
+    "held_out_accuracy": "gate's held-out estimate",
+    "weight_decay": "weight decay used",
     "teacher_agreement": "agreement with teacher",
 }
 # Trainer settings per selection mode: "best" mirrors stages 2/3 (best epoch on validation), "last" is faster.
@@ -286,6 +298,31 @@ def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
     return [variant(gate_type) for gate_type in GATE_TYPES]
 
 
+GATE_DATA = {"train": "train (the paper)", "validation": "validation"}
+
+
+def gate_data_variants(run: RunData, settings: Settings) -> list[Variant]:
+    """Which split's branch outputs stage 3 fits the run's gate on (`gate.fit_on`): the training split's (the
+    paper's setting) or the validation split's, with the run's head and its `gate.weight_decay` rule (a number or
+    `auto`). Scored on test, next to the gate's own held-out estimate from its marker (validation accuracy when
+    fitted on train, cross-validated accuracy when fitted on validation) and the weight decay it used."""
+    recipe = run.pipeline.recipe.gate
+    parameters = count_parameters(gate_from_config(run.config, initialise=False))
+
+    def score(child: Run) -> dict[str, float]:
+        marker = read_marker(child.require("gate"))
+        return {**_evaluated(child, ("fused",)), "held_out_accuracy": float(marker["held_out_accuracy"]),
+                "weight_decay": float(marker["weight_decay"])}
+
+    def variant(fit_on: str) -> Variant:
+        name = f"{GATE_DATA[fit_on]} (run's)" if fit_on == recipe.fit_on else GATE_DATA[fit_on]
+        return Variant(name, f"fit-on-{fit_on}", {"fit_on": fit_on, "weight_decay": recipe.weight_decay,
+                                                   "gate_type": run.config.gate_type},
+                       parameters, {"gate": {"fit_on": fit_on}}, ("gate", "evaluate"), score)
+
+    return [variant(fit_on) for fit_on in GATE_DATA]
+
+
 # ---- running, summarising --------------------------------------------------------------------------------------
 
 
@@ -336,7 +373,7 @@ def run_variants(what: str, variants: list[Variant], run: RunData, settings: Set
 TITLES = ABLATION_TITLES
 # The setting shown next to each variant's name (a gate's name is its setting already).
 SETTING_COLUMNS = {"depth": ("hidden_dims", "hidden dims"), "alpha": ("hidden_dims", "hidden dims"),
-                   "gate": ("vlm_signal", "VLM signal")}
+                   "gate": ("vlm_signal", "VLM signal"), "gate-data": ("weight_decay", "gate.weight_decay")}
 
 
 def _cell(summary: dict) -> str:
@@ -429,9 +466,21 @@ def plot_gate(table: dict, ax) -> None:
     ax.set_ylabel("test accuracy of the fused model")
 
 
+def plot_gate_data(table: dict, ax) -> None:
+    rows = table["variants"]
+    x = list(range(len(rows)))
+    _errorbar(ax, x, rows, "fused_accuracy", "fused model, test", "tab:green", marker="s", linestyle="none")
+    _errorbar(ax, x, rows, "held_out_accuracy", "gate's held-out estimate", "tab:orange", marker="^",
+              linestyle="none")
+    _references(ax, table["references"], ("VLM alone", "run's head", "run's fused model"))
+    ax.set_xticks(x, [f"fitted on {r['settings']['fit_on']}" for r in rows], fontsize=8)
+    ax.set_xlabel("rows the gate is fitted on (gate.fit_on)")
+    ax.set_ylabel("accuracy")
+
+
 # Below the axes, so that no legend hides a data point.
 LEGEND = {"fontsize": 8, "loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "ncol": 3, "frameon": False}
-PLOTTERS = {"depth": plot_depth, "alpha": plot_alpha, "gate": plot_gate}
+PLOTTERS = {"depth": plot_depth, "alpha": plot_alpha, "gate": plot_gate, "gate-data": plot_gate_data}
 
 
 def plot_table(table: dict, path: Path) -> Path:
@@ -456,7 +505,7 @@ def plot_table(table: dict, path: Path) -> Path:
 
 
 def _epochs_note(run: RunData, settings: Settings, what: str) -> str:
-    stages = {"depth": ("distill", "gate"), "alpha": ("distill",), "gate": ("gate",)}[what]
+    stages = {"depth": ("distill", "gate"), "alpha": ("distill",), "gate": ("gate",), "gate-data": ("gate",)}[what]
     recipe = run.pipeline.recipe.as_set
     parts = [f"{stage} {settings.stage_values(recipe, stage).get('num_train_epochs', 'default')} epochs"
              for stage in stages]
@@ -466,7 +515,8 @@ def _epochs_note(run: RunData, settings: Settings, what: str) -> str:
 def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None = None,
            alphas: Sequence[float] = DEFAULT_ALPHAS, selection: str = "best", min_width: int = MIN_WIDTH,
            with_fusion: bool = True, fresh: bool = False) -> dict[str, Path]:
-    """Run one ablation (`depth`, `alpha` or `gate`) on a finished run; returns the paths of its md/json/png."""
+    """Run one ablation (`depth`, `alpha`, `gate` or `gate-data`) on a finished run; returns the paths of its
+    md/json/png."""
     if what not in WHAT:
         raise ValueError(f"what must be one of {WHAT}, got {what!r}.")
     if seeds < 1:
@@ -476,7 +526,8 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
     settings = Settings(seeds=[run.pipeline.seed + i for i in range(seeds)], epochs=epochs, selection=selection)
     variants = {"depth": lambda: depth_variants(run, settings, min_width, with_fusion),
                 "alpha": lambda: alpha_variants(run, settings, alphas),
-                "gate": lambda: gate_variants(run, settings)}[what]()
+                "gate": lambda: gate_variants(run, settings),
+                "gate-data": lambda: gate_data_variants(run, settings)}[what]()
     with _frozen_heap():
         rows = run_variants(what, variants, run, settings, fresh=fresh)
     # The run by its folder name: the tables go into reports and cards, where a local path means nothing.
@@ -542,6 +593,7 @@ __all__ = [
     "child_run",
     "depth_min_width",
     "depth_variants",
+    "gate_data_variants",
     "gate_variants",
     "head_parameter_count",
     "kl_to_teacher",

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from train.configs.trainer_args import CachedFeatureArguments
 
+# Which split's branch outputs the gate is fitted on. `train` is the paper's setting; `validation` the default.
+FIT_ON = ("train", "validation")
+WEIGHT_DECAY_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
 
 @dataclass
 class GateConfig(CachedFeatureArguments):
-    """Arguments of stage 3: full-batch L-BFGS on CE + `weight_decay / 2 * |theta|^2`, to convergence.
+    """Arguments of stage 3: full-batch L-BFGS on CE + `weight_decay / 2 * |theta|^2`, to convergence, on the rows
+    `fit_on` names, with `weight_decay` a number or chosen on held-out rows (`auto`).
 
-    `per_device_train_batch_size` and the learning-rate schedule do not apply: every step sees every training row,
+    `per_device_train_batch_size` and the learning-rate schedule do not apply: every step sees every row it fits,
     and L-BFGS picks its step lengths by line search."""
 
+    fit_on: str = field(default="validation", metadata={
+        "help": "The split whose VLM scores and head logits the gate is fitted on. 'validation' (the default): "
+                "outputs on images neither branch was trained on, like the ones the gate sees at test time; the "
+                "stage also records a `folds`-fold cross-validated accuracy on them. 'train': the paper's setting, "
+                "the training split's outputs, where stages 1 and 2 have already fitted both branches."})
+    weight_decay: float | str = field(default=1e-4, metadata={
+        "help": "L2 penalty weight_decay/2*|theta|^2 on every gate parameter, in the objective (the authors' Adam "
+                "weight_decay=1e-4 is this penalty), or 'auto': the value of weight_decay_grid with the best accuracy "
+                "(then log-likelihood) on rows the gate is not fitted on: the validation split when fit_on is "
+                "train, `folds`-fold cross-validation on it when fit_on is validation. The marker records the "
+                "value used."})
+    weight_decay_grid: list[float] = field(default_factory=lambda: list(WEIGHT_DECAY_GRID), metadata={
+        "help": "The values weight_decay 'auto' chooses from, tried in this order (an exact tie keeps the first)."})
+    folds: int = field(default=5, metadata={
+        "help": "Stratified, seeded (by `seed`) folds of the validation split for the cross-validated accuracy "
+                "and weight_decay 'auto' when fit_on is validation (fewer when its largest class has fewer rows)."})
     learning_rate: float = field(default=1.0, metadata={
         "help": "L-BFGS's initial step length (1: the quasi-Newton step; a strong-Wolfe line search adapts it)."})
-    weight_decay: float = field(default=1e-4, metadata={
-        "help": "L2 penalty weight_decay/2*|theta|^2 on every gate parameter, in the objective (the authors' Adam "
-                "weight_decay=1e-4 is this penalty)."})
     num_train_epochs: float = field(default=100.0, metadata={
         "help": "At most this many L-BFGS calls (one per epoch); training stops earlier when L-BFGS converges."})
     lbfgs_max_iter: int = field(default=20, metadata={"help": "L-BFGS iterations per training step."})
@@ -39,8 +58,31 @@ class GateConfig(CachedFeatureArguments):
         super().__post_init__()
         if self.lbfgs_max_iter < 1:
             raise ValueError(f"lbfgs_max_iter must be at least 1, got {self.lbfgs_max_iter}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must not be negative, got {self.weight_decay}.")
+        if self.fit_on not in FIT_ON:
+            raise ValueError(f"fit_on must be one of {', '.join(FIT_ON)}, got {self.fit_on!r}.")
+        self.weight_decay = _weight_decay(self.weight_decay)
+        if not self.weight_decay_grid or not all(_is_penalty(value) for value in self.weight_decay_grid):
+            raise ValueError(f"weight_decay_grid must hold numbers >= 0, got {self.weight_decay_grid}.")
+        self.weight_decay_grid = [float(value) for value in self.weight_decay_grid]
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, got {self.folds}.")
 
 
-__all__ = ["GateConfig"]
+def _is_penalty(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _weight_decay(value: float | str) -> float | str:
+    """A penalty >= 0 or 'auto'. A recipe's `1e-4` arrives as a string (YAML 1.1 reads it so): it is a number."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not _is_penalty(number):
+        raise ValueError(f"weight_decay must be a number >= 0 or 'auto', got {value!r}.")
+    return number
+
+
+__all__ = ["FIT_ON", "WEIGHT_DECAY_GRID", "GateConfig"]

@@ -39,6 +39,7 @@ ABLATION_TITLES = {
     "depth": "Head depth (paper Table 3)",
     "alpha": "Distillation weight α (paper Figure 3)",
     "gate": "Gate variants (paper Table 4)",
+    "gate-data": "Rows the gate is fitted on (gate.fit_on: train, the paper's, or validation)",
 }
 ABLATIONS = tuple(ABLATION_TITLES)
 
