@@ -17,14 +17,15 @@ from train.infra.assemble import quantization_config
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "train", "recipes", "accelerate")
 
 
-def _gate_objective_gradient_norm(run, gate, weight_decay: float) -> float:
-    """‖∇f(θ)‖₂ of stage 3's objective f = mean CE on the run's training rows + weight_decay/2·‖θ‖², at the gate θ."""
+def _gate_objective_gradient_norm(run, gate, weight_decay: float, split: str) -> float:
+    """‖∇f(θ)‖₂ of stage 3's objective f = mean CE on the rows the gate is fitted on (the split of `gate.fit_on`)
+    + weight_decay/2·‖θ‖², at the gate θ."""
     from train.stages.gate import GateStudent
 
     config = run.fused_config
     student = GateStudent(copy.deepcopy(gate).train(), config.gate_vlm_signal, config.gate_head_signal)
     parameters = [p.requires_grad_(True) for p in student.parameters()]
-    objective = student(**run.gate_inputs("train")).loss + weight_decay / 2 * sum((p ** 2).sum() for p in parameters)
+    objective = student(**run.gate_inputs(split)).loss + weight_decay / 2 * sum((p ** 2).sum() for p in parameters)
     return float(torch.cat([g.flatten() for g in torch.autograd.grad(objective, parameters)]).norm())
 
 
@@ -38,9 +39,8 @@ def _assert_gate_fits_the_optimum_of_one_process(double_dir, recipe, halves, tmp
     ‖Δθ‖·sqrt(‖x‖² + 1) for a gate input x (the VLM's and the head's probabilities, ‖x‖² ≤ 2): with the measured
     ‖Δθ‖, a row's prediction is the same wherever its margin exceeds twice that, and the number of right predictions
     differs by at most the number of other rows."""
+    from train.infra.provenance import read_marker
     from train.infra.run import open_run
-    from train.stages.gate import GateConfig
-    from train.stages.pipeline import Pipeline
 
     single_dir = tmp_path / "gate-one-process"
     for stage in ("base", "instructions", "sft", "teacher", "features", "distill", "evaluate"):
@@ -52,12 +52,13 @@ def _assert_gate_fits_the_optimum_of_one_process(double_dir, recipe, halves, tmp
     assert result.returncode == 0, result.stderr[-4000:]
     two, one = open_run(double_dir), open_run(single_dir)
     assert one.fused_config.gate_type == "concat_linear"  # the strongly convex case the bound is for
-    weight_decay = Pipeline(two.spec).stage_args("gate", GateConfig).weight_decay
+    marker = read_marker(double_dir / "gate")  # the rows and the weight decay (a number, or what `auto` chose)
+    weight_decay, fitted = marker["weight_decay"], marker["fit_on"]
     for split in ("train", "validation", "test"):  # the same inputs: the torchrun run's caches and head
         for key, value in one.gate_inputs(split).items():
             assert torch.equal(value, two.gate_inputs(split)[key]), (split, key)
-    distance = (_gate_objective_gradient_norm(two, two.trained_gate, weight_decay)
-                + _gate_objective_gradient_norm(one, one.trained_gate, weight_decay)) / weight_decay
+    distance = (_gate_objective_gradient_norm(two, two.trained_gate, weight_decay, fitted)
+                + _gate_objective_gradient_norm(one, one.trained_gate, weight_decay, fitted)) / weight_decay
     theta = {name: torch.cat([p.detach().flatten() for p in run.trained_gate.parameters()])
              for name, run in (("two", two), ("one", one))}
     apart = float((theta["two"] - theta["one"]).norm())

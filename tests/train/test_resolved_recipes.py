@@ -5,7 +5,8 @@ finished run reruns because its recipe was rewritten.
 The one intended difference: stage 1's `gradient_checkpointing`, which transformers 5 deprecates (removed in 6), is
 now its current name `activation_checkpointing`, with the same value. Provenance records the old name under the new
 one (`provenance.RENAMED`), so stage 1's settings hash changes but a stage finished under the old name stays up to
-date."""
+date. A later, deliberate change: every recipe fits the gate on the validation split with its weight decay chosen by
+cross-validation (`gate.fit_on: validation`, `gate.weight_decay: auto`; issue 21), so stage 3 reruns (it is cheap)."""
 
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ RECIPES = ROOT / "train" / "recipes"
 FIXTURE = json.loads((Path(__file__).parent / "data" / "resolved_recipes.json").read_text())
 TRAINER_SECTIONS = ("sft", "teacher", "distill", "gate")
 OLD, NEW = "gradient_checkpointing", "activation_checkpointing"
+GATE_DATA = {"fit_on": "validation", "weight_decay": "auto"}
 
 
 def resolved(name: str) -> dict:
@@ -40,6 +42,7 @@ def renamed(recipe: dict) -> dict:
     """The fixture's recipe with the one intended difference applied."""
     recipe = json.loads(json.dumps(recipe))
     recipe["sft"] = {NEW if key == OLD else key: value for key, value in recipe["sft"].items()}
+    recipe["gate"] = {**recipe["gate"], **GATE_DATA}
     return recipe
 
 
@@ -55,8 +58,9 @@ def test_resolved_recipe_and_settings_are_unchanged(name, tmp_path):
     assert OLD in old["sft"] and OLD not in as_set["sft"]
     assert json.loads(json.dumps(as_set)) == renamed(old)
     hashes = {s: settings_hash(stage_settings(as_set, s)) for s in STAGES}
-    assert {s: h for s, h in hashes.items() if s != "sft"} == {
-        s: h for s, h in FIXTURE[name]["settings_hash"].items() if s != "sft"}
+    assert {s: h for s, h in hashes.items() if s not in ("sft", "gate")} == {
+        s: h for s, h in FIXTURE[name]["settings_hash"].items() if s not in ("sft", "gate")}
+    assert hashes["gate"] != FIXTURE[name]["settings_hash"]["gate"]  # the gate's rows and weight decay changed
     # Stage 1's settings under the old name hash as before; a stage 1 finished with them is up to date.
     settings = stage_settings(as_set, "sft")
     recorded = {key.replace(f"sft.{NEW}", f"sft.{OLD}"): value for key, value in settings.items()}
