@@ -376,8 +376,9 @@ SETTING_COLUMNS = {"depth": ("hidden_dims", "hidden dims"), "alpha": ("hidden_di
                    "gate": ("vlm_signal", "VLM signal"), "gate-data": ("weight_decay", "gate.weight_decay")}
 
 
-def _cell(summary: dict) -> str:
-    return f"{summary['mean']:.4f} ± {summary['std']:.4f}"
+def _cell(summary: dict, metric: str = "") -> str:
+    form = ".2g" if metric == "weight_decay" else ".4f"  # 1e-4 and 1e-3 would both read 0.0001/0.0010 at .4f
+    return f"{summary['mean']:{form}} ± {summary['std']:{form}}"
 
 
 def markdown_table(table: dict) -> str:
@@ -395,7 +396,7 @@ def markdown_table(table: dict) -> str:
         "|---|---|---:|" + "---:|" * len(metrics),
     ]
     for row in rows:
-        cells = [_cell(row["summary"][m]) for m in metrics]
+        cells = [_cell(row["summary"][m], m) for m in metrics]
         lines.append(f"| {row['name']} | {row['settings'][key]} | {row['parameters']:,} | " + " | ".join(cells) + " |")
     lines += ["", "Reference (test accuracy of the run itself): "
               + ", ".join(f"{name} {value:.4f}" for name, value in table["references"].items()) + ".", ""]

@@ -8,8 +8,8 @@ will fuse at test time: branch outputs on images the branches were not trained o
 - `validation` (the default): the validation split's outputs. Stage 1 never trained on validation images and the
   head (stage 2's final head) never did either; validation only chose the head's epoch (`load_best_model_at_end`,
   one choice among its epochs) and, in a recipe that sets `sft.eval_strategy`, scored stage 1's checkpoints.
-- `train`: the paper's setting, the training split's outputs of both branches (this stage's behaviour before the
-  option, bit for bit). Stage 1 (5 epochs in the 7B recipes) and stage 2 have fitted exactly these images, so both
+- `train`: the paper's setting, the training split's outputs of both branches (with a number as `weight_decay`,
+  this stage's behaviour before the option, bit for bit). Stage 1 (5 epochs in the 7B recipes) and stage 2 have fitted exactly these images, so both
   branches are right more often on them than on unseen images and the gate learns reliabilities that do not hold
   at test time: on a held-out binary set with 100 training images (VLM 0.52 / 0.42 on train / test, head 0.93 /
   0.82) the gate fitted on train ended at 0.78 on test, below the head alone.
