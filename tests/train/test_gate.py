@@ -221,7 +221,7 @@ def fit(rows, args, gate_type="concat_linear"):
 def test_the_default_fits_the_gate_on_validation():
     args = GateConfig(output_dir="unused")
     assert args.fit_on == "validation" and args.folds == 5
-    assert args.weight_decay == 1e-4 and args.weight_decay_grid == [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert args.weight_decay == 1e-4 and args.weight_decay_grid == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 
 @pytest.mark.parametrize("seed", [0, 10, 20])
