@@ -430,6 +430,8 @@ def interleaved_timings(cases: dict[str, Callable[[], object]], reps: int, warmu
     """Seconds per call of each case, repetitions interleaved (rep r runs the cases rotated by r) so that drift of
     the machine hits every case alike. `warmup` untimed calls per case come first."""
     names = list(cases)
+    if not names:
+        return {}
     device = device or torch.device("cpu")
     for _ in range(warmup):
         for name in names:

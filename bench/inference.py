@@ -62,7 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--long-max-new-tokens", type=int, default=256,
                         help="Official path with the authors' limit, timed after the rest (0: skip).")
     parser.add_argument("--long-batch-sizes", type=int, nargs="*", default=None,
-                        help="Batch sizes for the long generation (default: smallest and largest).")
+                        help="Batch sizes for the long generation (default: smallest and largest; given with no "
+                             "value: none, the long generation is skipped).")
     parser.add_argument("--long-reps", type=int, default=1, help="Repetitions of the long generation.")
     parser.add_argument("--image-size", type=int, default=None, help="Square image side (default: max_pixels**0.5).")
     parser.add_argument("--max-pixels", type=int, default=None, help="Image processor max_pixels (mid: 224*224).")
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     calls = {f"official_gen{args.max_new_tokens}@{b}": [c for c in official.calls if c["batch_size"] == b][-reps:]
              for b in batch_sizes}
 
-    if args.long_max_new_tokens == args.max_new_tokens or args.no_official:
+    if args.long_max_new_tokens == args.max_new_tokens or args.no_official or args.long_batch_sizes == []:
         args.long_max_new_tokens = 0
     if args.long_max_new_tokens and args.long_reps:
         long_official = OfficialStyle(bm, args.long_max_new_tokens)
@@ -237,7 +238,8 @@ def main(argv=None) -> dict:
         "config": description,
         "settings": {"batch_sizes": batch_sizes, "reps": reps, "warmup": 1, "image_size": [side, side],
                      "max_new_tokens": args.max_new_tokens, "long_max_new_tokens": args.long_max_new_tokens,
-                     "long_reps": args.long_reps, "pipeline": pipe is not None},
+                     "long_reps": args.long_reps, "long_batch_sizes": args.long_batch_sizes,
+                     "pipeline": pipe is not None},
         "results": rows,
         "peak": peak_row,
         "ratios": ratios,
