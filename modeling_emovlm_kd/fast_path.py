@@ -274,11 +274,21 @@ def compile_layers(vlm: nn.Module, **compile_kwargs) -> int:
     batch shape: the first call of each new shape compiles (tens of seconds on a CPU), and the in-place MLP and
     rotary replacements above step aside for compiled blocks (the compiler fuses the stock operations). With
     inductor's `freezing` the weights are folded into the compiled code as constants, prepacked for the CPU's
-    matrix kernels: later changes to the weights are not seen, and the packed copies take memory beside them."""
+    matrix kernels: later changes to the weights are not seen, and the packed copies take memory beside them.
+
+    Every block runs the same `forward` code, so dynamo counts each block's compilation (with freezing, where each
+    block's weights are part of its code, one per block and shape) against that code's recompile limit (8 by
+    default): the limits are raised to 8 compilations per block."""
+    import torch._dynamo
+
     vision, text = _blocks(vlm)
-    for block in vision + text:
+    blocks = vision + text
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(blocks)))
+    for block in blocks:
         block.compile(**compile_kwargs)
-    return len(vision) + len(text)
+    return len(blocks)
 
 
 @contextlib.contextmanager
