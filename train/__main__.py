@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from train import STAGES
+from train.infra.quiet import quiet_known_warnings
 
 # Commands with their own module, imported only when that command runs, so that e.g. `push` starts in a second
 # instead of loading the whole training stack: (module, one-line help).
@@ -116,6 +117,7 @@ def run_demo(output_dir: str, overrides: list[str]) -> None:
 
 
 def main(argv=None) -> None:
+    quiet_known_warnings()  # known-harmless library messages, by message (train/infra/quiet.py)
     args = parse_args(argv)
     if "LOCAL_RANK" in os.environ:
         import torch
