@@ -8,45 +8,39 @@ No network and no weights are needed: everything is random and built here. Phase
 recorded with its error and the phases that do not depend on it still run):
 
 - `matmul_peak`: bf16 8192x8192 products on the GPU, the measured rate every other phase is a fraction of.
-- `build`: a random Qwen2-VL at **Qwen2-VL-2B's full widths and depth** (28 text layers, 32 vision blocks, vocabulary
-  151,936, 2.2 B parameters; `bench.common`/`bench.real_shape.build_base`) with the real Qwen2-VL tokenizer
-  (`train/infra/qwen_tokenizer.py`, offline), a random ViT-B/16-384 teacher, and `--images` generated images of
-  `--image-size` (1024x1024: the 7B recipes' bound `max_pixels` = 1024^2) in an image folder with its three splits.
-- The project's own `Pipeline` (`train/stages/pipeline.py`) on a recipe over those folders, one stage per phase,
-  through `Pipeline.run(stages=[...])` exactly as `python -m train pipeline` runs them: `instructions` (the
-  conversation answers are canned, label-free descriptions put in the answer cache first: no answer model is
-  reachable), `sft` (NF4 4-bit load through bitsandbytes, `--sft-steps` QLoRA steps with gradient checkpointing,
-  the merge), `teacher` (`--teacher-steps` steps), `features` (the caches of every split at the bound),
-  `distill`, `gate`, `evaluate`, `export` (the bf16 sharded Hub folder).
-- `reload_4bit`: `pipeline("image-classification")` on the export with a 4-bit `BitsAndBytesConfig`, as a user
-  loads it; `classify`: that pipeline on the test images.
+- `build` .. `classify`: the project's own `Pipeline` on generated data (`bench/pipeline_run.py`, shared with
+  `bench.real_shape`): a random Qwen2-VL at **Qwen2-VL-2B's full widths and depth** (28 text layers, 32 vision
+  blocks, vocabulary 151,936, 2.2 B parameters) with the real Qwen2-VL tokenizer, a random ViT-B/16-384 teacher,
+  `--images` generated images of `--image-size` (1024x1024: the 7B recipes' bound `max_pixels` = 1024^2) in an
+  image folder with its three splits; then one phase per stage, `Pipeline.run(stages=[stage])` as `python -m train
+  pipeline` runs them: `instructions` (the conversation answers canned, in the answer cache), `sft` (NF4 4-bit load
+  through bitsandbytes, `--sft-steps` QLoRA steps with activation checkpointing, the merge), `teacher`
+  (`--teacher-steps` steps), `features` (the caches of every split at the bound), `distill`, `gate`, `evaluate`,
+  `export` (the bf16 sharded Hub folder); `reload_4bit`: the export through the front door `load_pipeline(...,
+  load_in_4bit=True)` (`pipeline()` with the one 4-bit config), as a user loads it; `classify`: the test images.
 - `inference`: `python -m bench.inference --device cuda` at batch 1/8/32 (full depth), in a subprocess.
 
-Per phase: wall time, peak GPU memory (`torch.cuda.max_memory_allocated`, reset before the phase; on CPU the peak
-RSS), the work done (tokens or images per second; the Trainers' own runtimes for stage 1 and the teacher), the
-counted FLOPs' rate as a fraction of `matmul_peak`, and beside them the estimate of `bench.estimate` for the same
-work (seconds on this GPU's data-sheet bf16 peak at `--mfu`, memory per its formulas). One table, one JSON
-(`bench/results/gpu_check.json`). Whether phases fit the time: `--time-limit` (480 s) skips what would start after it.
-
-The Trainers' runtimes are read by wrapping `transformers.Trainer.train` for the duration of this check (the stage
-code itself is called, not copied).
+Per phase: wall time and peak GPU memory (`torch.cuda.max_memory_allocated`, reset before the phase; on CPU the
+peak RSS). A stage's figures are its body's, measured by the pipeline's `on_stage` hook; a `TrainerCallback`
+splits the Trainer stages into `before_train` (stage 1: the 4-bit load), `train` (the steps) and `after_train`
+(stage 1: the merge), and gives stage 1's tokens per second from the Trainer's own count of input tokens
+(`include_num_input_tokens_seen`) over its `train_runtime`, and after the first step (`steady`). Beside them: the
+counted FLOPs' rate as a fraction of `matmul_peak`, and `bench.estimate`'s figure for the same work (seconds on this
+GPU's data-sheet bf16 peak at `--mfu`, memory per its formulas). One table, one JSON
+(`bench/results/gpu_check.json`). `--time-limit` (480 s) skips every phase that would start after it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,137 +52,25 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench import estimate as est  # noqa: E402
-from bench.common import device_name, log, make_shape, markdown_table, resolve_dtype, write_json  # noqa: E402
+from bench import pipeline_run  # noqa: E402
+from bench.common import device_name, make_shape, markdown_table, resolve_dtype, write_json  # noqa: E402
 from bench.flops import MatmulPeak  # noqa: E402
+from bench.pipeline_run import CANNED_ANSWER, PIPELINE_NEEDS, SPLITS, RunSettings, run_pipeline_phases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = ("train", "validation", "test")
 GIB = 1024**3
 # Which phases each phase needs (a failed or skipped one skips these).
-NEEDS = {
-    "matmul_peak": (), "build": (), "instructions": ("build",), "sft": ("instructions",), "teacher": ("build",),
-    "features": ("sft", "teacher"), "distill": ("features",), "gate": ("distill",), "evaluate": ("gate",),
-    "export": ("evaluate",), "reload_4bit": ("export",), "classify": ("reload_4bit",), "inference": (),
-}
-CANNED_ANSWER = (
-    "The frame is filled with soft shapes of colour that drift into one another without a clear subject. Warm "
-    "patches gather near the middle while cooler tones sink toward the edges, and the light seems to come from "
-    "nowhere in particular. Nothing in the picture is sharp: the transitions are slow, the contrast is low and the "
-    "texture is even, like fog over a field at dusk. A viewer's eye wanders without finding a place to rest, and the "
-    "overall impression is of quiet, unresolved movement, neither threatening nor especially inviting."
-)
+NEEDS = {"matmul_peak": (), **PIPELINE_NEEDS, "inference": ()}
 
 
-class CannedAnswers:
-    """Stand-in for the answer model: one fixed, label-free description of about 120 tokens per image."""
+class Phases(pipeline_run.Phases):
+    """`bench.pipeline_run.Phases` over this check's phases (`NEEDS`)."""
 
-    name = "canned"
-
-    def generate(self, image, kind: str, label: str) -> str:
-        return CANNED_ANSWER
+    def __init__(self, device: torch.device, time_limit: float, on_phase=None):
+        super().__init__(device, NEEDS, time_limit, on_phase=on_phase, prefix="gpu_check")
 
 
-# ---- observation ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def observed_trainers(records: list):
-    """Record every `Trainer.train` call's metrics (runtime, steps) while the block runs; the stages are unchanged."""
-    from transformers import Trainer
-
-    original = Trainer.train
-
-    def train(self, *args, **kwargs):
-        start = time.perf_counter()
-        output = original(self, *args, **kwargs)
-        records.append({"trainer": type(self).__name__, "seconds": time.perf_counter() - start,
-                        "global_step": output.global_step, "metrics": dict(output.metrics),
-                        "linear4bit": _count_4bit(self.model)})
-        return output
-
-    Trainer.train = train
-    try:
-        yield records
-    finally:
-        Trainer.train = original
-
-
-def _count_4bit(model) -> int:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
-def _reset_rss_peak() -> bool:
-    """Reset this process's RSS high-water mark (`VmHWM`) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_peak_gib() -> float:
-    try:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024**2
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-class Phases:
-    """Runs the phases in order: time, peak memory, pass/fail with the error text, skips after a failure."""
-
-    def __init__(self, device: torch.device, time_limit: float):
-        self.device, self.time_limit, self.start = device, time_limit, time.perf_counter()
-        self.rows: dict[str, dict] = {}
-        self.rss_reset = False
-
-    def run(self, name: str, function, *args, **kwargs):
-        missing = [need for need in NEEDS[name] if self.rows.get(need, {}).get("status") != "pass"]
-        elapsed = time.perf_counter() - self.start
-        if missing or elapsed > self.time_limit:
-            reason = (f"needs {', '.join(missing)}" if missing
-                      else f"time limit: {elapsed:.0f} s of {self.time_limit:.0f} s used")
-            self.rows[name] = {"phase": name, "status": "skipped", "error": reason}
-            log(f"[gpu_check] {name}: skipped ({reason})")
-            return None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.rss_reset = _reset_rss_peak()
-        log(f"[gpu_check] {name} ...")
-        start = time.perf_counter()
-        row = {"phase": name}
-        try:
-            result = function(*args, **kwargs)
-            row["status"] = "pass"
-        except Exception as err:  # a failing phase is recorded; the independent ones still run
-            result = None
-            row["status"] = "fail"
-            row["error"] = f"{type(err).__name__}: {err}"[:2000]
-            row["traceback"] = traceback.format_exc()[-4000:]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
-            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB
-            row["memory_kind"] = "cuda.max_memory_allocated"
-        else:
-            row["peak_memory_gib"] = _rss_peak_gib()
-            row["memory_kind"] = "peak RSS of the phase" if self.rss_reset else "peak RSS of the process so far"
-        row["seconds"] = time.perf_counter() - start
-        self.rows[name] = row
-        log(f"[gpu_check] {name}: {row['status']} in {row['seconds']:.1f} s"
-            + (f" ({row['error']})" if row["status"] == "fail" else ""))
-        return result
-
-
-# ---- the phases -------------------------------------------------------------------------------------------
+# ---- the phases of this check besides the pipeline's ------------------------------------------------------
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype, size: int) -> dict:
@@ -205,85 +87,6 @@ def measure_peak(device: torch.device, dtype: torch.dtype, size: int) -> dict:
     rate = peak.flops / float(np.median(seconds))
     return {"size": peak.size, "dtype": str(dtype).removeprefix("torch."), "tflops": rate / 1e12,
             "per_call_s": seconds}
-
-
-def generate_images(root: Path, labels: list[str], counts: dict[str, int], size: tuple[int, int], seed: int) -> None:
-    """`root/<split>/<label>/<n>.jpg`: smooth random colour fields with some noise (JPEGs of realistic size)."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    for split, count in counts.items():
-        for i in range(count):
-            label = labels[i % len(labels)]
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-            pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
-
-
-def build(work: Path, shape, labels: list[str], counts: dict[str, int], image_size, seed: int) -> dict:
-    from bench.real_shape import build_base, teacher_model
-
-    base = build_base(shape, work / "base", seed)
-    teacher, teacher_processor = teacher_model(shape, labels, seed, torch.float32)
-    teacher.save_pretrained(work / "teacher")
-    teacher_processor.save_pretrained(work / "teacher")
-    generate_images(work / "images", labels, counts, image_size, seed)
-    return {"base": base, "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-            "images": counts, "image_size": list(image_size)}
-
-
-def make_recipe(work: Path, shape, args, cuda: bool) -> dict:
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    return {
-        "output_dir": str(work / "run"), "seed": args.seed, "labels": args.labels,
-        "data": {"kind": "imagefolder", "root": str(work / "images")},
-        "base_models": {"vlm": str(work / "base"), "teacher": str(work / "teacher")},
-        "instructions": {"generator": "none"},
-        "model": {"head_hidden_dims": shape.head_hidden_dims, "dtype": "bfloat16" if bf16 else "float32",
-                  "feature_batch_size": args.feature_batch_size, "min_pixels": shape.min_pixels,
-                  "max_pixels": shape.max_pixels, "export_max_shard_size": "2GB"},
-        "sft": {"use_peft": True, "load_in_4bit": True, "lora_r": 8, "lora_alpha": 8,
-                "lora_target_modules": ["q_proj", "k_proj", "v_proj"],
-                "instruction_kinds": ["categorical", "conversation"], "max_steps": args.sft_steps,
-                "per_device_train_batch_size": 1, "activation_checkpointing": True, "bf16": bf16,
-                "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1, "report_to": "none"},
-        "teacher": {"max_steps": args.teacher_steps, "per_device_train_batch_size": args.teacher_batch_size,
-                    "bf16": bf16, "save_strategy": "no", "eval_strategy": "no", "report_to": "none"},
-        "distill": {"num_train_epochs": 2, "report_to": "none"},
-        "gate": {"num_train_epochs": 2, "report_to": "none"},
-    }
-
-
-def prefill_answers(pipeline) -> dict:
-    """The conversation answers stage 1 reads from the answer cache, from `CannedAnswers` (generator `none`)."""
-    from train.stages.instructions import generate_answers
-
-    summary = generate_answers(pipeline.data["train"], CannedAnswers(), pipeline.answers_cache,
-                               kinds=["conversation"], show_progress=False)
-    pipeline.run(stages=["base", "instructions"])
-    return {"answers": summary.generated + summary.cached}
-
-
-def reload_4bit(final: Path, cuda: bool, dtype: torch.dtype):
-    import bitsandbytes as bnb
-    from transformers import BitsAndBytesConfig, pipeline
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    classifier = pipeline("image-classification", model=str(final), trust_remote_code=True, dtype=dtype,
-                          model_kwargs={"quantization_config": quantization, "device_map": "cuda:0" if cuda else "cpu"})
-    layers = [m for m in classifier.model.vlm.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    if not layers:
-        raise RuntimeError("The 4-bit reload has no bitsandbytes Linear4bit layer.")
-    return classifier, {"linear4bit_modules": len(layers), "weight_device": str(layers[0].weight.device),
-                        "quant_type": getattr(layers[0].weight, "quant_type", None),
-                        "lm_head_is_4bit": isinstance(classifier.model.vlm.lm_head, bnb.nn.Linear4bit)}
-
-
-def classify(classifier, images: list[Path], labels: list[str]) -> dict:
-    predictions = classifier([str(p) for p in images], top_k=len(labels), batch_size=8)
-    return {"images": len(images), "top1": [p[0]["label"] for p in predictions]}
 
 
 def run_inference(args, device: torch.device, output: Path, timeout: float) -> dict:
@@ -311,14 +114,15 @@ def run_inference(args, device: torch.device, output: Path, timeout: float) -> d
 # ---- counted work and the estimate ----------------------------------------------------------------------------
 
 
-def work_counts(work: Path, recipe: dict, labels: list[str], image_size) -> dict:
-    """Tokens per row and counted FLOPs per unit of work of each phase, from the saved models (`bench.estimate`)."""
+def work_counts(work: Path, recipe, labels: list[str], image_size) -> dict:
+    """Tokens per row and counted FLOPs per unit of work of each phase, from the saved models (`bench.estimate`);
+    `recipe` is the run's validated `Recipe`."""
     from transformers import AutoConfig
 
     from train.infra.assemble import load_processor
 
-    processor = load_processor(work / "base", labels, min_pixels=recipe["model"]["min_pixels"],
-                               max_pixels=recipe["model"]["max_pixels"])
+    processor = load_processor(work / "base", labels, min_pixels=recipe.model.min_pixels,
+                               max_pixels=recipe.model.max_pixels)
     grid = processor.image_processor(Image.new("RGB", tuple(image_size)), return_tensors="pt")["image_grid_thw"][0]
     config = AutoConfig.from_pretrained(work / "base")
     shape = est.model_shape(config)
@@ -415,92 +219,83 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from modeling_emovlm_kd import resolve_label_set
-
     cuda = not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     if args.tiny:
         torch.set_num_threads(1)
+    from modeling_emovlm_kd import resolve_label_set
+
     labels = resolve_label_set(args.labels)
     shape = make_shape("tiny") if args.tiny else make_shape("mid", text_layers=28, vision_depth=32,
                                                             teacher_layers=12, max_pixels=1024 * 1024)
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    settings = RunSettings(shape=shape, labels=args.labels, counts=dict(zip(SPLITS, args.images)),
+                           sizes=dict.fromkeys(SPLITS, args.image_size), bf16=bf16,
+                           model_dtype="bfloat16" if bf16 else "float32", sft_steps=args.sft_steps,
+                           teacher_steps=args.teacher_steps, teacher_batch_size=args.teacher_batch_size,
+                           feature_batch_size=args.feature_batch_size, seed=args.seed)
     keep = args.work_dir is not None
     work = Path(args.work_dir) if keep else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
-    counts = dict(zip(SPLITS, args.images))
     phases = Phases(device, args.time_limit)
     results: dict = {}
-    records: list = []
+    recipe = counted = None
     try:
-        peak_dtype = resolve_dtype("auto", device)
-        results["matmul_peak"] = phases.run("matmul_peak", measure_peak, device, peak_dtype,
+        results["matmul_peak"] = phases.run("matmul_peak", measure_peak, device, resolve_dtype("auto", device),
                                             512 if args.tiny else 8192)
-        results["build"] = phases.run("build", build, work, shape, labels, counts, args.image_size, args.seed)
-        pipeline, recipe, counted = None, make_recipe(work, shape, args, cuda), None
-        if phases.rows["build"]["status"] == "pass":
-            from train.infra.recipe import validate_recipe
-            from train.stages.pipeline import Pipeline
-
-            pipeline = Pipeline(validate_recipe(recipe, where="bench.gpu_check"))
-            results["instructions"] = phases.run("instructions", prefill_answers, pipeline)
+        recipe = run_pipeline_phases(phases, work, settings, results,
+                                     torch.bfloat16 if bf16 else torch.float32)
+        if recipe is not None:
             try:  # the counted work of each phase (bench.estimate's formulas on the saved models)
                 counted = work_counts(work, recipe, labels, args.image_size)
             except Exception as err:  # the measurements stand without it
                 results["work_error"] = f"{type(err).__name__}: {err}"
-        with observed_trainers(records):
-            for stage in ("sft", "teacher", "features", "distill", "gate", "evaluate", "export"):
-                phases.run(stage, lambda stage=stage: pipeline.run(stages=[stage]))
-        final = work / "run" / "final"
-        compute = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-        loaded = phases.run("reload_4bit", reload_4bit, final, cuda, compute)
-        classifier = None
-        if loaded is not None:
-            classifier, results["reload_4bit"] = loaded
-        test_images = sorted((work / "images" / "test").rglob("*.jpg"))[:8]
-        results["classify"] = phases.run("classify", classify, classifier, test_images, labels)
-        classifier = loaded = None  # frees the 4-bit model before the inference subprocess
         if not args.no_inference:
-            remaining = args.time_limit - (time.perf_counter() - phases.start)
+            remaining = args.time_limit - phases.elapsed()
             results["inference"] = phases.run("inference", run_inference, args, device, work / "inference.json",
                                               remaining + 60)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    payload = summarize(args, device, phases, results, records, counts, recipe, counted)
+    payload = summarize(args, device, phases, results, settings, recipe, counted)
     write_json(args.output, payload)
     return payload
 
 
-def summarize(args, device, phases: Phases, results: dict, records: list, counts: dict, recipe: dict,
-              counted: dict | None) -> dict:
+def sft_work(record: dict, rows: dict) -> dict:
+    """Stage 1's work from its Trainer record: tokens the Trainer counted over its own `train_runtime`, the rate
+    after the first step (`steady`: no warm-up), and the counted FLOPs of its steps (`work_counts` rows)."""
+    steps, seconds = record["global_step"], record["metrics"].get("train_runtime")
+    tokens = record["num_input_tokens_seen"]
+    later_tokens = record["tokens_seen"][-1] - record["tokens_seen"][0] if len(record["tokens_seen"]) > 1 else 0
+    later_seconds = sum(record["step_seconds"][1:])
+    per_row = sum(r["flops"] for r in rows.values()) / len(rows)
+    return {"flops": steps * per_row, "seconds": seconds, "amount": tokens, "unit": "tokens",
+            "detail": f"{steps} QLoRA steps (batch 1)",
+            "steady": later_tokens / later_seconds if later_seconds > 0 else None}
+
+
+def summarize(args, device, phases: Phases, results: dict, settings: RunSettings, recipe, counted: dict | None) -> dict:
     peak = (results.get("matmul_peak") or {}).get("tflops")
     spec_name, spec_flops = spec_peak(device)
     estimate_peak = spec_flops or (peak * 1e12 if peak else None)
-    trainers = {record["trainer"]: record for record in records}
+    records = phases.timer.observer.records
+    trainers = {record["stage"]: record for record in records}
+    counts = settings.counts
     memory_estimates = {}
     if counted is not None:
-        from train.infra.recipe import validate_recipe
-
-        spec = validate_recipe(recipe, where="bench.gpu_check")
-        for row in est.memory_estimates(counted["shape"], spec, counted["text"], counted["visual_tokens"],
+        for row in est.memory_estimates(counted["shape"], recipe, counted["text"], counted["visual_tokens"],
                                         counted["score_length"], counted["teacher_parameters"],
                                         counted["teacher_config"], len(counted["text"].continuations)):
             if row["recipe_setting"]:
                 memory_estimates[row["stage"]] = row["total_gb"] * 1e9 / GIB
     work_of = {}
     if counted is not None:
-        rows = counted["rows"]
-        sft = trainers.get("EmoVLMSFTTrainer")
-        if sft:
-            steps = sft["global_step"]
-            per_row = sum(r["flops"] for r in rows.values()) / len(rows)
-            tokens = steps * sum(r["tokens"] for r in rows.values()) / len(rows)
-            work_of["sft"] = {"flops": steps * per_row, "seconds": sft["metrics"].get("train_runtime"),
-                              "amount": tokens, "unit": "tokens", "detail": f"{steps} QLoRA steps (batch 1)"}
-        teacher = next((r for r in records if r["trainer"] != "EmoVLMSFTTrainer" and r["linear4bit"] == 0
-                        and "Distill" not in r["trainer"] and "Gate" not in r["trainer"]), None)
-        if teacher:
-            images = teacher["global_step"] * args.teacher_batch_size
+        if trainers.get("sft", {}).get("global_step"):
+            work_of["sft"] = sft_work(trainers["sft"], counted["rows"])
+        teacher = trainers.get("teacher")
+        if teacher and teacher.get("global_step"):
+            images = teacher["global_step"] * settings.teacher_batch_size
             work_of["teacher"] = {"flops": images * 3 * counted["teacher_flops"],
                                   "seconds": teacher["metrics"].get("train_runtime"), "amount": images,
                                   "unit": "images", "detail": f"{teacher['global_step']} steps"}
@@ -516,12 +311,17 @@ def summarize(args, device, phases: Phases, results: dict, records: list, counts
             seconds = done["seconds"] or row["seconds"]
             row["work"] = f"{done['amount']:,.0f} {done['unit']} ({done['detail']})"
             row["throughput"] = f"{done['amount'] / seconds:,.1f} {done['unit']}/s"
+            if done.get("steady"):
+                row["throughput"] += f" (steady {done['steady']:,.1f})"
             row["counted_tflop"] = done["flops"] / 1e12
             row["timed_seconds"] = seconds
             if peak:
                 row["fraction_of_measured_peak"] = done["flops"] / seconds / (peak * 1e12)
             if estimate_peak:
                 row["estimated_seconds"] = done["flops"] / (estimate_peak * args.mfu)
+        if "parts" in row:
+            row["parts_text"] = ", ".join(f"{part} {p['seconds']:.1f} s / {p['peak_memory_gib']:.2f} GiB"
+                                          for part, p in row["parts"].items())
         if name == "sft" and "stage 1" in memory_estimates:
             row["estimated_memory_gib"] = memory_estimates["stage 1"]
         if name == "features" and "feature caches" in memory_estimates:
@@ -536,7 +336,7 @@ def summarize(args, device, phases: Phases, results: dict, records: list, counts
     columns = [("phase", "phase"), ("status", "status"), ("seconds", "seconds"), ("peak_memory_gib", "peak GiB"),
                ("throughput", "throughput"), ("fraction_of_measured_peak", "of measured peak"),
                ("estimated_seconds", f"estimated s (MFU {args.mfu:g})"), ("estimated_memory_gib", "estimated GiB"),
-               ("error", "error")]
+               ("parts_text", "parts (s / peak GiB)"), ("error", "error")]
     table = markdown_table(table_rows, columns)
     title = (f"bench.gpu_check on {device_name(device)}: Qwen2-VL at "
              + ("the tiny test shape" if args.tiny else "Qwen2-VL-2B's full widths and depth (28 + 32 layers)")
@@ -551,7 +351,7 @@ def summarize(args, device, phases: Phases, results: dict, records: list, counts
                                                  "images": counts, "image_size": list(args.image_size),
                                                  "sft_steps": args.sft_steps, "mfu_of_estimates": args.mfu,
                                                  "spec_gpu": spec_name},
-            "settings": {k: v for k, v in vars(args).items()}, "versions": versions(), "phases": table_rows,
+            "settings": dict(vars(args)), "versions": versions(), "phases": table_rows,
             "trainers": records, "results": results,
             "ratios": {"phases_passed": sum(r.get("status") == "pass" for r in table_rows),
                        "phases_failed": len(failed)},
