@@ -352,7 +352,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         raise SystemExit(f"train serve: {error}") from None
     app = build_app(handler, settings, name=args.model)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    # Bound here so that --port 0 can print the port it got. IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm
+    # off (TCP_NODELAY) only on sockets that say they are TCP, and with it on every keep-alive response waited ~40 ms
+    # for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
