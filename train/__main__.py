@@ -13,6 +13,7 @@
         [--private] [--revision BRANCH] [--eval-results RESULTS_JSON ...] [--dry-run DIR]
     python -m train serve --model runs/demo/final --port 8000    # HTTP, for huggingface_hub's InferenceClient
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
+    python -m train verify runs/demo                               # recompute what the run records; exit 1 if any differs
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from train import STAGES
+from train.infra import stage_table
 from train.infra.quiet import quiet_known_warnings
 
 # Commands with their own module, imported only when that command runs, so that e.g. `push` starts in a second
@@ -36,6 +37,7 @@ TOOLS = {
     "report": ("train.commands.report", "a run's Markdown report with the paper's figures"),
     "push": ("train.commands.publish", "upload a run's Hub-ready folder with its model card"),
     "push-space": ("train.commands.space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
+    "verify": ("train.commands.verify", "recompute what a run (or a published model) records from its saved files"),
     "serve": ("train.commands.serve", "serve a model over HTTP in the image-classification format, batching requests"),
 }
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
@@ -49,9 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     set_help = "Override a recipe value (YAML); repeat the flag or list several, all apply in order."
-    for name in ("pipeline", *STAGES, "recipe"):
-        help_text = {"pipeline": "all stages", "recipe": "validate a recipe and print it; --help lists every field"}
-        sub = commands.add_parser(name, help=help_text.get(name, f"stage {name} only"),
+    help_text = {"pipeline": "all stages", **{stage.name: f"stage {stage.name} only: {stage.help}"
+                                              for stage in stage_table.stages()},
+                 "recipe": "validate a recipe and print it; --help lists every field"}
+    for name in help_text:
+        sub = commands.add_parser(name, help=help_text[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", required=name not in ("recipe", "evaluate"), help="YAML recipe (see train/recipes/).")
         sub.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
@@ -161,7 +165,7 @@ def main(argv=None) -> None:
         from train.commands.evaluate_model import run
 
         return run(args)
-    from train.infra.recipe import RecipeError, load_recipe, public_recipe
+    from train.infra.recipe import RecipeError, load_recipe
 
     try:
         # Everything is validated before any stage runs or anything is deleted.
@@ -176,7 +180,7 @@ def main(argv=None) -> None:
         import yaml
 
         print(f"# {args.config}: valid. As stored in results.json (secrets and local paths removed):")
-        print(yaml.safe_dump(public_recipe(recipe.raw, recipe.output_dir), sort_keys=False), end="")
+        print(yaml.safe_dump(recipe.public(), sort_keys=False), end="")
         return 0
     from train.infra.locks import LockedError
     from train.stages.pipeline import Pipeline, StageError, print_results

@@ -58,9 +58,8 @@ from modeling_emovlm_kd.fusion import gate_from_config  # noqa: E402
 from train import STAGES  # noqa: E402
 from train.infra.evaluation import classification_metrics  # noqa: E402
 from train.infra.files import write_json_atomic  # noqa: E402
-from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, open_run  # noqa: E402
+from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, count_parameters, open_run  # noqa: E402
 from train.stages.pipeline import Pipeline, child_pipeline  # noqa: E402
-from train.stages.trainer_utils import count_parameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ def depth_variants(run: RunData, settings: Settings, min_width: int = MIN_WIDTH,
 def alpha_variants(run: RunData, settings: Settings, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[Variant]:
     """Figure 3: the run's head trained with each KL weight α (stage 2 only); test accuracy and KL to the teacher."""
     dims = run.config.head_hidden_dims
-    temperature = float(settings.stage_values(run.pipeline.recipe, "distill").get("temperature", 2.0))
+    temperature = run.pipeline.recipe.distill.temperature
 
     def score(child: Run) -> dict[str, float]:
         logits, teacher = child.head_logits("test"), child.features("test")["teacher_logits"]
@@ -293,7 +292,7 @@ def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
 def child_run(run: RunData, what: str, variant: Variant, seed: int, settings: Settings) -> Pipeline:
     """The variant as a child run of the parent, `<run>/ablations/<what>/<slug>/seed-<seed>`: the recipe with the
     variant's and the ablation's overrides, every stage before the variant's first one linked from the parent."""
-    parent = run.pipeline.spec
+    parent = run.pipeline.recipe
     overrides = {section: dict(values) for section, values in variant.overrides.items()}
     for stage in ("distill", "gate"):
         if stage in variant.stages:
@@ -458,7 +457,7 @@ def plot_table(table: dict, path: Path) -> Path:
 
 def _epochs_note(run: RunData, settings: Settings, what: str) -> str:
     stages = {"depth": ("distill", "gate"), "alpha": ("distill",), "gate": ("gate",)}[what]
-    recipe = run.pipeline.recipe
+    recipe = run.pipeline.recipe.as_set
     parts = [f"{stage} {settings.stage_values(recipe, stage).get('num_train_epochs', 'default')} epochs"
              for stage in stages]
     return ", ".join(parts) + (" (--epochs override)" if settings.epochs is not None else " (the run's recipe)")

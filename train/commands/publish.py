@@ -64,7 +64,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from train.infra import registry
+from train.infra import registry, stage_table
 from train.infra import run as run_folder  # the run folder's light readers (no torch)
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,7 @@ TEMPLATE_PATH = CARDS_DIR / "README.md.j2"
 VARIANTS_PATH = CARDS_DIR / "variants.yaml"
 # Display names of results.json's branches, as in `train.infra.evaluation.BRANCHES` (not imported: it loads torch).
 BRANCH_TITLES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
-STAGE_TITLES = {
-    "sft": "Stage 1: instruction tuning of the VLM (TRL `SFTTrainer`)",
-    "teacher": "Teacher: fine-tuning the vision teacher on the labels",
-    "distill": "Stage 2: distilling the teacher into the head, on the frozen VLM's visual features",
-    "gate": "Stage 3: training the gate on the frozen VLM's and head's predictions",
-}
+STAGE_TITLES = {stage.name: stage.title for stage in stage_table.stages() if stage.title}
 # Recipe keys that describe logging rather than training; the card leaves them out.
 NOT_HYPERPARAMETERS = {"disable_tqdm", "logging_steps", "report_to", "save_steps", "save_strategy", "save_total_limit"}
 # The files a folder needs to load with `from_pretrained(..., trust_remote_code=True)`.
