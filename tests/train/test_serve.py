@@ -298,3 +298,31 @@ def test_settings_that_cannot_work_and_a_missing_model_are_one_line_errors(tiny_
     for bad in ("0", "lots", "-5mb"):
         with pytest.raises(argparse.ArgumentTypeError):
             serve.byte_size(bad)
+
+
+def test_connections_over_the_cap_get_503(tiny_checkpoint, tmp_path):
+    """`--max-connections` bounds the open connections (and so the upload bytes held at once): with two uploads in
+    flight under a cap of 3, a request on a third connection is answered 503 before any body is read (uvicorn
+    counts the connection asking), and the server serves again once the uploads end."""
+    import socket
+
+    url, process, sink = start_server(tiny_checkpoint, tmp_path, "--max-connections", "3")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        held = []
+        for _ in range(2):  # uploads whose bodies never finish arriving, each accepted while under the cap
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n"
+                         + b"\x89PNG")
+            held.append(sock)
+            time.sleep(0.5)
+        refused = httpx.get(url + "/health", timeout=30)
+        assert refused.status_code == 503, refused.text
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and httpx.get(url + "/health", timeout=30).status_code != 200:
+            time.sleep(0.2)
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+    finally:
+        stop_server(process, sink)

@@ -53,6 +53,7 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_WAIT_MS = 10
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
 SIZE_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30}
 
@@ -329,6 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="Cap (and default) of an explanation's length with parameters.explain (default "
                              f"EMOVLM_MAX_NEW_TOKENS or {DEFAULT_MAX_NEW_TOKENS}).")
+    parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="Most open connections, the asking one included; beyond it requests get 503 before their "
+                             "body is read (uvicorn's limit_concurrency), so uploads in flight hold at most "
+                             f"max-connections x max-request-bytes (default {DEFAULT_MAX_CONNECTIONS}).")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (info: one line per request).")
 
@@ -366,7 +371,8 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"Serving {args.model} on http://{shown}:{port} (POST / in the image-classification format, GET /health; "
           f"batches of up to {settings.max_batch_size} images, {settings.max_wait_ms} ms wait)", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                            limit_concurrency=args.max_connections)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
