@@ -569,13 +569,21 @@ def describe_stage(pipeline, stage: str, timer: StageTimer) -> dict:
                     merged_bytes=folder_bytes(pipeline.stage_dir("sft") / "merged"))
     if stage == "features":
         recipe = pipeline.recipe
-        processor = pipeline.context.processor()
-        merge = processor.image_processor.merge_size ** 2
-        tokens = {split: [int(g.prod()) // merge for g in processor.image_processor(
-            list(pipeline.data[split]["image"]), return_tensors="pt")["image_grid_thw"]] for split in SPLITS}
+        image_processor = pipeline.context.processor().image_processor
+        by_size: dict[tuple[int, int], int] = {}  # visual tokens of each image size (the bound's resize)
+
+        def visual_tokens(path: Path) -> int:
+            size = Image.open(path).size  # the header only
+            if size not in by_size:
+                grid = image_processor(Image.new("RGB", size), return_tensors="pt")["image_grid_thw"][0]
+                by_size[size] = int(grid.prod()) // image_processor.merge_size**2
+            return by_size[size]
+
+        root = Path(recipe.data.root)
+        tokens = {split: [visual_tokens(p) for p in sorted((root / split).rglob("*.jpg"))] for split in SPLITS}
         cache = pipeline.read().features("train")
         info.update(vlm_dtype=recipe.model.dtype, visual_tokens_per_image=tokens,
-                    max_visual_tokens_of_bound=processor.image_processor.size["longest_edge"] // (28 * 28),
+                    max_visual_tokens_of_bound=image_processor.size["longest_edge"] // (28 * 28),
                     feature_dim=int(cache["visual_features"].shape[-1]))
     if stage == "export":
         info.update(export_info(pipeline.output_dir / "final"))
