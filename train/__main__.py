@@ -12,6 +12,7 @@
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME
         [--private] [--revision BRANCH] [--eval-results RESULTS_JSON ...] [--dry-run DIR]
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
+    python -m train verify runs/demo                               # recompute what the run records; exit 1 if any differs
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TOOLS = {
     "report": ("train.commands.report", "a run's Markdown report with the paper's figures"),
     "push": ("train.commands.publish", "upload a run's Hub-ready folder with its model card"),
     "push-space": ("train.commands.space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
+    "verify": ("train.commands.verify", "recompute what a run (or a published model) records from its saved files"),
 }
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
 DEMO_DATA = Path(__file__).parent / "demo_data" / "fashion_mnist_sample"

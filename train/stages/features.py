@@ -52,6 +52,22 @@ def data_fingerprint(dataset) -> str:
     return getattr(dataset, "_fingerprint", None) or hashlib.sha256(repr(dataset).encode()).hexdigest()[:16]
 
 
+def cache_fingerprint(vlm_key: str, teacher_key: str, dataset, pooling: str) -> str:
+    """The fingerprint a split's feature cache is stored under: the stage-1 model's and the teacher's
+    `model_fingerprint`, the split's `data_fingerprint` and the pooling of the visual tokens."""
+    return f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{pooling}"
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint a cache file was stored under (None: no such file, or not a complete cache)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign
+        return None
+    return metadata.get("fingerprint") if metadata.get("complete") == "1" else None
+
+
 def _read(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
     try:
         with safe_open(path, framework="pt") as handle:
@@ -183,7 +199,7 @@ def run(context) -> None:
     run_folder = context.read()
     for split in SPLITS:
         dataset = context.data[split]
-        fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
+        fingerprint = cache_fingerprint(vlm_key, teacher_key, dataset, model.config.pooling)
 
         def build(dataset=dataset):
             # Every rank runs this (or none: they all find the same stored cache), so the gather is collective.
@@ -203,10 +219,12 @@ def run(context) -> None:
 
 __all__ = [
     "SPLITS",
+    "cache_fingerprint",
     "cached",
     "compute_teacher_logits",
     "compute_vlm_features",
     "data_fingerprint",
     "model_fingerprint",
     "run",
+    "read_fingerprint",
 ]

@@ -35,7 +35,7 @@ from transformers.utils import ModelOutput
 from modeling_emovlm_kd import EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import gate_from_config
 from train.configs.gate_config import GateConfig
-from train.stages.trainer_utils import FeatureDataset, accuracy_metrics
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ class _EvaluateAtTheEnd(TrainerCallback):
         return control
 
 
-class GateTrainer(Trainer):
-    """`Trainer` whose step is a full-batch L-BFGS call on the regularised objective (see the module docstring)."""
+class GateTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose step is a full-batch L-BFGS call on the regularised objective (see the module docstring). Its
+    checkpoints hold the gate as `gate.*` and load strictly (`StrictCheckpointLoading`, `submodule_tensors`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, PreTrainedModel, set_seed
+from transformers import AutoModelForImageTextToText, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
@@ -29,6 +29,7 @@ from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
 from train.configs.sft_config import SFTStageConfig
 from train.infra.assemble import load_processor, quantization_config
 from train.stages.instructions import build_instruction_dataset
+from train.stages.trainer_utils import StrictCheckpointLoading
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +69,19 @@ def label_scorer(vlm, processor) -> EmoVLMKDForImageClassification:
     return scorer
 
 
-class EmoVLMSFTTrainer(SFTTrainer):
-    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume also works
-    for fully fine-tuned Qwen2-VL.
+class EmoVLMSFTTrainer(StrictCheckpointLoading, SFTTrainer):
+    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume and best
+    checkpoint (`load_best_model_at_end`) also work for fully fine-tuned Qwen2-VL.
 
     Given `label_eval_dataset` (`image`, `label` columns), every evaluation adds `<prefix>_label_accuracy` and
     `<prefix>_label_images` to the metrics of `evaluation_loop`, so they are logged with `eval_loss` (log history,
     every `report_to` tracker). Under several processes each scores a shard and the counts are summed.
 
-    `Trainer._load_from_checkpoint` reads the checkpoint's state dict as saved (Hub key layout: `model.layers.*`,
-    `visual.*`) into a model whose modules are named `model.language_model.*`, `model.visual.*`, and loads it
-    non-strictly, so nothing but `lm_head` is restored (transformers issue #43701). Loading the checkpoint with
-    `from_pretrained` applies the model's own key conversion; the weights are then copied strictly.
+    `Trainer` reads a checkpoint's state dict as saved (Hub key layout: `model.layers.*`, `visual.*`) into a model
+    whose modules are named `model.language_model.*`, `model.visual.*`, and loads it non-strictly, so nothing but
+    `lm_head` is restored (transformers issue #43701). `StrictCheckpointLoading` loads the checkpoint with
+    `from_pretrained`, which applies the model's own key conversion, and copies every weight or fails; LoRA
+    adapters load through peft.
     """
 
     def __init__(self, *args, label_eval_dataset=None, **kwargs):
@@ -126,14 +128,6 @@ class EmoVLMSFTTrainer(SFTTrainer):
         counts = torch.tensor([correct, len(shard)], device=self.accelerator.device)
         correct, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         return {"label_accuracy": correct / max(total, 1), "label_images": total}
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = model if model is not None else self.model
-        weights = Path(resume_from_checkpoint) / "model.safetensors"
-        if not isinstance(model, PreTrainedModel) or not weights.exists():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype, device_map="cpu")
-        model.load_state_dict(restored.state_dict(), strict=True)
 
 
 def build_sft_trainer(train_dataset, processor, args: SFTStageConfig, eval_dataset=None,

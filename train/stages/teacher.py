@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 
 from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
 from train.configs.teacher_config import TeacherConfig
-from train.stages.trainer_utils import accuracy_metrics
+from train.stages.trainer_utils import StrictCheckpointLoading, accuracy_metrics
 
 
 def augment(image: Image.Image, crop_scale: float) -> Image.Image:
@@ -135,7 +135,12 @@ def load_teacher(name_or_path: str, labels: list[str]):
     )
 
 
-def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_from_checkpoint=None) -> Trainer:
+class TeacherTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose best and resumed checkpoints load through the classifier's `from_pretrained`, strictly (see
+    `StrictCheckpointLoading`: ViT checkpoints keep the legacy key layout)."""
+
+
+def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_from_checkpoint=None) -> TeacherTrainer:
     """Fine-tune the teacher on `train`, select on `validation`, save the best to `args.output_dir`."""
     model = load_teacher(args.teacher_model_name_or_path, labels)
     native = native_image_size(model.config, AutoImageProcessor.from_pretrained(args.teacher_model_name_or_path))
@@ -145,8 +150,8 @@ def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_f
     image_processor = load_image_processor(args.teacher_model_name_or_path, image_size, args.eval_resize)
     train_set = dataset_dict["train"].with_transform(image_transform(image_processor, args.augment, args.crop_scale))
     eval_set = dataset_dict["validation"].with_transform(image_transform(image_processor, False, 1.0))
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      compute_metrics=accuracy_metrics)
+    trainer = TeacherTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             compute_metrics=accuracy_metrics)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():  # one writer: concurrent writes of the same file can corrupt it
@@ -162,5 +167,5 @@ def run(context) -> dict:
     return {"best_validation_accuracy": trainer.state.best_metric}
 
 
-__all__ = ["augment", "eval_transform", "load_image_processor", "load_teacher", "native_image_size", "pixel_values",
-           "resize_position_embeddings", "run", "train_teacher"]
+__all__ = ["TeacherTrainer", "augment", "eval_transform", "load_image_processor", "load_teacher", "native_image_size",
+           "pixel_values", "resize_position_embeddings", "run", "train_teacher"]
