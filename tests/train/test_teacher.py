@@ -68,9 +68,10 @@ def squash(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _args(tmp_path, **kwargs):
-    return TeacherConfig(output_dir=str(tmp_path / "teacher"), num_train_epochs=1, per_device_train_batch_size=3,
-                         per_device_eval_batch_size=3, learning_rate=1e-3, report_to="none", save_total_limit=1,
-                         logging_steps=1, **kwargs)
+    defaults = {"num_train_epochs": 1, "learning_rate": 1e-3}
+    return TeacherConfig(output_dir=str(tmp_path / "teacher"), per_device_train_batch_size=3,
+                         per_device_eval_batch_size=3, report_to="none", save_total_limit=1, logging_steps=1,
+                         **{**defaults, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,23 @@ def test_a_recipe_checks_the_teacher_input_values(tmp_path):
         load_recipe(demo, ["teacher.eval_resize=stretch"])
     with pytest.raises(RecipeError, match=r"teacher\.image_size"):
         load_recipe(demo, ["teacher.image_size=large"])
+
+
+def test_without_selection_the_stage_records_the_kept_model_accuracy(tiny_vit, tmp_path):
+    """`load_best_model_at_end: false` (authors-code.yaml: the code keeps the last epoch) records the validation
+    accuracy of the model it saves, the last epoch's, not the best epoch's, which it does not keep."""
+    from train.stages.trainer_utils import kept_model_metric
+
+    torch.manual_seed(0)
+    args = _args(tmp_path, teacher_model_name_or_path=str(tiny_vit), load_best_model_at_end=False,
+                 num_train_epochs=3, learning_rate=5e-3)
+    trainer = train_teacher(_dataset_dict(), LABELS, args)
+    teacher = AutoModelForImageClassification.from_pretrained(tmp_path / "teacher").eval()
+    validation = _dataset_dict()["validation"]
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "teacher")
+    with torch.no_grad():
+        predicted = teacher(pixel_values=pixel_values(processor, validation["image"])).logits.argmax(-1)
+    saved_accuracy = float((predicted == torch.tensor(validation["label"])).float().mean())
+    accuracies = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert len(accuracies) == 3 and kept_model_metric(trainer) == accuracies[-1] == saved_accuracy
+    assert trainer.state.best_metric == max(accuracies)

@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 
 from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
 from train.configs.teacher_config import TeacherConfig
-from train.stages.trainer_utils import StrictCheckpointLoading, accuracy_metrics
+from train.stages.trainer_utils import StrictCheckpointLoading, accuracy_metrics, kept_model_metric
 
 
 def augment(image: Image.Image, crop_scale: float) -> Image.Image:
@@ -164,7 +164,7 @@ def run(context) -> dict:
     set_seed(context.seed)
     args = context.stage_args("teacher", teacher_model_name_or_path=context.base_models["teacher"])
     trainer = train_teacher(context.data, context.labels, args, resume_from_checkpoint=context.resume("teacher"))
-    return {"best_validation_accuracy": trainer.state.best_metric}
+    return {"best_validation_accuracy": kept_model_metric(trainer)}
 
 
 __all__ = ["TeacherTrainer", "augment", "eval_transform", "load_image_processor", "load_teacher", "native_image_size",
