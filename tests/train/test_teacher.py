@@ -153,11 +153,14 @@ def test_bad_resolutions_and_transforms_are_refused(tiny_vit, tmp_path):
     model = AutoModelForImageClassification.from_pretrained(tiny_vit)
     with pytest.raises(ValueError, match=r"teacher.image_size must be a multiple of the teacher's patch size 7"):
         resize_position_embeddings(model, 80)
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import BeitConfig, BeitForImageClassification, ResNetConfig, ResNetForImageClassification
 
     cnn = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=3))
+    assert resize_position_embeddings(cnn, 84) is cnn  # a CNN takes any input size: nothing to interpolate
+    relative = BeitForImageClassification(BeitConfig(image_size=56, patch_size=7, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3))
     with pytest.raises(ValueError, match="has no ViT-style position embeddings"):
-        resize_position_embeddings(cnn, 84)
+        resize_position_embeddings(relative, 84)  # BEiT's positions are relative biases, not one table
     with pytest.raises(ValueError, match="eval_resize must be one of center_crop, squash"):
         _args(tmp_path, eval_resize="stretch")
 

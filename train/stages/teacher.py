@@ -100,9 +100,10 @@ def image_transform(image_processor, train: bool, crop_scale: float):
 def resize_position_embeddings(model, image_size: int):
     """`model` (a ViT-style classifier) at `image_size` pixels: its position embeddings interpolated once, bicubic,
     by the model's own `interpolate_pos_encoding` (what `forward(..., interpolate_pos_encoding=True)` computes at
-    every call), in a copy built from its config with that `image_size`, so it saves and reloads at that size."""
-    from transformers import AutoModelForImageClassification
-
+    every call), in a copy built from its config with that `image_size`, so it saves and reloads at that size. A
+    model whose config has no `image_size` (a CNN) takes any size as it is."""
+    if getattr(model.config, "image_size", None) is None:
+        return model
     embeddings = getattr(model.base_model, "embeddings", None)
     table = getattr(embeddings, "position_embeddings", None)
     patch = getattr(model.config, "patch_size", None)
