@@ -307,7 +307,7 @@ def _report_against_branches(predictions: torch.Tensor, rows: dict[str, torch.Te
     if fused_correct < correct[branch] - 1:
         logger.warning(
             "Stage 3: the fused gate is below the better single branch %s: %d/%d right (%.4f), the %s alone "
-            "%d/%d (%.4f). The gate fits its rows (it is at its objective's optimum); it does not carry over: more "
+            "%d/%d (%.4f). The gate fits its rows (at a minimum of its objective); it does not carry over: more "
             "rows, a larger weight_decay (or weight_decay: auto) or the single branch may serve better.",
             where, fused_correct, total, fused_correct / total, branch, correct[branch], total,
             correct[branch] / total,
@@ -324,9 +324,10 @@ def train_gate(
     head_signal: str = "probs",
     warn_below_branches: bool = True,
 ) -> tuple[nn.Module, Trainer]:
-    """Fit `gate` on the cached `vlm_logits`, `head_logits` and `labels` of `train` (whichever rows are passed) to
-    its objective's optimum with `args.weight_decay` (a number) by full-batch L-BFGS; returns the gate and the
-    trainer, whose `state.best_metric` is the gate's accuracy on `validation`. `fit_gate` is the stage's own."""
+    """Fit `gate` on the cached `vlm_logits`, `head_logits` and `labels` of `train` (whichever rows are passed) with
+    `args.weight_decay` (a number) by full-batch L-BFGS to a minimum of its objective (the optimum for concat_linear,
+    a local one for the other gates); returns the gate and the trainer, whose `state.best_metric` is the gate's
+    accuracy on `validation`. `fit_gate` is the stage's own."""
     trainer = GateTrainer(
         model=GateStudent(gate, vlm_signal, head_signal),
         args=args,
