@@ -298,16 +298,27 @@ def test_a_gate_fitted_on_validation_records_its_fitted_and_its_cross_validated_
     torch.testing.assert_close(logits[held], expected)
 
 
-def test_folds_shrink_to_what_the_validation_split_can_hold(tmp_path, caplog):
+def test_folds_shrink_to_what_the_validation_split_can_hold_and_a_tiny_one_is_not_fitted_on(tmp_path, caplog):
     rows = seen_and_unseen(0)
     rows["validation"] = {key: value[:6] for key, value in rows["validation"].items()}  # 3 rows per class
     with caplog.at_level(logging.WARNING, logger="train.stages.gate"):
         _, _, record = fit(rows, stage_args(tmp_path))
     assert record["folds"] == 3
     assert any("gate.folds" in r.getMessage() for r in caplog.records)
-    rows["validation"] = {key: value[:2] for key, value in rows["validation"].items()}  # 1 row per class
-    with pytest.raises(ValueError, match=r"gate\.fit_on: validation.*one row per class.*gate\.fit_on: train"):
-        fit(rows, stage_args(tmp_path / "one"))
+    # Too few to cross-validate (one row per class; two with weight_decay auto, which is cross-validated inside each
+    # fold's training part): fitted on train, said in a warning and in the marker.
+    for count, weight_decay in ((2, 1e-4), (4, "auto")):
+        small = {**rows, "validation": {key: value[:count] for key, value in rows["validation"].items()}}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train.stages.gate"):
+            gate, _, record = fit(small, stage_args(tmp_path / str(count), weight_decay=weight_decay))
+        assert record["fit_on"] == "train" and record["fit_on_requested"] == "validation"
+        assert record["fitted_rows"] == 300 and "cross_validated_accuracy" not in record
+        assert any("too small to cross-validate" in r.getMessage() and "gate.fit_on: train" in r.getMessage()
+                   for r in caplog.records)
+        paper, _, _ = fit(small, stage_args(tmp_path / f"paper-{count}", fit_on="train", weight_decay=weight_decay))
+        for key, value in paper.state_dict().items():
+            assert torch.equal(gate.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("override, message", [

@@ -26,7 +26,8 @@ class GateConfig(CachedFeatureArguments):
         "help": "The split whose VLM scores and head logits the gate is fitted on. 'validation' (the default): "
                 "outputs on images neither branch was trained on, like the ones the gate sees at test time; the "
                 "stage also records a `folds`-fold cross-validated accuracy on them. 'train': the paper's setting, "
-                "the training split's outputs, where stages 1 and 2 have already fitted both branches."})
+                "the training split's outputs, where stages 1 and 2 have already fitted both branches. A validation "
+                "split too small to cross-validate is not fitted on: the stage warns, fits on train and records it."})
     weight_decay: float | str = field(default=1e-4, metadata={
         "help": "L2 penalty weight_decay/2*|theta|^2 on every gate parameter, in the objective (the authors' Adam "
                 "weight_decay=1e-4 is this penalty), or 'auto': the value of weight_decay_grid with the best accuracy "

@@ -7,7 +7,10 @@ Which rows (`gate.fit_on`). The gate learns how far to trust each branch, so it 
 will fuse at test time: branch outputs on images the branches were not trained on.
 - `validation` (the default): the validation split's outputs. Stage 1 never trained on validation images and the
   head (stage 2's final head) never did either; validation only chose the head's epoch (`load_best_model_at_end`,
-  one choice among its epochs) and, in a recipe that sets `sft.eval_strategy`, scored stage 1's checkpoints.
+  one choice among its epochs) and, in a recipe that sets `sft.eval_strategy`, scored stage 1's checkpoints. A
+  validation split too small to cross-validate (no class with two rows; three with `weight_decay: auto`) cannot
+  show what the gate would do on unseen images: the stage then fits on train, warns, and its marker records
+  `fit_on: train` with `fit_on_requested: validation`.
 - `train`: the paper's setting, the training split's outputs of both branches (with a number as `weight_decay`,
   this stage's behaviour before the option, bit for bit). Stage 1 (5 epochs in the 7B recipes) and stage 2 have fitted exactly these images, so both
   branches are right more often on them than on unseen images and the gate learns reliabilities that do not hold
@@ -346,15 +349,18 @@ def train_gate(
     return gate, trainer
 
 
-def _validation_folds(labels: torch.Tensor, args: GateConfig) -> int:
-    """The folds of the validation split (`args.folds`, or fewer, with a warning, where its classes are small)."""
+def _validation_folds(labels: torch.Tensor, args: GateConfig) -> int | None:
+    """The folds of the validation split (`args.folds`, or fewer, with a warning, where its classes are small), or
+    None, with a warning, where it cannot be cross-validated with the recipe's weight decay rule: no class with two
+    rows (three with `auto`, whose choice is cross-validated inside each fold's training part)."""
     largest, needed = int(labels.bincount().max()), 3 if args.weight_decay == "auto" else 2
     if largest < needed:
-        raise ValueError(
-            f"gate.fit_on: validation cross-validates the gate on the validation split, whose largest class has "
-            f"{largest} row(s) ({len(labels)} rows; at most one row per class in a fold's training part): add "
-            f"validation images{' or set a number as gate.weight_decay' if needed == 3 else ''}, or set "
-            f"gate.fit_on: train (the paper's setting).")
+        logger.warning(
+            "Stage 3: gate.fit_on is validation, but the validation split (%d rows, at most %d per class) is too small "
+            "to cross-validate the gate%s: the gate is fitted on train (the paper's setting) instead, and the marker "
+            "says so. Add validation images, or set gate.fit_on: train to say it in the recipe.",
+            len(labels), largest, " with weight_decay auto" if needed == 3 else "")
+        return None
     folds = fold_count(labels, args.folds)
     if folds < args.folds:
         logger.warning("Stage 3: gate.folds=%d, but the validation split's largest class has %d rows: %d folds.",
@@ -375,10 +381,12 @@ def fit_gate(
     `args.fit_on` names, with `args.weight_decay` or the value `auto` chooses on held-out rows. Returns the gate,
     its trainer and what the stage's marker records."""
     initial = copy.deepcopy(gate)  # where every selection and cross-validation fit starts
-    on_validation = args.fit_on == "validation"
+    folds = _validation_folds(validation["labels"], args) if args.fit_on == "validation" else args.folds
+    on_validation = folds is not None and args.fit_on == "validation"
     rows = validation if on_validation else train
-    record: dict = {"fit_on": args.fit_on, "fitted_rows": len(rows["labels"])}
-    folds = _validation_folds(validation["labels"], args) if on_validation else args.folds
+    record: dict = {"fit_on": "validation" if on_validation else "train", "fitted_rows": len(rows["labels"])}
+    if record["fit_on"] != args.fit_on:
+        record["fit_on_requested"] = args.fit_on  # too few validation rows to cross-validate (warned above)
     weight_decay = args.weight_decay
     if weight_decay == "auto":
         weight_decay, scores = choose_weight_decay(initial, rows, None if on_validation else validation, vlm_signal,
