@@ -1,9 +1,9 @@
-"""Evaluate any model on any data set: `python -m train evaluate --model M --data KIND ...`.
+"""Evaluate any model on any data set: `python -m train evaluate-model --model M --data KIND ...`.
 
-    python -m train evaluate --model runs/demo/final --data imagefolder --root data/colours --output-dir eval/demo
-    python -m train evaluate --model my-org/emovlm-kd-emoset --revision main --data fi --root data/FI \\
+    python -m train evaluate-model --model runs/demo/final --data imagefolder --root data/colours --output-dir eval/demo
+    python -m train evaluate-model --model my-org/emovlm-kd-emoset --revision main --data fi --root data/FI \\
         --split-file splits/fi_seed42.json --output-dir eval/emoset-on-fi
-    python -m train evaluate --model Qwen/Qwen2-VL-7B-Instruct --data emoset --root data/EmoSet-118K \\
+    python -m train evaluate-model --model Qwen/Qwen2-VL-7B-Instruct --data emoset --root data/EmoSet-118K \\
         --output-dir eval/qwen2-vl-zero-shot                # zero-shot: the VLM branch only
 
 `--model` is an EmoVLM-KD folder (an exported `final/`) or Hub repo (`--revision` pins it), or a stock Qwen2-VL
@@ -42,7 +42,7 @@ EMOVLM_KD_MODEL_TYPE = "emovlm_kd"
 RESULTS_FILE, FIGURE_FILE, CACHE_DIR = "results.json", "confusion_matrix.png", "cache"
 EMOVLM_KD_BRANCHES = ("vlm", "head", "fused")
 ZERO_SHOT_BRANCHES = ("vlm",)
-WHERE = "python -m train evaluate"
+WHERE = "python -m train evaluate-model"
 
 
 class EvaluationError(ValueError):
@@ -291,7 +291,7 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--model` form of `python -m train evaluate` (the subparser also has `--config` for a run's stage)."""
+    """The arguments of `python -m train evaluate-model` (also those of its alias `evaluate --model`)."""
     from train.infra import registry
     from train.infra.data import SPLITS
 
@@ -309,21 +309,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="dtype of the VLM (auto: bf16 on a GPU that has it, else float32).")
     group.add_argument("--device", help="cuda, cpu, ... (default: cuda when available).")
+    group.add_argument("--output-dir", help="Folder of results.json, confusion_matrix.png and the resumable cache.")
+    group.add_argument("--force", action="store_true", help="Drop the cache and score every image again.")
     options = parser.add_argument_group("data options (the recipe's data section, see `python -m train recipe --help`)")
     for field in data_option_fields():
         options.add_argument(f"--{field.name.replace('_', '-')}", dest=f"data_{field.name}",
                              metavar=field.name.upper(), help=field.metadata.get("help"))
 
 
-def run(args: argparse.Namespace) -> int:
-    """`python -m train evaluate --model ...`: user errors exit with status 2 and a message, without a traceback."""
+def main(args: argparse.Namespace) -> int:
+    """`python -m train evaluate-model`: user errors exit with status 2 and a message, without a traceback."""
     import yaml
 
     from train.infra.locks import LockedError
     from train.infra.recipe import RecipeError
 
     if not args.data or not args.output_dir:
-        print("error: evaluate --model needs --data KIND and --output-dir DIR.", file=sys.stderr)
+        print("error: evaluate-model needs --data KIND and --output-dir DIR.", file=sys.stderr)
         return 2
     # Lists and mappings (fractions, load_kwargs) are YAML, as in `--set`; every other option is taken as written.
     text_fields = {"root", "split_file", "label_file", "image_dir", "name_or_path", "image_column", "label_column"}
@@ -343,4 +345,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EvaluationError", "add_arguments", "evaluate_model", "resolve_model", "run", "score_batch"]
+__all__ = ["EvaluationError", "add_arguments", "evaluate_model", "main", "resolve_model", "score_batch"]

@@ -398,7 +398,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-4bit", action="store_true", help="Load the VLM in 4-bit NF4 (bitsandbytes).")
 
 
-def run(args: argparse.Namespace) -> PredictionSummary:
+def main(args: argparse.Namespace) -> int:
+    """`python -m train predict`: bad files are reported in the output; the status is 1 only when no image could be
+    classified."""
     try:
         summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k,
                               num_workers=args.num_workers, revision=args.revision, dtype=args.dtype, device_map=args.device_map,
@@ -412,8 +414,8 @@ def run(args: argparse.Namespace) -> PredictionSummary:
                 print(f"  skipped ({reason.replace('_', ' ')}): {path}")
         for error in summary.errors:
             print(f"  failed: {error['path']}: {error['error']}")
-    return summary
+    return 1 if summary.failed and not summary.predicted else 0
 
 
 __all__ = ["PreparedBatch", "PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
-           "predict_files", "read_rows", "run", "run_predict", "scan_inputs"]
+           "main", "predict_files", "read_rows", "run_predict", "scan_inputs"]

@@ -751,7 +751,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     """Run `push` from parsed arguments; user errors exit with status 1 and a message, without a traceback."""
     run_dir = args.run_dir
     if run_dir is None:
@@ -789,7 +789,7 @@ __all__ = [
     "load_variants",
     "package_label_sets",
     "push",
-    "run",
+    "main",
     "upload_plan",
     "write_plan",
 ]

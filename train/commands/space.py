@@ -231,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     try:
         result, sha = push_space(args.model, args.space, revision=args.model_revision, examples=args.examples,
                                  private=args.private, dry_run=args.dry_run, commit_message=args.commit_message)
@@ -248,4 +248,4 @@ def run(args: argparse.Namespace) -> None:
           f"{args.space}\nIt loads {args.model} at commit {sha}.")
 
 
-__all__ = ["add_arguments", "push_space", "run", "space_plan"]
+__all__ = ["add_arguments", "main", "push_space", "space_plan"]
