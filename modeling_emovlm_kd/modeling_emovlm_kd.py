@@ -13,23 +13,7 @@ from transformers.utils import ModelOutput
 from .backbones import BACKBONES
 from .configuration_emovlm_kd import EmoVLMKDConfig
 from .fast_path import applied as _fast_path_applied
-
-# The fusion lives in `fusion.py`; its names stay importable from here for existing code and checkpoints.
-from .fusion import (  # noqa: F401
-    GATES,
-    BilinearGate,
-    ConcatLinearGate,
-    CrossGatingGate,
-    DynamicWeightingGate,
-    EmoVLMKDDistillationHead,
-    EmoVLMKDFusion,
-    MoEGate,
-    _linear_share,
-    _shares,
-    gate_inputs,
-    init_fusion_weights,
-    initializer_range,
-)
+from .fusion import EmoVLMKDFusion, init_fusion_weights, initializer_range
 
 # Batched, error-tolerant inference on files (`train predict` and the app); imported so that it ships with the model.
 from .inference import classify_files  # noqa: F401
@@ -361,9 +345,5 @@ __all__ = [
     "EmoVLMKDPreTrainedModel",
     "EmoVLMKDForImageClassification",
     "EmoVLMKDImageClassifierOutput",
-    "EmoVLMKDDistillationHead",
-    "EmoVLMKDFusion",
-    "GATES",
-    "gate_inputs",
     "pool_visual_tokens",
 ]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_emovlm_kd import GATE_TYPES
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd.fusion import gate_inputs
 from train.stages.gate import GateConfig, build_gate, train_gate
 
 
