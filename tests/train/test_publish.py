@@ -25,6 +25,7 @@ from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
 from train.commands import publish
 from train.commands.card import HubFolder, PublishError, build_card, load_variants, package_label_sets
 from train.commands.space import SETTINGS_FILE, pinned_versions
+from train.infra.files import public_json, without_local_paths
 from train.infra.registry import card_variants
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -376,6 +377,18 @@ def test_a_push_is_its_staging_folder_in_one_commit_that_deletes_what_it_lacks(t
     added = {op.path_in_repo: op.path_or_fileobj for op in operations if isinstance(op, CommitOperationAdd)}
     assert deleted == ["examples/blue/0.png", "model-00001-of-00002.safetensors"]  # never .gitattributes
     assert added == {path: str(staged / path) for path in plan}
+
+
+def test_one_scrubber_empties_every_local_name_or_path(tmp_path):
+    config = {"_name_or_path": "/runs/x/sft/merged", "vlm_config": {"_name_or_path": "~/models/qwen", "text_config": {
+        "_name_or_path": "Qwen/Qwen2-VL-7B-Instruct"}}, "list": [{"_name_or_path": "/abs"}], "name": "/not/a/config/key"}
+    assert without_local_paths(config) == {"_name_or_path": "", "vlm_config": {"_name_or_path": "", "text_config": {
+        "_name_or_path": "Qwen/Qwen2-VL-7B-Instruct"}}, "list": [{"_name_or_path": ""}], "name": "/not/a/config/key"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert json.loads(public_json(path)) == without_local_paths(config)
+    path.write_text(json.dumps(without_local_paths(config)))
+    assert public_json(path) is None  # nothing to clean: the file goes as it is
 
 
 def test_variants_file_agrees_with_the_package():
