@@ -173,6 +173,9 @@ def custom_dataset(recipe: dict, dataset_name: str | None) -> tuple[str | None, 
     return name, (source or name or "custom")
 
 
+# ---- the model card --------------------------------------------------------------------------------------------
+
+
 def widget(repo_id: str, branch: str, files: dict[str, tuple[str, Path]], endpoint: str | None = None) -> list[dict]:
     """The card's `widget:` entries: each example image by its URL on the Hub it is pushed to."""
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -194,9 +197,6 @@ def backbone_rows(base_vlm: str | None, teacher: str | None, licences: dict[str,
             rows.append({"role": role, "model": model_id, "url": f"https://huggingface.co/{model_id}",
                          "licence": licences.get(model_id, unknown)})
     return rows
-
-
-# ---- the model card --------------------------------------------------------------------------------------------
 
 
 def format_value(value) -> str:
