@@ -73,11 +73,11 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose head or gate tensors do not match its config.
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose tensors do not match its config.
 
-        transformers would initialise missing modules at random and only print a table; a classifier whose head or
-        gate is random gives confident wrong answers, so missing, unexpected or mis-shaped head/gate tensors raise
-        a `ValueError` naming them (for `pipeline()` too, which loads through here).
+        transformers would initialise missing modules at random and only print a table; a classifier with a random
+        head, gate or VLM tensor gives confident wrong answers, so missing tensors (of any module) and unexpected or
+        mis-shaped head/gate tensors raise a `ValueError` naming them (for `pipeline()` too, which loads through here).
         """
         # Weights come from safetensors only: a pickle file in a stranger's checkpoint could run code.
         kwargs.setdefault("use_safetensors", True)
@@ -87,10 +87,13 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         problems = []
-        for kind in ("missing_keys", "unexpected_keys"):
-            names = sorted(k for k in info.get(kind, ()) if k.startswith(cls._trained_modules))
+        # A tensor the checkpoint lacks would run at random, in the VLM as much as in the head or the gate (tied
+        # weights are not reported missing). Extra tensors are refused only in the modules this project trains.
+        missing = sorted(info.get("missing_keys", ()))
+        unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(cls._trained_modules))
+        for kind, names in (("missing keys", missing), ("unexpected keys", unexpected)):
             if names:
-                problems.append(f"{kind.replace('_', ' ')}: {', '.join(names)}")
+                problems.append(f"{kind}: {', '.join(names)}")
         mismatched = {entry[0] if isinstance(entry, (tuple, list)) else str(entry): entry
                       for entry in info.get("mismatched_keys", ())}
         refused = sorted(k for k in mismatched if k.startswith(cls._trained_modules) or not ignore_mismatched)

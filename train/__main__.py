@@ -24,6 +24,7 @@ import os
 import sys
 
 from train import STAGES
+from train.infra.quiet import quiet_known_warnings
 
 # Every command, name -> (module, one-line help). The module has `add_arguments(parser)` and `main(args)` (returning
 # the exit status, None for 0) and is imported only when its command runs, so that e.g. `push` starts in a second
@@ -60,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    quiet_known_warnings()  # known-harmless library messages, by message (train/infra/quiet.py)
     args = parse_args(argv)
     if "LOCAL_RANK" in os.environ:
         import torch

@@ -64,3 +64,23 @@ def test_a_head_shape_other_than_the_config_refuses_to_load(tiny_checkpoint, tmp
         _load(folder)
     with pytest.raises((ValueError, RuntimeError), match=r"distillation_head\.mlp\.1\.weight"):
         AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, ignore_mismatched_sizes=True)
+
+
+# Saved names (transformers writes the Hub layout, `vlm.model.layers.*`) and what the missing tensor is called in
+# the loaded model (`vlm.model.language_model.layers.*`).
+@pytest.mark.parametrize("dropped, named", [
+    ("vlm.lm_head.", r"vlm\.lm_head\.weight"),
+    ("vlm.model.embed_tokens.", r"embed_tokens\.weight"),
+    ("vlm.model.layers.0.self_attn.q_proj.", r"layers\.0\.self_attn\.q_proj\.bias, \S*layers\.0\.self_attn\.q_proj\.weight"),
+])
+def test_missing_vlm_weights_refuse_to_load(tiny_checkpoint, tmp_path, dropped, named):
+    """A checkpoint missing VLM tensors (the output layer, the embeddings, one projection) would load them at random
+    and only print transformers' table: the model would score labels with noise."""
+    folder = _copy(tiny_checkpoint, tmp_path)
+    keys = list(load_file(folder / "model.safetensors"))
+    assert any(k.startswith(dropped) for k in keys), keys  # the checkpoint really holds what the test drops
+    _edit_weights(folder, lambda t: {k: v for k, v in t.items() if not k.startswith(dropped)})
+    with pytest.raises(ValueError, match=r"missing keys: \S*" + named):
+        _load(folder)
+    with pytest.raises(ValueError, match=r"does not match its config"):
+        pipeline("image-classification", model=str(folder), trust_remote_code=True)

@@ -98,3 +98,76 @@ def test_evaluate_model_is_its_own_command_and_evaluate_model_says_it_is_an_alia
     assert "weights.txt is a file" in error
     assert main(["evaluate", *common, "--config", "recipe.yaml"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("revision", [None, "0123456789abcdef0123456789abcdef01234567"])
+def test_push_space_dry_run_offline_is_one_line(tmp_path, revision):
+    # The dry run still asks the Hub for the model's commit and config: offline, say so in one line.
+    command = [sys.executable, "-m", "train", "push-space", "--model", "me/emovlm-kd-demo", "--space", "me/app",
+               "--dry-run", str(tmp_path / "space")] + (["--model-revision", revision] if revision else [])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("push-space: error:") and "me/emovlm-kd-demo" in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "space").exists()
+
+
+def declared_requirements() -> dict[str, set[str]]:
+    """setup.py's requirement names: {"base": {...}, "train": {...}, ...}, read without running setup()."""
+    import ast
+    import re
+
+    values = {}
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else None
+        if isinstance(target, ast.Name) and target.id in ("INSTALL_REQUIRES", "EXTRAS"):
+            values[target.id] = ast.literal_eval(node.value)
+        elif isinstance(target, ast.Subscript) and getattr(target.value, "id", None) == "EXTRAS":  # EXTRAS["dev"] = ...
+            expression = compile(ast.Expression(node.value), "setup.py", "eval")
+            values["EXTRAS"][ast.literal_eval(target.slice)] = eval(expression, {"EXTRAS": values["EXTRAS"]})
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[ ;]", requirement)[0].lower().replace("_", "-") for requirement in requirements}
+
+    return {"base": names(values["INSTALL_REQUIRES"]), **{extra: names(r) for extra, r in values["EXTRAS"].items()}}
+
+
+def imported_distributions(paths) -> set[str]:
+    """The distributions (lower-case names) whose modules the files under `paths` import."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    modules = set()
+    for path in paths:
+        for file in [path] if path.suffix == ".py" else path.rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.Import):
+                    modules |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    modules.add(node.module.split(".")[0])
+    own = {"train", "modeling_emovlm_kd", "bench", "conftest", "hub_server", "__future__"}
+    third_party = {m for m in modules if m not in sys.stdlib_module_names and m not in own and not m.startswith("test")}
+    distributions = packages_distributions()
+    missing = sorted(m for m in third_party if m not in distributions)
+    assert not missing, f"imported but not installed here: {missing}"
+    return {distributions[m][0].lower().replace("_", "-") for m in third_party}
+
+
+def test_every_imported_package_is_declared():
+    declared = declared_requirements()
+    assert {"base", "train", "tracking", "app", "serve", "test", "dev"} <= set(declared)
+    code = imported_distributions([ROOT / "train", ROOT / "modeling_emovlm_kd", ROOT / "app.py"])
+    undeclared = code - declared["base"] - declared["train"] - declared["app"]
+    assert not undeclared, f"imported by the project but not in setup.py: {sorted(undeclared)}"
+    tests = imported_distributions([ROOT / "tests", ROOT / "bench", ROOT / "docs"])
+    assert not tests - set().union(*declared.values()), sorted(tests - set().union(*declared.values()))
+    # The model package (the Hub payload) and what a trained model's user runs need only the base install.
+    assert imported_distributions([ROOT / "modeling_emovlm_kd"]) <= declared["base"]
+    for extra in ("train", "tracking", "app", "serve", "test"):
+        assert declared[extra] <= declared["dev"], extra
+
+
+def test_the_supported_pythons_are_declared():
+    text = (ROOT / "setup.py").read_text()
+    assert 'python_requires=">=3.11"' in text and sys.version_info >= (3, 11)

@@ -449,3 +449,117 @@ def test_hub_recipe_load_kwargs_reach_load_dataset(tmp_path):
     assert dd["train"]["label"] == [0, 1] and (tmp_path / "cache").is_dir()
     with pytest.raises(ValueError, match="load_kwargs"):
         load_dataset_from_config("hub", name_or_path=str(data_dir), labels="binary", load_kwargs=["cache_dir"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: one split of whatever the data set has (training still needs train, validation and test)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _evaluation_split(kind, split=None, **options):
+    from train.infra.data import load_evaluation_split
+
+    return load_evaluation_split(kind, split, **options)
+
+
+def test_a_flat_folder_is_evaluated_whole_or_cut_by_a_split_file(tmp_path):
+    root = _fi(tmp_path / "flat")
+    everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    name, ds = _evaluation_split("imagefolder", root=root, labels="mikels8")
+    assert name == "all" and sorted(ds["image_path"]) == everything and len(everything) == 240
+    # A split file cuts it; zero shares are allowed when the evaluated split gets a share.
+    name, ds = _evaluation_split("imagefolder", "test", root=root, labels="mikels8", split_file=tmp_path / "a.json",
+                                 fractions=[0, 0, 1])
+    assert name == "test" and sorted(ds["image_path"]) == everything
+    name, ds = _evaluation_split("imagefolder", root=root, labels="mikels8", split_file=tmp_path / "b.json")
+    assert name == "test" and len(ds) == 36  # the 15 % test cut, as training's split file has it
+    with pytest.raises(ValueError, match="validation split no images"):
+        _evaluation_split("imagefolder", "validation", root=root, labels="mikels8", split_file=tmp_path / "c.json",
+                          fractions=[0, 0, 1])
+    with pytest.raises(ValueError, match="no validation split of its own.*split_file"):
+        _evaluation_split("imagefolder", "validation", root=root, labels="mikels8")
+    # The named data sets without an official split are the same: all of FI without a split file.
+    name, ds = _evaluation_split("fi", root=root)
+    assert name == "all" and len(ds) == 240 and ds.features["label"].names == MIKELS8
+
+
+def test_training_still_needs_a_positive_train_share(fi_root, tmp_path):
+    with pytest.raises(ValueError, match=r"fractions \[0.0, 0.0, 1.0\] give the train split no images"):
+        load_fi(fi_root, split_file=tmp_path / "s.json", fractions=[0, 0, 1])
+    with pytest.raises(ValueError, match="pass a split_file"):
+        load_fi(fi_root)
+
+
+def test_a_test_only_folder_is_evaluated_without_train_or_validation(tmp_path):
+    for label in ("cat", "ant"):
+        for i in range(3):
+            _image(tmp_path / "data" / "test" / label / f"{i}.jpg")
+    _image(tmp_path / "data" / "test" / "cat" / "3.jpg")
+    name, ds = _evaluation_split("imagefolder", root=tmp_path / "data", labels=["cat", "ant"])
+    assert name == "test" and len(ds) == 7 and _row(ds, "test/cat/3.jpg")["label"] == 0
+    with pytest.raises(ValueError, match=r"no train folder; its split folders are \['test'\]"):
+        _evaluation_split("imagefolder", "train", root=tmp_path / "data", labels=["cat", "ant"])
+    with pytest.raises(ValueError, match="validation"):  # training still needs all three
+        load_imagefolder(tmp_path / "data", ["cat", "ant"])
+
+
+def test_emoset_with_only_its_test_file(tmp_path):
+    root = _emoset(tmp_path / "EmoSet", per_split=(("test", 2),))
+    name, ds = _evaluation_split("emoset", root=root)
+    assert name == "test" and len(ds) == 16 and ds.features["label"].names == MIKELS8
+    with pytest.raises(ValueError, match=r"no train split.*\['test'\]"):
+        _evaluation_split("emoset", "train", root=root)
+    with pytest.raises(ValueError, match="train.json"):
+        load_emoset(root)
+
+
+def test_a_missing_root_is_a_one_line_value_error(tmp_path):
+    missing = tmp_path / "missing"
+    for kind, options in (("emoset", {}), ("fi", {}), ("emotion6", {}), ("imagefolder", {"labels": "mikels8"}),
+                          ("flickr", {"label_file": "labels.txt"})):
+        with pytest.raises(ValueError, match=str(missing)) as raised:
+            _evaluation_split(kind, root=missing, **options)
+        assert "\n" not in str(raised.value), kind
+    with pytest.raises(ValueError, match=str(missing)):
+        load_emoset(missing)
+
+
+def _csv_splits(tmp_path, names):
+    """A CSV data set of image paths and string labels, one file per split."""
+    files = {}
+    for split in names:
+        rows = [f"{_image(tmp_path / split / f'{i}.jpg')},{'positive' if i % 2 else 'negative'}" for i in range(4)]
+        files[split] = tmp_path / f"{split}.csv"
+        files[split].write_text("image,label\n" + "\n".join(rows) + "\n")
+    return {"name_or_path": "csv", "labels": "binary",
+            "load_kwargs": {"data_files": {split: str(path) for split, path in files.items()},
+                            "cache_dir": str(tmp_path / "cache")}}
+
+
+def test_a_csv_data_set_with_train_and_test_files(tmp_path):
+    options = _csv_splits(tmp_path, ("train", "test"))
+    name, ds = _evaluation_split("hub", **options)
+    assert name == "test" and ds["label"] == [0, 1, 0, 1] and ds[0]["image_path"].endswith("test/0.jpg")
+    name, ds = _evaluation_split("hub", "train", **options)
+    assert name == "train" and ds[0]["image_path"].endswith("train/0.jpg")
+    with pytest.raises(ValueError, match=r"no validation split; its splits are \['train', 'test'\]"):
+        _evaluation_split("hub", "validation", **options)
+    with pytest.raises(ValueError, match="split_file"):  # training needs a validation split (or a split file)
+        load_dataset_from_config("hub", **options)
+
+
+def test_hub_data_with_only_a_test_split_or_one_split(tmp_path):
+    for label in ("negative", "positive"):
+        for i in range(2):
+            _image(tmp_path / "folder" / "test" / label / f"{i}.jpg")
+    name, ds = _evaluation_split("hub", name_or_path="imagefolder", labels="binary",
+                                 load_kwargs={"data_dir": str(tmp_path / "folder"), "cache_dir": str(tmp_path / "c")})
+    assert name == "test" and sorted(ds["label"]) == [0, 0, 1, 1]
+    single = _csv_splits(tmp_path / "single", ("train",))  # `load_dataset` names a lone file's split "train"
+    name, ds = _evaluation_split("hub", **single)
+    assert name == "all" and len(ds) == 4
+    two = _csv_splits(tmp_path / "two", ("train", "validation"))
+    with pytest.raises(ValueError, match=r"no test split; its splits are \['train', 'validation'\]"):
+        _evaluation_split("hub", **two)  # not silently all of train and validation
+    name, ds = _evaluation_split("hub", "all", **two)
+    assert name == "all" and len(ds) == 8

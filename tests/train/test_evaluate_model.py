@@ -6,6 +6,7 @@ each test image (one image per forward pass, in file order, not the command's ba
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -290,3 +291,69 @@ def test_console_script_has_the_evaluate_command(tmp_path):
     assert result.returncode == 0, result.stderr
     for option in ("--model", "--revision", "--data", "--split", "--root", "--config"):
         assert option in result.stdout
+
+
+# ---- whatever data a user has: one split, none of the others needed ------------------------------------------------
+
+
+def evaluate_main(*args) -> int:
+    from train.__main__ import main
+
+    return main(["evaluate", *map(str, args)])
+
+
+def read_results(output_dir):
+    return json.loads((Path(output_dir) / "results.json").read_text())
+
+
+def test_a_flat_folder_is_evaluated_whole(export_evaluation, colour_export, colour_folder, tmp_path):
+    """A `<label>/<image>` folder (the colour test images): all of it, or a split file's cut with zero shares."""
+    flat = tmp_path / "flat"
+    shutil.copytree(colour_folder / "test", flat)
+    expected = read_results(export_evaluation[0])["branches"]
+    assert evaluate_main("--model", colour_export, "--data", "imagefolder", "--root", flat,
+                         "--output-dir", tmp_path / "all") == 0
+    results = read_results(tmp_path / "all")
+    assert (results["split"], results["num_examples"], results["branches"]) == ("all", 18, expected)
+    assert evaluate_main("--model", colour_export, "--data", "imagefolder", "--root", flat, "--split-file",
+                         tmp_path / "split.json", "--fractions", "[0,0,1]", "--output-dir", tmp_path / "cut") == 0
+    results = read_results(tmp_path / "cut")
+    assert (results["split"], results["num_examples"], results["branches"]) == ("test", 18, expected)
+
+
+def write_csv(path, folder):
+    """`image,label` rows of every image under `folder/<label>/`."""
+    rows = [f"{image},{image.parent.name}" for label in LABELS for image in sorted((folder / label).glob("*.png"))]
+    path.write_text("image,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_test_only_folders_and_csv_files_with_the_splits_they_have(export_evaluation, colour_export, colour_folder,
+                                                                   tmp_path, capsys):
+    expected = read_results(export_evaluation[0])["branches"]
+    only_test = tmp_path / "only-test"
+    shutil.copytree(colour_folder / "test", only_test / "test")
+    csv = {split: str(write_csv(tmp_path / f"{split}.csv", colour_folder / split)) for split in ("train", "test")}
+    hub_csv = ("--data", "hub", "--name-or-path", "csv", "--load-kwargs", json.dumps({"data_files": csv}))
+    for name, data in (("folder", ("--data", "imagefolder", "--root", only_test)),
+                       ("hub-folder", ("--data", "hub", "--name-or-path", "imagefolder", "--load-kwargs",
+                                       json.dumps({"data_dir": str(only_test)}))),
+                       ("csv", hub_csv)):
+        assert evaluate_main("--model", colour_export, *data, "--output-dir", tmp_path / name) == 0, name
+        results = read_results(tmp_path / name)
+        assert (results["split"], results["num_examples"], results["branches"]) == ("test", 18, expected), name
+    assert evaluate_main("--model", colour_export, *hub_csv, "--split", "train", "--output-dir", tmp_path / "tr") == 0
+    assert read_results(tmp_path / "tr")["num_examples"] == 36
+    capsys.readouterr()
+    assert evaluate_main("--model", colour_export, *hub_csv, "--split", "validation", "--output-dir",
+                         tmp_path / "va") == 2
+    error = capsys.readouterr().err
+    assert "no validation split; its splits are ['train', 'test']" in error and error.count("\n") == 1
+
+
+def test_a_missing_data_root_is_a_one_line_error(colour_export, tmp_path, capsys):
+    assert evaluate_main("--model", colour_export, "--data", "emoset", "--root", tmp_path / "missing",
+                         "--output-dir", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and str(tmp_path / "missing") in error
+    assert not (tmp_path / "out").exists()

@@ -29,3 +29,48 @@ def test_push_refuses_a_folder_missing_a_file_its_remote_code_imports(tiny_check
 def test_hub_folder_config_names_no_local_path(tiny_checkpoint, tiny_base):
     text = (tiny_checkpoint / "config.json").read_text()
     assert str(tiny_base["vlm"]) not in text and '"_name_or_path": "/' not in text
+
+
+def _model_and_processor(tiny_base):
+    import torch
+
+    from train.infra.assemble import assemble
+
+    torch.manual_seed(0)
+    return assemble(tiny_base["vlm"], "mikels8", head_hidden_dims=[64])
+
+
+def test_a_killed_save_leaves_nothing_behind_after_the_next(tiny_base, tmp_path):
+    """An export killed while writing leaves its staging folder `.final.<random>` (and, killed between the two
+    renames, the previous model as `.final.old` with no `final/`): the next save removes the leftovers."""
+    from train.infra.assemble import save_hub_folder
+
+    model, processor = _model_and_processor(tiny_base)
+    final = save_hub_folder(model, processor, tmp_path / "final")
+    staging = tmp_path / ".final.k1ll3d"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half a file")
+    final.rename(tmp_path / ".final.old")  # killed after moving the old model aside, before the new one landed
+    save_hub_folder(model, processor, tmp_path / "final")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_failed_save_keeps_the_model_that_was_there(tiny_base, tmp_path, monkeypatch):
+    """A save that fails (here: the processor cannot be written) leaves the previous model in place, whole."""
+    import pytest
+
+    from train.infra.assemble import save_hub_folder
+
+    model, processor = _model_and_processor(tiny_base)
+    final = save_hub_folder(model, processor, tmp_path / "final")
+    before = (final / "model.safetensors").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(processor), "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_hub_folder(model, processor, tmp_path / "final")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (final / "model.safetensors").read_bytes() == before

@@ -8,6 +8,7 @@ local model is the tiny random Qwen2-VL of `train.infra.tiny.build_tiny_vlm` (th
 import base64
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -55,7 +56,7 @@ class FakeChatServer:
         self.max_successes = max_successes
         self.fail_label = fail_label
         self.delay = delay  # seconds before each answer (a slow model)
-        self.bodies, self.headers, self.successes = [], [], 0
+        self.bodies, self.headers, self.queries, self.successes = [], [], [], 0
         self.arrivals, self.in_flight, self.max_in_flight = [], 0, 0  # server-side timing and concurrency
         self.answered: dict[tuple[str, str], int] = {}  # successful answers per (image data URL, prompt)
         self.lock = threading.Lock()
@@ -114,7 +115,9 @@ class FakeChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.headers.append({name.lower(): value for name, value in self.headers.items()})
-                status, payload = server.respond(body) if self.path == "/v1/chat/completions" else (404, b"{}")
+                path, _, query = self.path.partition("?")
+                server.queries.append(query)
+                status, payload = server.respond(body) if path == "/v1/chat/completions" else (404, b"{}")
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -174,7 +177,7 @@ def make_dataset(colours, labels) -> Dataset:
 
 
 def generator_for(server: FakeChatServer, **kwargs) -> OpenAIChatGenerator:
-    kwargs = {"max_retries": 1, "backoff": 0.01, "timeout": 5, **kwargs}
+    kwargs = {"max_retries": 1, "timeout": 5, **kwargs}
     return OpenAIChatGenerator(base_url=server.base_url, model="fake-vlm", api_key="sk-test", **kwargs)
 
 
@@ -374,9 +377,12 @@ def test_transient_errors_are_retried_with_exponential_backoff(make_server, monk
     server = make_server(fail_first=[500, 429, "malformed"])
     waits = []
     monkeypatch.setattr(train.stages.instructions.time, "sleep", waits.append)
-    answer = generator_for(server, max_retries=3, backoff=0.01).generate(Image.new("RGB", (8, 8)), "reasoning", "awe")
+    answer = generator_for(server, max_retries=3).generate(Image.new("RGB", (8, 8)), "reasoning", "awe")
     assert answer.startswith("Canned answer") and server.requests == 4
-    assert waits == pytest.approx([0.01, 0.02, 0.04])
+    # The openai SDK's backoff: 0.5 s doubling at each retry, less up to 25 % jitter (no Retry-After was sent).
+    assert len(waits) == 3
+    for retry, wait in enumerate(waits):
+        assert 0.75 * 0.5 * 2**retry <= wait <= 0.5 * 2**retry
 
 
 def test_exhausted_retries_raise_a_clear_error(make_server):
@@ -397,7 +403,7 @@ def test_connection_errors_are_retried():
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    generator = OpenAIChatGenerator(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=2, backoff=0.01)
+    generator = OpenAIChatGenerator(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=2)
     with pytest.raises(AnswerGenerationError, match="failed after 3 attempts.*connection error"):
         generator.generate(Image.new("RGB", (8, 8)), "conversation", "awe")
 
@@ -602,3 +608,45 @@ def test_categorical_only_instructions_stage_contacts_no_endpoint(tiny_base, mak
     pipeline = Pipeline(stage_recipe(tmp_path, tiny_base, server.base_url, ["categorical"]))
     pipeline.run_instructions()
     assert pipeline.is_done("instructions") and server.requests == 0
+
+
+# ---- the client: a maintained SDK, no patched library, no credentials in logs ------------------------------------
+
+
+def test_the_hub_stays_offline_for_everything_but_the_endpoint(make_server):
+    """Answers reach a local endpoint under HF_HUB_OFFLINE=1 without touching huggingface_hub's HTTP session: the
+    Hub's own client still refuses every request offline, the endpoint's origin included."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import get_session
+
+    server = make_server()
+    answer = generator_for(server).generate(Image.new("RGB", (8, 8)), "reasoning", "awe")
+    assert answer.startswith("Canned answer") and server.requests == 1
+    with pytest.raises(OfflineModeIsEnabled):
+        get_session().get(server.base_url + "/models")
+
+
+def test_a_slow_endpoint_times_out_and_is_retried(make_server):
+    server = make_server(delay=1.0)
+    with pytest.raises(AnswerGenerationError, match="failed after 2 attempts.*timed out"):
+        generator_for(server, timeout=0.2, max_retries=1).generate(Image.new("RGB", (8, 8)), "reasoning", "awe")
+    assert len(server.arrivals) == 2  # (recorded on arrival; a body is recorded after the server's delay)
+
+
+def test_credentials_in_the_base_url_reach_the_server_but_never_a_log(processor, make_server, tmp_path, caplog):
+    """`https://user:pass@host/v1?api-key=...`: basic auth and the query are sent, and redacted in every log line."""
+    server = make_server(fail_first=[500, 400])
+    url = server.base_url.replace("http://", "http://alice:hunter2-pass@") + "?api-key=sk-query-secret&tier=a"
+    generator = OpenAIChatGenerator(base_url=url, model="fake-vlm", api_key="sk-header-secret", max_retries=1,
+                                    timeout=5)
+    with caplog.at_level(logging.DEBUG):
+        _, summary = build(make_dataset(COLOURS[:2], ["awe", "fear"]), processor, generator,
+                           tmp_path / "answers.jsonl", kinds=("conversation",))
+    assert summary.generated == 1 and summary.num_failed == 1
+    assert server.queries[0] == "api-key=sk-query-secret&tier=a"
+    assert server.headers[0]["authorization"] == "Basic " + base64.b64encode(b"alice:hunter2-pass").decode()
+    logged = caplog.text + json.dumps(summary.failures) + failures_path(tmp_path / "answers.jsonl").read_text()
+    assert "HTTP 400" in logged and "127.0.0.1" in logged  # the failures are logged, and say where
+    for secret in ("hunter2-pass", "alice", "sk-query-secret", "sk-header-secret"):
+        assert secret not in logged
+    assert secret not in generator.url and "api-key=***" in generator.url

@@ -84,7 +84,7 @@ def test_chat_template_gives_qwen2_vl_instruct_ids(qwen2_vl_tokenizer):
 
 def _corpus() -> list[str]:
     files = [ROOT / "README.md", *sorted((ROOT / "modeling_emovlm_kd").glob("*.py")),
-             *sorted((ROOT / "train").glob("*.py"))]
+             *sorted((ROOT / "train").rglob("*.py"))]
     texts = [path.read_text(encoding="utf-8") for path in files]
     return texts + [
         "你好世界，这是上下文。日本語のテキストと한국어 문장, Ελληνικά, русский текст, العربية, हिन्दी.",

@@ -14,6 +14,11 @@ branch is reported. `--data` is any data kind the recipes know; the data options
 have the same labels in the same order) or from the data (a stock VLM; `imagefolder` and `hub` data need
 `--labels`).
 
+Only the evaluated split is read (`train.infra.data.load_evaluation_split`): a folder with only `test/`, EmoSet with
+only `test.json`, a CSV/JSON/parquet or Hub data set with whatever splits it has (`--split` picks one). Data without
+a split of its own (a flat `<label>/<image>` folder, FI, ... without `--split-file`, a Hub data set of one split) is
+evaluated whole (split `all`); `--split-file` with `--fractions` cuts it instead (`[0,0,1]`: everything in test).
+
 Images stream through the model `--batch-size` at a time; the per-image outputs are cached in `<output-dir>/cache/`
 every `--cache-every` images (keyed by the model's and the data's fingerprints), so an interrupted run resumes where
 it stopped. `<output-dir>/results.json` holds accuracy, macro-F1 and per-class accuracy of every branch (`vlm`,
@@ -121,10 +126,12 @@ def data_section(kind: str, options: dict) -> dict:
     return checked
 
 
-def load_split(data: dict, split: str, labels: list[str] | None):
-    """One split of the data set `data` describes (a `data` section), through `load_dataset_from_config`."""
+def load_split(data: dict, split: str | None, labels: list[str] | None):
+    """(split name, split) of the data set `data` describes (a `data` section), through `load_evaluation_split`:
+    only that split is read, whatever splits the data set has (None: its test split, or all of data without
+    splits)."""
     from train.infra import registry
-    from train.infra.data import load_dataset_from_config
+    from train.infra.data import load_evaluation_split
 
     options = dict(data)
     kind = options.pop("kind")
@@ -134,10 +141,11 @@ def load_split(data: dict, split: str, labels: list[str] | None):
                                   "evaluate a stock VLM: the labels fix the class order.")
         options["labels"] = labels
     try:
-        return load_dataset_from_config(kind, **options)[split]
-    except ValueError as err:
-        known = f"; the model's labels are {labels}" if labels is not None else ""
-        raise EvaluationError(f"--data {kind}: {err}{known}") from None
+        return load_evaluation_split(kind, split, **options)
+    except (ValueError, OSError) as err:  # a missing root or file, a bad layout or label: one line naming it
+        message = str(err).rstrip(".")
+        known = f"; the model's labels are {labels}" if labels is not None and "label" in message.lower() else ""
+        raise EvaluationError(f"--data {kind}: {message}{known}.") from None
 
 
 # ---- the model's outputs ---------------------------------------------------------------------------------------
@@ -231,11 +239,13 @@ def branch_outputs(model, image_processor, dataset, branches, cache_dir: Path, f
 # ---- the command -----------------------------------------------------------------------------------------------
 
 
-def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = "test", revision: str | None = None,
+def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str | None = None,
+                   revision: str | None = None,
                    labels=None, batch_size: int = 8, cache_every: int = 256, dtype: str = "auto",
                    device: str | None = None, force: bool = False) -> dict:
     """Evaluate `model` on a split of the data set `data` describes (a recipe `data` section); returns and writes
-    results.json. See the module docstring."""
+    results.json. `split`: `train`, `validation`, `test` or `all`; None: test, or all of data without splits. See
+    the module docstring."""
     import torch
 
     from modeling_emovlm_kd import resolve_label_set
@@ -257,7 +267,7 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = 
             raise EvaluationError(f"--labels {given} differ from the labels of the model {source.name}: "
                                   f"{model_labels}.")
         given = model_labels
-    dataset = load_split(data, split, given)
+    split, dataset = load_split(data, split, given)
     data_labels = dataset.features["label"].names
     if emovlm_kd and data_labels != model_labels:
         raise EvaluationError(f"The model {source.name} predicts the labels {model_labels}, but the data set "
@@ -293,14 +303,17 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str = 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `python -m train evaluate-model` (also those of its alias `evaluate --model`)."""
     from train.infra import registry
-    from train.infra.data import SPLITS
+    from train.infra.data import ALL, SPLITS
 
     group = parser.add_argument_group("evaluate any model (instead of --config)")
     group.add_argument("--model", help="EmoVLM-KD folder or Hub repo, or a stock Qwen2-VL folder or repo "
                                        "(zero-shot).")
     group.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model.")
     group.add_argument("--data", choices=registry.names(), help="Data set kind (the recipe's data.kind).")
-    group.add_argument("--split", default="test", choices=SPLITS, help="Split to evaluate (default: test).")
+    group.add_argument("--split", choices=[*SPLITS, ALL],
+                       help="Split to evaluate: the data set's own, or cut by --split-file (zero --fractions shares "
+                            "are fine); `all`: every image. Default: test, or all of data without splits (a flat "
+                            "<label>/<image> folder, a named set without --split-file, a Hub data set of one split).")
     group.add_argument("--labels", help="Label set name or comma-separated labels (imagefolder/hub data with a stock "
                                         "VLM; an EmoVLM-KD model brings its own).")
     group.add_argument("--batch-size", type=positive_int, default=8, help="Images per forward pass (default 8).")

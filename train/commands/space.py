@@ -35,7 +35,13 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import HfApi, constants, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from train.commands.card import CARDS_DIR, PublishError, render_template
 from train.commands.publish import (
@@ -153,6 +159,9 @@ def resolve_model(api: HfApi, model: str, revision: str) -> str:
     except RepositoryNotFoundError:
         raise PublishError(f"Model {model} not found on {api.endpoint} (or not visible with this token); push it "
                            "first with `python -m train push`.") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        raise PublishError(f"push-space (also --dry-run) asks {api.endpoint} for the commit and config of {model}@"
+                           f"{revision}, but HF_HUB_OFFLINE is set: unset it.") from None
     if config.get("model_type") != MODEL_TYPE:
         raise PublishError(f"{model}@{info.sha} is not an EmoVLM-KD model (model_type {config.get('model_type')!r}).")
     if not SHA.match(info.sha or ""):

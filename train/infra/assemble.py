@@ -146,16 +146,29 @@ def _make_world_readable(folder: Path) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
+def _clean_killed_save(output_dir: Path) -> None:
+    """Remove what a save of `output_dir` killed mid-way left: its staging folders `.<name>.<random>`, and the
+    previous model moved aside as `.<name>.old` (put back first when `output_dir` itself is gone, so that the last
+    complete model stays in place should this save fail too)."""
+    backup = output_dir.with_name(f".{output_dir.name}.old")
+    if backup.is_dir() and not output_dir.exists():
+        os.replace(backup, output_dir)
+    for leftover in output_dir.parent.glob(f".{output_dir.name}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDProcessor, output_dir,
                     max_shard_size: str | int = "5GB") -> Path:
     """Save weights (safetensors, in shards of at most `max_shard_size` with an index, as the Hub serves them),
     config with `auto_map`, remote-code files and processor, atomically.
 
     The folder is written next to its destination and renamed into place, so an interrupted save never leaves
-    a folder that loads with wrong or partial weights.
+    a folder that loads with wrong or partial weights; what a killed save left beside it is removed by the next.
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clean_killed_save(output_dir)
     register_for_auto_class(model.config)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:

@@ -7,6 +7,12 @@ from `modeling_emovlm_kd.configuration_emovlm_kd.LABEL_SETS`, never a directory 
 stratified 80/5/15, into a JSON split file; later calls read that file, so a split is reproducible and shareable.
 What a loader skipped (neutral votes, missing images, ...) is logged and kept in `dataset_summary(...)`.
 
+Training needs all three splits. Evaluation needs one: `load_evaluation_split` (what `python -m train evaluate`
+reads) asks a loader for that split alone (`splits=("test",)`), so nothing about the other two is read or required:
+a folder with only `test/`, EmoSet with only `test.json`, a CSV data set with train and test files. Data without a
+split of its own (a flat `<label>/<image>` folder, FI, ... without a split file, a Hub data set of one split) is
+evaluated whole, as the split `all`.
+
     from train.infra.data import dataset_summary, load_dataset_from_config, load_emoset, load_fi
 
     emoset = load_emoset("data/EmoSet-118K")
@@ -16,11 +22,13 @@ What a loader skipped (neutral votes, missing images, ...) is logged and kept in
         "flickr", root="data/flickr", label_file="labels.txt", split_file="splits/flickr_seed42.json"
     )
     dataset_summary(flickr)["skipped"]  # e.g. {'neutral': 812, 'tie': 95, 'missing_image': 3}
+    split, test = load_evaluation_split("imagefolder", root="photos/", labels="mikels8")  # ("all", every image)
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -31,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
-from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value, concatenate_datasets
 
 from modeling_emovlm_kd.configuration_emovlm_kd import LABEL_SETS, resolve_label_set
 from train.infra import registry
@@ -40,6 +48,8 @@ from train.infra.files import write_json_atomic
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# Every image of a data set as one split, whatever its own splits: what evaluation scores of data without splits.
+ALL = "all"
 DEFAULT_FRACTIONS = (0.8, 0.05, 0.15)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Image formats PIL cannot decode (vector graphics, HEIF): skipped as `unsupported_image_format`.
@@ -50,6 +60,29 @@ _VOTE_VALUES = {"positive": 1, "pos": 1, "1": 1, "+1": 1, "neutral": 0, "neu": 0
                 "negative": -1, "neg": -1, "-1": -1}
 
 PathLike = str | os.PathLike
+
+
+class MissingSplitError(ValueError):
+    """A split that the data set does not have and cannot cut (no split file); `available` lists the ones it has."""
+
+    def __init__(self, message: str, available: Sequence[str] = ()):
+        super().__init__(message)
+        self.available = list(available)
+
+
+def _requested(splits: Sequence[str]) -> tuple[str, ...]:
+    """The splits a loader is asked for: some of `SPLITS`, or `ALL` alone."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    valid = splits and len(set(splits)) == len(splits) and (
+        splits == (ALL,) or all(split in SPLITS for split in splits))
+    if not valid:
+        raise ValueError(f"splits must be some of {list(SPLITS)}, or {ALL!r} alone; got {list(splits)}.")
+    return splits
+
+
+def _training(splits: Sequence[str]) -> bool:
+    """Whether all three splits are asked for, as training does: then each must exist and every class have images."""
+    return set(splits) == set(SPLITS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,10 +191,16 @@ def _index_images_by_stem(folder: Path, skipped: Counter | None = None) -> dict[
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def _check_fractions(fractions: Sequence[float], needed: Sequence[str] = ("train",)) -> tuple[float, float, float]:
+    """Three non-negative (train, validation, test) shares, normalised; each split in `needed` must get a share
+    (training needs train; evaluating a split needs that split, so `[0, 0, 1]` puts everything in test)."""
     fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0:
-        raise ValueError(f"fractions must be three non-negative (train, validation, test) shares, got {fractions}.")
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be three non-negative (train, validation, test) shares with a positive "
+                         f"sum, got {list(fractions)}.")
+    empty = [name for name, share in zip(SPLITS, fractions) if name in needed and share == 0]
+    if empty:
+        raise ValueError(f"fractions {list(fractions)} give the {empty[0]} split no images; give it a positive share.")
     total = sum(fractions)
     # Rounded so that the shares written to a split file read back equal and stay legible.
     return tuple(round(f / total, 10) for f in fractions)
@@ -239,7 +278,7 @@ def _features(labels: Sequence[str]) -> Features:
 
 def _summary(name: str, dataset_dict: Mapping[str, Dataset], skipped: Mapping[str, int], **extra) -> dict:
     """Rows and class counts per split plus skip counts, logged and stored in every split's `info.description`."""
-    names = dataset_dict["train"].features["label"].names
+    names = next(iter(dataset_dict.values())).features["label"].names
     counters = {split: Counter(ds["label"]) for split, ds in dataset_dict.items()}
     class_counts = {split: {name: counts[i] for i, name in enumerate(names)} for split, counts in counters.items()}
     summary = {"dataset": name, "num_rows": {split: len(ds) for split, ds in dataset_dict.items()},
@@ -274,19 +313,31 @@ def _build(
 
 
 def _build_with_split_file(
-    name: str, root: Path, examples: dict[str, int], labels: Sequence[str], split_file: PathLike, seed: int,
-    fractions: Sequence[float], skipped: Mapping[str, int],
+    name: str, root: Path, examples: dict[str, int], labels: Sequence[str], split_file: PathLike | None, seed: int,
+    fractions: Sequence[float], skipped: Mapping[str, int], splits: Sequence[str] = SPLITS,
 ) -> DatasetDict:
-    """Check every class has examples, split them (or read the split) and build the `DatasetDict`."""
-    _check_nonempty(examples.values(), labels, str(root))
-    fractions = _check_fractions(fractions)
-    splits = _read_or_create_split(split_file, examples, labels, seed, fractions)
-    return _build(name, root, splits, examples, labels, skipped, split_file=str(split_file), seed=seed)
+    """The `splits` of data without a split of its own: cut by the split file (read, or made seeded and stratified
+    and written), or, for `ALL`, every image. Training checks that every class has examples."""
+    splits = _requested(splits)
+    if not examples:
+        raise ValueError(f"{root} holds no images.")
+    if splits == (ALL,):
+        return _build(name, root, {ALL: list(examples)}, examples, labels, skipped, split_file=None)
+    if split_file is None:
+        if _training(splits):
+            raise ValueError(f"{root} has no train/validation/test split of its own, so pass a split_file to split it.")
+        raise MissingSplitError(f"{root} has no {splits[0]} split of its own: pass a split_file to cut one (with "
+                                f"fractions), or evaluate all of it (split {ALL!r}).")
+    if _training(splits):
+        _check_nonempty(examples.values(), labels, str(root))
+    cut = _read_or_create_split(split_file, examples, labels, seed, _check_fractions(fractions, needed=splits))
+    return _build(name, root, {split: cut[split] for split in splits}, examples, labels, skipped,
+                  split_file=str(split_file), seed=seed)
 
 
 def dataset_summary(dataset_dict: DatasetDict) -> dict:
     """What a loader of this module loaded and skipped: `num_rows`, `class_counts`, `skipped`, `split_file`, ..."""
-    return json.loads(dataset_dict["train"].info.description)
+    return json.loads(next(iter(dataset_dict.values())).info.description)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,20 +357,42 @@ def _read_emoset_split(root: Path, split_json: str, lookup: Mapping[str, int]) -
     return examples
 
 
-def load_emoset(root: PathLike) -> DatasetDict:
+_EMOSET_FILES = dict(zip(SPLITS, ("train.json", "val.json", "test.json")))
+
+
+def load_emoset(root: PathLike, splits: Sequence[str] = SPLITS) -> DatasetDict:
     """EmoSet-118K with its official splits from `root/{train,val,test}.json` (val -> `validation`), mikels8 labels.
 
-    Raises `ValueError` for a missing image, an unknown label or a class without images in a split.
+    Only the files of `splits` are read (`ALL`: every split file there is). Raises `ValueError` for a missing root,
+    split file or image, an unknown label, or (all three splits, as training reads them) a class without images.
     """
-    root, labels = Path(root), LABEL_SETS["mikels8"]
+    root, labels, splits = Path(root), LABEL_SETS["mikels8"], _requested(splits)
+    if not root.is_dir():
+        raise ValueError(f"EmoSet root {root} is not a folder.")
+    present = [split for split, name in _EMOSET_FILES.items() if (root / name).is_file()]
+    if splits == (ALL,):
+        if not present:
+            raise ValueError(f"EmoSet root {root} has none of {list(_EMOSET_FILES.values())}.")
+        wanted = present
+    else:
+        wanted = splits
+        absent = [split for split in splits if split not in present]
+        if absent:
+            message = f"EmoSet root {root} has no {absent[0]} split: {_EMOSET_FILES[absent[0]]} is missing"
+            if _training(splits):
+                raise ValueError(f"{message}.")
+            raise MissingSplitError(f"{message}; its splits are {present}.", available=present)
     lookup = _label_lookup(labels)
-    examples, splits = {}, {}
-    for split, split_json in zip(SPLITS, ("train.json", "val.json", "test.json")):
-        split_examples = _read_emoset_split(root, split_json, lookup)
-        _check_nonempty(split_examples.values(), labels, str(root / split_json))
+    examples, by_split = {}, {}
+    for split in wanted:
+        split_examples = _read_emoset_split(root, _EMOSET_FILES[split], lookup)
+        if _training(splits):
+            _check_nonempty(split_examples.values(), labels, str(root / _EMOSET_FILES[split]))
         examples.update(split_examples)
-        splits[split] = list(split_examples)
-    return _build("emoset", root, splits, examples, labels, {})
+        by_split[split] = list(split_examples)
+    if splits == (ALL,):
+        by_split = {ALL: [key for keys in by_split.values() for key in keys]}
+    return _build("emoset", root, by_split, examples, labels, {})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,16 +401,17 @@ def load_emoset(root: PathLike) -> DatasetDict:
 
 
 def load_fi(
-    root: PathLike, split_file: PathLike, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    root: PathLike, split_file: PathLike | None = None, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    splits: Sequence[str] = SPLITS,
 ) -> DatasetDict:
     """FI from `root/<emotion>/<emotion>_<n>.jpg` (mikels8), split seeded and stratified 80/5/15 via `split_file`.
 
     `split_file` is read if it exists and written otherwise (relative image paths per split), so it can live next to
-    the run's outputs when `root` is read-only.
+    the run's outputs when `root` is read-only. `splits`: which splits to build (`ALL`: every image, no split file).
     """
     root, labels, skipped = Path(root), LABEL_SETS["mikels8"], Counter()
     examples = _scan_class_folders(root, labels, root, skipped)
-    return _build_with_split_file("fi", root, examples, labels, split_file, seed, fractions, skipped)
+    return _build_with_split_file("fi", root, examples, labels, split_file, seed, fractions, skipped, splits)
 
 
 def _read_emotion6_ground_truth(path: Path) -> set[str]:
@@ -349,7 +423,8 @@ def _read_emotion6_ground_truth(path: Path) -> set[str]:
 
 
 def load_emotion6(
-    root: PathLike, split_file: PathLike, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    root: PathLike, split_file: PathLike | None = None, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    splits: Sequence[str] = SPLITS,
 ) -> DatasetDict:
     """Emotion6 from `root/images/<emotion>/<n>.jpg` (ekman6; label = folder), split like `load_fi`.
 
@@ -357,6 +432,8 @@ def load_emotion6(
     counted as `not_in_ground_truth`; entries without an image on disk are counted as `missing_image`.
     """
     root, labels, skipped = Path(root), LABEL_SETS["ekman6"], Counter()
+    if not root.is_dir():
+        raise ValueError(f"Emotion6 root {root} is not a folder.")
     examples = _scan_class_folders(root / "images", labels, root, skipped)
     listed = _read_emotion6_ground_truth(root / "ground_truth.txt")
     on_disk = {key.removeprefix("images/") for key in examples}
@@ -364,37 +441,48 @@ def load_emotion6(
         skipped["not_in_ground_truth"] = len(on_disk - listed)
     if listed - on_disk:
         skipped["missing_image"] = len(listed - on_disk)
-    return _build_with_split_file("emotion6", root, examples, labels, split_file, seed, fractions, skipped)
+    return _build_with_split_file("emotion6", root, examples, labels, split_file, seed, fractions, skipped, splits)
 
 
-def _split_folders(root: Path) -> dict[str, Path] | None:
-    """`{split: folder}` if `root` holds `train/`, `validation/` (or `val/`, ...) and `test/`; None if none."""
+def _split_folders(root: Path) -> dict[str, Path]:
+    """`{split: folder}` of the split folders `root` holds (`train/`, `validation/` or `val/`, ..., `test/`)."""
     found = {p.name.lower(): p for p in _visible_dirs(root)}
     validation = next((found[a] for a in _VALIDATION_ALIASES if a in found), None)
     folders = {"train": found.get("train"), "validation": validation, "test": found.get("test")}
-    if all(folder is None for folder in folders.values()):
-        return None
-    if any(folder is None for folder in folders.values()):
-        raise ValueError(f"{root} has split folders {sorted(found)}; it needs all of train, validation and test.")
-    return folders
+    return {split: folder for split, folder in folders.items() if folder is not None}
 
 
 def load_imagefolder(
     root: PathLike, labels: str | list[str], split_file: PathLike | None = None, seed: int = 42,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS, splits: Sequence[str] = SPLITS,
 ) -> DatasetDict:
     """Images in `root/<split>/<label>/*` (splits used as they are) or `root/<label>/*` (split like `load_fi`, which
-    needs `split_file`). `labels` is a label set name or an ordered list; it fixes the class indices."""
-    root, labels, skipped = Path(root), resolve_label_set(labels), Counter()
+    needs `split_file`). `labels` is a label set name or an ordered list; it fixes the class indices.
+
+    `splits`: which splits to build. Training asks for all three (each split folder must exist); evaluation asks for
+    one, which alone must exist (`root/test/` only is fine), or `ALL` (every image, no split file needed)."""
+    root, labels, skipped, splits = Path(root), resolve_label_set(labels), Counter(), _requested(splits)
     folders = _split_folders(root)
-    if folders is None:
-        if split_file is None:
-            raise ValueError(f"{root} has no train/validation/test folders, so pass a split_file to split it.")
+    if not folders:
         examples = _scan_class_folders(root, labels, root, skipped)
-        return _build_with_split_file("imagefolder", root, examples, labels, split_file, seed, fractions, skipped)
-    by_split = {split: _scan_class_folders(folder, labels, root, skipped) for split, folder in folders.items()}
-    _check_nonempty(by_split["train"].values(), labels, str(folders["train"]))
+        return _build_with_split_file("imagefolder", root, examples, labels, split_file, seed, fractions, skipped,
+                                      splits)
+    if _training(splits) and len(folders) < len(SPLITS):
+        names = sorted(p.name for p in _visible_dirs(root))
+        raise ValueError(f"{root} has split folders {names}; it needs all of train, validation and test.")
+    for split in splits:
+        if split != ALL and split not in folders:
+            raise MissingSplitError(f"{root} has no {split} folder; its split folders are {list(folders)}.",
+                                    available=list(folders))
+    by_split = {split: _scan_class_folders(folder, labels, root, skipped) for split, folder in folders.items()
+                if split in splits or splits == (ALL,)}
+    if _training(splits):
+        _check_nonempty(by_split["train"].values(), labels, str(folders["train"]))
     examples = {key: label_id for split_examples in by_split.values() for key, label_id in split_examples.items()}
+    if splits == (ALL,):
+        by_split = {ALL: examples}
+    if not examples:
+        raise ValueError(f"{root} holds no images under {[str(folders[s]) for s in splits if s in folders]}.")
     return _build("imagefolder", root, {s: list(e) for s, e in by_split.items()}, examples, labels, skipped)
 
 
@@ -447,8 +535,8 @@ def _find_image(image_id: str, index: Mapping[str, list[Path]]) -> Path | None:
 
 
 def load_flickr_instagram(
-    root: PathLike, label_file: PathLike, split_file: PathLike, image_dir: str = "images", seed: int = 42,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS, name: str = "flickr_instagram",
+    root: PathLike, label_file: PathLike, split_file: PathLike | None = None, image_dir: str = "images", seed: int = 42,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS, name: str = "flickr_instagram", splits: Sequence[str] = SPLITS,
 ) -> DatasetDict:
     """Flickr or Instagram sentiment: `label_file` (relative to `root` or absolute) has one line per image, its id and
     per-annotator votes; images are `root/<image_dir>/<id>.<ext>`. Labels are binary: 0 `negative`, 1 `positive`.
@@ -457,6 +545,10 @@ def load_flickr_instagram(
     `missing_image`). Split like `load_fi`.
     """
     root, labels, skipped = Path(root), LABEL_SETS["binary"], Counter()
+    if not root.is_dir():
+        raise ValueError(f"{name} root {root} is not a folder.")
+    if not (root / label_file).is_file():
+        raise ValueError(f"{name} vote file {root / label_file} does not exist.")
     index = _index_images_by_stem(root / image_dir, skipped)
     examples = {}
     for image_id, votes in _read_vote_file(root / label_file).items():
@@ -467,7 +559,7 @@ def load_flickr_instagram(
             skipped["missing_image"] += 1
         else:
             examples[path.relative_to(root).as_posix()] = label_id
-    return _build_with_split_file(name, root, examples, labels, split_file, seed, fractions, skipped)
+    return _build_with_split_file(name, root, examples, labels, split_file, seed, fractions, skipped, splits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,51 +610,75 @@ def _convert_hub_split(
     return ds.cast(_features(labels))
 
 
-def _canonical_splits(source: DatasetDict, where: str) -> dict[str, Dataset]:
-    """Source splits under our names (`val`, `valid`, `dev` -> `validation`); a `train` split is required."""
+def _canonical_splits(source: DatasetDict) -> dict[str, Dataset]:
+    """Source splits under our names (`val`, `valid`, `dev` -> `validation`), in our order."""
     renamed = {("validation" if name in _VALIDATION_ALIASES else name): ds for name, ds in source.items()}
-    if "train" not in renamed:
-        raise ValueError(f"{where} has no train split; its splits are {list(source)}.")
     return {name: renamed[name] for name in SPLITS if name in renamed}
 
 
 def _carve_missing_splits(
-    splits: dict[str, Dataset], labels: Sequence[str], split_file: PathLike | None, seed: int,
-    fractions: Sequence[float], where: str,
+    train: Dataset, missing: Sequence[str], labels: Sequence[str], split_file: PathLike | None, seed: int,
+    fractions: Sequence[float], where: str, wanted: Sequence[str] = SPLITS,
 ) -> dict[str, Dataset]:
-    """Cut missing validation/test splits from train, seeded and stratified; the split file lists train row indices."""
-    missing = [name for name in SPLITS if name not in splits]
+    """Cut the splits the source lacks (`missing`) from its train split, seeded and stratified; the split file lists
+    train row indices. Returns the rest of train as `train` and the cut splits. The cut is the same whichever split
+    is `wanted`, so evaluation reads the split file training wrote."""
     if split_file is None:
-        raise ValueError(f"{where} has no {missing} split(s); pass a split_file to cut them from train.")
+        raise ValueError(f"{where} has no {list(missing)} split(s); pass a split_file to cut them from train.")
     shares = [share if name == "train" or name in missing else 0.0 for name, share in zip(SPLITS, fractions)]
-    train = splits["train"]
     examples = {str(i): label_id for i, label_id in enumerate(train["label"])}
-    _check_nonempty(examples.values(), labels, f"{where} train")
-    rows = _read_or_create_split(split_file, examples, labels, seed, _check_fractions(shares))
-    return {**splits, **{name: train.select([int(i) for i in rows[name]]) for name in ["train", *missing]}}
+    if _training(wanted):
+        _check_nonempty(examples.values(), labels, f"{where} train")
+    needed = ["train"] if _training(wanted) else wanted
+    rows = _read_or_create_split(split_file, examples, labels, seed, _check_fractions(shares, needed=needed))
+    return {name: train.select([int(i) for i in rows[name]]) for name in ["train", *missing]}
 
 
 def load_hub_dataset(
     name_or_path: str, labels: str | list[str], image_column: str = "image", label_column: str = "label",
     split_file: PathLike | None = None, seed: int = 42, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    **load_kwargs,
+    splits: Sequence[str] = SPLITS, **load_kwargs,
 ) -> DatasetDict:
     """`datasets.load_dataset(name_or_path, **load_kwargs)` with its labels mapped onto `labels`' order.
 
     ClassLabel sources are mapped by name, string labels by name and int labels taken as indices of `labels`.
-    Missing validation/test splits are cut from train like `load_fi` (then `split_file` is required).
+    Missing validation/test splits are cut from train like `load_fi` (then `split_file` is required). `splits`:
+    which splits to build; only those (and train, to cut a missing one) are converted and required (`ALL`: every
+    split of the source, together).
     """
-    labels = resolve_label_set(labels)
+    labels, wanted = resolve_label_set(labels), _requested(splits)
     source = datasets.load_dataset(name_or_path, **load_kwargs)
     if not isinstance(source, DatasetDict):
         raise ValueError(f"load_dataset({name_or_path!r}) returned no DatasetDict; do not pass `split`.")
-    splits = {
-        name: _convert_hub_split(ds, labels, image_column, label_column, f"{name_or_path} [{name}]")
-        for name, ds in _canonical_splits(source, name_or_path).items()
-    }
-    if len(splits) < len(SPLITS):
-        splits = _carve_missing_splits(splits, labels, split_file, seed, fractions, name_or_path)
-    dataset_dict = DatasetDict({name: splits[name] for name in SPLITS})
+
+    def convert(name: str, ds: Dataset) -> Dataset:
+        return _convert_hub_split(ds, labels, image_column, label_column, f"{name_or_path} [{name}]")
+
+    canonical = _canonical_splits(source)
+    missing = [name for name in SPLITS if name not in canonical]  # what a split file cuts from train
+    if wanted == (ALL,):
+        built = {ALL: concatenate_datasets([convert(name, ds) for name, ds in source.items()])}
+    elif _training(wanted):
+        if "train" not in canonical:
+            raise ValueError(f"{name_or_path} has no train split; its splits are {list(source)}.")
+        built = {name: convert(name, ds) for name, ds in canonical.items()}
+        if missing:
+            built.update(_carve_missing_splits(built["train"], missing, labels, split_file, seed, fractions,
+                                               name_or_path))
+    else:
+        absent = [name for name in wanted if name not in canonical]
+        if absent and ("train" not in canonical or split_file is None):
+            hint = " (a split_file cuts the missing ones from train)" if "train" in canonical else ""
+            raise MissingSplitError(f"{name_or_path} has no {absent[0]} split; its splits are {list(source)}{hint}.",
+                                    available=list(canonical))
+        # With a split file, train is what training trains on: the source's train less the splits cut from it.
+        carve = bool(missing) and split_file is not None and (bool(absent) or "train" in wanted)
+        built = {name: convert(name, canonical[name]) for name in wanted
+                 if name in canonical and not (carve and name == "train")}
+        if carve:
+            built.update(_carve_missing_splits(convert("train", canonical["train"]), missing, labels, split_file,
+                                               seed, fractions, name_or_path, wanted))
+    dataset_dict = DatasetDict({name: built[name] for name in wanted})
     summary = _summary("hub", dataset_dict, {}, source=name_or_path,
                        split_file=None if split_file is None else str(split_file), seed=seed)
     return _attach_summary(dataset_dict, summary)
@@ -587,15 +703,55 @@ def load_dataset_from_config(kind: str, **kwargs) -> DatasetDict:
     return entry.load_function()(**entry.loader_kwargs, **kwargs, **extra)
 
 
+def _load_splits(kind: str, splits: tuple[str, ...], options: Mapping) -> DatasetDict:
+    """`splits` of data set `kind`: asked of the loader when it takes `splits` (every built-in one does); a loader of
+    one's own that does not is called as training calls it, and the splits picked from what it returns."""
+    if "splits" in inspect.signature(registry.get(kind).load_function()).parameters:
+        return load_dataset_from_config(kind, **options, splits=splits)
+    full = load_dataset_from_config(kind, **options)
+    if splits == (ALL,):
+        return DatasetDict({ALL: concatenate_datasets(list(full.values()))})
+    absent = [split for split in splits if split not in full]
+    if absent:
+        raise MissingSplitError(f"Data set {kind!r} has no {absent[0]} split; its splits are {list(full)}.",
+                                available=list(full))
+    return DatasetDict({split: full[split] for split in splits})
+
+
+def load_evaluation_split(kind: str, split: str | None = None, **options) -> tuple[str, Dataset]:
+    """The split of data set `kind` (the recipe's `data` options) that an evaluation scores, and its name; nothing
+    about the other splits is read or required.
+
+    `split` is `train`, `validation`, `test` (the data set's own, or cut by `split_file` with `fractions`, where
+    zero shares are fine) or `all` (every image). Left out: `test` where the data set has one (or a split file cuts
+    one), else all its images when it has no split of its own (a flat folder, FI, ... without a split file, a Hub
+    data set of one split). A data set with several splits but no test needs `split` named.
+    """
+    if split is not None:
+        return split, _load_splits(kind, _requested((split,)), options)[split]
+    try:
+        return "test", _load_splits(kind, ("test",), options)["test"]
+    except MissingSplitError as err:
+        if len(err.available) > 1:
+            raise MissingSplitError(f"{err} Name the split to evaluate (one of {err.available}, or {ALL!r}).",
+                                    err.available) from None
+        logger.info("The data set has no split of its own: evaluating all of its images (split %r; a split_file "
+                    "cuts a test split instead).", ALL)
+    return ALL, _load_splits(kind, (ALL,), options)[ALL]
+
+
 __all__ = [
+    "ALL",
     "DEFAULT_FRACTIONS",
     "IMAGE_EXTENSIONS",
+    "MissingSplitError",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "SPLITS",
     "dataset_summary",
     "load_dataset_from_config",
     "load_emoset",
     "load_emotion6",
+    "load_evaluation_split",
     "load_fi",
     "load_flickr_instagram",
     "load_hub_dataset",

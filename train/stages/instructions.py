@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from datasets import ClassLabel, Dataset, Features, List, Value, concatenate_datasets
 from datasets import Image as ImageFeature
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.processing_emovlm_kd import load_image
 from train.infra.records import RecordStore
+from train.infra.secrets import redact_logger, redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +126,6 @@ class AnswerGenerator(Protocol):
     def generate(self, image: Image.Image, kind: str, label: str) -> str: ...
 
 
-class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class RateLimiter:
     """At most `per_minute` request starts per minute, spaced evenly (`period / per_minute` seconds apart) across all
     threads that share it, so no window of the server's sees a burst. `per_minute=None`: no limit."""
@@ -151,68 +148,34 @@ class RateLimiter:
             time.sleep(slot - now)
 
 
-# Origins of configured endpoints that `HF_HUB_OFFLINE=1` must not block (it is about the Hub, not a local server).
-_ENDPOINT_ORIGINS: set[tuple[str, str, int | None]] = set()
-_ENDPOINT_LOCK = threading.Lock()
-
-
-def _origin(url) -> tuple[str, str, int | None]:
-    from httpx2 import URL
-
-    url = URL(str(url))
-    return url.scheme, url.host, url.port
-
-
-def _allow_endpoint_offline(base_url: str) -> None:
-    """`huggingface_hub`'s HTTP session refuses every request under `HF_HUB_OFFLINE=1`, also to a local vLLM server
-    the recipe names. Its request hook is kept for every other origin (the Hub stays unreachable offline); requests
-    to the configured endpoint's origin only skip the offline check."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http
-
-    if not constants.is_offline_mode():
-        return
-    with _ENDPOINT_LOCK:
-        first = not _ENDPOINT_ORIGINS
-        _ENDPOINT_ORIGINS.add(_origin(base_url))
-    if not first:
-        return
-
-    def hook(request):
-        if _origin(request.url) in _ENDPOINT_ORIGINS:
-            return None
-        return _http.hf_request_event_hook(request)
-
-    def factory():
-        import httpx2
-
-        return httpx2.Client(event_hooks={"request": [hook]}, follow_redirects=True, timeout=None)
-
-    _http.set_client_factory(factory)
-
-
 class OpenAIChatGenerator:
     r"""
     Answers from any OpenAI-compatible `/chat/completions` endpoint that accepts images (OpenAI, vLLM, TGI, ...),
-    through `huggingface_hub.InferenceClient(base_url=..., api_key=...).chat_completion`.
+    through the `openai` SDK (`openai.OpenAI`; in the `train` extra).
 
-    Connection errors, timeouts, HTTP 429, HTTP 5xx and malformed responses are retried with exponential backoff
-    (`backoff * 2**attempt` seconds, or the server's `Retry-After` when longer); other 4xx errors are not, since
-    repeating a bad request cannot fix it. Calls are independent, so one instance may serve several threads; they
-    share its `requests_per_minute` limit (every attempt counts).
+    Retries and timeouts are the SDK's: connection errors, timeouts, HTTP 408, 409, 429 and 5xx are retried
+    `max_retries` times with exponential backoff (0.5 s doubling up to 8 s, with jitter) or the server's
+    `Retry-After`; other 4xx errors are not, since repeating a bad request cannot fix it. A 200 whose body is not a
+    completion with text (not JSON, no choices, an empty answer) is retried the same way: a response hook of the
+    SDK's HTTP client reports it as a decoding error. Every attempt, retries included, waits for the
+    `requests_per_minute` limiter (the SDK has none). Calls are independent, so one instance may serve several
+    threads, which share the limit. `HF_HUB_OFFLINE` is about the Hub and does not apply: the SDK has its own client.
+
+    Credentials inside `base_url` are used as given: user info (`https://user:password@host/v1`, sent as basic
+    auth) and query values (`?api-key=...`, sent with every request). They are redacted (`train.infra.secrets`) in
+    every log line and error message, the HTTP client's request log included.
 
     Args:
-        base_url (`str`, *optional*): API root such as `https://api.openai.com/v1`; defaults to
-            `$EMOVLM_OPENAI_BASE_URL`.
+        base_url (`str`, *optional*): API root such as `https://api.openai.com/v1` (`/v1` is appended when the path
+            does not end with it); defaults to `$EMOVLM_OPENAI_BASE_URL`.
         model (`str`, *optional*): model name; defaults to `$EMOVLM_OPENAI_MODEL`.
         api_key (`str`, *optional*): bearer token; defaults to `$OPENAI_API_KEY`, else the placeholder `EMPTY`
-            (local servers need none; never the Hugging Face token, which `InferenceClient` would send otherwise).
+            (local servers need none).
         timeout (`float`): seconds per HTTP request.
         max_retries (`int`): retries after the first attempt.
-        backoff (`float`): delay before the first retry, doubled at each further one.
         temperature (`float`), max_tokens (`int`): sampling settings sent with every request.
         max_image_size (`int`, *optional*): longer image side sent to the endpoint, in pixels.
-        requests_per_minute (`float`, *optional*): at most this many requests per minute, evenly spaced.
+        requests_per_minute (`float`, *optional*): at most this many requests (attempts) per minute, evenly spaced.
     """
 
     def __init__(
@@ -222,34 +185,42 @@ class OpenAIChatGenerator:
         api_key: str | None = None,
         timeout: float = 60,
         max_retries: int = 4,
-        backoff: float = 1.0,
         temperature: float = 0.2,
         max_tokens: int = 512,
         max_image_size: int | None = 1024,
         requests_per_minute: float | None = None,
+        backoff: float | None = None,
     ):
-        from huggingface_hub import InferenceClient
+        import openai
 
+        if backoff is not None:
+            raise ValueError("backoff is not an option any more: the openai SDK retries with its own exponential "
+                             "backoff (0.5 s doubling up to 8 s, with jitter) or the server's Retry-After. Leave "
+                             "instructions.backoff out of the recipe.")
         base_url = base_url or os.environ.get("EMOVLM_OPENAI_BASE_URL")
         model = model or os.environ.get("EMOVLM_OPENAI_MODEL")
         if not base_url:
             raise ValueError("No endpoint: pass `base_url=` or set EMOVLM_OPENAI_BASE_URL (e.g. https://api.openai.com/v1).")
         if not model:
             raise ValueError("No model: pass `model=` or set EMOVLM_OPENAI_MODEL.")
-        base_url = base_url.rstrip("/")
-        # InferenceClient appends `/chat/completions` to a root ending in /v1, `/v1/chat/completions` otherwise.
-        self.url = base_url + ("/chat/completions" if base_url.endswith("/v1") else "/v1/chat/completions")
+        root, query = _endpoint_root(base_url)
+        # What messages show: the request URL with its credentials redacted.
+        self.url = redact_url(root + "/chat/completions" + (f"?{query}" if query else ""))
         self.model = model
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
         self.max_retries = max_retries
-        self.backoff = backoff
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.max_image_size = max_image_size
         self.limiter = RateLimiter(requests_per_minute)
-        _allow_endpoint_offline(base_url)
-        self.client = InferenceClient(base_url=base_url, api_key=self.api_key or "EMPTY", timeout=timeout)
+        for logger_name in ("httpx2", "httpx", "openai", "openai._base_client"):  # each logs request URLs
+            redact_logger(logger_name)
+        http_client = openai.DefaultHttpxClient(
+            event_hooks={"request": [lambda request: self.limiter.acquire()], "response": [_check_completion]})
+        self.client = openai.OpenAI(
+            base_url=root, api_key=self.api_key or "EMPTY", timeout=timeout, max_retries=max_retries,
+            default_query=dict(parse_qsl(query, keep_blank_values=True)) or None, http_client=http_client)
 
     @property
     def name(self) -> str:
@@ -269,37 +240,51 @@ class OpenAIChatGenerator:
         }
 
     def generate(self, image: Image.Image, kind: str, label: str) -> str:
-        body = self.request_body(image, kind, label)
-        error: _RetryableError | None = None
-        for attempt in range(self.max_retries + 1):
-            if error is not None:
-                time.sleep(max(self.backoff * 2 ** (attempt - 1), min(error.retry_after or 0.0, 60.0)))
-            try:
-                return self._post(body)
-            except _RetryableError as err:
-                error = err
-                logger.debug("Attempt %d/%d at %s failed: %s", attempt + 1, self.max_retries + 1, self.url, err)
-        raise AnswerGenerationError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {error}")
-
-    def _post(self, body: dict[str, Any]) -> str:
         import httpx2
-        from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
+        import openai
 
-        self.limiter.acquire()
         try:
-            output = self.client.chat_completion(**body)
-        except HfHubHTTPError as err:
-            status = err.response.status_code if err.response is not None else None
-            detail = _error_detail(err)
-            if status is None or status == 429 or status >= 500:
-                headers = err.response.headers if err.response is not None else None
-                raise _RetryableError(f"HTTP {status}: {detail}", _retry_after(headers)) from err
-            raise AnswerGenerationError(f"{self.url} answered HTTP {status} (not retried): {detail}") from err
-        except (InferenceTimeoutError, httpx2.TransportError, OSError) as err:  # refused, reset, timed out
-            raise _RetryableError(f"connection error: {type(err).__name__}: {err}") from err
-        except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a completion
-            raise _RetryableError(f"malformed response ({type(err).__name__}): {err}") from err
-        return _completion_text(output)
+            completion = self.client.chat.completions.create(**self.request_body(image, kind, label))
+        except openai.APIStatusError as err:
+            attempts = _attempts(err.response.request)
+            detail = redact_text(_error_detail(err))
+            if attempts == 1 and self.max_retries > 0:  # the SDK does not retry this status
+                raise AnswerGenerationError(f"{self.url} answered HTTP {err.status_code} (not retried): "
+                                            f"{detail}") from None
+            raise AnswerGenerationError(f"{self.url} failed after {_plural(attempts, 'attempt')}; last error: "
+                                        f"HTTP {err.status_code}: {detail}") from None
+        except openai.APIConnectionError as err:  # refused, reset, timed out, or a malformed body (the hook)
+            cause = err.__cause__
+            if isinstance(err, openai.APITimeoutError):
+                what = f"timed out after {self.timeout} s"
+            elif isinstance(cause, httpx2.DecodingError):
+                what = str(cause)
+            else:
+                what = redact_text(f"connection error: {type(cause or err).__name__}: {cause or err}")
+            raise AnswerGenerationError(f"{self.url} failed after {_plural(_attempts(err.request), 'attempt')}; "
+                                        f"last error: {what}") from None
+        return _answer_text(completion.model_dump())
+
+
+def _endpoint_root(base_url: str) -> tuple[str, str]:
+    """(API root ending in `/v1`, query string) of a configured endpoint; the query is sent with every request."""
+    parts = urlsplit(base_url.strip())
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return urlunsplit(parts._replace(path=path, query="", fragment="")), parts.query
+
+
+def _attempts(request) -> int:
+    """How many attempts the SDK made, from the retry count it sends with each request."""
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _error_detail(err, limit: int = 300) -> str:
@@ -309,24 +294,31 @@ def _error_detail(err, limit: int = 300) -> str:
         return str(err)[:limit]
 
 
-def _retry_after(headers) -> float | None:
+def _answer_text(completion: Any) -> str:
+    """The first choice's text of a completion (a JSON object); `ValueError` when there is none."""
     try:
-        return float(headers.get("Retry-After")) if headers is not None else None
-    except (TypeError, ValueError):  # absent, or an HTTP date: fall back to our own backoff
-        return None
-
-
-def _completion_text(output) -> str:
-    """The first choice's text; a response without one is treated as a transient server fault."""
-    try:
-        content = output.choices[0].message.content
-    except (AttributeError, IndexError, TypeError) as err:
-        raise _RetryableError(f"malformed response ({type(err).__name__}): {str(output)[:200]}") from err
+        content = completion["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"no answer in the response ({type(err).__name__}): {str(completion)[:200]}") from None
     if isinstance(content, list):  # some servers return content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
     if not isinstance(content, str) or not content.strip():
-        raise _RetryableError(f"empty answer in response: {str(output)[:200]}")
+        raise ValueError(f"empty answer in the response: {str(completion)[:200]}")
     return content.strip()
+
+
+def _check_completion(response) -> None:
+    """Response hook of the SDK's HTTP client: a 200 that is not a completion with text raises
+    `httpx2.DecodingError`, which the SDK retries as it retries a dropped connection."""
+    import httpx2
+
+    if response.status_code != 200:
+        return  # the SDK handles (and retries) error statuses itself
+    response.read()
+    try:
+        _answer_text(json.loads(response.content))
+    except ValueError as err:  # not JSON (JSONDecodeError is a ValueError), or no answer in it
+        raise httpx2.DecodingError(f"malformed response: {err}", request=response.request) from None
 
 
 class LocalVLMGenerator:
