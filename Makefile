@@ -20,6 +20,7 @@ $(STAMP): setup.py $(CONSTRAINTS)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m train demo --output-dir $(RUN_DIR)
+	HF_HUB_OFFLINE=1 $(PY) -m train verify $(RUN_DIR)
 
 # The Gradio demo on http://127.0.0.1:$(APP_PORT); CHECKPOINT may be a folder or a Hub repo id (then HF_HUB_OFFLINE=0).
 app: $(STAMP)

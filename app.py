@@ -21,15 +21,16 @@ In a Space published by `python -m train push-space`, `emovlm_space.json` next t
 exactly that model) and `examples` (a folder relative to this file); flags and environment variables still win.
 
 Only `transformers`, `torch`, `PIL` and `gradio` are imported, never the project's packages: what the page shows
-is what a user of the published checkpoint gets. Files are classified by the checkpoint's own `inference.py`, the
-code `train predict` runs, so the page shows what `predict` writes for the same files.
+is what a user of the published checkpoint gets. The checkpoint's own `loading_emovlm_kd.load_pipeline` (its remote
+code, fetched as `pipeline()` fetches its pipeline class) loads it with the options `train predict` uses, and files
+are classified by its `pipeline("image-classification")`, the front door `train predict` and the Inference
+Endpoints handler call too: the page shows what `predict` writes for the same files.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import importlib
 import json
 import os
 import re
@@ -42,8 +43,7 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
+from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = HERE / "runs" / "demo" / "final"
@@ -54,7 +54,6 @@ DEFAULT_MAX_FILE_SIZE = "20mb"
 # Written by `python -m train push-space` into the Space: the pinned model and the examples folder.
 SPACE_SETTINGS = HERE / "emovlm_space.json"
 BATCH_SIZE = 16
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # CommonMark (and Gradio's renderer) treat a backslash before any ASCII punctuation as that character, literally.
 MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
@@ -79,13 +78,21 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Classifier:
-    """A loaded EmoVLM-KD checkpoint and the pieces of its remote code the app needs."""
+    """A loaded EmoVLM-KD checkpoint: its front door (`pipeline("image-classification")`, the checkpoint's own
+    class) and the image suffixes of its loading code."""
 
     name: str
-    model: Any
-    image_processor: Any
+    pipeline: Any
     labels: list[str]
-    inference: Any  # the checkpoint's `inference.py` module
+    image_suffixes: tuple[str, ...]
+
+    @property
+    def model(self):
+        return self.pipeline.model
+
+    @property
+    def image_processor(self):
+        return self.pipeline.image_processor
 
     @property
     def gate_type(self) -> str:
@@ -130,47 +137,39 @@ def resolve_checkpoint(reference: str | os.PathLike) -> str:
     )
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def checkpoint_code(source: str, name: str, revision: str | None = None) -> Any:
+    """`name` from the checkpoint's own `loading_emovlm_kd.py`, loaded by transformers' remote-code loader (the
+    module `pipeline()` and `from_pretrained` use for the checkpoint's other files)."""
+    return get_class_from_dynamic_module(f"loading_emovlm_kd.{name}", source, revision=revision)
 
 
 def load_classifier(reference: str | os.PathLike, revision: str | None = None, dtype: str = "auto",
                     device_map: str | None = None, load_in_4bit: bool = False) -> Classifier:
-    """Load model and image processor with the checkpoint's own code (`trust_remote_code=True`).
+    """Load the checkpoint's front door with its own code (`trust_remote_code=True`).
 
     `revision` (a Hub checkpoint's branch, tag or commit hash) is ignored for a local folder. `dtype` (auto: bf16 on
-    a GPU that has it, else float32), `device_map` and `load_in_4bit` (NF4) load the model as `train predict` does;
-    the head and the gate stay float32 in every case (the model class keeps them so).
+    a GPU that has it, else float32), `device_map` and `load_in_4bit` are the checkpoint's `load_pipeline` options,
+    `train predict`'s: the one 4-bit configuration (NF4, double quantisation, `lm_head` and the visual merger kept),
+    and the head and the gate in float32 in every case.
     """
     source = resolve_checkpoint(reference)
-    hub = not Path(source).is_dir()
-    kwargs = {"revision": revision} if revision and hub else {}
-    gpu = torch.cuda.is_available()
-    weights_dtype = DTYPES.get(dtype) or (torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32)
-    loading = {"dtype": weights_dtype, "device_map": device_map or ("cuda" if gpu else None)}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        loading["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=weights_dtype)
-        loading["device_map"] = loading["device_map"] or "cpu"
+    revision = revision if revision and not Path(source).is_dir() else None
     try:
-        model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True, **kwargs,
-                                                                **loading).eval()
-        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True, **kwargs)
+        load_pipeline = checkpoint_code(source, "load_pipeline", revision)
+        image_suffixes = tuple(checkpoint_code(source, "IMAGE_SUFFIXES", revision))
+    except (OSError, AttributeError) as err:
+        raise CheckpointError(f"`{source}` does not ship the EmoVLM-KD front door (`loading_emovlm_kd.py`, "
+                              f"`pipeline_emovlm_kd.py`): export it again with this version of the project ({err})."
+                              ) from err
+    try:
+        classifier = load_pipeline(source, revision=revision, dtype=dtype, device_map=device_map,
+                                   load_in_4bit=load_in_4bit)
     except Exception as err:  # noqa: BLE001 - any load failure becomes a message on the page
         raise CheckpointError(f"Could not load the EmoVLM-KD checkpoint `{source}`: {err}") from err
-    # The branch shares come with the model's own output (its fusion computes them on the inputs it fuses); the
-    # batched, error-tolerant inference on files is the checkpoint's own `inference.py` (`train predict`'s too).
-    try:
-        inference = importlib.import_module(type(model).__module__.rpartition(".")[0] + ".inference")
-    except ImportError:
-        inference = None
-    if not hasattr(model, "fusion") or not hasattr(model.gate, "branch_weights") or inference is None:
-        raise CheckpointError(f"`{source}` is not an EmoVLM-KD checkpoint whose model reports branch weights "
-                              "and ships `inference.py`; export it again with this version of the project.")
+    model = classifier.model
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    name = display_name(source) + (f"@{revision}" if kwargs else "")
-    return Classifier(name, model, image_processor, labels, inference)
+    name = display_name(source) + (f"@{revision}" if revision else "")
+    return Classifier(name, classifier, labels, image_suffixes)
 
 
 def display_name(source: str) -> str:
@@ -197,41 +196,64 @@ def readable_error(error: str, path: str, shown_name: str) -> str:
     return f"{shown_name} is not a readable image ({error.replace(path, shown_name)})."
 
 
-def prediction_of(classifier: Classifier, result) -> Prediction:
-    """What the page shows for one classified file (an `ImageResult` of the checkpoint's `inference.py`)."""
-    as_dict = lambda row: dict(zip(classifier.labels, row.tolist()))  # noqa: E731
+def prediction_of(classifier: Classifier, answer: list[dict]) -> Prediction:
+    """What the page shows for one classified file: the front door's answer for every label, in label order."""
+    by_label = {element["label"]: element for element in answer}
+    per_label = lambda key: {label: by_label[label][key] for label in classifier.labels}  # noqa: E731
+    shares = answer[0]["branch_weights"]
     return Prediction(
-        fused=as_dict(result.probabilities("logits")),
-        vlm=as_dict(result.probabilities("vlm_logits")),
-        vlm_log_likelihood=as_dict(result.vlm_logits),
-        head=as_dict(result.probabilities("head_logits")),
-        vlm_share=float(result.branch_weights[0]),
-        head_share=float(result.branch_weights[1]),
+        fused=per_label("score"),
+        vlm=per_label("vlm_score"),
+        vlm_log_likelihood=per_label("vlm_log_likelihood"),
+        head=per_label("head_score"),
+        vlm_share=shares["vlm"],
+        head_share=shares["head"],
     )
 
 
-def classify_files(classifier: Classifier, paths: list[str]) -> list:
-    """The checkpoint's own batched inference (`train predict` runs the same code): one `ImageResult` per path,
-    with its error or its fused, VLM and head logits and branch weights; a failing batch is retried one by one."""
-    return classifier.inference.classify_files(classifier.model, classifier.image_processor, paths, BATCH_SIZE)
+def error_of(answer: list[dict]) -> str | None:
+    """The error of a front-door answer for a file that could not be classified, or None."""
+    return answer[0].get("error")
+
+
+def classify_files(classifier: Classifier, paths: list[str]) -> list[list[dict]]:
+    """The checkpoint's front door on files (`train predict` runs the same): one answer per path, every label with
+    its fused, VLM and head scores, or an error entry; `BATCH_SIZE` images per forward pass."""
+    if not paths:
+        return []
+    return classifier.pipeline(list(paths), batch_size=BATCH_SIZE, top_k=len(classifier.labels))
 
 
 def predict_paths(classifier: Classifier, paths: list[str]) -> list[Prediction]:
     """Predictions for a list of readable image files; ValueError naming the first file that is not one."""
-    results = classify_files(classifier, paths)
-    for result in results:
-        if result.error is not None:
-            raise ValueError(result.error)
-    return [prediction_of(classifier, result) for result in results]
+    answers = classify_files(classifier, paths)
+    for answer in answers:
+        if error_of(answer) is not None:
+            raise ValueError(error_of(answer))
+    return [prediction_of(classifier, answer) for answer in answers]
 
 
 def predict_one(classifier: Classifier, path: str, shown_name: str) -> Prediction:
     """Validate and classify one file; errors name the user's file."""
     check_image_file(path, shown_name)
-    (result,) = classify_files(classifier, [path])
-    if result.error is not None:
-        raise ValueError(readable_error(result.error, path, shown_name))
-    return prediction_of(classifier, result)
+    (answer,) = classify_files(classifier, [path])
+    if error_of(answer) is not None:
+        raise ValueError(readable_error(error_of(answer), path, shown_name))
+    return prediction_of(classifier, answer)
+
+
+def explain_one(classifier: Classifier, path: str, shown_name: str, max_new_tokens: int | None = None) -> dict:
+    """The fused label of one file with the VLM's reasoning answer, generated after the paper's reasoning prompt
+    (`EmoVLMKDForImageClassification.explain`): `{"label", "score", "explanation", "explanation_tokens",
+    "explanation_truncated"}`. It costs one generation of up to `max_new_tokens` tokens (default: the model's,
+    128), far slower than classifying; the label is the one `predict_one` gives. Errors name the user's file."""
+    check_image_file(path, shown_name)
+    options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    (answer,) = classifier.pipeline([path], top_k=1, explain=True, **options)
+    if error_of(answer) is not None:
+        raise ValueError(readable_error(error_of(answer), path, shown_name))
+    keys = ("label", "score", "explanation", "explanation_tokens", "explanation_truncated")
+    return {key: answer[0][key] for key in keys}
 
 
 # ---- presentation ----------------------------------------------------------------------------------------
@@ -344,9 +366,10 @@ def classify_batch(classifier: Classifier | None, load_error: str, files: list[A
             good.append((index, path, name))
         except ValueError as err:
             rows[index] = batch_row(name, error=str(err))
-    for (index, path, name), result in zip(good, classify_files(classifier, [path for _, path, _ in good])):
-        rows[index] = (batch_row(name, error=readable_error(result.error, path, name)) if result.error is not None
-                       else batch_row(name, prediction_of(classifier, result)))
+    for (index, path, name), answer in zip(good, classify_files(classifier, [path for _, path, _ in good])):
+        error = error_of(answer)
+        rows[index] = (batch_row(name, error=readable_error(error, path, name)) if error is not None
+                       else batch_row(name, prediction_of(classifier, answer)))
     failed = sum(1 for row in rows.values() if row[-1])
     if failed:
         gr.Warning(f"{failed} of {len(uploads)} files could not be read as images; see the error column.")
@@ -356,13 +379,16 @@ def classify_batch(classifier: Classifier | None, load_error: str, files: list[A
 # ---- page ------------------------------------------------------------------------------------------------
 
 
-def example_images(folder: str | os.PathLike | None, per_label: int = 1) -> list[str]:
-    """The first `per_label` images of each `<label>/` subfolder (sorted), or none if the folder is absent."""
+def example_images(folder: str | os.PathLike | None, per_label: int = 1,
+                   suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """The first `per_label` images of each `<label>/` subfolder (sorted), or none if the folder is absent. Images
+    are the files with one of `suffixes` (the checkpoint's `IMAGE_SUFFIXES`); without them, every visible file."""
     if not folder or not Path(folder).is_dir():
         return []
     examples = []
     for label_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        images = sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in label_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and (suffixes is None or p.suffix.lower() in suffixes))
         examples += [str(p) for p in images[:per_label]]
     return examples
 
@@ -421,7 +447,7 @@ def build_demo(classifier: Classifier | None, load_error: str = "", examples_dir
             # exception inside Gradio's image decoding.
             image.upload(classify, inputs=image, outputs=outputs, preprocess=False)
             image.clear(lambda: (None, "", None, None, None, ""), outputs=outputs)
-            examples = example_images(examples_dir)
+            examples = example_images(examples_dir, suffixes=classifier.image_suffixes) if classifier else []
             if examples:
                 with examples_slot:
                     # Not cached (Spaces would cache by default): the examples run live, like an upload.
@@ -456,11 +482,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="local EmoVLM-KD folder or Hub repo id (env EMOVLM_CHECKPOINT)")
     parser.add_argument("--revision", default=os.environ.get("EMOVLM_REVISION", settings.get("revision")),
                         help="branch, tag or commit hash of a Hub checkpoint (env EMOVLM_REVISION)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default=os.environ.get("EMOVLM_DTYPE", "auto"),
-                        help="weights' dtype (auto: bfloat16 on a GPU that has it, else float32; env EMOVLM_DTYPE)")
+    parser.add_argument("--dtype", default=os.environ.get("EMOVLM_DTYPE", "auto"),
+                        help="weights' dtype, a name the checkpoint's loading code takes (auto: bfloat16 on a GPU that "
+                             "has it, else float32; env EMOVLM_DTYPE)")
     parser.add_argument("--device-map", default=os.environ.get("EMOVLM_DEVICE_MAP"),
                         help="accelerate device map, e.g. auto (env EMOVLM_DEVICE_MAP)")
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the VLM in 4-bit NF4 (bitsandbytes)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="load the VLM in 4-bit NF4 with double quantisation, as train predict does (bitsandbytes)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
                         help="address to listen on (env GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),

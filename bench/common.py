@@ -48,8 +48,8 @@ from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.infra import evaluation
 from train.infra.files import write_json_atomic
 from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
+from train.infra.run import count_parameters
 from train.infra.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_TEXT, TINY_VISION, build_tiny_tokenizer
-from train.stages.trainer_utils import count_parameters
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

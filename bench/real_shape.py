@@ -74,9 +74,12 @@ from bench.common import (
     write_json,
 )
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead, EmoVLMKDImageProcessor, resolve_label_set
+from modeling_emovlm_kd.fusion import gate_from_config
+from train.configs.gate_config import GateConfig
 from train.infra.assemble import assemble, load_processor, save_hub_folder
 from train.infra.files import write_json_atomic
 from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
+from train.infra.run import count_parameters, head_logits
 from train.infra.tiny import build_tiny_tokenizer
 from train.stages.distill import DistillationConfig, train_distillation
 from train.stages.features import (
@@ -86,10 +89,9 @@ from train.stages.features import (
     data_fingerprint,
     model_fingerprint,
 )
-from train.stages.gate import GateConfig, build_gate, head_logits, train_gate
+from train.stages.gate import train_gate
 from train.stages.instructions import build_instruction_dataset
 from train.stages.sft import SFTStageConfig, build_sft_trainer, save_merged
-from train.stages.trainer_utils import count_parameters
 
 SPLITS = ("train", "validation", "test")
 # The 7B recipes' bound (train/recipes/qwen2-vl-7b/*.yaml): 1024 x 1024 pixels.
@@ -252,7 +254,8 @@ def fit_gate(caches: dict, head, config: EmoVLMKDConfig, work: Path, seed: int, 
         return {"vlm_logits": features["vlm_logits"], "labels": features["labels"],
                 "head_logits": head_logits(head, features["visual_features"])}
 
-    gate = build_gate(config.gate_type, config.num_labels, config.gate_num_experts, seed=seed)
+    torch.manual_seed(seed)
+    gate = gate_from_config(config)
     args = GateConfig(output_dir=str(work / "gate"), num_train_epochs=epochs, seed=seed, use_cpu=True,
                       disable_tqdm=True, report_to="none")
     gate, trainer = train_gate(gate, config.gate_vlm_signal, inputs("train"), inputs("validation"), args,

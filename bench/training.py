@@ -47,6 +47,8 @@ from bench.common import (
 from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
+from train.configs.gate_config import GateConfig
+from train.infra.run import head_logits
 from train.stages.distill import (
     DistillationConfig,
     DistillationStudent,
@@ -54,7 +56,7 @@ from train.stages.distill import (
     distillation_loss,
 )
 from train.stages.features import cached, compute_teacher_logits, compute_vlm_features
-from train.stages.gate import GateConfig, head_logits, train_gate
+from train.stages.gate import train_gate
 from train.stages.trainer_utils import FeatureDataset
 
 

@@ -52,6 +52,9 @@ def register_for_auto_class(config: EmoVLMKDConfig) -> None:
 
 
 PIPELINE_FILE = "pipeline_emovlm_kd.py"
+# The inference front door: the pipeline class, its engine and the shared loading options. No Auto class names
+# them, so `save_pretrained` does not ship them: `save_hub_folder` copies them beside the model's files.
+FRONT_DOOR_FILES = (PIPELINE_FILE, "inference.py", "loading_emovlm_kd.py")
 
 
 __all__ = [

@@ -26,24 +26,22 @@ DATASET_LABEL_SETS = {
     "instagram": "binary",
 }
 
+# The names of the gate registry `GATES` in `fusion.py`, in its order (a test checks they agree): written out here so
+# that the configuration, which only names a gate, imports no torch module and the registry nothing from here.
+GATE_TYPES = ("concat_linear", "moe", "bilinear", "dynamic_weighting", "cross_gating")
 GATE_VLM_SIGNALS = ("one_hot", "probs")
 GATE_HEAD_SIGNALS = ("probs", "logits")
 POOLING_TYPES = ("mean", "max")
 
 
-def gate_types() -> tuple[str, ...]:
-    """The gate names, read from the gate registry `GATES` in `fusion.py` (imported on first use, so that importing
-    the configuration does not load the gates' torch modules)."""
-    from .fusion import GATES
-
-    return tuple(GATES)
-
-
-def __getattr__(name: str):
-    # `GATE_TYPES` is derived from the registry when first asked for (PEP 562), not kept as a second list.
-    if name == "GATE_TYPES":
-        return gate_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def check_gate_signals(vlm_signal: str, head_signal: str) -> None:
+    """What the gate may see of each branch: the VLM's one-hot label or probabilities, the head's probabilities or
+    logits. The config checks its `gate_*_signal` fields with it; the fusion, built without a config in stage 3,
+    too."""
+    if vlm_signal not in GATE_VLM_SIGNALS:
+        raise ValueError(f"gate_vlm_signal must be one of {GATE_VLM_SIGNALS}, got {vlm_signal!r}.")
+    if head_signal not in GATE_HEAD_SIGNALS:
+        raise ValueError(f"gate_head_signal must be one of {GATE_HEAD_SIGNALS}, got {head_signal!r}.")
 
 # The paper's three instructions (arXiv 2505.07164, Sec. 3.1), word for word. The authors' released code
 # (sange1104/EmoVLM-KD, train_vlm.py) uses the same conversation and reasoning sentences, each followed by a worked
@@ -181,12 +179,9 @@ class EmoVLMKDConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         get_backbone(self.vlm_config)  # refuses a VLM family backbones.py does not know, naming the known ones
         self.head_hidden_dims = [int(d) for d in self.head_hidden_dims]
-        if self.gate_type not in gate_types():
-            raise ValueError(f"gate_type must be one of {gate_types()}, got {self.gate_type!r}.")
-        if self.gate_vlm_signal not in GATE_VLM_SIGNALS:
-            raise ValueError(f"gate_vlm_signal must be one of {GATE_VLM_SIGNALS}, got {self.gate_vlm_signal!r}.")
-        if self.gate_head_signal not in GATE_HEAD_SIGNALS:
-            raise ValueError(f"gate_head_signal must be one of {GATE_HEAD_SIGNALS}, got {self.gate_head_signal!r}.")
+        if self.gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}.")
+        check_gate_signals(self.gate_vlm_signal, self.gate_head_signal)
         if self.gate_num_experts < 1:
             raise ValueError(f"gate_num_experts must be at least 1, got {self.gate_num_experts}.")
         if self.pooling not in POOLING_TYPES:
@@ -230,6 +225,6 @@ class EmoVLMKDConfig(PretrainedConfig):
         return self.vlm_config.get_text_config().hidden_size
 
 
-__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "GATE_VLM_SIGNALS", "GATE_HEAD_SIGNALS",  # noqa: F822
+__all__ = ["EmoVLMKDConfig", "LABEL_SETS", "DATASET_LABEL_SETS", "GATE_TYPES", "GATE_VLM_SIGNALS", "GATE_HEAD_SIGNALS",
            "DEFAULT_CATEGORICAL_PROMPT", "DEFAULT_CONVERSATION_PROMPT", "DEFAULT_REASONING_PROMPT", "PROMPT_KEYS",
-           "default_categorical_prompt", "list_classes", "resolve_label_set"]
+           "check_gate_signals", "default_categorical_prompt", "list_classes", "resolve_label_set"]

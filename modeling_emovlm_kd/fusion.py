@@ -15,7 +15,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_emovlm_kd import GATE_HEAD_SIGNALS, GATE_VLM_SIGNALS
+from .configuration_emovlm_kd import check_gate_signals
 
 DEFAULT_INITIALIZER_RANGE = 0.02
 
@@ -158,7 +158,7 @@ class CrossGatingGate(_TermsThenLinear):
 
 
 # The gate registry: a name (the config's `gate_type`) -> its class, `cls(num_labels, num_experts=...)`. A new gate
-# is one class above plus one entry here; the configuration's `GATE_TYPES` is read from this dict.
+# is one class above plus one entry here and its name in the configuration's `GATE_TYPES` (a test checks they agree).
 GATES = {
     "concat_linear": ConcatLinearGate,
     "moe": MoEGate,
@@ -172,10 +172,7 @@ def gate_inputs(vlm_logits: torch.Tensor, head_logits: torch.Tensor, vlm_signal:
     """The gate's two inputs, both `(batch, C)` float32: the VLM's one-hot label (the paper) or its label
     probabilities (`vlm_signal="probs"`), and the head's probabilities (the paper, `head_signal="probs"`) or its raw
     logits (`head_signal="logits"`, what the authors' released code feeds the gate)."""
-    if vlm_signal not in GATE_VLM_SIGNALS:
-        raise ValueError(f"vlm_signal must be one of {GATE_VLM_SIGNALS}, got {vlm_signal!r}.")
-    if head_signal not in GATE_HEAD_SIGNALS:
-        raise ValueError(f"head_signal must be one of {GATE_HEAD_SIGNALS}, got {head_signal!r}.")
+    check_gate_signals(vlm_signal, head_signal)
     if vlm_signal == "probs":
         vlm = vlm_logits.float().softmax(-1)
     else:
@@ -266,10 +263,7 @@ class EmoVLMKDFusion(nn.Module):
     def __init__(self, distillation_head: nn.Module | None, gate: nn.Module, vlm_signal: str = "one_hot",
                  head_signal: str = "probs"):
         super().__init__()
-        if vlm_signal not in GATE_VLM_SIGNALS:
-            raise ValueError(f"vlm_signal must be one of {GATE_VLM_SIGNALS}, got {vlm_signal!r}.")
-        if head_signal not in GATE_HEAD_SIGNALS:
-            raise ValueError(f"head_signal must be one of {GATE_HEAD_SIGNALS}, got {head_signal!r}.")
+        check_gate_signals(vlm_signal, head_signal)
         self.distillation_head = distillation_head
         self.gate = gate
         self.vlm_signal = vlm_signal

@@ -6,22 +6,35 @@ with each request's deserialised body:
 
     {"inputs": IMAGE, "parameters": {"top_k": 3}}
 
-IMAGE is raw bytes, a base64 string (optionally a `data:image/...;base64,` URI), a PIL image (what the endpoint's
-toolkit hands over for a request sent as `Content-Type: image/...`), the path of a file on the endpoint's own disk,
-or a list of these. URLs are refused: the handler never downloads anything. The answer for one image is
+IMAGE is raw bytes (a request sent as `Content-Type: image/...`), base64 text, a `data:image/...;base64,` URI or a
+PIL image, or a list of these (at most `max_images`: the constructor's argument, else `EMOVLM_MAX_IMAGES`, default
+16). Strings are image data only: the handler never opens a path on the endpoint's disk (a path, a missing path and
+`/etc/passwd` get the same answer) and never downloads a URL.
 
-    {"fused": [{"label": "amusement", "score": 0.91}, ...],    # the gate's prediction, top_k labels, best first
-     "vlm": {"label": "amusement", "score": 0.88},             # the VLM's label (softmax of its label scores)
-     "head": {"label": "awe", "score": 0.52}}                  # the distilled head's label
+The answer is the image-classification task format, what `InferenceClient.image_classification` parses: for one
+image, its `top_k` labels best first (default 5; `null`: every label)
 
-and a list of those, in order, for a list. `top_k` (default 5, at most the number of labels; `null`: all labels)
-counts the fused labels returned. Unreadable inputs raise `ValueError` naming `inputs[i]`.
+    [{"label": "amusement", "score": 0.91, "vlm_score": 0.88, "head_score": 0.52, "vlm_log_likelihood": -0.13,
+      "vlm": {"label": "amusement", "score": 0.88}, "head": {"label": "awe", "score": 0.6},
+      "branch_weights": {"vlm": 0.73, "head": 0.27}},
+     {"label": "awe", "score": 0.05, "vlm_score": 0.02, "head_score": 0.3, "vlm_log_likelihood": -4.1}, ...]
 
-The model loads with `trust_remote_code=True` from the folder, i.e. with this repository's own code; on a GPU it
-runs in bfloat16 where supported (`EMOVLM_DTYPE=float32|bfloat16|float16` overrides). Only `torch`, `transformers`
-and `PIL` are imported, and importing this file only defines the class. Bytes are written to a temporary file and
-decoded by the checkpoint's image processor, which refuses images over its `max_image_pixels` before decoding and
-shrinks each image to what the model sees as soon as it is decoded, so memory stays bounded for any input.
+`score` is the fused (gate's) probability; every element also has the VLM's and the head's probability of its
+label, and the first element each branch's own label and how much each drove the decision. For a list, one such
+answer per image, in order; an image of a list that cannot be read answers `[{"label": null, "score": null,
+"error": "inputs[i]: ..."}]` and the others are classified. A single bad image, a bad parameter or too many images
+fail the request with a `ValueError` naming the input or the parameter.
+
+Parameters: `top_k`; `function_to_apply` (`softmax`, `sigmoid`, `none`: applied to the fused logits for `score`);
+`explain` (true: also the VLM's reasoning answer for each image, `explanation` on its first element: one generation
+per image, much slower than classifying) with `max_new_tokens` (at most the endpoint's cap: the constructor's
+argument, else `EMOVLM_MAX_NEW_TOKENS`, default 128; that cap is also the default).
+
+The model loads with the repository's own code (`trust_remote_code=True`): its `loading_emovlm_kd.load_pipeline`
+builds its `pipeline("image-classification")`, the same front door `train predict` and the app use; on a GPU it
+runs in bfloat16 where supported (`EMOVLM_DTYPE=float32|bfloat16|float16` overrides). Only `transformers` and `PIL`
+are imported here, and importing this file only defines the class. Images are decoded by the checkpoint's image
+processor, which refuses images over its `max_image_pixels` before decoding, so memory stays bounded for any input.
 """
 
 from __future__ import annotations
@@ -29,85 +42,97 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import tempfile
 from typing import Any
 
-import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+PARAMETERS = ("top_k", "function_to_apply", "explain", "max_new_tokens")
 DEFAULT_TOP_K = 5
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_IMAGES = 16
+DEFAULT_MAX_NEW_TOKENS = 128
+NOT_IMAGE_DATA = ("is not base64-encoded image data: send the image's bytes, base64 or a data:image/...;base64 URI "
+                  "(this endpoint never opens a path or downloads a URL)")
 
 
 class EndpointHandler:
-    """`EndpointHandler(path)(data)`: EmoVLM-KD's fused labels with scores, and each branch's label."""
+    """`EndpointHandler(path)(data)`: EmoVLM-KD's fused labels with scores, with each branch's, per image."""
 
-    def __init__(self, path: str = ".", device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = DTYPES.get(os.environ.get("EMOVLM_DTYPE", "").lower())
-        if dtype is None and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            dtype = torch.bfloat16
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        self.model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True, **kwargs)
-        self.model.to(self.device).eval()
-        self.image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
+    def __init__(self, path: str = ".", device: str | None = None, max_images: int | None = None,
+                 max_new_tokens: int | None = None):
+        self.max_images = _limit("max_images", max_images, "EMOVLM_MAX_IMAGES", DEFAULT_MAX_IMAGES)
+        self.max_new_tokens = _limit("max_new_tokens", max_new_tokens, "EMOVLM_MAX_NEW_TOKENS",
+                                     DEFAULT_MAX_NEW_TOKENS)
+        # The repository's own loading code (its remote code, as `pipeline()` loads its pipeline class).
+        load_pipeline = get_class_from_dynamic_module("loading_emovlm_kd.load_pipeline", path)
+        self.classifier = load_pipeline(path, dtype=os.environ.get("EMOVLM_DTYPE", "").lower() or "auto",
+                                        device=device)
+        self.model = self.classifier.model
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
-    def __call__(self, data: dict[str, Any]) -> dict | list[dict]:
+    def __call__(self, data: dict[str, Any]) -> list:
         if not isinstance(data, dict) or "inputs" not in data:
-            raise ValueError('Send {"inputs": <image bytes, base64 string or path>, "parameters": {"top_k": k}}.')
-        top_k = self.top_k((data.get("parameters") or {}).get("top_k", DEFAULT_TOP_K))
+            raise ValueError('Send {"inputs": <image bytes, base64 text or data URI>, "parameters": {"top_k": k}}.')
+        options = self.options(data.get("parameters") or {})
         inputs = data["inputs"]
         single = not isinstance(inputs, (list, tuple))
         items = [inputs] if single else list(inputs)
         if not items:
             raise ValueError("inputs is an empty list: send at least one image.")
-        with tempfile.TemporaryDirectory(prefix="emovlm-handler-") as folder:
-            images, names = [], {}
-            for index, item in enumerate(items):
-                image = self.image(item, f"inputs[{index}]" if not single else "inputs")
-                if isinstance(image, bytes):
-                    path = os.path.join(folder, f"input-{index}")
-                    with open(path, "wb") as file:
-                        file.write(image)
-                    names[path] = f"inputs[{index}]" if not single else "inputs"
-                    image = path
-                images.append(image)
+        if len(items) > self.max_images:
+            raise ValueError(f"inputs holds {len(items)} images; this endpoint takes at most {self.max_images} per "
+                             "request (EMOVLM_MAX_IMAGES): send several requests.")
+        names = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(items))]
+        answers: list = [None] * len(items)
+        images = {}
+        for i, (item, name) in enumerate(zip(items, names)):
             try:
-                batch = self.image_processor(images, return_tensors="pt")
-            except (ValueError, OSError) as error:
-                message = str(error)
-                for path, name in names.items():  # name the request's input, not a temporary file
-                    message = message.replace(path, name)
-                raise ValueError(message) from None
-        with torch.inference_mode():
-            output = self.model(pixel_values=batch["pixel_values"].to(self.device),
-                                image_grid_thw=batch["image_grid_thw"].to(self.device))
-        fused = output.logits.float().softmax(-1).cpu()
-        vlm = output.vlm_logits.float().softmax(-1).cpu()
-        head = output.head_logits.float().softmax(-1).cpu()
-        answers = [
-            {"fused": self.ranked(fused[i], top_k), "vlm": self.ranked(vlm[i], 1)[0],
-             "head": self.ranked(head[i], 1)[0]}
-            for i in range(len(items))
-        ]
-        return answers[0] if single else answers
+                images[i] = self.image(item, name)
+            except ValueError as error:
+                answers[i] = [{"label": None, "score": None, "error": str(error)}]
+        if images:
+            classified = self.classifier(list(images.values()), batch_size=len(images), **options)
+            for i, answer in zip(images, classified):
+                if answer[0].get("error") is not None:
+                    answer = [{**answer[0], "error": f"{names[i]}: {answer[0]['error']}"}]
+                answers[i] = answer
+        if single:
+            if answers[0][0].get("error") is not None:
+                raise ValueError(answers[0][0]["error"])
+            return answers[0]
+        return answers
 
-    def top_k(self, value) -> int:
-        if value is None:
-            return len(self.labels)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"parameters.top_k must be a whole number of at least 1 (or null), got {value!r}.")
-        return min(value, len(self.labels))
-
-    def ranked(self, probabilities: torch.Tensor, k: int) -> list[dict]:
-        scores, indices = probabilities.topk(k)
-        return [{"label": self.labels[i], "score": float(s)} for s, i in zip(scores.tolist(), indices.tolist())]
+    def options(self, parameters: dict) -> dict:
+        """The pipeline's options for a request's `parameters`, or a `ValueError` naming the one at fault."""
+        if not isinstance(parameters, dict):
+            raise ValueError(f"parameters must be an object, not {type(parameters).__name__}.")
+        unknown = sorted(set(parameters) - set(PARAMETERS))
+        if unknown:
+            raise ValueError(f"parameters.{unknown[0]} is not a parameter of this endpoint; use {', '.join(PARAMETERS)}.")
+        top_k = parameters.get("top_k", DEFAULT_TOP_K)
+        if top_k is None:
+            top_k = len(self.labels)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"parameters.top_k must be a whole number of at least 1 (or null), got {top_k!r}.")
+        options = {"top_k": top_k}
+        if parameters.get("function_to_apply") is not None:
+            options["function_to_apply"] = parameters["function_to_apply"]
+        explain = parameters.get("explain", False)
+        if not isinstance(explain, bool):
+            raise ValueError(f"parameters.explain must be true or false, got {explain!r}.")
+        if explain:
+            tokens = parameters.get("max_new_tokens")
+            tokens = self.max_new_tokens if tokens is None else tokens
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= self.max_new_tokens:
+                raise ValueError(f"parameters.max_new_tokens must be a whole number from 1 to {self.max_new_tokens} "
+                                 f"(this endpoint's cap, EMOVLM_MAX_NEW_TOKENS), got {tokens!r}.")
+            options.update(explain=True, max_new_tokens=tokens)
+        return options
 
     @staticmethod
-    def image(item, name: str) -> Image.Image | str | bytes:
-        """A PIL image or an existing file's path as they are; bytes and base64 text as bytes; anything else fails."""
+    def image(item, name: str = "inputs") -> Image.Image | bytes:
+        """A PIL image as it is; bytes, base64 text and data URIs as the bytes they hold; anything else fails with a
+        `ValueError` naming the input `name` (never saying whether a string names a file)."""
         if isinstance(item, Image.Image):
             return item
         if isinstance(item, (bytes, bytearray, memoryview)):
@@ -115,20 +140,30 @@ class EndpointHandler:
         elif isinstance(item, str):
             text = item.strip()
             if "://" in text[:16]:
-                raise ValueError(f"{name} is a URL; this endpoint does not download: send the image's bytes or "
-                                 "base64 instead.")
+                raise ValueError(f"{name} is a URL; this endpoint does not download: send the image's bytes or base64.")
             if text.startswith("data:"):
                 header, _, text = text.partition(",")
                 if not header.endswith(";base64"):
                     raise ValueError(f"{name} is a data URI without ;base64 encoding.")
-            elif os.path.isfile(text):
-                return text
             try:
                 data = base64.b64decode("".join(text.split()), validate=True)
             except (binascii.Error, ValueError):
-                raise ValueError(f"{name} is neither base64-encoded image data nor an existing file.") from None
+                raise ValueError(f"{name} {NOT_IMAGE_DATA}") from None
         else:
-            raise ValueError(f"{name} must be image bytes, a base64 string or a file path, not {type(item).__name__}.")
+            raise ValueError(f"{name} must be image bytes, base64 text, a data URI or a PIL image, not "
+                             f"{type(item).__name__}.")
         if not data:
             raise ValueError(f"{name} is empty (0 bytes), not an image.")
         return data
+
+
+def _limit(name: str, value: int | None, variable: str, default: int) -> int:
+    """A positive cap: the constructor's `value`, else the environment `variable`, else `default`."""
+    value = value if value is not None else os.environ.get(variable) or default
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} ({variable}) must be a whole number of at least 1.")
+    return value

@@ -1,6 +1,7 @@
 # Copyright 2026 The EmoVLM-KD Authors. Licensed under the Apache License, Version 2.0.
 """EmoVLM-KD: a Qwen2-VL classifier fused with a distilled head on the same visual features (arXiv 2505.07164)."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +15,6 @@ from .backbones import BACKBONES
 from .configuration_emovlm_kd import EmoVLMKDConfig
 from .fast_path import applied as _fast_path_applied
 from .fusion import EmoVLMKDFusion, init_fusion_weights, initializer_range
-
-# Batched, error-tolerant inference on files (`train predict` and the app); imported so that it ships with the model.
-from .inference import classify_files  # noqa: F401
 
 
 @dataclass
@@ -44,6 +42,11 @@ class EmoVLMKDImageClassifierOutput(ModelOutput):
     head_logits: torch.FloatTensor | None = None
     visual_features: torch.FloatTensor | None = None
     branch_weights: torch.FloatTensor | None = None
+
+
+def _pad_id(tokenizer) -> int:
+    """The id that left-pads prompts for generation (masked out, so any token would do)."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
 def pool_visual_tokens(image_embeds: tuple[torch.Tensor, ...], pooling: str) -> torch.Tensor:
@@ -342,6 +345,83 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             loss=loss, logits=logits, vlm_logits=vlm_logits, head_logits=fused.head_logits,
             visual_features=visual_features, branch_weights=fused.branch_weights,
         )
+
+    # ---- explaining a label ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def explain(self, image_or_inputs, processor, max_new_tokens: int = 128) -> list[dict]:
+        r"""
+        The VLM's reasoning answer for each image, generated after the paper's reasoning prompt, next to the fused
+        label. Costs one greedy generation of up to `max_new_tokens` tokens per image (plus a classification pass);
+        the label is the model's (`forward`'s), whatever the text says.
+
+        The prompt is the one stage 1 trained the reasoning instruction with: `processor.reasoning_messages()` (the
+        config's `reasoning_prompt`) in the chat template, with the assistant turn opened and the image's visual
+        tokens expanded as the processor expands them.
+
+        Args:
+            image_or_inputs: an image (path, bytes, PIL image, array) or a list of them, or what the image processor
+                returns for them (a mapping with `pixel_values` and `image_grid_thw`).
+            processor (`EmoVLMKDProcessor`): the checkpoint's processor (`AutoProcessor.from_pretrained(path,
+                trust_remote_code=True)`): its chat template and tokenizer build the prompt and decode the answer.
+            max_new_tokens (`int`, defaults to 128): the answer's bound, in tokens.
+
+        Returns:
+            One dict per image, in order: `label` and `score` (the fused decision and its probability),
+            `explanation` (the decoded answer), `generated_tokens` (its length, the end-of-turn token included) and
+            `truncated` (True when `max_new_tokens` cut it before the end of the turn).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
+        if processor.reasoning_prompt != self.config.reasoning_prompt:
+            raise ValueError(f"The processor's reasoning_prompt {processor.reasoning_prompt!r} is not the model's "
+                             f"{self.config.reasoning_prompt!r}: use the checkpoint's own processor.")
+        if not (isinstance(image_or_inputs, Mapping) and "pixel_values" in image_or_inputs):
+            images = image_or_inputs if isinstance(image_or_inputs, (list, tuple)) else [image_or_inputs]
+            image_or_inputs = processor.image_processor(images, return_tensors="pt")
+        device = self.get_input_embeddings().weight.device
+        pixel_values = image_or_inputs["pixel_values"].to(device)
+        image_grid_thw = image_or_inputs["image_grid_thw"].to(device)
+        probabilities = self(pixel_values=pixel_values, image_grid_thw=image_grid_thw).logits.float().softmax(-1)
+        prompt = self._reasoning_prompt(processor, image_grid_thw)
+        tokenizer = processor.tokenizer
+        # The chat template ends the assistant's turn with `<|im_end|>` (Qwen's, every supported backbone).
+        vocab = tokenizer.get_vocab()
+        stop = sorted({vocab[token] for token in ("<|im_end|>",) if token in vocab}
+                      | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        sequences = self.vlm.generate(
+            **prompt, pixel_values=pixel_values, image_grid_thw=image_grid_thw, max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=stop or None, pad_token_id=_pad_id(tokenizer),
+        )
+        results = []
+        for row, probs in zip(sequences[:, prompt["input_ids"].shape[1] :].tolist(), probabilities):
+            end = next((k for k, token in enumerate(row) if token in stop), None)
+            label = int(probs.argmax())
+            results.append({
+                "label": self.config.id2label[label],
+                "score": float(probs[label]),
+                "explanation": tokenizer.decode(row[:end], skip_special_tokens=True).strip(),
+                "generated_tokens": len(row) if end is None else end + 1,
+                "truncated": end is None,
+            })
+        return results
+
+    def _reasoning_prompt(self, processor, image_grid_thw: torch.LongTensor) -> dict:
+        """The reasoning prompt for each image, left-padded: `input_ids`, `attention_mask`, `mm_token_type_ids`."""
+        text = processor.apply_chat_template(processor.reasoning_messages(), add_generation_prompt=True,
+                                             tokenize=False)
+        before, after = (processor.tokenizer(part, add_special_tokens=False)["input_ids"]
+                         for part in text.split(processor.image_token))
+        image_token = self.config.vlm_config.image_token_id
+        counts = self.config.backbone.num_image_tokens(self.config.vlm_config, image_grid_thw)
+        rows = [before + [image_token] * n + after for n in counts]
+        width = max(map(len, rows))
+        pad = _pad_id(processor.tokenizer)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=image_grid_thw.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                      device=image_grid_thw.device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "mm_token_type_ids": (input_ids == image_token).int()}
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 """EmoVLM-KD processing: robust image input, the three instruction formats, and the classification prompt."""
 
 import ast
+import io
 import os
 from collections.abc import Callable
 
@@ -111,8 +112,10 @@ def _shrink(image: Image.Image, size: tuple[int, int] | None, resample: int) -> 
     return small
 
 
-def _open(path: str, fit: TargetSize | None, max_image_pixels: int | None, resample: int) -> Image.Image:
-    """Decode one file, at most one full-size copy at a time: header check, JPEG draft, decode, shrink."""
+def _open(path, fit: TargetSize | None, max_image_pixels: int | None, resample: int,
+          name: str | None = None) -> Image.Image:
+    """Decode one file (a path or a binary file object named `name`), at most one full-size copy at a time: header
+    check, JPEG draft, decode, shrink."""
     with Image.open(path) as opened:
         if getattr(opened, "is_animated", False):
             opened.seek(0)
@@ -121,7 +124,7 @@ def _open(path: str, fit: TargetSize | None, max_image_pixels: int | None, resam
         if size is not None and opened.format == "JPEG":
             # JPEG decodes at 1/2, 1/4 or 1/8 scale, still at least the target size.
             opened.draft(opened.mode if opened.mode in ("RGB", "L") else None, size[::-1])
-        _check_pixels(opened.size, max_image_pixels, f"Image file {path}")
+        _check_pixels(opened.size, max_image_pixels, name or f"Image file {path}")
         opened.load()
         return _to_rgb(_shrink(opened, size, resample), owned=True)
 
@@ -133,7 +136,7 @@ def load_image(
     target_size: TargetSize | None = None,
     resample: int = Image.Resampling.BICUBIC,
 ) -> Image.Image:
-    """Open a path, PIL image or numpy array as RGB; errors name the offending file.
+    """Open a path, image bytes (an encoded file), PIL image or numpy array as RGB; errors name the offending file.
 
     Memory stays bounded by what the model will see: the size is read from the file's header first (an image
     over `max_image_pixels` is refused before decoding), a large JPEG is decoded at reduced scale, and the decoded
@@ -149,6 +152,11 @@ def load_image(
             return _open(path, fit, max_image_pixels, resample)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"Cannot read image file {path}: {err}") from err
+    if isinstance(image, bytes):
+        try:
+            return _open(io.BytesIO(image), fit, max_image_pixels, resample, name=f"Image data ({len(image)} bytes)")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"Cannot read image data ({len(image)} bytes): {err}") from err
     if isinstance(image, np.ndarray):
         array = _to_uint8(image)
         if array.ndim == 3 and array.shape[-1] == 1:
@@ -161,7 +169,8 @@ def load_image(
     elif isinstance(image, Image.Image):
         owned = False
     else:
-        raise TypeError(f"Expected an image path, a PIL image or a numpy array, got {type(image).__name__}.")
+        raise TypeError(f"Expected an image path, image bytes, a PIL image or a numpy array, got "
+                        f"{type(image).__name__}.")
     name = f"An image of {image.width}x{image.height} pixels"
     _check_pixels(image.size, max_image_pixels, name)
     try:

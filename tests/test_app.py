@@ -148,7 +148,10 @@ def test_the_app_shows_what_predict_writes(app, tiny_checkpoint, colour_folder, 
     rows = {row["path"]: row for row in read_rows(tmp_path / "preds.jsonl")}
 
     classifier = app.load_classifier(tiny_checkpoint)
-    assert Path(classifier.inference.__file__).parent == Path(sys.modules[type(classifier.model).__module__].__file__).parent
+    # The front door is the checkpoint's own pipeline class, its remote code (no module fishing in the app).
+    pipeline_module = sys.modules[type(classifier.pipeline).__module__]
+    assert pipeline_module.__name__.startswith("transformers_modules.")
+    assert Path(pipeline_module.__file__).read_bytes() == (tiny_checkpoint / "pipeline_emovlm_kd.py").read_bytes()
     table = app.classify_batch(classifier, "", [{"path": path, "orig_name": Path(path).name} for path in paths])
     assert [line[0] for line in table] == [Path(path).name for path in paths]
     columns = app.BATCH_COLUMNS
@@ -170,6 +173,105 @@ def test_the_app_shows_what_predict_writes(app, tiny_checkpoint, colour_folder, 
     shares = torch.tensor([[p.vlm_share, p.head_share] for p in predictions])
     torch.testing.assert_close(shares, output.branch_weights.float())
     assert [p.label for p in predictions] == [rows[path]["label"] for path in good]
+
+
+def test_every_door_gives_the_same_answers(app, tiny_checkpoint, colour_folder, tmp_path):
+    """`train predict`, the app's batch table, the Inference Endpoints handler and `pipeline()` classify through
+    the one front door: for the same files (a broken and an oversized one among them) the same labels and scores,
+    and error rows for the same files."""
+    import base64
+    import importlib.util
+
+    from PIL import Image
+    from transformers import pipeline
+
+    from train.commands.predict import Predictor, predict_files, read_rows
+
+    images = sorted(str(p) for p in (colour_folder / "test").rglob("*.png"))[:4]
+    broken, thin = tmp_path / "broken.png", tmp_path / "thin.png"
+    broken.write_text("not an image")
+    Image.new("RGB", (20000, 2), (1, 2, 3)).save(thin)
+    paths = [images[0], str(broken), images[1], str(thin), *images[2:]]
+    bad = {str(broken), str(thin)}
+
+    predict_files(Predictor(str(tiny_checkpoint), top_k=3), paths, tmp_path / "p.jsonl", batch_size=3,
+                  show_progress=False)
+    rows = {row["path"]: row for row in read_rows(tmp_path / "p.jsonl")}
+    classifier = app.load_classifier(tiny_checkpoint)
+    table = app.classify_batch(classifier, "", [{"path": path, "orig_name": Path(path).name} for path in paths])
+    spec = importlib.util.spec_from_file_location("emovlm_handler", ROOT / "modeling_emovlm_kd" / "handler.py")
+    handler_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler_module)
+    handler = handler_module.EndpointHandler(str(tiny_checkpoint))
+    served = handler({"inputs": [base64.b64encode(Path(p).read_bytes()).decode() for p in paths],
+                      "parameters": {"top_k": 3}})
+    piped = pipeline("image-classification", model=str(tiny_checkpoint), trust_remote_code=True)(
+        paths, batch_size=2, top_k=3)
+
+    columns = app.BATCH_COLUMNS
+    for i, path in enumerate(paths):
+        row, shown = rows[path], dict(zip(columns, table[i]))
+        answers = {"handler": served[i], "pipeline": piped[i]}
+        if path in bad:  # an error in every door, naming the file (the handler names the request's input)
+            assert row["error"] and Path(path).name in row["error"], row
+            assert shown["error"].startswith(f"{Path(path).name} is not a readable image"), shown
+            assert piped[i][0]["label"] is None and Path(path).name in piped[i][0]["error"]
+            assert served[i][0]["label"] is None and served[i][0]["error"].startswith(f"inputs[{i}]: ")
+            continue
+        assert not row["error"] and not shown["error"]
+        for door, answer in answers.items():
+            assert [e["label"] for e in answer] == [e["label"] for e in row["top_k"]], door
+            assert [e["score"] for e in answer] == pytest.approx([e["score"] for e in row["top_k"]], abs=1e-5), door
+            assert (answer[0]["vlm"]["label"], answer[0]["head"]["label"]) == (row["vlm_label"], row["head_label"])
+        assert (shown["fused label"], shown["VLM label"], shown["head label"]) == (
+            row["label"], row["vlm_label"], row["head_label"])
+        assert shown["fused p"] == pytest.approx(row["score"], abs=1e-4)
+        assert shown["VLM share"] == pytest.approx(piped[i][0]["branch_weights"]["vlm"], abs=1e-4)
+
+
+def test_the_app_loads_4bit_as_predict_does(app, tiny_checkpoint):
+    """One 4-bit configuration: NF4 with double quantisation, `lm_head`, the visual merger, the head and the gate in
+    full precision, whichever door loads the model (the app used to drop double quantisation)."""
+    import bitsandbytes as bnb
+
+    from train.commands.predict import Predictor
+
+    models = {"app": app.load_classifier(tiny_checkpoint, load_in_4bit=True).model,
+              "predict": Predictor(str(tiny_checkpoint), load_in_4bit=True).model}
+    configs = {door: model.config.quantization_config for door, model in models.items()}
+    for door, config in configs.items():
+        config = config if isinstance(config, dict) else config.to_dict()
+        assert config["bnb_4bit_use_double_quant"] and config["bnb_4bit_quant_type"] == "nf4", door
+        assert config == (configs["predict"] if isinstance(configs["predict"], dict)
+                          else configs["predict"].to_dict()), door
+    for door, model in models.items():
+        quantized = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+        assert quantized and any(".language_model." in name or ".layers." in name for name in quantized), door
+        assert not any("merger" in name or "lm_head" in name or name.startswith(("distillation_head", "gate."))
+                       for name in quantized), (door, sorted(quantized))
+
+
+def test_explain_one_gives_the_reasoning_answer_next_to_the_same_label(app, checkpoint, test_images, tmp_path):
+    """The function the app's "Why?" button and the server call: the reasoning answer, bounded, beside the label
+    `predict_one` shows; a bad file is named as the user named it."""
+    classifier = app.load_classifier(checkpoint)
+    path = str(test_images[0])
+    explained = app.explain_one(classifier, path, "photo.png", max_new_tokens=4)
+    assert explained["label"] == app.predict_one(classifier, path, "photo.png").label
+    assert isinstance(explained["explanation"], str) and 1 <= explained["explanation_tokens"] <= 4
+    text = tmp_path / "upload"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="photo.png is not a readable image"):
+        app.explain_one(classifier, str(text), "photo.png", max_new_tokens=4)
+
+
+def test_a_checkpoint_without_the_front_door_is_refused_with_advice(app, tiny_checkpoint, tmp_path):
+    import shutil
+
+    old = shutil.copytree(tiny_checkpoint, tmp_path / "old-export")
+    (old / "loading_emovlm_kd.py").unlink()
+    with pytest.raises(app.CheckpointError, match="export it again"):
+        app.load_classifier(old)
 
 
 def test_missing_checkpoint_says_what_to_do(app, tmp_path, monkeypatch):

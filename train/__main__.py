@@ -13,6 +13,7 @@
         [--private] [--revision BRANCH] [--eval-results RESULTS_JSON ...] [--dry-run DIR]
     python -m train push-space --model ORG/NAME --space ORG/NAME-demo
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
+    python -m train verify runs/demo                               # recompute what the run records; exit 1 if any differs
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import os
 import sys
 
-from train import STAGES
+from train.infra import stage_table
 from train.infra.quiet import quiet_known_warnings
 
 # Every command, name -> (module, one-line help). The module has `add_arguments(parser)` and `main(args)` (returning
@@ -31,7 +32,7 @@ from train.infra.quiet import quiet_known_warnings
 # instead of loading the whole training stack. A command's parser has its name as the default of `command`.
 COMMANDS = {
     "pipeline": ("train.commands.stages", "all stages"),
-    **{stage: ("train.commands.stages", f"stage {stage} only") for stage in STAGES},
+    **{stage.name: ("train.commands.stages", f"stage {stage.name} only: {stage.help}") for stage in stage_table.stages()},
     "recipe": ("train.commands.stages", "validate a recipe and print it; --help lists every field"),
     "evaluate-model": ("train.commands.evaluate_model", "score any model on any data set, outside a run"),
     "demo": ("train.commands.demo", "the whole pipeline offline on the bundled sample"),
@@ -41,6 +42,7 @@ COMMANDS = {
     "report": ("train.commands.report", "a run's Markdown report with the paper's figures"),
     "push": ("train.commands.publish", "upload a run's Hub-ready folder with its model card"),
     "push-space": ("train.commands.space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
+    "verify": ("train.commands.verify", "recompute what a run (or a published model) records from its saved files"),
     "tiny": ("train.commands.tiny", "build tiny offline base models"),
 }
 

@@ -1,6 +1,9 @@
 """The fusion computed in one place (`modeling_emovlm_kd/fusion.py`): the gate registry the configuration reads,
 one initialisation for every head and gate, and `branch_weights` in the model's output."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -34,14 +37,25 @@ def tiny_config(tiny_base):
 
 
 def test_gate_types_are_the_registry_names(monkeypatch, tiny_config):
-    assert GATE_TYPES == tuple(GATES)
+    assert GATE_TYPES == tuple(GATES) == configuration.GATE_TYPES
     monkeypatch.setitem(GATES, "scaled_sum", ScaledSumGate)
-    # One registry entry is all a new gate takes: the configuration accepts it and the builders make it.
+    monkeypatch.setattr(configuration, "GATE_TYPES", (*configuration.GATE_TYPES, "scaled_sum"))
+    # A registry entry and its name in `GATE_TYPES` are all a new gate takes: the configuration accepts it and the
+    # builders make it.
     assert "scaled_sum" in configuration.GATE_TYPES
     config = tiny_config(gate_type="scaled_sum")
     assert isinstance(gate_from_config(config), ScaledSumGate)
     with pytest.raises(ValueError, match="gate_type must be one of .*scaled_sum.*got 'nope'"):
         tiny_config(gate_type="nope")
+
+
+def test_the_configuration_names_the_gates_without_importing_them():
+    """No import circle: the configuration (no torch) names the gates; the registry in `fusion.py` imports it."""
+    tree = ast.parse(Path(configuration.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "fusion" not in imported and not any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+                                                for node in tree.body)
+    assert "noqa: F822" not in Path(configuration.__file__).read_text()
 
 
 def test_every_head_and_gate_is_initialised_like_the_model(tiny_config):

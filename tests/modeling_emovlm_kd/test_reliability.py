@@ -224,7 +224,7 @@ IMPORT_AUDIT = textwrap.dedent(
     module = importlib.util.module_from_spec(spec)
     sys.modules["payload"] = module
     for name in ("configuration_emovlm_kd", "processing_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd",
-                 "fast_path", "fusion", "backbones", "inference"):
+                 "fast_path", "fusion", "backbones", "inference", "loading_emovlm_kd"):
         importlib.import_module("payload." + name)
     print(json.dumps(events))
     """
@@ -236,7 +236,8 @@ def test_payload_modules_only_define_classes_at_import(tiny_checkpoint, tmp_path
     payload.mkdir()
     (payload / "__init__.py").write_text("")
     for name in ("configuration_emovlm_kd.py", "processing_emovlm_kd.py", "modeling_emovlm_kd.py",
-                 "pipeline_emovlm_kd.py", "fast_path.py", "fusion.py", "backbones.py", "inference.py"):
+                 "pipeline_emovlm_kd.py", "fast_path.py", "fusion.py", "backbones.py", "inference.py",
+                 "loading_emovlm_kd.py"):
         shutil.copy(tiny_checkpoint / name, payload / name)
     result = subprocess.run([sys.executable, "-c", IMPORT_AUDIT, str(payload)], capture_output=True, text=True,
                             check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -10,6 +10,7 @@ from conftest import copy_finished_run
 from safetensors.torch import load_file
 
 from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDDistillationHead
+from modeling_emovlm_kd.fusion import new_gate
 from train.__main__ import main as cli
 from train.commands.ablate import (
     PAPER_DEPTHS,
@@ -19,8 +20,7 @@ from train.commands.ablate import (
     reference_name,
     scaled_hidden_dims,
 )
-from train.stages.gate import build_gate
-from train.stages.trainer_utils import count_parameters
+from train.infra.run import count_parameters
 
 FAST = {"seeds": 2, "epochs": 1, "selection": "last"}
 
@@ -90,7 +90,7 @@ def test_gate_ablation_covers_every_gate_and_resumes_from_its_cache(run_copy):
     assert_finite_rows(table, len(GATE_TYPES))
     assert [row["settings"]["gate_type"] for row in table["variants"]] == list(GATE_TYPES)
     for row in table["variants"]:
-        assert row["parameters"] == count_parameters(build_gate(row["settings"]["gate_type"], 3))
+        assert row["parameters"] == count_parameters(new_gate(row["settings"]["gate_type"], 3))
     assert table["variants"][0]["parameters"] == 2 * 3 * 3 + 3  # concat_linear: Linear(2C, C)
     # Each (variant, seed) is a child run of the pipeline's own stages on the parent's caches, stage 2 linked.
     children = sorted((run_copy / "ablations" / "gate").glob("*/seed-*"))

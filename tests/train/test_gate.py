@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from modeling_emovlm_kd import GATE_TYPES
-from modeling_emovlm_kd.fusion import gate_inputs
-from train.stages.gate import GateConfig, build_gate, train_gate
+from modeling_emovlm_kd.fusion import gate_inputs, new_gate
+from train.configs.gate_config import GateConfig
+from train.stages.gate import train_gate
+
+
+def build_gate(gate_type, num_labels, seed=0):
+    """A new gate of the model package's registry, seeded (as the pipeline's stage seeds it)."""
+    torch.manual_seed(seed)
+    return new_gate(gate_type, num_labels)
 
 
 def gate_split(n, classes=4, seed=0):
@@ -153,8 +160,9 @@ def test_the_head_signal_reaches_the_gate(tmp_path):
 TWO_PROCESS_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_gate import gate_split
-from train.stages.gate import GateConfig, build_gate, train_gate
+from test_gate import build_gate, gate_split
+from train.configs.gate_config import GateConfig
+from train.stages.gate import train_gate
 train, validation = gate_split(257), gate_split(101, seed=1)
 args = GateConfig(output_dir=sys.argv[1], disable_tqdm=True, save_strategy="no", logging_strategy="no", use_cpu=True)
 gate, trainer = train_gate(build_gate("moe", 4), "probs", train, validation, args)

@@ -582,23 +582,24 @@ def stage_recipe(tmp_path, tiny_base, server_url, kinds, **instructions):
 
 def test_instructions_stage_generates_before_sft_with_the_recipes_workers(tiny_base, make_server, tmp_path):
     from train import STAGES
-    from train.infra.provenance import STAGE_INPUTS, stage_settings
+    from train.infra import stage_table
+    from train.infra.provenance import stage_settings
     from train.stages.pipeline import Pipeline
 
-    assert STAGES.index("instructions") < STAGES.index("sft") and "instructions" in STAGE_INPUTS["sft"]
+    assert STAGES.index("instructions") < STAGES.index("sft") and "instructions" in stage_table.get("sft").reads
     server = make_server(delay=0.05)
     recipe = stage_recipe(tmp_path, tiny_base, server.base_url, ["categorical", "conversation"], num_workers=4,
                           requests_per_minute=6000)
     pipeline = Pipeline(recipe)
-    pipeline.run_instructions()
+    pipeline.run_stage("instructions")
     marker = json.loads((pipeline.stage_dir("instructions") / "stage_done.json").read_text())
     assert marker["generated"] == 8 and marker["failed"] == 0 and server.requests == 8
     assert server.max_in_flight == 4
     assert len(AnswerCache(pipeline.output_dir / "answers.jsonl")) == 8
-    settings = stage_settings(pipeline.recipe, "instructions")
+    settings = stage_settings(pipeline.recipe.as_set, "instructions")
     assert settings["sft.instruction_kinds"] == ["categorical", "conversation"]
     assert not {"instructions.api_key", "instructions.num_workers", "instructions.requests_per_minute"} & set(settings)
-    assert not any(key.startswith("instructions.") for key in stage_settings(pipeline.recipe, "sft"))
+    assert not any(key.startswith("instructions.") for key in stage_settings(pipeline.recipe.as_set, "sft"))
 
 
 def test_categorical_only_instructions_stage_contacts_no_endpoint(tiny_base, make_server, tmp_path):
@@ -606,7 +607,7 @@ def test_categorical_only_instructions_stage_contacts_no_endpoint(tiny_base, mak
 
     server = make_server()
     pipeline = Pipeline(stage_recipe(tmp_path, tiny_base, server.base_url, ["categorical"]))
-    pipeline.run_instructions()
+    pipeline.run_stage("instructions")
     assert pipeline.is_done("instructions") and server.requests == 0
 
 

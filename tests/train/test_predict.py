@@ -248,9 +248,9 @@ def test_svg_and_broken_or_looping_symlinks_are_reported_as_skipped(tiny_checkpo
     summary = run_predict(str(tiny_checkpoint), str(images), tmp_path / "p.jsonl", show_progress=False)
     assert summary.skipped == {
         "broken_symlink": [str(images / "broken.png")],
-        "unsupported_format": [str(images / "drawing.svg")],
+        "unsupported_image_format": [str(images / "drawing.svg")],
         "symlink_loop": [str(images / "loop.png")],
-        "not_an_image": [str(images / "notes.txt")],
+        "non_image_file": [str(images / "notes.txt")],
     }
     assert (summary.total, summary.predicted, summary.failed) == (3, 3, 0)
     assert "4 files skipped" in str(summary)
@@ -360,3 +360,49 @@ def test_predict_flags_reach_the_loader(tmp_path):
     kwargs = loading_kwargs("cpu", args.revision, args.dtype, args.device_map, args.load_in_4bit)
     assert kwargs["revision"] == "abc123" and kwargs["dtype"] == torch.bfloat16 and kwargs["device_map"] == "auto"
     assert kwargs["quantization_config"].load_in_4bit
+
+
+def test_explain_adds_the_reasoning_answer_and_changes_no_label(tiny_checkpoint, predictor, folder, tmp_path):
+    """`predict --explain`: each row also holds the VLM's reasoning answer (bounded by --max-new-tokens), the labels
+    are those of a run without it, bad files keep their error rows, and a CSV started without the column is not
+    appended to with it."""
+    from train.__main__ import parse_args
+
+    args = parse_args(["predict", "--model", "m", "--input", "x", "--output", "y.csv", "--explain",
+                       "--max-new-tokens", "6"])
+    assert (args.explain, args.max_new_tokens) == (True, 6)
+    paths = paths_of(folder)[:6]
+    predict_files(predictor, paths, tmp_path / "plain.jsonl", batch_size=3, show_progress=False)
+    plain = read_rows(tmp_path / "plain.jsonl")
+    explaining = Predictor(str(tiny_checkpoint), top_k=2, explain=True, max_new_tokens=6)
+    predict_files(explaining, paths, tmp_path / "why.jsonl", batch_size=3, show_progress=False)
+    rows = read_rows(tmp_path / "why.jsonl")
+    assert [r["path"] for r in rows] == [r["path"] for r in plain]
+    for with_text, without in zip(rows, plain):
+        if without["error"]:
+            assert with_text["error"] and "explanation" not in with_text
+            continue
+        assert (with_text["label"], with_text["vlm_label"], with_text["head_label"]) == (
+            without["label"], without["vlm_label"], without["head_label"])
+        assert isinstance(with_text["explanation"], str) and "explanation" not in without
+    predict_files(explaining, paths[:2], tmp_path / "why.csv", batch_size=2, show_progress=False)
+    with open(tmp_path / "why.csv", newline="") as handle:
+        assert next(csv.reader(handle))[-1] == "explanation"
+    from train.commands.predict import PredictionsFileError
+
+    predict_files(predictor, paths[:2], tmp_path / "plain.csv", batch_size=2, show_progress=False)
+    with pytest.raises(PredictionsFileError, match="explanation"):
+        predict_files(explaining, paths, tmp_path / "plain.csv", batch_size=2, show_progress=False)
+
+
+def test_a_checkpoint_exported_before_the_front_door_is_refused_in_one_line(tiny_checkpoint, folder, tmp_path):
+    from train.__main__ import main
+
+    old = shutil.copytree(tiny_checkpoint, tmp_path / "old-export")
+    (old / "pipeline_emovlm_kd.py").write_text(  # what earlier exports shipped: the stock pipeline's answer
+        "from transformers import ImageClassificationPipeline\n\n\n"
+        "class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):\n    pass\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "--model", str(old), "--input", str(folder), "--output", str(tmp_path / "p.jsonl")])
+    assert "export it again" in str(exited.value) and str(old) in str(exited.value)
+    assert not (tmp_path / "p.jsonl").exists() or not read_rows(tmp_path / "p.jsonl")

@@ -48,10 +48,10 @@ def test_recipe_mistakes_name_the_key(override, message):
 
 def test_values_are_converted_as_yaml_and_set_means_set():
     recipe = load_recipe(DEMO, ["sft.learning_rate=1e-3", "distill.num_train_epochs=3", "model.pooling=max"])
-    assert recipe.sections["sft"].learning_rate == 1e-3 and recipe.raw["sft"]["learning_rate"] == 1e-3
-    assert recipe.sections["distill"].num_train_epochs == 3.0 and recipe.sections["distill"].alpha == 0.5
-    assert recipe.sections["model"].pooling == "max"
-    assert recipe.sections["sft"].output_dir == str(Path("runs/demo") / "sft")
+    assert recipe.sft.learning_rate == 1e-3 and recipe.as_set["sft"]["learning_rate"] == 1e-3
+    assert recipe.distill.num_train_epochs == 3.0 and recipe.distill.alpha == 0.5
+    assert recipe.model.pooling == "max"
+    assert recipe.sft.output_dir == str(Path("runs/demo") / "sft")
 
 
 def test_every_shipped_recipe_validates():
@@ -68,8 +68,8 @@ def test_every_set_applies_in_order():
     args = parse_args(["pipeline", "--config", str(DEMO), "--set", "seed=1", "--set", "distill.alpha=0.2",
                        "gate.learning_rate=0.1", "--set", "seed=3"])
     recipe = load_recipe(args.config, args.set)
-    assert recipe.seed == 3 and recipe.sections["distill"].alpha == 0.2
-    assert recipe.sections["gate"].learning_rate == 0.1
+    assert recipe.seed == 3 and recipe.distill.alpha == 0.2
+    assert recipe.gate.learning_rate == 0.1
 
 
 def test_a_bad_recipe_fails_at_once_with_exit_2_and_deletes_nothing(tmp_path):
@@ -144,5 +144,44 @@ def test_public_recipe_removes_secrets_and_local_paths(tmp_path):
 
 def test_a_validated_recipe_revalidates_to_the_same_values():
     recipe = load_recipe(DEMO, ["seed=5"])
-    again = validate_recipe(recipe.raw)
-    assert again.raw == recipe.raw
+    again = validate_recipe(recipe.as_set)
+    assert again.as_set == recipe.as_set
+
+
+def test_a_recipe_inherits_from_its_bases_and_states_only_what_differs(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "paper.yaml").write_text(yaml.safe_dump({
+        "seed": 1, "model": {"head_hidden_dims": [8, 4], "pooling": "max"}, "sft": {"lora_r": 4, "lora_alpha": 4}}))
+    (tmp_path / "bases" / "backbone.yaml").write_text(yaml.safe_dump({
+        "base": "paper.yaml", "model": {"head_hidden_dims": [16]}, "base_models": {"tiny": True}}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "base": ["bases/backbone.yaml"], "output_dir": str(tmp_path / "run"), "labels": "binary",
+        "data": {"kind": "imagefolder", "root": "x"}, "sft": {"lora_alpha": 2}}))
+    recipe = load_recipe(tmp_path / "run.yaml", ["sft.lora_r=16"])
+    # Sections merge key by key; a list replaces the base's; the file wins over its bases, --set over everything.
+    assert recipe.as_set["model"] == {"head_hidden_dims": [16], "pooling": "max"}
+    assert recipe.as_set["sft"] == {"lora_r": 16, "lora_alpha": 2} and recipe.seed == 1
+    assert recipe.model.head_hidden_dims == [16] and recipe.base_models.tiny and "base" not in recipe.as_set
+    (tmp_path / "bases" / "paper.yaml").write_text(yaml.safe_dump({"base": "../run.yaml", "seed": 1}))
+    with pytest.raises(RecipeError, match=r"run\.yaml is its own base"):
+        load_recipe(tmp_path / "run.yaml")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"base": [3], "output_dir": "x"}))
+    with pytest.raises(RecipeError, match=r"bad\.yaml: base: expected a path or a list of paths, got 3"):
+        load_recipe(tmp_path / "bad.yaml")
+    assert "base (optional)  A recipe file, or a list of them" in recipe_help()
+
+
+def test_the_model_sections_config_options_default_to_the_configs():
+    from modeling_emovlm_kd import EmoVLMKDConfig
+    from train.infra.recipe import ModelSection
+
+    assert ModelSection.CONFIG_KEYS == (
+        "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
+        "gate_head_signal", "gate_num_experts", "categorical_prompt", "conversation_prompt", "reasoning_prompt")
+    section, config = ModelSection(), EmoVLMKDConfig.from_label_set("binary")
+    for key in ModelSection.CONFIG_KEYS:
+        if key.endswith("_prompt"):
+            assert getattr(section, key) is None  # unset: the config fills in the paper's wording
+        else:
+            assert getattr(section, key) == (list(config.head_hidden_dims) if key == "head_hidden_dims"
+                                             else getattr(config, key)), key

@@ -62,7 +62,7 @@ def test_a_data_set_added_through_the_registry_loads_validates_and_gets_its_card
     assert dataset_summary(dataset)["num_rows"] == {"train": 8, "validation": 8, "test": 8}
 
     recipe = {"output_dir": str(tmp_path / "run"), "labels": "mikels8", "data": {"kind": "artphoto", "root": "x"}}
-    assert validate_recipe(recipe).sections["data"].kind == "artphoto"
+    assert validate_recipe(recipe).data.kind == "artphoto"
     with pytest.raises(RecipeError, match=r"data\.label_file is not an option of data kind 'artphoto'"):
         validate_recipe({**recipe, "data": {"kind": "artphoto", "root": "x", "label_file": "y"}})
 

@@ -15,6 +15,7 @@ from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from modeling_emovlm_kd.fusion import head_from_config
 from train.infra.evaluation import evaluate_branches
 from train.infra.run import Run, open_run
+from train.stages.distill import initial_head
 from train.stages.gate import GateStudent
 from train.stages.pipeline import Pipeline
 
@@ -65,7 +66,7 @@ def test_one_evaluation_loads_every_artefact_once(tiny_run, monkeypatch):
 def test_stage_two_starts_from_the_models_initialisation(tiny_run):
     """Stage 2's head goes through the model's `_init_weights` (normal(initializer_range), zero biases)."""
     run = open_run(tiny_run[0])
-    head = Pipeline(run.spec).new_head(run.fused_config)
+    head = initial_head(run.fused_config, run.seed)
     model = EmoVLMKDForImageClassification(run.fused_config)
     torch.manual_seed(run.seed)
     expected = head_from_config(run.fused_config, initialise=False)

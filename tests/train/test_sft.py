@@ -126,7 +126,7 @@ def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the
     for row in pipeline.data["train"]:
         cache.append({"key": image_key(row["image"]), "kind": "conversation", "label": LABELS[row["label"]],
                       "answer": "Soft light on a quiet street.", "generator": "test"})
-    pipeline.run_sft()
+    pipeline.run_stage("sft")
 
     rows, trainer = seen["rows"], seen["trainer"]
     prompts = {kind: {m[0]["content"][1]["text"] for m, k in zip(rows["messages"], rows["kind"]) if k == kind}
@@ -134,7 +134,7 @@ def test_stage1_trains_on_the_recipes_prompts_and_the_assembled_model_scores_the
     assert prompts == {"categorical": {CUSTOM_PROMPTS["categorical_prompt"]},
                        "conversation": {CUSTOM_PROMPTS["conversation_prompt"]}}
 
-    model, processor = assemble(pipeline.stage_dir("sft") / "merged", LABELS, **pipeline.model_kwargs())
+    model, processor = assemble(pipeline.stage_dir("sft") / "merged", LABELS, **pipeline.recipe.model_kwargs())
     scored = model.config.prompt_token_ids
     assert scored == processor.prompt_token_ids()
     assert model.config.categorical_prompt == CUSTOM_PROMPTS["categorical_prompt"]

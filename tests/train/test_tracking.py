@@ -57,20 +57,41 @@ def test_every_stage_logs_to_the_recipes_tracker_as_run_slash_stage(colour_folde
 
 
 def test_a_recipes_run_name_wins_and_wandb_groups_the_runs_stages(tmp_path, monkeypatch):
-    from train.stages.distill import DistillationConfig
-    from train.stages.sft import SFTStageConfig
+    from train.configs.distill_config import DistillationConfig
+    from train.configs.sft_config import SFTStageConfig
 
+    # The recipe's trackers must be installed (checked at validation); this test needs wandb's name only.
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: True)
     monkeypatch.setenv("WANDB_RUN_GROUP", "placeholder")
     monkeypatch.delenv("WANDB_RUN_GROUP")  # restored (removed) after the test
     recipe = {"output_dir": str(tmp_path / "emoset-7b"), "labels": "mikels8",
               "data": {"kind": "imagefolder", "root": "x"},
               "sft": {"report_to": ["wandb"], "run_name": "my-own-name"}, "distill": {"report_to": "wandb"}}
     pipeline = Pipeline(recipe)
-    distill = pipeline.stage_args("distill", DistillationConfig)
+    distill = pipeline.stage_args("distill")
+    assert isinstance(distill, DistillationConfig)
     assert distill.report_to == ["wandb"] and distill.run_name == "emoset-7b/distill"
     assert os.environ["WANDB_RUN_GROUP"] == "emoset-7b"
-    sft = pipeline.stage_args("sft", SFTStageConfig, model_name_or_path="unused")
+    sft = pipeline.stage_args("sft", model_name_or_path="unused")
+    assert isinstance(sft, SFTStageConfig)
     assert sft.report_to == ["wandb"] and sft.run_name == "my-own-name"
     monkeypatch.setenv("WANDB_RUN_GROUP", "chosen-by-the-user")
-    pipeline.stage_args("distill", DistillationConfig)
+    pipeline.stage_args("distill")
     assert os.environ["WANDB_RUN_GROUP"] == "chosen-by-the-user"
+
+
+def test_a_recipe_naming_a_tracker_that_is_not_installed_is_refused_at_validation(tmp_path, monkeypatch):
+    """transformers checks a tracker only when `Trainer` starts (and for TensorBoard asks for tensorboardX): the
+    recipe is refused up front, in one line naming the key and what to install."""
+    from train.infra.recipe import RecipeError, validate_recipe
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
+    recipe = {"output_dir": str(tmp_path / "run"), "labels": "binary", "data": {"kind": "imagefolder", "root": "x"},
+              "teacher": {"report_to": ["tensorboard"]}}
+    with pytest.raises(RecipeError, match=r"teacher\.report_to: tensorboard is not installed: pip install "
+                                          r"\"emovlm-kd\[tracking\]\"") as error:
+        validate_recipe(recipe, where="r.yaml")
+    assert "\n" not in str(error.value)
+    recipe["teacher"]["report_to"] = ["tensorbord"]
+    with pytest.raises(RecipeError, match=r"teacher\.report_to: 'tensorbord' is not a tracker transformers knows"):
+        validate_recipe(recipe, where="r.yaml")

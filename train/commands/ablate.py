@@ -55,9 +55,8 @@ from modeling_emovlm_kd.fusion import gate_from_config
 from train import STAGES
 from train.infra.evaluation import branch_name, classification_metrics, markdown_table, save_figure
 from train.infra.files import write_json_atomic
-from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, open_run
+from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, count_parameters, open_run
 from train.stages.pipeline import Pipeline, child_pipeline
-from train.stages.trainer_utils import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +252,7 @@ def depth_variants(parent: RunData, settings: Settings, min_width: int = MIN_WID
 def alpha_variants(parent: RunData, settings: Settings, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[Variant]:
     """Figure 3: the run's head trained with each KL weight α (stage 2 only); test accuracy and KL to the teacher."""
     dims = parent.config.head_hidden_dims
-    temperature = float(settings.stage_values(parent.run.recipe, "distill").get("temperature", 2.0))
+    temperature = parent.run.recipe.distill.temperature
 
     def score(child: Run) -> dict[str, float]:
         logits, teacher = child.head_logits("test"), child.features("test")["teacher_logits"]
@@ -290,14 +289,14 @@ def gate_variants(parent: RunData, settings: Settings) -> list[Variant]:
 def child_run(parent: RunData, what: str, variant: Variant, seed: int, settings: Settings) -> Pipeline:
     """The variant as a child run of the parent, `<run>/ablations/<what>/<slug>/seed-<seed>`: the recipe with the
     variant's and the ablation's overrides, every stage before the variant's first one linked from the parent."""
-    spec = parent.run.spec
+    recipe = parent.run.recipe
     overrides = {section: dict(values) for section, values in variant.overrides.items()}
     for stage in ("distill", "gate"):
         if stage in variant.stages:
             overrides[stage] = {**overrides.get(stage, {}), **settings.overrides(stage), "seed": seed}
     shared = STAGES[: STAGES.index(variant.stages[0])]
     folder = parent.run.output_dir / "ablations" / what / variant.slug / f"seed-{seed}"
-    return child_pipeline(spec, folder, overrides, shared, where=f"{spec.source} ({what} {variant.name}, "
+    return child_pipeline(recipe, folder, overrides, shared, where=f"{recipe.source} ({what} {variant.name}, "
                                                                  f"seed {seed})")
 
 
@@ -459,7 +458,7 @@ def plot_table(table: dict, path: Path) -> Path:
 
 def _epochs_note(parent: RunData, settings: Settings, what: str) -> str:
     stages = {"depth": ("distill", "gate"), "alpha": ("distill",), "gate": ("gate",)}[what]
-    recipe = parent.run.recipe
+    recipe = parent.run.recipe.as_set
     parts = [f"{stage} {settings.stage_values(recipe, stage).get('num_train_epochs', 'default')} epochs"
              for stage in stages]
     return ", ".join(parts) + (" (--epochs override)" if settings.epochs is not None else " (the run's recipe)")

@@ -23,7 +23,7 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
-from train.infra import registry
+from train.infra import registry, stage_table
 from train.infra import run as run_folder  # the run folder's light readers (no torch)
 from train.infra.evaluation import branch_name, vlm_name
 
@@ -31,12 +31,7 @@ from train.infra.evaluation import branch_name, vlm_name
 CARDS_DIR = Path(__file__).resolve().parents[2] / "hub_cards"
 TEMPLATE_PATH = CARDS_DIR / "README.md.j2"
 VARIANTS_PATH = CARDS_DIR / "variants.yaml"
-STAGE_TITLES = {
-    "sft": "Stage 1: instruction tuning of the VLM (TRL `SFTTrainer`)",
-    "teacher": "Teacher: fine-tuning the vision teacher on the labels",
-    "distill": "Stage 2: distilling the teacher into the head, on the frozen VLM's visual features",
-    "gate": "Stage 3: training the gate on the frozen VLM's and head's predictions",
-}
+STAGE_TITLES = {stage.name: stage.title for stage in stage_table.stages() if stage.title}
 # Recipe keys that describe logging rather than training; the card leaves them out.
 NOT_HYPERPARAMETERS = {"disable_tqdm", "logging_steps", "report_to", "save_steps", "save_strategy", "save_total_limit"}
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")

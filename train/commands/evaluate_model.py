@@ -302,6 +302,13 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str | 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `python -m train evaluate-model` (also those of its alias `evaluate --model`)."""
+    add_model_arguments(parser)
+    parser.add_argument("--output-dir", help="Folder of results.json, confusion_matrix.png and the resumable cache.")
+    parser.add_argument("--force", action="store_true", help="Drop the cache and score every image again.")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the data and how to score: what `evaluate-model` and `verify --model` share."""
     from train.infra import registry
     from train.infra.data import ALL, SPLITS
 
@@ -322,25 +329,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="dtype of the VLM (auto: bf16 on a GPU that has it, else float32).")
     group.add_argument("--device", help="cuda, cpu, ... (default: cuda when available).")
-    group.add_argument("--output-dir", help="Folder of results.json, confusion_matrix.png and the resumable cache.")
-    group.add_argument("--force", action="store_true", help="Drop the cache and score every image again.")
     options = parser.add_argument_group("data options (the recipe's data section, see `python -m train recipe --help`)")
     for field in data_option_fields():
         options.add_argument(f"--{field.name.replace('_', '-')}", dest=f"data_{field.name}",
                              metavar=field.name.upper(), help=field.metadata.get("help"))
 
 
-def main(args: argparse.Namespace) -> int:
-    """`python -m train evaluate-model`: user errors exit with status 2 and a message, without a traceback."""
+def data_from_args(args: argparse.Namespace) -> tuple[dict, list[str] | str | None]:
+    """The checked `data` section and the `--labels` of parsed `add_arguments` options (`RecipeError` naming a bad
+    option). Lists and mappings (fractions, load_kwargs) are YAML, as in `--set`; other options are taken as written."""
     import yaml
 
-    from train.infra.locks import LockedError
-    from train.infra.recipe import RecipeError
-
-    if not args.data or not args.output_dir:
-        print("error: evaluate-model needs --data KIND and --output-dir DIR.", file=sys.stderr)
-        return 2
-    # Lists and mappings (fractions, load_kwargs) are YAML, as in `--set`; every other option is taken as written.
     text_fields = {"root", "split_file", "label_file", "image_dir", "name_or_path", "image_column", "label_column"}
     options = {}
     for field in data_option_fields():
@@ -348,8 +347,20 @@ def main(args: argparse.Namespace) -> int:
         if value is not None:
             options[field.name] = value if field.name in text_fields else yaml.safe_load(value)
     labels = args.labels.split(",") if args.labels and "," in args.labels else args.labels
+    return data_section(args.data, options), labels
+
+
+def main(args: argparse.Namespace) -> int:
+    """`python -m train evaluate-model`: user errors exit with status 2 and a message, without a traceback."""
+    from train.infra.locks import LockedError
+    from train.infra.recipe import RecipeError
+
+    if not args.data or not args.output_dir:
+        print("error: evaluate-model needs --data KIND and --output-dir DIR.", file=sys.stderr)
+        return 2
     try:
-        evaluate_model(args.model, data_section(args.data, options), args.output_dir, split=args.split,
+        data, labels = data_from_args(args)
+        evaluate_model(args.model, data, args.output_dir, split=args.split,
                        revision=args.revision, labels=labels, batch_size=args.batch_size,
                        cache_every=args.cache_every, dtype=args.dtype, device=args.device, force=args.force)
     except (EvaluationError, RecipeError, LockedError) as err:
@@ -358,4 +369,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EvaluationError", "add_arguments", "evaluate_model", "main", "resolve_model", "score_batch"]
+__all__ = ["EvaluationError", "add_arguments", "add_model_arguments", "data_from_args", "evaluate_model", "main",
+           "resolve_model", "score_batch"]

@@ -3,14 +3,19 @@
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
     torchrun --nproc_per_node 2 -m train predict --model runs/demo/final --input photos/ --output preds.csv
 
-Rows are written as soon as each batch is classified (JSONL or CSV by the output's suffix), in input order. A file
-that cannot be read or classified gets a row with its error, and the run goes on (a batch that fails is retried one
-image at a time, so only the bad image gets an error row); the summary counts it. Files of a folder that are not
-images (`.svg`, broken or looping symlinks, other suffixes) are reported and counted as skipped. A rerun with the
+Images are classified by the checkpoint's own `pipeline("image-classification")` (`pipeline_emovlm_kd.py`, loaded by
+`loading_emovlm_kd.load_pipeline`: the front door the app and the Inference Endpoints handler use too), so a file
+gets the same labels and scores behind every door. Rows are written as soon as each batch is classified (JSONL or
+CSV by the output's suffix), in input order. A file that cannot be read or classified gets a row with its error,
+and the run goes on (only the bad image gets an error row); the summary counts it. Files of a folder that are not
+images (`.svg`, broken or looping symlinks, other suffixes: `loading_emovlm_kd.skip_reason`) are reported and
+counted as skipped. `--explain` adds each image's reasoning answer (`explanation`), one generation of up to
+`--max-new-tokens` tokens per image: much slower than classifying. A rerun with the
 same output skips the images already there, so a killed run resumes without duplicating or losing rows. Under
 `torchrun`, each process classifies a disjoint shard (`accelerate`'s `split_between_processes`) into
 `<output>.part<rank>`; the parts' rows are gathered (`gather_object`) and the main process merges them.
-`--num-workers N` decodes and preprocesses images in N `DataLoader` worker processes while the model runs.
+`--num-workers N` decodes and preprocesses images in N `DataLoader` worker processes (the pipeline's) while the
+model runs.
 
 While a run writes `<output>`, it holds the lock `<output>.lock` (its PID in `<output>.lock.pid`); a second run into
 the same output fails at once, naming the lock and the PID. The lock is the operating system's (`flock`), so the
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import errno
 import io
 import logging
 import os
@@ -33,22 +37,27 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from modeling_emovlm_kd.inference import PreparedBatch, classify, prepare_batch
+# `loading_kwargs` is also `evaluate --model`'s (imported from here).
+from modeling_emovlm_kd.loading_emovlm_kd import DTYPES, load_pipeline, loading_kwargs, skip_reason
 from train.commands.arguments import non_negative_int, positive_int
 from train.infra.locks import LockedError, exclusive
 from train.infra.records import RecordStore
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# Image formats PIL cannot decode (vector graphics, HEIF): skipped with their own reason, not as "not an image".
-UNSUPPORTED_IMAGE_SUFFIXES = {".svg", ".svgz", ".heic", ".heif"}
 CSV_FIELDS = ["path", "label", "score", "vlm_label", "head_label", "error"]
+EXPLAIN_FIELDS = ["explanation"]  # with --explain
+
+
+class PredictionsFileError(ValueError):
+    """The output file cannot take this run's rows (its CSV columns are another run's)."""
+
+
+class OutdatedCheckpointError(ValueError):
+    """The checkpoint's pipeline is not the front door this tool reads (it was exported by an earlier version)."""
 
 
 @dataclass
@@ -67,20 +76,6 @@ class PredictionSummary:
             counts = ", ".join(f"{len(paths)} {reason.replace('_', ' ')}" for reason, paths in self.skipped.items())
             text += f"; {sum(map(len, self.skipped.values()))} files skipped ({counts})"
         return text
-
-
-def skip_reason(path: Path) -> str | None:
-    """Why a file of an input folder is not an image to classify, or None if it is one."""
-    try:
-        path.stat()
-    except OSError as err:
-        return "symlink_loop" if err.errno == errno.ELOOP else "broken_symlink" if path.is_symlink() else "unreadable"
-    if not path.is_file():
-        return "not_a_file"
-    suffix = path.suffix.lower()
-    if suffix in UNSUPPORTED_IMAGE_SUFFIXES:
-        return "unsupported_format"
-    return None if suffix in IMAGE_SUFFIXES else "not_an_image"
 
 
 def scan_inputs(source: str | Path) -> tuple[list[str], dict[str, list[str]]]:
@@ -162,25 +157,34 @@ def read_rows(path: Path) -> list[dict]:
 
 
 class RowWriter:
-    """Appends rows and makes each batch durable before the next one starts (JSONL: a `RecordStore`)."""
+    """Appends rows and makes each batch durable before the next one starts (JSONL: a `RecordStore`). A CSV file
+    has `fields` as its columns; appending to one with other columns is refused."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fields: Sequence[str] = CSV_FIELDS):
         self.path = path
+        self.fields = list(fields)
         self.csv = path.suffix == ".csv"
         if not self.csv:
             self.store = _row_store(path)
             path.touch()  # an empty run still leaves its (empty) output
             return
         new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with open(path, newline="") as handle:
+                header = next(csv.reader(handle), [])
+            if header != self.fields:
+                raise PredictionsFileError(
+                    f"{path} has the columns {header}, this run writes {self.fields} (--explain adds "
+                    f"{EXPLAIN_FIELDS}): resume it as it was started, or write to another file.")
         self.handle = open(path, "a", newline="")
         if new:
-            csv.DictWriter(self.handle, CSV_FIELDS).writeheader()
+            csv.DictWriter(self.handle, self.fields).writeheader()
 
     def write(self, rows: Sequence[dict]) -> None:
         if not self.csv:
             self.store.append(rows)
             return
-        writer = csv.DictWriter(self.handle, CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(self.handle, self.fields, extrasaction="ignore")
         writer.writerows({**row, "error": row.get("error") or ""} for row in rows)
         self.handle.flush()
         os.fsync(self.handle.fileno())
@@ -190,91 +194,82 @@ class RowWriter:
             self.handle.close()
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def loading_kwargs(device: str, revision: str | None = None, dtype: str | None = None, device_map: str | None = None,
-                   load_in_4bit: bool = False) -> dict:
-    """`from_pretrained` arguments for a checkpoint as users load it: a pinned `revision`, a dtype (default: bf16 on
-    a GPU that has it, else float32), `device_map` (e.g. "auto"), or 4-bit NF4 weights (the head and the gate stay
-    in float32: the model class keeps them out of quantization)."""
-    if dtype in (None, "auto"):
-        dtype_ = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype_ = DTYPES[dtype]
-    kwargs = {"dtype": dtype_}
-    if revision:
-        kwargs["revision"] = revision
-    if device_map:
-        kwargs["device_map"] = device_map
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype_)
-        kwargs.setdefault("device_map", {"": device})
-    return kwargs
-
-
 class Predictor:
-    """An EmoVLM-KD checkpoint ready for batched, error-tolerant inference."""
+    """An EmoVLM-KD checkpoint's front door (`load_pipeline`) and the rows `predict` writes from its answers."""
 
     def __init__(self, model_path: str, top_k: int = 3, device: str | None = None, revision: str | None = None,
-                 dtype: str | None = None, device_map: str | None = None, load_in_4bit: bool = False):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        kwargs = loading_kwargs(self.device, revision, dtype, device_map, load_in_4bit)
-        self.model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True, **kwargs)
-        if "device_map" not in kwargs:
-            self.model.to(self.device)
-        self.model.eval()
+                 dtype: str | None = None, device_map: str | None = None, load_in_4bit: bool = False,
+                 explain: bool = False, max_new_tokens: int | None = None):
+        self.pipeline = load_pipeline(model_path, revision=revision, dtype=dtype or "auto", device=device,
+                                      device_map=device_map, load_in_4bit=load_in_4bit)
+        if not getattr(self.pipeline, "answers_every_branch", False):
+            raise OutdatedCheckpointError(
+                f"{model_path} ships a pipeline_emovlm_kd.py from before the front door answered every branch: "
+                "export it again with this version (python -m train export --config RECIPE).")
+        self.model = self.pipeline.model
+        self.image_processor = self.pipeline.image_processor
         self.device = self.model.get_input_embeddings().weight.device
-        self.image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True,
-                                                                  revision=revision)
         self.labels = self.model.config.id2label
         self.top_k = min(top_k, len(self.labels))
+        self.explain = explain
+        self.options = {"top_k": self.top_k}
+        if explain:
+            self.options.update(explain=True, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
 
-    def prepare(self, paths: Sequence[str]) -> PreparedBatch:
-        """Decode and preprocess a batch on the CPU (`prepare_batch` with this checkpoint's processor)."""
-        return prepare_batch(self.image_processor, paths)
+    @property
+    def fields(self) -> list[str]:
+        """The CSV columns of this predictor's rows."""
+        return CSV_FIELDS + (EXPLAIN_FIELDS if self.explain else [])
 
-    def classify(self, batch: PreparedBatch) -> list[dict]:
-        """One row per path of a prepared batch: its labels, or the error that kept it from being classified
-        (`modeling_emovlm_kd/inference.py`, the app's code too: a failing batch is retried one image at a time)."""
-        return [result.row(self.labels, self.top_k) for result in classify(self.model, self.image_processor, batch)]
+    def row(self, path: str, answer: list[dict]) -> dict:
+        """The row for one file from the front door's answer: path, error (None when classified), the fused label,
+        its probability and the `top_k` labels, the VLM's and the head's own labels (and the explanation)."""
+        top = answer[0]
+        if top.get("error") is not None:
+            return {"path": path, "error": top["error"]}
+        row = {
+            "path": path,
+            "error": None,
+            "label": top["label"],
+            "score": round(top["score"], 6),
+            "top_k": [{"label": e["label"], "score": round(e["score"], 6)} for e in answer],
+            "vlm_label": top["vlm"]["label"],
+            "head_label": top["head"]["label"],
+        }
+        if self.explain:
+            row["explanation"] = top["explanation"]
+        return row
 
     def predict(self, paths: Sequence[str]) -> list[dict]:
-        """Rows for one batch of image files (decoded, preprocessed and classified here)."""
-        return self.classify(self.prepare(paths))
+        """Rows for one batch of image files."""
+        return next(self.predict_batches([paths]), [])
 
     def predict_batches(self, chunks: Sequence[Sequence[str]], num_workers: int = 0) -> Iterator[list[dict]]:
-        """Rows of each chunk of paths, in order. With `num_workers` > 0, `DataLoader` worker processes decode and
-        preprocess the next chunks while the model classifies the current one; the rows are the same."""
-        if num_workers == 0:
-            for chunk in chunks:
-                yield self.predict(chunk)
+        """Rows of each chunk of paths, in order, as the pipeline classifies them (one forward pass per chunk of the
+        largest chunk's size). With `num_workers` > 0 the pipeline's `DataLoader` workers decode and preprocess the
+        next images while the model classifies; the rows are the same."""
+        chunks = [list(chunk) for chunk in chunks]
+        paths = [path for chunk in chunks for path in chunk]
+        if not paths:
             return
-        loader = DataLoader(_Chunks(self, chunks), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-        for batch in loader:
-            yield self.classify(batch)
+        answers = iter(self.pipeline(_Paths(paths), batch_size=max(map(len, chunks)), num_workers=num_workers,
+                                     **self.options))
+        for chunk in chunks:
+            yield [self.row(path, next(answers)) for path in chunk]
 
 
-class _Chunks(TorchDataset):
-    """Chunk `i` of the paths, decoded and preprocessed (workers get the processor, never the model's weights)."""
+class _Paths(TorchDataset):
+    """Paths as a map-style data set: the pipeline streams its answers (and may decode in workers) instead of
+    classifying a whole list before returning."""
 
-    def __init__(self, predictor: Predictor, chunks: Sequence[Sequence[str]]):
-        self.image_processor = predictor.image_processor
-        self.chunks = list(chunks)
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.paths)
 
-    def __getitem__(self, index: int) -> PreparedBatch:
-        return prepare_batch(self.image_processor, self.chunks[index])
-
-
-def _as_is(batch):
-    return batch
+    def __getitem__(self, index: int) -> str:
+        return self.paths[index]
 
 
 def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -306,7 +301,7 @@ def _predict_files(predictor: Predictor, paths: Sequence[str], output: Path, bat
     done = set(done) | {row["path"] for row in read_rows(output)}
     summary.resumed = sum(path in done for path in paths)
     todo = [path for path in paths if path not in done]
-    writer = RowWriter(output)
+    writer = RowWriter(output, predictor.fields)
     try:
         chunks = list(batches(todo, batch_size))
         for rows in tqdm(predictor.predict_batches(chunks, num_workers), total=len(chunks), desc="Predicting",
@@ -328,12 +323,13 @@ def summarize(rows: Sequence[dict], total: int) -> PredictionSummary:
     return PredictionSummary(total=total, predicted=len(rows) - len(errors), failed=len(errors), errors=errors)
 
 
-def merge_rows(shard_rows: Sequence[dict], paths: Sequence[str], output: Path) -> None:
+def merge_rows(shard_rows: Sequence[dict], paths: Sequence[str], output: Path,
+               fields: Sequence[str] = CSV_FIELDS) -> None:
     """Write the earlier output's rows and the shards' (gathered) rows into `output` in input order, atomically."""
     rows = {row["path"]: row for row in (*read_rows(output), *shard_rows)}
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.unlink(missing_ok=True)
-    writer = RowWriter(tmp)
+    writer = RowWriter(tmp, fields)
     writer.write([rows[path] for path in paths if path in rows])
     writer.close()
     os.replace(tmp, output)
@@ -342,7 +338,8 @@ def merge_rows(shard_rows: Sequence[dict], paths: Sequence[str], output: Path) -
 def run_predict(model: str, source: str, output: str | Path, batch_size: int = 8, top_k: int = 3,
                 show_progress: bool = True, num_workers: int = 0, **loading) -> PredictionSummary:
     """Classify every image of `source` into `output`; `num_workers` `DataLoader` workers decode and preprocess
-    (0: the main process does); `loading`: `Predictor`'s revision, dtype, device_map and load_in_4bit."""
+    (0: the main process does); `loading`: `Predictor`'s revision, dtype, device_map, load_in_4bit, explain and
+    max_new_tokens."""
     state = PartialState(cpu=not torch.cuda.is_available())
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +369,7 @@ def _run_predict(state: PartialState, model: str, source: str, output: Path, bat
         print(f"Rank {state.process_index}/{state.num_processes}: shard of {len(shard)} images: {summary}", flush=True)
         rows = gather_object(read_rows(part))
         if state.is_main_process:
-            merge_rows(rows, paths, output)
+            merge_rows(rows, paths, output, predictor.fields)
             summary = summarize(read_rows(output), len(paths))
         state.wait_for_everyone()  # the output is complete before any part file goes
         part.unlink(missing_ok=True)  # every rank has released its part's lock; the output's lock still guards the run
@@ -395,7 +392,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Weights' dtype (auto: bfloat16 on a GPU that has it, else float32; head and gate stay "
                              "float32).")
     parser.add_argument("--device-map", help="accelerate device map, e.g. 'auto' to spread a large model over GPUs.")
-    parser.add_argument("--load-in-4bit", action="store_true", help="Load the VLM in 4-bit NF4 (bitsandbytes).")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="Load the VLM in 4-bit NF4 with double quantisation (bitsandbytes; lm_head, the visual "
+                             "merger, the head and the gate stay in full precision).")
+    parser.add_argument("--explain", action="store_true",
+                        help="Also write each image's reasoning answer (column `explanation`): the VLM generates it "
+                             "after the paper's reasoning prompt, one generation per image, much slower than "
+                             "classifying. The label is unchanged.")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128,
+                        help="Bound of each explanation, in tokens (with --explain; default 128).")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -403,9 +408,10 @@ def main(args: argparse.Namespace) -> int:
     classified."""
     try:
         summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k,
-                              num_workers=args.num_workers, revision=args.revision, dtype=args.dtype, device_map=args.device_map,
-                              load_in_4bit=args.load_in_4bit)
-    except LockedError as err:
+                              num_workers=args.num_workers, revision=args.revision, dtype=args.dtype,
+                              device_map=args.device_map, load_in_4bit=args.load_in_4bit, explain=args.explain,
+                              max_new_tokens=args.max_new_tokens)
+    except (LockedError, PredictionsFileError, OutdatedCheckpointError) as err:
         raise SystemExit(f"train predict: {err}") from None
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         print(summary)
@@ -417,5 +423,5 @@ def main(args: argparse.Namespace) -> int:
     return 1 if summary.failed and not summary.predicted else 0
 
 
-__all__ = ["PreparedBatch", "PredictionSummary", "Predictor", "add_arguments", "list_inputs", "output_lock",
-           "main", "predict_files", "read_rows", "run_predict", "scan_inputs"]
+__all__ = ["OutdatedCheckpointError", "PredictionSummary", "PredictionsFileError", "Predictor", "add_arguments", "list_inputs", "loading_kwargs",
+           "main", "output_lock", "predict_files", "read_rows", "run_predict", "scan_inputs"]

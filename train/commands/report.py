@@ -101,7 +101,7 @@ def adapter_parameters(run_dir: Path) -> int | None:
 
 def _vlm_trained(run: Run, total: int) -> str:
     """What stage 1 trained of the VLM: all of it, or a LoRA adapter (`use_peft` defaults to LoRA)."""
-    if not run.recipe.get("sft", {}).get("use_peft", True):
+    if not run.recipe.sft.use_peft:
         return f"{total:,} (stage 1, full fine-tuning)"
     lora = adapter_parameters(run.output_dir)
     return f"{lora:,} (stage 1, LoRA)" if lora is not None else "a LoRA adapter (stage 1; adapter file not found)"
@@ -393,7 +393,7 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None, exam
     plot_confusion_matrices(test, report_dir / "confusion_matrices.png", vlm_type)
     figure, note, picked = _disagreement_figure(run, outputs, examples, report_dir)
 
-    recipe = public_recipe(run.recipe, run_dir)  # a report is shared: no secrets, no local paths
+    recipe = public_recipe(run.recipe.as_set, run_dir)  # a report is shared: no secrets, no local paths
     lines = [f"# EmoVLM-KD report: `{run_dir.name}`", "",
              f"Run folder `{run_dir.name}`; {len(label_names)} classes ({', '.join(label_names)}); test split of "
              f"{num_examples} images, validation split of {len(validation_outputs.labels)}. "

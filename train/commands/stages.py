@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int | None:
     """Validate the recipe, then print it (`recipe`) or run the stage(s); user errors are one line, status 1 or 2."""
     if args.command == "evaluate" and (args.model or not args.config):
         return evaluate_alias(args)
-    from train.infra.recipe import RecipeError, load_recipe, public_recipe
+    from train.infra.recipe import RecipeError, load_recipe
 
     try:
         # Everything is validated before any stage runs or anything is deleted.
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int | None:
         import yaml
 
         print(f"# {args.config}: valid. As stored in results.json (secrets and local paths removed):")
-        print(yaml.safe_dump(public_recipe(recipe.raw, recipe.output_dir), sort_keys=False), end="")
+        print(yaml.safe_dump(recipe.public(), sort_keys=False), end="")
         return 0
     from train.infra.locks import LockedError
     from train.stages.pipeline import Pipeline, StageError, print_results

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 
 import modeling_emovlm_kd
 from modeling_emovlm_kd import (
-    PIPELINE_FILE,
+    FRONT_DOOR_FILES,
     EmoVLMKDConfig,
     EmoVLMKDForImageClassification,
     EmoVLMKDImageProcessor,
@@ -27,31 +27,23 @@ from modeling_emovlm_kd import (
 )
 from modeling_emovlm_kd.backbones import DEFAULT_MODEL_TYPE, get_backbone
 from modeling_emovlm_kd.configuration_emovlm_kd import PROMPT_KEYS
+from modeling_emovlm_kd.loading_emovlm_kd import TRAINED_MODULES
+from modeling_emovlm_kd.loading_emovlm_kd import quantization_config as four_bit_config
 from train.infra.files import public_json
 
-# Modules that stay in full precision when the VLM is loaded in 4 bits: the heads are tiny, and bitsandbytes'
-# CPU kernels need Linear input sizes that are multiples of 64; the backbone adds its own (`lm_head`, the visual
-# mergers: `backbones.py`).
-TRAINED_MODULES = ("distillation_head", "gate")
+# Modules that stay in full precision when the VLM is loaded in 4 bits (`loading_emovlm_kd.py`).
 FULL_PRECISION_MODULES = get_backbone(DEFAULT_MODEL_TYPE).skip_modules(TRAINED_MODULES)
 
 
 def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype = torch.bfloat16,
                         model_type: str = DEFAULT_MODEL_TYPE) -> BitsAndBytesConfig | None:
-    """QLoRA's 4-bit NF4 with double quantisation, or `None` for a full-precision model; `model_type` (the VLM
-    config's) names the backbone whose modules stay in full precision."""
+    """The one 4-bit configuration (`loading_emovlm_kd.quantization_config`), or `None` for a full-precision model;
+    `model_type` (the VLM config's) names the backbone whose modules stay in full precision."""
     if not load_in_4bit:
         return None
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-        # FSDP shards flat parameters of one dtype: store the 4-bit weights in the compute dtype (peft's recipe).
-        bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
-        llm_int8_skip_modules=get_backbone(model_type).skip_modules(TRAINED_MODULES),
-    )
+    # FSDP shards flat parameters of one dtype: store the 4-bit weights in the compute dtype (peft's recipe).
+    return four_bit_config(compute_dtype, model_type, quant_storage=compute_dtype if fsdp else torch.uint8)
 
 
 def load_processor(
@@ -178,8 +170,9 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
         if (public := public_json(staging / "config.json")) is not None:
             (staging / "config.json").write_bytes(public)
         processor.save_pretrained(staging)
-        # The pipeline class named by `config.custom_pipelines` is not an Auto class: copy its file by hand.
-        shutil.copy2(Path(modeling_emovlm_kd.__file__).parent / PIPELINE_FILE, staging / PIPELINE_FILE)
+        # The pipeline class named by `config.custom_pipelines` is not an Auto class: copy its files by hand.
+        for name in FRONT_DOOR_FILES:
+            shutil.copy2(Path(modeling_emovlm_kd.__file__).parent / name, staging / name)
         _make_world_readable(staging)
         if output_dir.exists():
             backup = output_dir.with_name(f".{output_dir.name}.old")

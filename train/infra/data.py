@@ -27,7 +27,6 @@ evaluated whole, as the split `all`.
 
 from __future__ import annotations
 
-import errno
 import inspect
 import json
 import logging
@@ -42,6 +41,9 @@ import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value, concatenate_datasets
 
 from modeling_emovlm_kd.configuration_emovlm_kd import LABEL_SETS, resolve_label_set
+from modeling_emovlm_kd.loading_emovlm_kd import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
+from modeling_emovlm_kd.loading_emovlm_kd import UNSUPPORTED_IMAGE_SUFFIXES as UNSUPPORTED_IMAGE_EXTENSIONS
+from modeling_emovlm_kd.loading_emovlm_kd import skip_reason as _skip_reason
 from train.infra import registry
 from train.infra.files import write_json_atomic
 
@@ -51,9 +53,10 @@ SPLITS = ("train", "validation", "test")
 # Every image of a data set as one split, whatever its own splits: what evaluation scores of data without splits.
 ALL = "all"
 DEFAULT_FRACTIONS = (0.8, 0.05, 0.15)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# Image formats PIL cannot decode (vector graphics, HEIF): skipped as `unsupported_image_format`.
-UNSUPPORTED_IMAGE_EXTENSIONS = (".svg", ".svgz", ".heic", ".heif")
+# Which files are images, and why an entry is skipped (`unsupported_image_format`, `non_image_file`, ...), are the
+# model package's (`loading_emovlm_kd.py`): `train predict` and the app read the same.
+# Skip reasons counted without a warning: ordinary files and sub-folders.
+_QUIET_SKIPS = ("non_image_file", "not_a_file")
 # Names under which data sets ship their validation split.
 _VALIDATION_ALIASES = ("validation", "val", "valid", "dev")
 _VOTE_VALUES = {"positive": 1, "pos": 1, "1": 1, "+1": 1, "neutral": 0, "neu": 0, "0": 0,
@@ -119,27 +122,9 @@ def _check_nonempty(label_ids: Iterable[int], labels: Sequence[str], where: str)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _skip_reason(path: Path) -> str | None:
-    """Why a folder entry is not an image to load (None: it is one). Broken and looping symlinks, and images in a
-    format PIL cannot read, get their own reasons; anything else is a `non_image_file`."""
-    try:
-        path.stat()
-    except OSError as err:
-        return "symlink_loop" if err.errno == errno.ELOOP else "broken_symlink"
-    if _is_image(path):
-        return None
-    if path.is_file() and path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
-        return "unsupported_image_format"
-    return "non_image_file"
-
-
 def _count_skip(path: Path, reason: str, skipped: Counter) -> None:
     skipped[reason] += 1
-    if reason != "non_image_file":  # these are few and surprising: name each one
+    if reason not in _QUIET_SKIPS:  # these are few and surprising: name each one
         logger.warning("Skipping %s (%s).", path, reason.replace("_", " "))
 
 
@@ -181,7 +166,7 @@ def _index_images_by_stem(folder: Path, skipped: Counter | None = None) -> dict[
         reason = _skip_reason(path)
         if reason is None:
             index.setdefault(path.stem, []).append(path)
-        elif reason != "non_image_file" and skipped is not None and not path.name.startswith("."):
+        elif reason not in _QUIET_SKIPS and skipped is not None and not path.name.startswith("."):
             _count_skip(path, reason, skipped)
     return index
 

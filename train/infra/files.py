@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +37,23 @@ def write_json_atomic(data: Any, path: str | Path, default: Callable[[Any], Any]
     return write_text_atomic(lambda: json.dumps(data, indent=2, default=default) + "\n", path)
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 over a model folder's weight files (`*.safetensors` and their index, by name, in name order): the
+    identity of the weights that were saved, recorded by the export and checked by `python -m train verify`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors"
+                                                                  or p.name.endswith(".safetensors.index.json")))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights.")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def without_local_paths(data: Any) -> Any:
     """A saved config's JSON with every `_name_or_path` that names a local path (absolute, or under `~`) emptied, at
     any depth.
@@ -62,4 +80,4 @@ def public_json(path: str | Path) -> bytes | None:
     return (json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-__all__ = ["public_json", "without_local_paths", "write_json_atomic", "write_text_atomic"]
+__all__ = ["public_json", "weights_sha256", "without_local_paths", "write_json_atomic", "write_text_atomic"]

@@ -7,9 +7,12 @@ A recipe is a YAML file with these top-level keys:
     base_models                  `BaseModelsSection`
     instructions                 `InstructionsSection` (who writes the conversation/reasoning answers)
     model                        `ModelSection` (the fused model's options, saved in its config)
-    sft, teacher, distill, gate  the stages' own argument classes (`SFTStageConfig`, `TeacherConfig`, ...)
+    sft, teacher, distill, gate  the stage configs of the stage table (`train/configs/`: `SFTStageConfig`, ...)
+    base                         optional: recipe file(s) merged under this one (`train/recipes/paper.yaml` holds
+                                 the paper's hyperparameters; each data set/backbone recipe states what differs)
 
-`load_recipe` parses each section with `HfArgumentParser.parse_dict(..., allow_extra_keys=False)` after checking
+`load_recipe` merges the bases first, so what is validated, hashed for provenance and stored is the resolved
+recipe. It parses each section with `HfArgumentParser.parse_dict(..., allow_extra_keys=False)` after checking
 every key and the type of every value against the section's dataclass, so a misspelled section or key, or a value
 of the wrong type, fails at once with `section.key`, what was wrong and the allowed keys, before anything is trained
 or deleted. `python -m train recipe --help` lists every field with its help text and default.
@@ -21,22 +24,33 @@ paths made relative to the run or dropped.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
+import functools
 import inspect
 import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from modeling_emovlm_kd import GATE_TYPES, resolve_label_set
-from train.infra import registry
+from modeling_emovlm_kd import resolve_label_set
+from train.configs.sections import BaseModelsSection, DataSection, InstructionsSection, ModelSection
+from train.infra import registry, stage_table
+from train.infra.trackers import check_report_to
+
+if TYPE_CHECKING:
+    from train.configs.distill_config import DistillationConfig
+    from train.configs.gate_config import GateConfig
+    from train.configs.sft_config import SFTStageConfig
+    from train.configs.teacher_config import TeacherConfig
 
 
 class RecipeError(ValueError):
@@ -44,171 +58,32 @@ class RecipeError(ValueError):
 
 
 @dataclass
-class DataSection:
-    """Which loader of `train/infra/data.py` reads the images, and its options (only those of that loader)."""
+class _RunValues:
+    """The recipe's top-level values (typed like the sections)."""
 
-    kind: str = field(metadata={"help": "emoset, fi, emotion6, flickr, instagram, imagefolder or hub."})
-    root: str | None = field(default=None, metadata={"help": "Folder of the data set (relative to the working dir)."})
-    split_file: str | None = field(
-        default=None, metadata={"help": "JSON of the seeded split; read if it exists, written otherwise. "
-                                        "`null` puts it in the run folder (split.json)."})
-    label_file: str | None = field(default=None, metadata={"help": "flickr/instagram: the vote file."})
-    image_dir: str | None = field(default=None, metadata={"help": "flickr/instagram: image folder under root."})
-    seed: int | None = field(default=None, metadata={"help": "Seed of the split (defaults to the loader's, 42)."})
-    fractions: list[float] | None = field(default=None, metadata={"help": "Train/validation/test fractions."})
-    name_or_path: str | None = field(default=None, metadata={"help": "hub: `datasets.load_dataset` name or path."})
-    image_column: str | None = field(default=None, metadata={"help": "hub: the image column."})
-    label_column: str | None = field(default=None, metadata={"help": "hub: the label column."})
-    load_kwargs: dict | None = field(default=None, metadata={"help": "hub: more `load_dataset` arguments."})
+    output_dir: str
+    seed: int = 42
 
 
-@dataclass
-class BaseModelsSection:
-    """The models the run starts from."""
-
-    vlm: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={
-        "help": "Base VLM (Hub id or folder): a Qwen2-VL, Qwen2.5-VL or Qwen3-VL; its config.json picks the backbone."})
-    teacher: str = field(default="google/vit-base-patch16-384", metadata={"help": "Base image classifier."})
-    tiny: bool = field(default=False, metadata={"help": "Build tiny random base models offline (train/infra/tiny.py)."})
-
-
-@dataclass
-class InstructionsSection:
-    """Who writes the conversation and reasoning answers of stage 1 (the categorical ones need nobody)."""
-
-    generator: str = field(default="none", metadata={"help": "openai (any OpenAI-compatible endpoint), local "
-                                                             "(the base VLM itself) or none."})
-    base_url: str | None = field(default=None, metadata={"help": "openai: endpoint (or EMOVLM_OPENAI_BASE_URL)."})
-    model: str | None = field(default=None, metadata={"help": "openai: model name (or EMOVLM_OPENAI_MODEL)."})
-    api_key: str | None = field(default=None, metadata={"help": "openai: API key (better: OPENAI_API_KEY). Never "
-                                                                "stored in results, reports or model cards."})
-    timeout: float | None = field(default=None, metadata={"help": "openai: seconds per request."})
-    max_retries: int | None = field(default=None, metadata={"help": "openai: retries of a failed request."})
-    backoff: float | None = field(default=None, metadata={"help": "openai: first retry wait (doubles)."})
-    temperature: float | None = field(default=None, metadata={"help": "openai: sampling temperature."})
-    max_tokens: int | None = field(default=None, metadata={"help": "openai: longest answer."})
-    max_image_size: int | None = field(default=None, metadata={"help": "openai: longer side of the sent image."})
-    num_workers: int | None = field(default=None, metadata={"help": "openai: requests in flight at once "
-                                                                   "(default 8)."})
-    requests_per_minute: float | None = field(default=None, metadata={"help": "openai: most requests per minute, "
-                                                                             "evenly spaced (unset: no limit)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "local: longest answer."})
-    batch_size: int | None = field(default=None, metadata={"help": "local: images per batched generate (default 8 "
-                                                                  "on a GPU, 1 on CPU)."})
-
-    # The options each generator takes (the others must be left unset).
-    OPTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "openai": ("base_url", "model", "api_key", "timeout", "max_retries", "backoff", "temperature", "max_tokens",
-                   "max_image_size", "requests_per_minute", "num_workers"),
-        "local": ("max_new_tokens", "batch_size"),
-        "none": (),
-    }
-    DEFAULT_NUM_WORKERS: typing.ClassVar[int] = 8
-
-    def __post_init__(self):
-        for name in ("num_workers", "batch_size", "max_retries", "max_tokens", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "max_retries" else 1):
-                raise ValueError(f"{name} must be at least {0 if name == 'max_retries' else 1}, got {value}.")
-        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
-            raise ValueError(f"requests_per_minute must be positive, got {self.requests_per_minute}.")
-
-    def generator_kwargs(self) -> dict[str, Any]:
-        """The generator's constructor arguments (`num_workers` is the stage's, not the generator's)."""
-        return {name: getattr(self, name) for name in self.OPTIONS[self.generator]
-                if name != "num_workers" and getattr(self, name) is not None}
-
-    def workers(self) -> int:
-        """Requests in flight at once: a remote endpoint serves many; a local model answers one call at a time."""
-        if self.generator != "openai":
-            return 1
-        return self.num_workers if self.num_workers is not None else self.DEFAULT_NUM_WORKERS
-
-
-@dataclass
-class ModelSection:
-    """Options of the fused model (saved in its config) and of how the frozen VLM runs for the feature caches."""
-
-    head_hidden_dims: list[int] = field(default_factory=lambda: [1024], metadata={"help": "Head MLP widths."})
-    head_activation: str = field(default="gelu", metadata={"help": "Activation between the head's layers."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
-    pooling: str = field(default="mean", metadata={"help": "Pooling of the merged visual tokens: mean or max."})
-    gate_type: str = field(default="concat_linear", metadata={"help": f"One of {', '.join(GATE_TYPES)}."})
-    gate_vlm_signal: str = field(default="one_hot", metadata={"help": "What the gate sees of the VLM: one_hot "
-                                                                      "(the paper) or probs."})
-    gate_head_signal: str = field(default="probs", metadata={"help": "What the gate sees of the head: probs (the "
-                                                                     "paper) or logits (the authors' code)."})
-    gate_num_experts: int = field(default=3, metadata={"help": "Experts of the moe gate."})
-    categorical_prompt: str | None = field(default=None, metadata={
-        "help": "Stage 1's categorical instruction, also the prompt the fused model scores labels after. Unset: the "
-                "paper's wording for the run's labels (classes listed alphabetically, the first as the example)."})
-    conversation_prompt: str | None = field(default=None, metadata={
-        "help": "Stage 1's conversation instruction. Unset: the paper's \"Observe the image and describe key "
-                "elements of the image.\""})
-    reasoning_prompt: str | None = field(default=None, metadata={
-        "help": "Stage 1's reasoning instruction. Unset: the paper's \"Observe the image and describe the process "
-                "of inferring the emotions conveyed in the image.\""})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Feature caches: run the VLM in 4-bit NF4."})
-    dtype: str = field(default="auto", metadata={"help": "Feature caches: dtype of the VLM (auto, bfloat16, ...)."})
-    feature_batch_size: int = field(default=8, metadata={"help": "Feature caches: images per forward."})
-    preprocess_workers: int = field(default=0, metadata={
-        "help": "Feature caches: DataLoader worker processes that decode and preprocess the next batches while the "
-                "model runs (0: in the main process, one batch at a time). Changes speed, never the caches."})
-    min_pixels: int | None = field(default=None, metadata={
-        "help": "Smallest image area (pixels) every image is resized to (unset: the base model's processor's)."})
-    max_pixels: int | None = field(default=None, metadata={
-        "help": "Largest image area (pixels) every image is resized to, so at most max_pixels/784 visual tokens "
-                "per image; applied identically by stage 1, the caches, the export, predict and the app (unset: the "
-                "base model's processor's, 12.8 MP for Qwen2-VL: up to 16,384 tokens)."})
-    export_max_shard_size: str = field(default="5GB", metadata={
-        "help": "Export: largest safetensors shard of final/ (the Hub serves shards with an index)."})
-
-    # The instructions (`EmoVLMKDConfig`'s prompt fields): stage 1 trains on them, the caches and export score after
-    # the categorical one, and every checkpoint's config stores all three.
-    PROMPT_KEYS: typing.ClassVar[tuple[str, ...]] = ("categorical_prompt", "conversation_prompt", "reasoning_prompt")
-    # The options that go into `EmoVLMKDConfig` (the others only say how the caches are computed).
-    CONFIG_KEYS: typing.ClassVar[tuple[str, ...]] = (
-        "head_hidden_dims", "head_activation", "head_dropout", "pooling", "gate_type", "gate_vlm_signal",
-        "gate_head_signal", "gate_num_experts", *PROMPT_KEYS)
-
-    def __post_init__(self):
-        if self.feature_batch_size < 1:
-            raise ValueError(f"feature_batch_size must be at least 1, got {self.feature_batch_size}.")
-        if self.preprocess_workers < 0:
-            raise ValueError(f"preprocess_workers must be at least 0, got {self.preprocess_workers}.")
-
-    def config_kwargs(self, explicit: dict) -> dict[str, Any]:
-        """The config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""
-        return {key: explicit[key] for key in self.CONFIG_KEYS if key in explicit}
-
-    def processor_kwargs(self, explicit: dict) -> dict[str, Any]:
-        """The prompts (unset ones are the paper's wording, filled in by `EmoVLMKDConfig`) and the resolution bounds
-        the recipe sets: what `train.infra.assemble.load_processor` takes."""
-        return {key: explicit[key] for key in (*self.PROMPT_KEYS, "min_pixels", "max_pixels") if key in explicit}
-
-
-def _stage_sections() -> dict[str, type]:
-    # Imported here: they pull in TRL/peft, which `python -m train recipe` and the tools need not load up front.
-    from train.stages.distill import DistillationConfig
-    from train.stages.gate import GateConfig
-    from train.stages.sft import SFTStageConfig
-    from train.stages.teacher import TeacherConfig
-
-    return {"sft": SFTStageConfig, "teacher": TeacherConfig, "distill": DistillationConfig, "gate": GateConfig}
-
-
-SCALARS = {"output_dir": str, "seed": int}
+SCALARS = typing.get_type_hints(_RunValues)
 SECTIONS = {"data": DataSection, "base_models": BaseModelsSection, "instructions": InstructionsSection,
             "model": ModelSection}
-STAGE_SECTIONS = ("sft", "teacher", "distill", "gate")
-# Fields of the stage sections that the pipeline sets itself.
-PIPELINE_SET = {"sft": ("output_dir", "model_name_or_path"), "teacher": ("output_dir", "teacher_model_name_or_path"),
-                "distill": ("output_dir",), "gate": ("output_dir",)}
-TOP_LEVEL = (*SCALARS, "labels", *SECTIONS, *STAGE_SECTIONS)
+
+
+def top_level() -> tuple[str, ...]:
+    """Every top-level key of a recipe: the scalars, the labels, the sections and the stage configs."""
+    return (*SCALARS, "labels", *SECTIONS, *stage_table.config_sections())
 
 
 def section_classes() -> dict[str, type]:
-    return {**SECTIONS, **_stage_sections()}
+    """Each section's dataclass: the recipe's own and the stage configs of the stage table (imported here: they pull
+    in TRL/peft, which `python -m train recipe` and the tools need not load up front)."""
+    return {**SECTIONS, **{name: stage_table.get(name).config_class() for name in stage_table.config_sections()}}
+
+
+def _set_by_pipeline(cls) -> tuple[str, ...]:
+    """Fields of a stage config that the pipeline sets itself (not recipe keys)."""
+    return ("output_dir", *getattr(cls, "SET_BY_PIPELINE", ()))
 
 
 # ---- types ---------------------------------------------------------------------------------------------------
@@ -220,77 +95,48 @@ def _describe(annotation) -> str:
     return str(annotation).replace("typing.", "")
 
 
-def _coerce(value: Any, annotation) -> Any:
-    """`value` as the type `annotation` says, converting only what a YAML or `--set` string can mean (`"1e-3"` ->
-    1e-3, `"true"` -> True); raises `TypeError` otherwise."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any or annotation is typing.Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
-        if value is None and type(None) in members:
+# What each argparse `type` of `HfArgumentParser` accepts, for the error messages.
+_EXPECTED = {int: "an integer", float: "a number", str: "a string", string_to_bool: "true or false", dict: "a mapping"}
+
+
+@functools.cache
+def _field_actions(cls) -> dict[str, argparse.Action]:
+    """`HfArgumentParser`'s argparse action of every field of `cls`: its `type`, `nargs` and `choices`."""
+    actions = {}
+    for action in HfArgumentParser(cls)._actions:
+        actions.setdefault(action.dest, action)  # a bool field's `--no_*` complement comes second
+    return actions
+
+
+def _typed(value: Any, annotation, action: argparse.Action) -> Any:
+    """`value` typed as `HfArgumentParser` types the field on a command line (its argparse `type`, on each item of a
+    list field, and its `choices`), so that a YAML or `--set` string means what it would as a flag (`"1e-3"` ->
+    1e-3, `"true"` -> True); raises `TypeError` saying what was expected."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if value is None:
+        if type(None) in members:
             return None
-        for member in sorted(members, key=lambda m: m is str):  # try str last: it would take any string
-            if member is type(None):
-                continue
-            try:
-                return _coerce(value, member)
-            except (TypeError, ValueError):
-                continue
-        raise TypeError(f"expected {_describe(annotation)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in typing.get_args(annotation):
-            return value
-        raise TypeError(f"expected one of {typing.get_args(annotation)}, got {value!r}")
-    if origin in (list, tuple):
+        raise TypeError(f"expected {_describe(annotation)}, got null")
+    if isinstance(value, str) and str in members or isinstance(value, dict) and (dict in members or annotation is dict):
+        return value  # the string or mapping member of a union (`report_to: str | list[str]`, `fsdp_config`)
+    if action.nargs in ("+", "*"):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        item = args[0] if args else Any
-        return [_coerce(v, item) for v in value]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a mapping, got {value!r}")
-        return value
-    if value is None:
-        raise TypeError(f"expected {_describe(annotation)}, got null")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        raise TypeError(f"expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise TypeError(f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise TypeError(f"expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise TypeError(f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError(f"expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(f"expected a string, got {value!r}")
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        try:
-            return annotation(value).value
-        except ValueError:
-            raise TypeError(f"expected one of {[m.value for m in annotation]}, got {value!r}") from None
-    return value  # a type this checker does not know: the dataclass's own validation decides
+        return [_typed_item(item, action, str in members) for item in value]
+    return _typed_item(value, action, str in members, _describe(annotation) if members else None)
+
+
+def _typed_item(value: Any, action: argparse.Action, any_string: bool, expected: str | None = None) -> Any:
+    expected = expected or _EXPECTED.get(action.type, f"one of {action.choices}" if action.choices else "a value")
+    if isinstance(value, (list, tuple, dict)) or action.type is None:
+        raise TypeError(f"expected {expected}, got {value!r}")
+    try:
+        typed = action.type(value if isinstance(value, str) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise TypeError(f"expected {expected}, got {value!r}") from None
+    if action.choices and typed not in action.choices and not any_string:
+        raise TypeError(f"expected one of {list(action.choices)}, got {value!r}")
+    return typed
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -298,15 +144,16 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def parse_section(name: str, cls, values: Any, where: str = "recipe", fixed: dict | None = None):
-    """The dataclass `cls` from a recipe section, through `HfArgumentParser.parse_dict(allow_extra_keys=False)`,
-    after checking every key and value type; errors name `name.key`."""
+def parse_section(name: str, cls, values: Any, where: str = "recipe", defaults: dict | None = None):
+    """The dataclass `cls` from a recipe section (over `defaults`), through
+    `HfArgumentParser.parse_dict(allow_extra_keys=False)`, after checking every key and value type; errors name
+    `name.key`."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise RecipeError(f"{where}: section {name!r} must be a mapping of keys to values, got {values!r}.")
     types_ = _field_types(cls)
-    settable = sorted(set(types_) - set(PIPELINE_SET.get(name, ())))
+    settable = sorted(set(types_) - set(_set_by_pipeline(cls) if name in stage_table.config_sections() else ()))
     checked = {}
     for key, value in values.items():
         if key not in settable:
@@ -314,11 +161,11 @@ def parse_section(name: str, cls, values: Any, where: str = "recipe", fixed: dic
             raise RecipeError(f"{where}: unknown key {name}.{key}{hint}. Allowed keys of {name!r}: "
                               f"{', '.join(settable)}.")
         try:
-            checked[key] = _coerce(value, types_[key])
+            checked[key] = _typed(value, types_[key], _field_actions(cls)[key])
         except TypeError as err:
             raise RecipeError(f"{where}: {name}.{key}: {err}.") from None
     try:
-        (parsed,) = HfArgumentParser(cls).parse_dict({**checked, **(fixed or {})}, allow_extra_keys=False)
+        (parsed,) = HfArgumentParser(cls).parse_dict({**(defaults or {}), **checked}, allow_extra_keys=False)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{where}: section {name!r} is invalid: {err}") from err
     return parsed, checked
@@ -336,28 +183,44 @@ def _close_match(key: str, allowed) -> str:
 
 @dataclass
 class Recipe:
-    """A validated recipe: `raw` holds what the file (and `--set`) said, with values converted to their types;
-    `sections` the parsed dataclass of each section (stage sections with the run's `output_dir`)."""
+    """A validated recipe, every section a typed attribute (`recipe.model.gate_type`, `recipe.sft.learning_rate`;
+    the stage configs with the run's `output_dir/<stage>` and seed).
 
-    raw: dict
-    sections: dict[str, Any]
+    `as_set` is what the file (and `--set`) said, each value converted to its field's type: what provenance hashes
+    (`train/infra/provenance.py`), `recipe.yaml` keeps and `public_recipe` publishes. Values left unset are not in
+    it, so a default that changes reruns nothing that was finished."""
+
+    output_dir: Path
+    seed: int
+    labels: list[str]
+    data: DataSection
+    base_models: BaseModelsSection
+    instructions: InstructionsSection
+    model: ModelSection
+    sft: SFTStageConfig
+    teacher: TeacherConfig
+    distill: DistillationConfig
+    gate: GateConfig
+    as_set: dict
     source: str = "recipe"
 
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.raw["output_dir"])
+    def model_kwargs(self) -> dict[str, Any]:
+        """The fused model's config options the recipe sets (unset ones keep `EmoVLMKDConfig`'s defaults)."""
+        return self.model.config_kwargs(self.as_set.get("model") or {})
 
-    @property
-    def seed(self) -> int:
-        return int(self.raw.get("seed", 42))
+    def processor_kwargs(self) -> dict[str, Any]:
+        """The prompts and resolution bounds the recipe sets (`train.infra.assemble.load_processor`'s options)."""
+        return self.model.processor_kwargs(self.as_set.get("model") or {})
 
-    @property
-    def labels(self) -> list[str]:
-        return resolve_label_set(self.raw["labels"])
+    def stage_config(self, stage: str, **fixed):
+        """A fresh config of `stage` for running it: its section over `stage_defaults`, with the fields the
+        pipeline sets (`fixed`, e.g. the base model's resolved folder)."""
+        values = {**stage_defaults(self.output_dir, self.seed, stage), **(self.as_set.get(stage) or {}), **fixed}
+        return stage_table.get(stage).config_class()(**values)
 
-    def section(self, name: str) -> dict:
-        """What the recipe set in a section (not the defaults)."""
-        return dict(self.raw.get(name) or {})
+    def public(self) -> dict:
+        """What may leave the machine (`public_recipe`), local paths relative to the run folder."""
+        return public_recipe(self.as_set, self.output_dir)
 
 
 def apply_overrides(recipe: dict, overrides) -> dict:
@@ -377,9 +240,7 @@ def apply_overrides(recipe: dict, overrides) -> dict:
     return recipe
 
 
-def read_recipe(path: str | Path, overrides=()) -> dict:
-    """The recipe file as a dict with the overrides applied (not yet validated)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
@@ -388,44 +249,89 @@ def read_recipe(path: str | Path, overrides=()) -> dict:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe {path} must be a mapping of sections, got {type(recipe).__name__}.")
-    return apply_overrides(recipe, overrides)
+    return recipe
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` over `base`: sections merge key by key (recursively), any other value (a list too) replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe file with its `base:` recipes (a path, or a list of paths, relative to the file) merged under it:
+    each base first (in order, each with its own bases resolved), then the file's own values over them."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise RecipeError(f"Recipe {path} is its own base (through {' -> '.join(str(p) for p in _seen)}).")
+    recipe = _read_yaml(path)
+    bases = recipe.pop("base", None) or []
+    if not isinstance(bases, list):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        if not isinstance(base, str):
+            raise RecipeError(f"{path}: base: expected a path or a list of paths, got {base!r}.")
+        merged = merge(merged, resolve_bases(path.parent / base, (*_seen, path.resolve())))
+    return merge(merged, recipe)
+
+
+def read_recipe(path: str | Path, overrides=()) -> dict:
+    """The recipe file as a dict, its bases merged under it and the overrides applied (not yet validated)."""
+    return apply_overrides(resolve_bases(path), overrides)
+
+
+def stage_defaults(output_dir: Path, seed: int, stage: str) -> dict[str, Any]:
+    """What a stage config takes from the run unless its section sets it: its folder `<output_dir>/<stage>`, the
+    run's seed, and the tracker run name `<run>/<stage>` (`<run>`: the run folder's name)."""
+    return {"output_dir": str(output_dir / stage), "seed": seed, "run_name": f"{output_dir.name}/{stage}"}
 
 
 def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
     """Check every section, key and value of `recipe`; raise `RecipeError` naming the first problem."""
-    unknown = [key for key in recipe if key not in TOP_LEVEL]
+    allowed = top_level()
+    unknown = [key for key in recipe if key not in allowed]
     if unknown:
         key = unknown[0]
-        raise RecipeError(f"{where}: unknown section {key!r}{_close_match(key, TOP_LEVEL)}. "
-                          f"Allowed sections: {', '.join(TOP_LEVEL)}.")
+        raise RecipeError(f"{where}: unknown section {key!r}{_close_match(key, allowed)}. "
+                          f"Allowed sections: {', '.join(allowed)}.")
     for key in ("output_dir", "labels", "data"):
         if recipe.get(key) in (None, "", [], {}):
             raise RecipeError(f"{where}: {key!r} is required.")
-    raw: dict[str, Any] = {}
+    as_set: dict[str, Any] = {}
     for key, kind in SCALARS.items():
         if key in recipe:
             try:
-                raw[key] = _coerce(recipe[key], kind)
+                as_set[key] = _typed(recipe[key], kind, _field_actions(_RunValues)[key])
             except TypeError as err:
                 raise RecipeError(f"{where}: {key}: {err}.") from None
     try:
         labels = resolve_label_set(recipe["labels"])
     except (ValueError, TypeError, KeyError) as err:
         raise RecipeError(f"{where}: labels: {err}") from None
-    raw["labels"] = recipe["labels"]
-    sections, classes = {}, section_classes()
-    output_dir = Path(raw["output_dir"])
-    for name, cls in classes.items():
-        fixed = {"output_dir": str(output_dir / name)} if name in STAGE_SECTIONS else None
-        if name in STAGE_SECTIONS:
-            fixed["seed"] = raw.get("seed", 42)
-        sections[name], checked = parse_section(name, cls, recipe.get(name), where, fixed)
+    as_set["labels"] = recipe["labels"]
+    output_dir, seed = Path(as_set["output_dir"]), as_set.get("seed", 42)
+    stage_sections = stage_table.config_sections()
+    sections = {}
+    for name, cls in section_classes().items():
+        defaults = stage_defaults(output_dir, seed, name) if name in stage_sections else None
+        sections[name], checked = parse_section(name, cls, recipe.get(name), where, defaults)
         if name in recipe:
-            raw[name] = checked
-    _check_data(sections["data"], raw["data"], where)
+            as_set[name] = checked
+    _check_data(sections["data"], as_set["data"], where)
     _check_instructions(sections["instructions"], where)
-    _check_model(sections["model"], raw.get("model", {}), labels, where)
-    return Recipe(raw=raw, sections=sections, source=where)
+    _check_model(sections["model"], as_set.get("model", {}), labels, where)
+    for name in stage_sections:
+        try:
+            check_report_to(sections[name].report_to, f"{name}.report_to")
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
+    return Recipe(output_dir=output_dir, seed=seed, labels=labels, as_set=as_set, source=where, **sections)
 
 
 def _check_data(data: DataSection, explicit: dict, where: str) -> None:
@@ -484,19 +390,23 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """The whole validated recipe (secrets included) for this machine's run folder only."""
     from train.infra.files import write_text_atomic
 
-    write_text_atomic(yaml.safe_dump(recipe.raw, sort_keys=False), path)
+    write_text_atomic(yaml.safe_dump(recipe.as_set, sort_keys=False), path)
 
 
 def recipe_help() -> str:
     """Every section and field with its help text and default, from the dataclasses themselves."""
     lines = ["Recipe sections and their fields (YAML keys; override any with --set section.key=value):", "",
              "output_dir (str, required)  Run folder.", "seed (int, default 42)  Seed of every stage.",
-             "labels (required)  A label set name (mikels8, ekman6, binary) or an ordered list of class names.", ""]
+             "labels (required)  A label set name (mikels8, ekman6, binary) or an ordered list of class names.",
+             "base (optional)  A recipe file, or a list of them, relative to this one, merged under it: the file",
+             "  states only what differs (sections merge key by key; any other value, a list too, replaces the base's).",
+             "  train/recipes/paper.yaml holds the paper's hyperparameters; the recipes under train/recipes/ name it.",
+             ""]
     for name, cls in section_classes().items():
         lines.append(f"{name}:  {inspect.getdoc(cls).splitlines()[0]}")
         types_ = _field_types(cls)
         for f in dataclasses.fields(cls):
-            if not f.init or f.name in PIPELINE_SET.get(name, ()):
+            if not f.init or name in stage_table.config_sections() and f.name in _set_by_pipeline(cls):
                 continue
             if f.default is not dataclasses.MISSING:
                 default = f.default
@@ -569,5 +479,5 @@ def _looks_like_local_path(value: str) -> bool:
 
 
 __all__ = ["BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection", "Recipe", "RecipeError",
-           "apply_overrides", "load_recipe", "parse_section", "public_recipe", "read_recipe", "recipe_help",
-           "save_recipe", "validate_recipe"]
+           "apply_overrides", "load_recipe", "merge", "parse_section", "public_recipe", "read_recipe", "recipe_help",
+           "resolve_bases", "save_recipe", "validate_recipe"]

@@ -89,14 +89,11 @@ def read_results(run_dir: str | Path) -> dict:
 class Run:
     """One run folder, read through its validated recipe (see the module docstring)."""
 
-    def __init__(self, spec: Recipe):
-        from modeling_emovlm_kd import resolve_label_set
-
-        self.spec = spec
-        self.recipe = spec.raw
-        self.output_dir = spec.output_dir
-        self.seed = spec.seed
-        self.labels = resolve_label_set(self.recipe["labels"])
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.output_dir = recipe.output_dir
+        self.seed = recipe.seed
+        self.labels = recipe.labels
         self._features: dict[str, dict[str, torch.Tensor]] = {}
         self._head_logits: dict[str, torch.Tensor] = {}
 
@@ -121,7 +118,7 @@ class Run:
 
     def model_kwargs(self) -> dict:
         """The fused model's config options the recipe sets."""
-        return self.spec.sections["model"].config_kwargs(self.recipe.get("model") or {})
+        return self.recipe.model_kwargs()
 
     def results(self) -> dict:
         return read_results(self.output_dir)
@@ -132,7 +129,7 @@ class Run:
         from train.infra import registry
         from train.infra.data import load_dataset_from_config
 
-        data = dict(self.recipe["data"])
+        data = dict(self.recipe.as_set["data"])
         kind = data.pop("kind")
         if not registry.get(kind).named:  # generic loaders (imagefolder, hub) take the recipe's labels
             data.setdefault("labels", self.labels)
@@ -202,8 +199,6 @@ class Run:
     def head_logits(self, split: str) -> torch.Tensor:
         """The trained head's logits on a split's cached features (what stage 3 trains the gate on)."""
         if split not in self._head_logits:
-            from train.stages.gate import head_logits
-
             self._head_logits[split] = head_logits(self.trained_head, self.features(split)["visual_features"])
         return self._head_logits[split]
 
@@ -234,7 +229,6 @@ class Run:
         from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForImageTextToText
 
         from modeling_emovlm_kd.fusion import gate_from_config, head_from_config
-        from train.stages.trainer_utils import count_parameters
 
         config = self.fused_config
         with torch.device("meta"):
@@ -255,6 +249,20 @@ class Run:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def head_logits(head: EmoVLMKDDistillationHead, visual_features: torch.Tensor, batch_size: int = 4096):
+    """The frozen head's logits for cached features, computed once for all of stage 3."""
+    import torch
+
+    head.eval()
+    with torch.inference_mode():
+        return torch.cat([head(chunk) for chunk in visual_features.split(batch_size)])
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of `module`; a tied weight (one tensor in two places) counts once, as `parameters()` yields it."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def open_run(run_dir: str | Path) -> Run:
     """A finished run, from the recipe the run stored (`recipe.yaml`), pointed at `run_dir`.
 
@@ -273,4 +281,4 @@ def open_run(run_dir: str | Path) -> Run:
 
 
 __all__ = ["ABLATIONS", "ABLATION_TITLES", "Run", "RunFolderError", "ablation_files", "ablation_fingerprint",
-           "find_hub_folder", "open_run", "read_results", "stored_recipe"]
+           "count_parameters", "find_hub_folder", "head_logits", "open_run", "read_results", "stored_recipe"]

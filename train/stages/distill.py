@@ -8,31 +8,17 @@ matrix products instead of a VLM and a ViT forward per image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from transformers.utils import ModelOutput
 
-from modeling_emovlm_kd import EmoVLMKDDistillationHead
-from train.stages.trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
-
-
-@dataclass
-class DistillationConfig(CachedFeatureArguments):
-    """Arguments of stage 2: the shared cached-feature stage arguments plus the distillation loss's own fields."""
-
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term; 1 - alpha weighs the CE term."})
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of teacher and student."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead
+from modeling_emovlm_kd.fusion import head_from_config
+from train.configs.distill_config import DistillationConfig
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
 
 
 def distillation_loss(
@@ -85,8 +71,9 @@ class DistillationStudent(nn.Module):
         return ModelOutput(logits=self.head(visual_features))
 
 
-class DistillationTrainer(Trainer):
-    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits."""
+class DistillationTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits. Its checkpoints hold the
+    head as `head.*` and load strictly (`StrictCheckpointLoading`, `submodule_tensors`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -137,10 +124,30 @@ def train_distillation(
     return trainer.model.head, trainer
 
 
+def initial_head(config: EmoVLMKDConfig, seed: int) -> EmoVLMKDDistillationHead:
+    """Stage 2's head before training: the config's, initialised as the model's, seeded by the stage's seed
+    (`distill.seed`, the run's seed unless the recipe sets it)."""
+    torch.manual_seed(seed)
+    return head_from_config(config)
+
+
+def run(context) -> dict:
+    run = context.read()
+    args = context.stage_args("distill")
+    set_seed(args.seed)
+    head, trainer = train_distillation(initial_head(run.fused_config, args.seed), run.features("train"),
+                                       run.features("validation"), args,
+                                       resume_from_checkpoint=context.resume("distill"))
+    if context.state.is_main_process:
+        save_file(head.state_dict(), context.stage_dir("distill") / "head.safetensors")
+    return {"best_validation_accuracy": trainer.state.best_metric}
+
+
 __all__ = [
-    "DistillationConfig",
     "DistillationStudent",
     "DistillationTrainer",
     "distillation_loss",
+    "initial_head",
+    "run",
     "train_distillation",
 ]

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
+from train.infra.assemble import assemble
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,22 @@ def model_fingerprint(path: str | Path) -> str:
 def data_fingerprint(dataset) -> str:
     """`datasets` fingerprint of a split (it changes with any transform of the data)."""
     return getattr(dataset, "_fingerprint", None) or hashlib.sha256(repr(dataset).encode()).hexdigest()[:16]
+
+
+def cache_fingerprint(vlm_key: str, teacher_key: str, dataset, pooling: str) -> str:
+    """The fingerprint a split's feature cache is stored under: the stage-1 model's and the teacher's
+    `model_fingerprint`, the split's `data_fingerprint` and the pooling of the visual tokens."""
+    return f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{pooling}"
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint a cache file was stored under (None: no such file, or not a complete cache)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign
+        return None
+    return metadata.get("fingerprint") if metadata.get("complete") == "1" else None
 
 
 def _read(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
@@ -154,10 +171,57 @@ def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 
     return {"teacher_logits": torch.cat(logits), "labels": torch.cat(labels)}
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def run(context) -> None:
+    """Pooled visual features, VLM label scores and teacher logits of every split, computed once.
+
+    Under several processes each rank computes a contiguous shard (`split_between_processes`), the shards are
+    gathered in rank order (`gather_object`) and the main process stores the cache atomically.
+    """
+    from accelerate.utils import gather_object
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    state, recipe, options = context.state, context.recipe, context.recipe.model
+    merged, teacher_dir = context.require("sft") / "merged", context.require("teacher")
+    device_map = {"": state.device} if torch.cuda.is_available() else None
+    model, processor = assemble(merged, context.labels, load_in_4bit=options.load_in_4bit, dtype=options.dtype,
+                                device_map=device_map, **{**recipe.model_kwargs(), **recipe.processor_kwargs()})
+    teacher = AutoModelForImageClassification.from_pretrained(teacher_dir)
+    teacher.to(model.vlm.get_input_embeddings().weight.device)
+    teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
+    batch_size, workers = options.feature_batch_size, options.preprocess_workers
+    vlm_key, teacher_key = model_fingerprint(merged), model_fingerprint(teacher_dir)
+    run_folder = context.read()
+    for split in SPLITS:
+        dataset = context.data[split]
+        fingerprint = cache_fingerprint(vlm_key, teacher_key, dataset, model.config.pooling)
+
+        def build(dataset=dataset):
+            # Every rank runs this (or none: they all find the same stored cache), so the gather is collective.
+            with state.split_between_processes(dataset) as shard:
+                vlm = compute_vlm_features(model, processor.image_processor, shard, batch_size, workers)
+                teacher_out = compute_teacher_logits(teacher, teacher_processor, shard, batch_size * 4, workers)
+            if not torch.equal(vlm["labels"], teacher_out["labels"]):
+                raise RuntimeError("VLM and teacher passes saw the data in different orders.")
+            part = {**vlm, "teacher_logits": teacher_out["teacher_logits"]}
+            if state.num_processes == 1:
+                return part
+            parts = gather_object([part])
+            return {key: torch.cat([p[key] for p in parts]) for key in part}
+
+        cached(run_folder.feature_path(split), fingerprint, build, store=state.is_main_process)
+        state.wait_for_everyone()
+
 __all__ = [
+    "SPLITS",
+    "cache_fingerprint",
     "cached",
     "compute_teacher_logits",
     "compute_vlm_features",
     "data_fingerprint",
     "model_fingerprint",
+    "run",
+    "read_fingerprint",
 ]

@@ -24,57 +24,22 @@ that accuracy is more than one example below the better single branch's, the sta
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.utils import ModelOutput
 
-from modeling_emovlm_kd import EmoVLMKDDistillationHead, EmoVLMKDFusion
-from modeling_emovlm_kd.fusion import new_gate
-from train.stages.trainer_utils import CachedFeatureArguments, FeatureDataset, accuracy_metrics
+from modeling_emovlm_kd import EmoVLMKDFusion
+from modeling_emovlm_kd.fusion import gate_from_config
+from train.configs.gate_config import GateConfig
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("vlm_logits", "head_logits", "labels")
-
-
-@dataclass
-class GateConfig(CachedFeatureArguments):
-    """Arguments of stage 3: full-batch L-BFGS on CE + `weight_decay / 2 * |theta|^2`, to convergence.
-
-    `per_device_train_batch_size` and the learning-rate schedule do not apply: every step sees every training row,
-    and L-BFGS picks its step lengths by line search."""
-
-    learning_rate: float = field(default=1.0, metadata={
-        "help": "L-BFGS's initial step length (1: the quasi-Newton step; a strong-Wolfe line search adapts it)."})
-    weight_decay: float = field(default=1e-4, metadata={
-        "help": "L2 penalty weight_decay/2*|theta|^2 on every gate parameter, in the objective (the authors' Adam "
-                "weight_decay=1e-4 is this penalty)."})
-    num_train_epochs: float = field(default=100.0, metadata={
-        "help": "At most this many L-BFGS calls (one per epoch); training stops earlier when L-BFGS converges."})
-    lbfgs_max_iter: int = field(default=20, metadata={"help": "L-BFGS iterations per training step."})
-    lbfgs_history_size: int = field(default=100, metadata={"help": "L-BFGS curvature pairs kept."})
-    lbfgs_tolerance_grad: float = field(default=1e-7, metadata={
-        "help": "Converged when the objective's largest gradient component is at most this."})
-    lbfgs_tolerance_change: float = field(default=1e-9, metadata={
-        "help": "Converged when an iteration changes the objective or the parameters by less than this."})
-    eval_strategy: str = field(default="no", metadata={
-        "help": "The final gate is evaluated on validation at the end in any case; 'epoch' also logs every step."})
-    load_best_model_at_end: bool = field(default=False, metadata={
-        "help": "Keep the final gate, the objective's optimum (True: the L-BFGS iterate best on validation)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Not used: L-BFGS's lr is constant."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Not used: L-BFGS steps are line searched."})
-    logging_steps: float = field(default=1, metadata={"help": "Log the objective every N L-BFGS calls."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.lbfgs_max_iter < 1:
-            raise ValueError(f"lbfgs_max_iter must be at least 1, got {self.lbfgs_max_iter}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must not be negative, got {self.weight_decay}.")
 
 
 class GateStudent(EmoVLMKDFusion):
@@ -122,8 +87,9 @@ class _EvaluateAtTheEnd(TrainerCallback):
         return control
 
 
-class GateTrainer(Trainer):
-    """`Trainer` whose step is a full-batch L-BFGS call on the regularised objective (see the module docstring)."""
+class GateTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose step is a full-batch L-BFGS call on the regularised objective (see the module docstring). Its
+    checkpoints hold the gate as `gate.*` and load strictly (`StrictCheckpointLoading`, `submodule_tensors`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -172,20 +138,6 @@ class GateTrainer(Trainer):
             self.control.should_training_stop = True
         with torch.no_grad():
             return self.objective(model, inputs).detach()
-
-
-@torch.inference_mode()
-def head_logits(head: EmoVLMKDDistillationHead, visual_features: torch.Tensor, batch_size: int = 4096):
-    """The frozen head's logits for cached features, computed once for all of stage 3."""
-    head.eval()
-    return torch.cat([head(chunk) for chunk in visual_features.split(batch_size)])
-
-
-def build_gate(gate_type: str, num_labels: int, num_experts: int = 3, seed: int = 0,
-               std: float = 0.02) -> nn.Module:
-    """A new gate seeded by `seed`, built and initialised by the model package (`fusion.new_gate`)."""
-    torch.manual_seed(seed)
-    return new_gate(gate_type, num_labels, num_experts, std=std)
 
 
 def _report_against_branches(gate: nn.Module, validation: dict[str, torch.Tensor], vlm_signal: str,
@@ -237,4 +189,19 @@ def train_gate(
     return gate, trainer
 
 
-__all__ = ["GateConfig", "GateStudent", "GateTrainer", "build_gate", "head_logits", "train_gate"]
+def run(context) -> dict:
+    run = context.read()
+    config = run.fused_config
+    # The stage's seed (`gate.seed`, the run's unless the recipe sets it) seeds the gate's initial weights too: the
+    # seed spread and the ablations vary it per child run.
+    args = context.stage_args("gate")
+    set_seed(args.seed)
+    gate, trainer = train_gate(gate_from_config(config), config.gate_vlm_signal, run.gate_inputs("train"),
+                               run.gate_inputs("validation"), args, resume_from_checkpoint=context.resume("gate"),
+                               head_signal=config.gate_head_signal)
+    if context.state.is_main_process:
+        save_file(gate.state_dict(), context.stage_dir("gate") / "gate.safetensors")
+    return {"best_validation_accuracy": trainer.state.best_metric}
+
+
+__all__ = ["GateStudent", "GateTrainer", "run", "train_gate"]

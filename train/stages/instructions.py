@@ -41,12 +41,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.processing_emovlm_kd import load_image
+from train.configs.sft_config import KINDS
 from train.infra.records import RecordStore
 from train.infra.secrets import redact_logger, redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("categorical", "conversation", "reasoning")
 GENERATED_KINDS = ("conversation", "reasoning")
 
 # What the answer-writing model is asked, per kind. It is given the label so that the description is consistent
@@ -741,7 +741,47 @@ def _label_names(dataset: Dataset, label_names: Sequence[str] | None) -> list[st
     return list(feature.names)
 
 
+def answer_generator(context):
+    """The recipe's answer generator (`instructions.generator`), or None for `none`."""
+    spec = context.recipe.instructions
+    if spec.generator == "openai":
+        return OpenAIChatGenerator(**spec.generator_kwargs())
+    if spec.generator == "local":
+        return LocalVLMGenerator(context.base_models["vlm"], context.processor(), **spec.generator_kwargs())
+    return None
+
+
+def run(context) -> dict:
+    """Stage `instructions`: the conversation/reasoning answers stage 1 trains on, generated before any training.
+
+    Only the main process works (concurrent, rate-limited, retried, resumable through the answer cache). The other
+    ranks do not wait in a collective, which would time out after `timeout` (30 min by default) over an hours-long
+    generation: they poll for this stage's marker file (`stage_done.json`, or `stage_failed.json` when the main
+    process failed), then meet the main process at the barrier of the marker, which is reached at once.
+    Categorical-only kinds, or `generator: none`, need no endpoint: the stage is done at once (with `none`, stage 1
+    reads whatever the cache holds and stops if answers are missing)."""
+    spec, provenance = context.recipe.instructions, context.provenance
+    kinds = [k for k in context.recipe.sft.instruction_kinds if k in GENERATED_KINDS]
+    provenance.clear_failed("instructions")
+    if not context.state.is_main_process:
+        provenance.wait_for_marker("instructions")
+        return {}
+    try:
+        if not kinds or spec.generator == "none":
+            return {}
+        _, summary = build_instruction_dataset(
+            context.data["train"], context.processor(), kinds=kinds, generator=answer_generator(context),
+            cache_path=context.answers_cache, num_workers=spec.workers(), return_summary=True)
+    except BaseException as err:
+        provenance.mark_failed("instructions", err)
+        raise
+    return {"cached": summary.cached, "generated": summary.generated, "failed": summary.num_failed,
+            "answers_naming_label": summary.answers_naming_label, "failures": str(summary.failures_path)}
+
+
 __all__ = [
+    "answer_generator",
+    "run",
     "GENERATED_KINDS",
     "KINDS",
     "MESSAGES_FEATURE",

@@ -16,85 +16,22 @@ adapters active) is the image's label, the metric stages 2-3 and the export are 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, PeftModel
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
-from modeling_emovlm_kd.backbones import get_backbone
+from train.configs.sft_config import SFTStageConfig
 from train.infra.assemble import load_processor, quantization_config
-from train.stages.instructions import KINDS, build_instruction_dataset
+from train.stages.instructions import build_instruction_dataset
+from train.stages.trainer_utils import StrictCheckpointLoading
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTStageConfig(SFTConfig):
-    """`SFTConfig` for stage 1, plus the base model, LoRA/QLoRA and instruction-data fields."""
-
-    model_name_or_path: str = field(default="Qwen/Qwen2-VL-7B-Instruct", metadata={"help": "Base VLM to tune."})
-    use_peft: bool = field(default=True, metadata={"help": "LoRA (True) or full fine-tuning (False)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit NF4 + double quant."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
-        metadata={"help": "Modules LoRA adapts, in the LLM only (the backbone's vision tower is excluded)."},
-    )
-    instruction_kinds: list[str] = field(
-        default_factory=lambda: list(KINDS), metadata={"help": "Instruction formats to train on."}
-    )
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
-    assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on the assistant's answers only."})
-    max_length: int | None = field(default=None, metadata={"help": "No truncation: it would cut image tokens."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (for resuming)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints to keep."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    eval_max_images: int | None = field(default=None, metadata={
-        "help": "Validation images scored at each evaluation (eval_strategy: steps or epoch), drawn with the seed: "
-                "eval_label_accuracy (the scored label's accuracy) and eval_loss on their categorical instructions. "
-                "Unset: the whole validation split."})
-
-    def __post_init__(self):
-        # TRL turns bf16 on by default; use it only where the hardware has it, so one recipe runs on CPU and GPU.
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        super().__post_init__()
-        unknown = set(self.instruction_kinds) - set(KINDS)
-        if unknown or not self.instruction_kinds:
-            raise ValueError(f"instruction_kinds must be a non-empty subset of {KINDS}, got {self.instruction_kinds}.")
-        if self.load_in_4bit and not self.use_peft:
-            raise ValueError("load_in_4bit (QLoRA) needs use_peft: 4-bit weights cannot be fine-tuned directly.")
-        if self.eval_max_images is not None:
-            if self.eval_max_images < 1:
-                raise ValueError(f"eval_max_images must be at least 1 (or unset: the whole validation split), got "
-                                 f"{self.eval_max_images}.")
-            if self.eval_strategy == "no":
-                raise ValueError("eval_max_images is set but eval_strategy is 'no': nothing would be evaluated; set "
-                                 "eval_strategy to steps (with eval_steps) or epoch.")
-
-    def peft_config(self) -> LoraConfig | None:
-        if not self.use_peft:
-            return None
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            **get_backbone(self.base_model_type()).lora_kwargs(self.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
-
-    def base_model_type(self) -> str:
-        """The base model's `model_type` (`qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`): its backbone family."""
-        return AutoConfig.from_pretrained(self.model_name_or_path).model_type
 
 
 def _compute_dtype(args: SFTStageConfig) -> torch.dtype:
@@ -132,18 +69,19 @@ def label_scorer(vlm, processor) -> EmoVLMKDForImageClassification:
     return scorer
 
 
-class EmoVLMSFTTrainer(SFTTrainer):
-    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume also works
-    for fully fine-tuned Qwen2-VL.
+class EmoVLMSFTTrainer(StrictCheckpointLoading, SFTTrainer):
+    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume and best
+    checkpoint (`load_best_model_at_end`) also work for fully fine-tuned Qwen2-VL.
 
     Given `label_eval_dataset` (`image`, `label` columns), every evaluation adds `<prefix>_label_accuracy` and
     `<prefix>_label_images` to the metrics of `evaluation_loop`, so they are logged with `eval_loss` (log history,
     every `report_to` tracker). Under several processes each scores a shard and the counts are summed.
 
-    `Trainer._load_from_checkpoint` reads the checkpoint's state dict as saved (Hub key layout: `model.layers.*`,
-    `visual.*`) into a model whose modules are named `model.language_model.*`, `model.visual.*`, and loads it
-    non-strictly, so nothing but `lm_head` is restored (transformers issue #43701). Loading the checkpoint with
-    `from_pretrained` applies the model's own key conversion; the weights are then copied strictly.
+    `Trainer` reads a checkpoint's state dict as saved (Hub key layout: `model.layers.*`, `visual.*`) into a model
+    whose modules are named `model.language_model.*`, `model.visual.*`, and loads it non-strictly, so nothing but
+    `lm_head` is restored (transformers issue #43701). `StrictCheckpointLoading` loads the checkpoint with
+    `from_pretrained`, which applies the model's own key conversion, and copies every weight or fails; LoRA
+    adapters load through peft.
     """
 
     def __init__(self, *args, label_eval_dataset=None, **kwargs):
@@ -190,14 +128,6 @@ class EmoVLMSFTTrainer(SFTTrainer):
         counts = torch.tensor([correct, len(shard)], device=self.accelerator.device)
         correct, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         return {"label_accuracy": correct / max(total, 1), "label_images": total}
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = model if model is not None else self.model
-        weights = Path(resume_from_checkpoint) / "model.safetensors"
-        if not isinstance(model, PreTrainedModel) or not weights.exists():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype, device_map="cpu")
-        model.load_state_dict(restored.state_dict(), strict=True)
 
 
 def build_sft_trainer(train_dataset, processor, args: SFTStageConfig, eval_dataset=None,
@@ -309,5 +239,16 @@ def train_sft(
     return save_merged(trainer, processor, args, Path(args.output_dir))
 
 
-__all__ = ["EmoVLMSFTTrainer", "SFTStageConfig", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
+def run(context) -> None:
+    set_seed(context.seed)
+    args = context.stage_args("sft", model_name_or_path=context.base_models["vlm"])
+    # The answers come from stage `instructions` (already run): every rank reads the same cache and leaves out the
+    # same failed rows. The recipe's prompts, the ones the caches and the export score after (unset: the paper's
+    # wording), and its resolution bounds, saved with the merged model's processor for every later stage.
+    generated = context.recipe.instructions.generator != "none"  # none: every answer must be cached
+    train_sft(context.data, context.labels, args, answers_cache=context.answers_cache,
+              resume_from_checkpoint=context.resume("sft"), skip_missing=generated,
+              **context.recipe.processor_kwargs())
+
+__all__ = ["EmoVLMSFTTrainer", "run", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
            "validation_subset"]

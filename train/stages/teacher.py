@@ -7,28 +7,13 @@ The best checkpoint on validation is kept; its logits become stage 2's soft targ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, set_seed
 
 from modeling_emovlm_kd.processing_emovlm_kd import to_rgb
-from train.stages.trainer_utils import BestOnValidationArguments, accuracy_metrics
-
-
-@dataclass
-class TeacherConfig(BestOnValidationArguments):
-    """Arguments of the teacher: the shared select-on-validation arguments plus its base model and augmentation."""
-
-    teacher_model_name_or_path: str = field(
-        default="google/vit-base-patch16-384", metadata={"help": "Base image classifier to fine-tune."}
-    )
-    augment: bool = field(default=True, metadata={"help": "Random resized crops and horizontal flips in training."})
-    crop_scale: float = field(default=0.7, metadata={"help": "Smallest crop area (fraction) of the augmentation."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+from train.configs.teacher_config import TeacherConfig
+from train.stages.trainer_utils import StrictCheckpointLoading, accuracy_metrics
 
 
 def augment(image: Image.Image, crop_scale: float) -> Image.Image:
@@ -70,14 +55,19 @@ def load_teacher(name_or_path: str, labels: list[str]):
     )
 
 
-def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_from_checkpoint=None) -> Trainer:
+class TeacherTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose best and resumed checkpoints load through the classifier's `from_pretrained`, strictly (see
+    `StrictCheckpointLoading`: ViT checkpoints keep the legacy key layout)."""
+
+
+def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_from_checkpoint=None) -> TeacherTrainer:
     """Fine-tune the teacher on `train`, select on `validation`, save the best to `args.output_dir`."""
     image_processor = AutoImageProcessor.from_pretrained(args.teacher_model_name_or_path)
     model = load_teacher(args.teacher_model_name_or_path, labels)
     train_set = dataset_dict["train"].with_transform(image_transform(image_processor, args.augment, args.crop_scale))
     eval_set = dataset_dict["validation"].with_transform(image_transform(image_processor, False, 1.0))
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      compute_metrics=accuracy_metrics)
+    trainer = TeacherTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             compute_metrics=accuracy_metrics)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():  # one writer: concurrent writes of the same file can corrupt it
@@ -86,4 +76,11 @@ def train_teacher(dataset_dict, labels: list[str], args: TeacherConfig, resume_f
     return trainer
 
 
-__all__ = ["TeacherConfig", "augment", "load_teacher", "train_teacher"]
+def run(context) -> dict:
+    set_seed(context.seed)
+    args = context.stage_args("teacher", teacher_model_name_or_path=context.base_models["teacher"])
+    trainer = train_teacher(context.data, context.labels, args, resume_from_checkpoint=context.resume("teacher"))
+    return {"best_validation_accuracy": trainer.state.best_metric}
+
+
+__all__ = ["TeacherTrainer", "augment", "load_teacher", "run", "train_teacher"]
