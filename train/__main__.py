@@ -30,9 +30,9 @@ from train.infra.quiet import quiet_known_warnings
 # Every command, name -> (module, one-line help). The module has `add_arguments(parser)` and `main(args)` (returning
 # the exit status, None for 0) and is imported only when its command runs, so that e.g. `push` starts in a second
 # instead of loading the whole training stack. A command's parser has its name as the default of `command`.
+# The stages' own commands (`python -m train sft ...`) are the stage table's, read when the command line is parsed.
 COMMANDS = {
     "pipeline": ("train.commands.stages", "all stages"),
-    **{stage.name: ("train.commands.stages", f"stage {stage.name} only: {stage.help}") for stage in stage_table.stages()},
     "recipe": ("train.commands.stages", "validate a recipe and print it; --help lists every field"),
     "evaluate-model": ("train.commands.evaluate_model", "score any model on any data set, outside a run"),
     "demo": ("train.commands.demo", "the whole pipeline offline on the bundled sample"),
@@ -47,13 +47,20 @@ COMMANDS = {
 }
 
 
+def commands() -> dict[str, tuple[str, str]]:
+    """`COMMANDS` with one command per stage of the stage table, after `pipeline`."""
+    stages = {stage.name: ("train.commands.stages", f"stage {stage.name} only: {stage.help}")
+              for stage in stage_table.stages()}
+    return {"pipeline": COMMANDS["pipeline"], **stages, **COMMANDS}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in commands().items():
+        sub = subparsers.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(command=name)
         if argv[:1] == [name]:
             module = importlib.import_module(module_name)
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
             # told to use the CPU; otherwise every process would silently train and write alone.
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0
+    return importlib.import_module(commands()[args.command][0]).main(args) or 0
 
 
 if __name__ == "__main__":

@@ -65,10 +65,12 @@ def test_console_script_passes_on_the_exit_status(user_dir):
 
 def test_every_command_is_one_entry_of_the_table_with_add_arguments_and_main(capsys):
     from train import STAGES
-    from train.__main__ import COMMANDS, parse_args
+    from train.__main__ import commands, parse_args
 
-    assert set(STAGES) | {"pipeline", "recipe", "evaluate-model", "demo", "tiny", "predict", "push"} <= set(COMMANDS)
-    for name, (module_name, _) in COMMANDS.items():
+    table = commands()
+    assert list(table)[:len(STAGES) + 1] == ["pipeline", *STAGES]
+    assert {"recipe", "evaluate-model", "demo", "tiny", "predict", "push", "push-space", "verify"} <= set(table)
+    for name, (module_name, _) in table.items():
         module = importlib.import_module(module_name)
         assert callable(module.add_arguments) and callable(module.main), name
         assert not hasattr(module, "run"), f"{module_name}.run: a command's entry is main(args)"
@@ -76,7 +78,7 @@ def test_every_command_is_one_entry_of_the_table_with_add_arguments_and_main(cap
         parse_args(["--help"])
     assert exit_info.value.code == 0
     listed = capsys.readouterr().out
-    for name in COMMANDS:
+    for name in table:
         assert f"    {name} " in listed, name
     assert parse_args(["gate", "--config", "r.yaml", "--force"]).force
     assert parse_args(["tiny", "--output-dir", "x"]).backbone == "qwen2_vl"
