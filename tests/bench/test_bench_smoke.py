@@ -19,6 +19,7 @@ RUNS = {
     "scaling": ["--reps", "1", "--sides", "56", "112", "--batch-sizes", "1", "2", "--max-new-tokens", "4"],
     "feature_workers": ["--num-images", "4", "--batch-size", "2", "--reps", "1"],
     "real_shape": ["--sft-steps", "2", "--feature-image-size", "300x200"],
+    "compare_revisions": ["--revision", "HEAD", "--batch-size", "2", "--reps", "1"],
 }
 
 
@@ -112,5 +113,9 @@ def test_bench_scripts_smoke(tmp_path):
     assert tokens and max(tokens) <= done["features"]["max_visual_tokens_of_bound"] == 16
     assert "BF16" in done["export"]["tensors_by_dtype"] and done["export"]["head_and_gate_dtypes"] == ["F32"]
     assert done["reload_4bit"]["linear4bit_modules"] > 0 and done["reload_4bit"]["head_and_gate_dtypes"] == ["float32"]
+    compared = results["compare_revisions"]
+    assert {row["case"] for row in compared["results"]} == {"old", "new"}
+    assert compared["agreement"]["vlm_logits"]["same_argmax"] is True
+    assert all(row["fraction_of_peak_cpu"]["median"] > 0 for row in compared["results"])
     labels = set(real["config"]["labels"])
     assert len(done["classify"]["top1"]) == 1 and set(done["classify"]["top1"]) <= labels

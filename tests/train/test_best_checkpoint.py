@@ -162,7 +162,7 @@ def test_the_distilled_head_is_its_best_checkpoint(tmp_path, monkeypatch):
 
 
 def test_the_gate_is_its_best_checkpoint_when_it_selects_on_validation(tmp_path, monkeypatch):
-    from test_gate import gate_split
+    from test_gate import build_gate, gate_split
 
     import train.stages.gate as gate_stage
 
@@ -170,7 +170,7 @@ def test_the_gate_is_its_best_checkpoint_when_it_selects_on_validation(tmp_path,
     args = gate_stage.GateConfig(output_dir=str(tmp_path), num_train_epochs=4, lbfgs_max_iter=1,
                                  eval_strategy="epoch", load_best_model_at_end=True, save_total_limit=None,
                                  disable_tqdm=True, lbfgs_tolerance_grad=0.0, lbfgs_tolerance_change=0.0)
-    gate, trainer = gate_stage.train_gate(gate_stage.build_gate("moe", 4), "probs", gate_split(128),
+    gate, trainer = gate_stage.train_gate(build_gate("moe", 4), "probs", gate_split(128),
                                           gate_split(64, seed=1), args)
     best = best_checkpoint(trainer, tmp_path)
     # The checkpoint holds the `Trainer` model, `GateStudent`: the gate's tensors under `gate.`.

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import LABELS
 from safetensors.torch import save_file
 
-from train.stages.gate import build_gate
+from modeling_emovlm_kd.fusion import new_gate
 
 
 def verify(*args):
@@ -86,7 +87,8 @@ def test_an_edited_results_file_is_caught(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_a_replaced_gate_is_caught(tiny_run, tmp_path):
     run, _ = copy_run(tiny_run, tmp_path)
-    save_file(build_gate("concat_linear", len(LABELS), seed=123).state_dict(), run / "gate" / "gate.safetensors")
+    torch.manual_seed(123)
+    save_file(new_gate("concat_linear", len(LABELS)).state_dict(), run / "gate" / "gate.safetensors")
     result = verify(run)
     assert result.returncode == 1
     assert "final/: gate is gate/gate.safetensors" in failing_rows(result.stdout)

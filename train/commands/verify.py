@@ -174,7 +174,7 @@ def teacher_validation_accuracy(run, device: str) -> tuple[float, str]:
     """The saved teacher's accuracy on the validation images, preprocessed, batched and in the precision its stage
     evaluated it (float32, or bf16/fp16 autocast when the stage trained so), and that precision."""
     import torch
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, TrainingArguments
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from train.stages.teacher import image_transform
 
@@ -182,10 +182,9 @@ def teacher_validation_accuracy(run, device: str) -> tuple[float, str]:
     model = AutoModelForImageClassification.from_pretrained(folder).to(device).eval()
     dataset = run.data["validation"].with_transform(
         image_transform(AutoImageProcessor.from_pretrained(folder), False, 1.0))
-    section = run.recipe.get("teacher") or {}
-    batch_size = section.get("per_device_eval_batch_size",
-                             TrainingArguments.__dataclass_fields__["per_device_eval_batch_size"].default)
-    half = torch.bfloat16 if section.get("bf16") else torch.float16 if section.get("fp16") else None
+    args = run.recipe.teacher  # the stage's typed config, as it ran
+    batch_size = args.per_device_eval_batch_size
+    half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     correct = 0
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
         for start in range(0, len(dataset), batch_size):
