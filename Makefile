@@ -28,7 +28,7 @@ app: $(STAMP)
 
 # The benchmarks of bench/ (not part of `make test`): tables on stdout, JSON under bench/results/.
 bench: $(STAMP)
-	for b in inference overhead training scaling feature_workers; do HF_HUB_OFFLINE=1 $(PY) -m bench.$$b --threads 1 || exit 1; done
+	for b in inference overhead training scaling feature_workers serve; do HF_HUB_OFFLINE=1 $(PY) -m bench.$$b --threads 1 || exit 1; done
 
 # On a CUDA machine, no network needed: every stage on a random Qwen2-VL-2B at full depth, then bench.inference on
 # the GPU; one table and bench/results/gpu_check.json (`python -m bench.gpu_check --tiny` is its CPU smoke run).

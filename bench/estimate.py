@@ -21,7 +21,7 @@ What is counted, and from what:
   file decides), or `--images TRAIN VALIDATION TEST`.
 - Stage 1 (QLoRA, frozen base): per instruction row the vision tower forward (frozen, no backward), the language
   model forward, its backward to the activations (about one forward: no weight gradients for frozen weights), a
-  recomputed forward of the decoder layers when `gradient_checkpointing` is on, and the LoRA adapters (forward,
+  recomputed forward of the decoder layers when `activation_checkpointing` (formerly `gradient_checkpointing`) is on, and the LoRA adapters (forward,
   both gradients); `lm_head` over every position (the loss is computed on the assistant tokens of every row's
   logits). Each epoch's evaluation (validation loss and the label accuracy on `eval_max_images`) is added.
 - Feature caches: the fused model's forward (vision tower + one label-scoring pass over prompt and every label's
@@ -251,7 +251,7 @@ class TextLengths:
 def text_lengths(recipe, labels: list[str], answer_tokens: int, cache: str | None) -> TextLengths:
     from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDImageProcessor, EmoVLMKDProcessor
     tokenizer = _tokenizer()
-    prompts = {key: getattr(recipe.sections["model"], f"{key}_prompt", None) for key in ("categorical", "conversation",
+    prompts = {key: getattr(recipe.model, f"{key}_prompt", None) for key in ("categorical", "conversation",
                                                                            "reasoning")}
     config = EmoVLMKDConfig.from_label_set(labels, categorical_prompt=prompts["categorical"],
                                            conversation_prompt=prompts["conversation"],
@@ -325,23 +325,23 @@ def estimate(recipe_path: str, gpu: str = "H100", mfu: float = 0.3, num_gpus: in
 
     recipe = load(recipe_path, overrides)
     labels = resolve_label_set(recipe.labels)
-    if recipe.sections["base_models"].tiny:
+    if recipe.base_models.tiny:
         from train.infra.tiny import build_tiny_tokenizer, tiny_vlm_config
 
         config = tiny_vlm_config(build_tiny_tokenizer(labels))
         teacher = {"image_size": 56, "patch_size": 7, "hidden_size": 64, "num_hidden_layers": 2,
                    "intermediate_size": 128}
     else:
-        config = vlm_config(recipe.sections["base_models"].vlm)
-        teacher = vit_shape(recipe.sections["base_models"].teacher)
+        config = vlm_config(recipe.base_models.vlm)
+        teacher = vit_shape(recipe.base_models.teacher)
     shape = model_shape(config)
-    (train, validation, test), data_source = split_sizes(recipe.sections["data"].kind, images)
-    max_pixels = recipe.sections["model"].max_pixels or 12_845_056  # Qwen2-VL's processor default when the recipe leaves it
+    (train, validation, test), data_source = split_sizes(recipe.data.kind, images)
+    max_pixels = recipe.model.max_pixels or 12_845_056  # Qwen2-VL's processor default when the recipe leaves it
     n_img = visual_tokens(shape, max_pixels)
     text = text_lengths(recipe, labels, answer_tokens, instruction_cache)
-    sft = recipe.sections["sft"]
+    sft = recipe.sft
     kinds = list(sft.instruction_kinds)
-    checkpointing = bool(sft.gradient_checkpointing)
+    checkpointing = bool(sft.activation_checkpointing)
 
     vision_one = vision_forward_flops(shape, n_img)
     lora_modules = [lin for lin in shape.linears if lin.role == "text"
@@ -368,7 +368,7 @@ def estimate(recipe_path: str, gpu: str = "H100", mfu: float = 0.3, num_gpus: in
     def add(stage, flops, work, note=""):
         stages.append({"stage": stage, "work": work, "flops": int(flops), "note": note})
 
-    generator = recipe.sections["instructions"].generator
+    generator = recipe.instructions.generator
     generated = [k for k in kinds if k != "categorical"]
     if generator == "local" and generated:
         per = 0
@@ -402,20 +402,20 @@ def estimate(recipe_path: str, gpu: str = "H100", mfu: float = 0.3, num_gpus: in
         f"{epochs} epochs x {train:,} images x {len(kinds)} rows ({', '.join(f'{k} {v:,}' for k, v in lengths.items())}"
         f" tokens); gradient checkpointing {'on' if checkpointing else 'off'}",
         f"+ per-epoch evaluation {evaluation / 1e12:,.0f} TFLOP" if evaluation else "")
-    teacher_cfg = recipe.sections["teacher"]
+    teacher_cfg = recipe.teacher
     add("teacher", teacher_cfg.num_train_epochs * (3 * vit_one * train + vit_one * validation),
         f"{_number(teacher_cfg.num_train_epochs)} epochs x {train:,} images, full fine-tuning ({vit_params / 1e6:.0f} M)")
     total_images = train + validation + test
     add("feature caches", total_images * (fused_one + vit_one),
         f"{total_images:,} images: fused forward ({score_length:,} positions, {score_rows} scored rows) + teacher")
     feature_dim = shape.hidden
-    head_dims = [feature_dim, *recipe.sections["model"].head_hidden_dims, len(labels)]
+    head_dims = [feature_dim, *recipe.model.head_hidden_dims, len(labels)]
     head = sum(2 * a * b for a, b in zip(head_dims, head_dims[1:]))
-    add("stage 2 (distillation head)", recipe.sections["distill"].num_train_epochs * 3 * head * train,
-        f"{_number(recipe.sections['distill'].num_train_epochs)} epochs on cached features")
+    add("stage 2 (distillation head)", recipe.distill.num_train_epochs * 3 * head * train,
+        f"{_number(recipe.distill.num_train_epochs)} epochs on cached features")
     gate = 2 * (2 * len(labels)) * len(labels) * 8  # up to a few Linear layers of width 2C
-    add("stage 3 (gate)", recipe.sections["gate"].num_train_epochs * 20 * 3 * gate * train,
-        f"at most {_number(recipe.sections['gate'].num_train_epochs)} L-BFGS calls x 20 evaluations on cached tensors")
+    add("stage 3 (gate)", recipe.gate.num_train_epochs * 20 * 3 * gate * train,
+        f"at most {_number(recipe.gate.num_train_epochs)} L-BFGS calls x 20 evaluations on cached tensors")
     peak = GPUS[gpu][0] * 1e12
     for row in stages:
         row["tflop"] = row["flops"] / 1e12
@@ -425,11 +425,11 @@ def estimate(recipe_path: str, gpu: str = "H100", mfu: float = 0.3, num_gpus: in
     return {
         "estimate": True,
         "recipe": str(recipe_path),
-        "base_model": "tiny" if recipe.sections["base_models"].tiny else recipe.sections["base_models"].vlm,
+        "base_model": "tiny" if recipe.base_models.tiny else recipe.base_models.vlm,
         "parameters": shape.params,
         "gpu": {"name": gpu, "bf16_dense_tflops": GPUS[gpu][0], "memory_gb": GPUS[gpu][1], "count": num_gpus},
         "mfu": mfu,
-        "data": {"kind": recipe.sections["data"].kind, "train": train, "validation": validation, "test": test,
+        "data": {"kind": recipe.data.kind, "train": train, "validation": validation, "test": test,
                  "source": data_source},
         "tokens": {"max_pixels": max_pixels, "visual_tokens_per_image": n_img, "prompt": text.prompt,
                    "answer": text.answer, "answer_source": text.source, "scoring_positions": score_length,
@@ -461,7 +461,7 @@ def memory_estimates(shape: ModelShape, recipe, text: TextLengths, n_img: int, s
       `2 b L^2` and the scoring logits (at most 256 MiB per chunk, `_SCORING_CHUNK_BYTES_GPU`).
     - plus `CUDA_CONTEXT_GB` of context and allocator slack.
     """
-    sft = recipe.sections["sft"]
+    sft = recipe.sft
     quantised = sum(lin.n_in * lin.n_out for lin in shape.linears if not lin.full_precision
                     and lin.role in ("vision", "text"))
     everything = shape.params["total"]
@@ -490,16 +490,16 @@ def memory_estimates(shape: ModelShape, recipe, text: TextLengths, n_img: int, s
                      "trainable_states_gb": 16 * lora / 1e9, "trainable_parameters": lora,
                      "activations_gb": activations,
                      "total_gb": weights + 16 * lora / 1e9 + activations + CUDA_CONTEXT_GB,
-                     "recipe_setting": checkpointing == bool(sft.gradient_checkpointing)})
-    fb = recipe.sections["model"].feature_batch_size
-    weights = weights_4bit if recipe.sections["model"].load_in_4bit else weights_bf16
+                     "recipe_setting": checkpointing == bool(sft.activation_checkpointing)})
+    fb = recipe.model.feature_batch_size
+    weights = weights_4bit if recipe.model.load_in_4bit else weights_bf16
     transient = (2 * fb * score_length * (2 * h + 3 * inter) + 2 * fb * score_length**2 + 256 * 2**20
                  + 2 * fb * patches * (2 * shape.vision_width + mlp_width)) / 1e9
     rows.append({"stage": "feature caches", "gradient_checkpointing": None, "batch": fb, "sequence": score_length,
-                 "weights_gb": weights, "weights": "4-bit NF4" if recipe.sections["model"].load_in_4bit else "bf16",
+                 "weights_gb": weights, "weights": "4-bit NF4" if recipe.model.load_in_4bit else "bf16",
                  "trainable_states_gb": 0.0, "trainable_parameters": 0, "activations_gb": transient,
                  "total_gb": weights + transient + CUDA_CONTEXT_GB, "recipe_setting": True})
-    tb = recipe.sections["teacher"].per_device_train_batch_size
+    tb = recipe.teacher.per_device_train_batch_size
     tokens = (teacher["image_size"] // teacher["patch_size"]) ** 2 + 1
     vit_act = tb * tokens * teacher["num_hidden_layers"] * (10 * teacher["hidden_size"]
                                                             + 4 * teacher["intermediate_size"]) / 1e9

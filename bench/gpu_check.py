@@ -246,7 +246,7 @@ def make_recipe(work: Path, shape, args, cuda: bool) -> dict:
         "sft": {"use_peft": True, "load_in_4bit": True, "lora_r": 8, "lora_alpha": 8,
                 "lora_target_modules": ["q_proj", "k_proj", "v_proj"],
                 "instruction_kinds": ["categorical", "conversation"], "max_steps": args.sft_steps,
-                "per_device_train_batch_size": 1, "gradient_checkpointing": True, "bf16": bf16,
+                "per_device_train_batch_size": 1, "activation_checkpointing": True, "bf16": bf16,
                 "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1, "report_to": "none"},
         "teacher": {"max_steps": args.teacher_steps, "per_device_train_batch_size": args.teacher_batch_size,
                     "bf16": bf16, "save_strategy": "no", "eval_strategy": "no", "report_to": "none"},

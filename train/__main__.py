@@ -12,6 +12,7 @@
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME
         [--private] [--revision BRANCH] [--eval-results RESULTS_JSON ...] [--dry-run DIR]
     python -m train push-space --model ORG/NAME --space ORG/NAME-demo
+    python -m train serve --model runs/demo/final --port 8000    # HTTP, for huggingface_hub's InferenceClient
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
     python -m train verify runs/demo                               # recompute what the run records; exit 1 if any differs
 """
@@ -43,6 +44,7 @@ COMMANDS = {
     "push": ("train.commands.publish", "upload a run's Hub-ready folder with its model card"),
     "push-space": ("train.commands.space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
     "verify": ("train.commands.verify", "recompute what a run (or a published model) records from its saved files"),
+    "serve": ("train.commands.serve", "serve a model over HTTP in the image-classification format, batching requests"),
     "tiny": ("train.commands.tiny", "build tiny offline base models"),
 }
 

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead
 from modeling_emovlm_kd.fusion import head_from_config
 from train.configs.distill_config import DistillationConfig
-from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics, kept_model_metric
 
 
 def distillation_loss(
@@ -140,7 +140,7 @@ def run(context) -> dict:
                                        resume_from_checkpoint=context.resume("distill"))
     if context.state.is_main_process:
         save_file(head.state_dict(), context.stage_dir("distill") / "head.safetensors")
-    return {"best_validation_accuracy": trainer.state.best_metric}
+    return {"best_validation_accuracy": kept_model_metric(trainer)}
 
 
 __all__ = [

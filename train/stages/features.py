@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.infra.assemble import assemble
+from train.stages.teacher import pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +158,14 @@ def compute_vlm_features(model, image_processor, dataset, batch_size: int = 8,
 @torch.inference_mode()
 def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 32,
                            num_workers: int = 0) -> dict[str, torch.Tensor]:
-    """The fine-tuned teacher's logits for every image, in the data set's order (`num_workers`: as above)."""
+    """The fine-tuned teacher's logits for every image, in the data set's order (`num_workers`: as above), each image
+    preprocessed as the teacher stage evaluates: the transform its saved `image_processor` holds (`teacher.eval_resize`:
+    resize + centre crop by default, as the authors do)."""
     teacher.eval()
     device = next(teacher.parameters()).device
 
     def preprocess(images):
-        return image_processor([image.convert("RGB") for image in images], return_tensors="pt")
+        return {"pixel_values": pixel_values(image_processor, images)}
 
     logits, labels = [], []
     for inputs, label in _batches(dataset, batch_size, preprocess, num_workers, "Teacher logits"):

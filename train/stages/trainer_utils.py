@@ -159,6 +159,16 @@ def accuracy_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
+def kept_model_metric(trainer) -> float | None:
+    """The validation `metric_for_best_model` of the model a stage keeps: the best epoch's with
+    `load_best_model_at_end` (the recipes' default), else the last evaluation's, the trained model's own (the
+    authors' code keeps the last epoch: train/recipes/authors-code.yaml)."""
+    if trainer.args.load_best_model_at_end:
+        return trainer.state.best_metric
+    key = f"eval_{trainer.args.metric_for_best_model}"
+    return next((entry[key] for entry in reversed(trainer.state.log_history) if key in entry), None)
+
+
 __all__ = ["CheckpointLoadError", "FeatureDataset",
-           "StrictCheckpointLoading", "accuracy_metrics", "last_complete_checkpoint",
+           "StrictCheckpointLoading", "accuracy_metrics", "kept_model_metric", "last_complete_checkpoint",
            "load_checkpoint_strictly", "read_checkpoint_tensors", "submodule_tensors"]
