@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_emovlm_kd import GATE_TYPES
-from modeling_emovlm_kd.fusion import new_gate
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd.fusion import gate_inputs, new_gate
 from train.configs.gate_config import GateConfig
 from train.stages.gate import train_gate
 

@@ -403,7 +403,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Bound of each explanation, in tokens (with --explain; default 128).")
 
 
-def run(args: argparse.Namespace) -> PredictionSummary:
+def main(args: argparse.Namespace) -> int:
+    """`python -m train predict`: bad files are reported in the output; the status is 1 only when no image could be
+    classified."""
     try:
         summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k,
                               num_workers=args.num_workers, revision=args.revision, dtype=args.dtype,
@@ -418,8 +420,8 @@ def run(args: argparse.Namespace) -> PredictionSummary:
                 print(f"  skipped ({reason.replace('_', ' ')}): {path}")
         for error in summary.errors:
             print(f"  failed: {error['path']}: {error['error']}")
-    return summary
+    return 1 if summary.failed and not summary.predicted else 0
 
 
 __all__ = ["OutdatedCheckpointError", "PredictionSummary", "PredictionsFileError", "Predictor", "add_arguments", "list_inputs", "loading_kwargs",
-           "output_lock", "predict_files", "read_rows", "run", "run_predict", "scan_inputs"]
+           "main", "output_lock", "predict_files", "read_rows", "run_predict", "scan_inputs"]
