@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from train.infra.assemble import load_processor
 from train.infra.provenance import stage_settings
 from train.stages.instructions import build_instruction_dataset
-from train.stages.sft import SFTStageConfig, add_length_column, build_sft_trainer
+from train.stages.sft import SFTStageConfig, add_length_column, build_sft_trainer, masked_attention
 
 LABELS = ["amusement", "awe", "fear", "sadness"]
 # Image sizes (width, height) whose visual token counts differ under the tiny processor's 56x56..112x112 bounds.
@@ -68,7 +68,7 @@ def stage1_args(tiny_base, tmp_path, **knobs):
     defaults = dict(output_dir=str(tmp_path), model_name_or_path=str(tiny_base["vlm"]), use_peft=False,
                     activation_checkpointing=False, max_steps=3, per_device_train_batch_size=4, logging_steps=1,
                     save_strategy="no", disable_tqdm=True, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
-                    seed=0, dataloader_num_workers=0)
+                    seed=0, bf16=False)  # float32 on every machine (SFTStageConfig picks bf16 on a GPU)
     return SFTStageConfig(**{**defaults, **knobs})
 
 
@@ -138,6 +138,28 @@ def test_flash_attention_trains_in_bf16_close_to_sdpa_and_label_scoring_still_ge
     metrics = flash.label_metrics()
     assert metrics["label_images"] == len(images)
     assert flash.accelerator.unwrap_model(flash.model).config._attn_implementation == "flash_attention_2"
+
+
+class _Model:
+    """What `masked_attention` touches of a model: its attention implementation and the switch."""
+
+    def __init__(self, implementation):
+        self.config = type("Config", (), {"_attn_implementation": implementation})()
+        self.switches = []
+
+    def set_attn_implementation(self, value):
+        self.switches.append(value)
+        self.config._attn_implementation = value
+
+
+@pytest.mark.parametrize("implementation, switches", [("sdpa", []), ("eager", []),
+                                                      ("flash_attention_2", ["sdpa", "flash_attention_2"])])
+def test_label_scoring_runs_with_an_attention_that_takes_its_4d_mask_and_switches_back(implementation, switches):
+    model = _Model(implementation)
+    with pytest.raises(RuntimeError, match="scoring failed"), masked_attention(model):
+        assert model.config._attn_implementation in ("eager", "sdpa")
+        raise RuntimeError("scoring failed")
+    assert model.switches == switches and model.config._attn_implementation == implementation
 
 
 # ---- DataLoader workers and pinned memory ---------------------------------------------------------------------------
