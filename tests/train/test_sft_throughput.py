@@ -250,9 +250,10 @@ def test_length_grouping_trains_and_evaluates_through_the_trainer(tiny_base, ins
 # ---- refused where the libraries or the hardware cannot ----------------------------------------------------------
 
 
-def test_padding_free_is_refused_in_one_line_because_trl_refuses_it_for_images(tiny_base, tmp_path):
-    with pytest.raises(ValueError, match=r"^sft\.padding_free: TRL .* vision") as raised:
-        stage1_args(tiny_base, tmp_path, padding_free=True)
+@pytest.mark.parametrize("option", ["padding_free", "packing"])
+def test_padding_free_is_refused_in_one_line_because_trl_refuses_it_for_images(tiny_base, tmp_path, option):
+    with pytest.raises(ValueError, match=rf"^sft\.{option}: TRL .* vision") as raised:
+        stage1_args(tiny_base, tmp_path, **{option: True})
     assert "\n" not in str(raised.value)
 
 
