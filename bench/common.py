@@ -425,25 +425,35 @@ class OfficialStyle:
 
 
 def interleaved_timings(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
-                        device: torch.device | None = None, log: Callable[[str], None] | None = None
-                        ) -> dict[str, list[float]]:
+                        device: torch.device | None = None, log: Callable[[str], None] | None = None,
+                        cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each case, repetitions interleaved (rep r runs the cases rotated by r) so that drift of
-    the machine hits every case alike. `warmup` untimed calls per case come first."""
+    the machine hits every case alike. `warmup` untimed calls per case come first.
+
+    Given a dict, `cpu_times` also receives each call's CPU seconds of this process (`time.process_time`: user +
+    system time of all its threads). With one thread on a shared machine that is the steadier figure: time spent
+    waiting for a core that other processes hold is not in it (their contention for caches and memory still is)."""
     names = list(cases)
+    if not names:
+        return {}
     device = device or torch.device("cpu")
     for _ in range(warmup):
         for name in names:
             cases[name]()
     times = {name: [] for name in names}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in names})
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             gc.collect()
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             cases[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times[name].append(time.process_time() - cpu_start)
         if log:
             log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{n}={times[n][-1]:.3f}s" for n in names))
     return times

@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy
 import torch
 
 
@@ -166,15 +167,32 @@ class MatmulPeak:
         return self.out
 
 
-def rates(flops: int, seconds: list[float], peak_flops: int, peak_seconds: list[float]) -> dict:
+def rates(flops: int, seconds: list[float], peak_flops: int, peak_seconds: list[float],
+          cpu_seconds: list[float] | None = None, peak_cpu_seconds: list[float] | None = None) -> dict:
     """GFLOP/s (median) and fraction of the peak: the ratio of the medians, and per interleaved repetition (the case
-    and the peak of the same repetition, so drift of a shared machine cancels)."""
+    and the peak of the same repetition, so drift of a shared machine cancels). Given CPU seconds of the case and the
+    peak (`interleaved_timings(cpu_times=...)`), the same fraction in CPU time, per repetition: median and quartiles
+    (`fraction_of_peak_cpu`; meaningful with one thread)."""
     gflops = flops / statistics.median(seconds) / 1e9
     peak = peak_flops / statistics.median(peak_seconds) / 1e9
     per_rep = [(flops / s) / (peak_flops / p) for s, p in zip(seconds, peak_seconds)]
-    return {"gflop": flops / 1e9, "gflop_per_s": gflops, "peak_gflop_per_s": peak, "fraction_of_peak": gflops / peak,
-            "fraction_of_peak_per_rep": {"median": statistics.median(per_rep), "min": min(per_rep),
-                                         "max": max(per_rep)}}
+    out = {"gflop": flops / 1e9, "gflop_per_s": gflops, "peak_gflop_per_s": peak, "fraction_of_peak": gflops / peak,
+           "fraction_of_peak_per_rep": {"median": statistics.median(per_rep), "min": min(per_rep),
+                                        "max": max(per_rep)}}
+    if cpu_seconds and peak_cpu_seconds and len(cpu_seconds) == len(peak_cpu_seconds):
+        per_rep_cpu = [(flops / max(s, 1e-9)) / (peak_flops / max(p, 1e-9))
+                       for s, p in zip(cpu_seconds, peak_cpu_seconds)]
+        out["fraction_of_peak_cpu"] = quartiles(per_rep_cpu)
+        out["gflop_per_cpu_s"] = flops / statistics.median(cpu_seconds) / 1e9
+    return out
+
+
+def quartiles(values: list[float]) -> dict:
+    """Median, first and third quartile (numpy's linear interpolation), min, max and the IQR relative to the median."""
+    ordered = sorted(values)
+    q1, median, q3 = (float(x) for x in numpy.percentile(ordered, [25, 50, 75]))
+    return {"median": median, "q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1],
+            "rel_iqr": (q3 - q1) / median if median else 0.0, "n": len(ordered)}
 
 
 # ---- profiles ------------------------------------------------------------------------------------------------

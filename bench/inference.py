@@ -11,6 +11,9 @@ Paths, on the same weights and the same images, in one process, repetitions inte
 - `fused_fp32`: the fused model in float32, when the benchmark runs in bf16/fp16 (what bf16 buys on this hardware).
 - `fused_stock`: the same with the model package's fast path off (`fast_path.stock()`, the unmodified transformers
   modules): what the fast path buys, side by side.
+- `fused_compiled` (`--compile inductor|freezing`): a copy of the fused model whose vision blocks and decoder layers
+  are compiled (`fast_path.compile_layers`, static shapes; `freezing` also folds and prepacks the weights), side by
+  side with `fused`; the first call of each batch size (the compilation) is timed apart (`compile_s`).
 - `vlm_only`: the VLM alone scoring the labels (vision tower + one language-model pass), no head, no gate.
 - `official_genN`: greedy `generate(max_new_tokens=N)` of the answer from the chat prompt + decode + parse, a
   second vision pass through a separate fp32 copy of the vision tower for the head, a ViT teacher forward, the gate.
@@ -62,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--long-max-new-tokens", type=int, default=256,
                         help="Official path with the authors' limit, timed after the rest (0: skip).")
     parser.add_argument("--long-batch-sizes", type=int, nargs="*", default=None,
-                        help="Batch sizes for the long generation (default: smallest and largest).")
+                        help="Batch sizes for the long generation (default: smallest and largest; given with no "
+                             "value: none, the long generation is skipped).")
     parser.add_argument("--long-reps", type=int, default=1, help="Repetitions of the long generation.")
     parser.add_argument("--image-size", type=int, default=None, help="Square image side (default: max_pixels**0.5).")
     parser.add_argument("--max-pixels", type=int, default=None, help="Image processor max_pixels (mid: 224*224).")
@@ -71,6 +75,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-stock", action="store_true", help="Skip the fast-path-off case (fused_stock).")
     parser.add_argument("--no-profile", action="store_true", help="Skip the profiled call per case.")
     parser.add_argument("--peak-size", type=int, default=None, help="Side of the peak matmul (2048, GPU 8192).")
+    parser.add_argument("--compile", choices=["off", "inductor", "freezing"], default="off",
+                        help="Add `fused_compiled`: vision blocks and decoder layers compiled with inductor (static "
+                             "shapes); `freezing` sets torch._inductor.config.freezing (weights folded as constants "
+                             "and prepacked; inference only).")
     parser.add_argument("--no-fp32-baseline", action="store_true",
                         help="Skip the float32 copy of the fused model (only built when --dtype is not fp32).")
     return parser.parse_args(argv)
@@ -101,6 +109,10 @@ def main(argv=None) -> dict:
     if bm.dtype != torch.float32 and not args.no_fp32_baseline:
         bm32 = dataclasses.replace(bm, model=copy.deepcopy(bm.model).float(), dtype=torch.float32)
 
+    bm_compiled, compile_info = None, {}
+    if args.compile != "off":
+        bm_compiled, compile_info = compiled_copy(bm, images, batch_sizes, freezing=args.compile == "freezing")
+
     peak = MatmulPeak(bm.device, bm.dtype, args.peak_size)
     peak.calibrate(synchronize)
     cases, keys = {"matmul_peak": peak}, {"matmul_peak": ("matmul_peak", 0, None)}
@@ -113,6 +125,8 @@ def main(argv=None) -> dict:
             entries.append(("fused_pipeline", lambda batch=batch, b=b: pipe(batch, batch_size=b)))
         if bm32 is not None:
             entries.append(("fused_fp32", lambda batch=batch: fused_predict(bm32, batch)))
+        if bm_compiled is not None:
+            entries.append(("fused_compiled", lambda batch=batch: fused_predict(bm_compiled, batch)))
         entries.append(("vlm_only", lambda batch=batch: vlm_only_predict(bm, batch)))
         if not args.no_official:
             entries.append((f"official_gen{args.max_new_tokens}", lambda batch=batch: official(batch)))
@@ -120,11 +134,12 @@ def main(argv=None) -> dict:
             name = f"{method}@{b}"
             cases[name], keys[name] = fn, (method, b, args.max_new_tokens if method.startswith("official") else None)
     log(f"Timing {len(cases)} cases x {reps} interleaved repetitions (+1 warm-up each) ...")
-    times = interleaved_timings(cases, reps=reps, warmup=1, device=bm.device, log=log)
+    cpu_times = {}
+    times = interleaved_timings(cases, reps=reps, warmup=1, device=bm.device, log=log, cpu_times=cpu_times)
     calls = {f"official_gen{args.max_new_tokens}@{b}": [c for c in official.calls if c["batch_size"] == b][-reps:]
              for b in batch_sizes}
 
-    if args.long_max_new_tokens == args.max_new_tokens or args.no_official:
+    if args.long_max_new_tokens == args.max_new_tokens or args.no_official or args.long_batch_sizes == []:
         args.long_max_new_tokens = 0
     if args.long_max_new_tokens and args.long_reps:
         long_official = OfficialStyle(bm, args.long_max_new_tokens)
@@ -147,9 +162,11 @@ def main(argv=None) -> dict:
         log("Profiling one call per case (torch.profiler, untimed) ...")
         profiles = {name: op_profile(fn, bm.device) for name, fn in cases.items()}
     peak_times = times.pop("matmul_peak")
+    peak_cpu = cpu_times.pop("matmul_peak")
     peak_row = {"case": "matmul_peak", "method": "matmul_peak", "size": peak.size, "products_per_call": peak.repeats,
-                "latency_per_call_s": summarize(peak_times),
+                "latency_per_call_s": summarize(peak_times), "cpu_per_call_s": summarize(peak_cpu),
                 "gflop_per_s": peak.flops / statistics.median(peak_times) / 1e9,
+                "gflop_per_cpu_s": peak.flops / statistics.median(peak_cpu) / 1e9,
                 "gflop_per_s_per_rep": [peak.flops / t / 1e9 for t in peak_times]}
 
     rows = []
@@ -167,7 +184,10 @@ def main(argv=None) -> dict:
         row["flops"] = flops
         # The long generation ran after the peak's repetitions: compare its median with the peak's median.
         paired_peak = peak_times if len(seconds) == len(peak_times) else [statistics.median(peak_times)] * len(seconds)
-        row.update(rates(flops["total"], seconds, peak.flops, paired_peak))
+        row.update(rates(flops["total"], seconds, peak.flops, paired_peak, cpu_times.get(name), peak_cpu))
+        if name in cpu_times:
+            row["cpu_per_call_s"] = summarize(cpu_times[name])
+            row["fraction_of_peak_cpu_median"] = row["fraction_of_peak_cpu"]["median"]
         if name in profiles:
             row["profile"] = profiles[name]
         if name in calls:
@@ -199,6 +219,7 @@ def main(argv=None) -> dict:
         by[("vlm_only", largest)]["images_per_s"], by[("vlm_only", smallest)]["images_per_s"])
     for b in batch_sizes:
         ratios[f"fused_fraction_of_peak@{b}"] = by[("fused", b)]["fraction_of_peak"]
+        ratios[f"fused_fraction_of_peak_cpu@{b}"] = by[("fused", b)]["fraction_of_peak_cpu"]
         if ("fused_stock", b) in by:
             ratios[f"fused_stock_latency_over_fused@{b}"] = ratio(by[("fused_stock", b)]["latency_per_image_ms"],
                                                                  by[("fused", b)]["latency_per_image_ms"])
@@ -206,6 +227,10 @@ def main(argv=None) -> dict:
                                                                         times[f"fused_stock@{b}"], b, b)
         ratios[f"fused_latency_over_vlm_only@{b}"] = ratio(by[("fused", b)]["latency_per_image_ms"],
                                                           by[("vlm_only", b)]["latency_per_image_ms"])
+        if ("fused_compiled", b) in by:
+            ratios[f"fused_compiled_fraction_of_peak_cpu@{b}"] = by[("fused_compiled", b)]["fraction_of_peak_cpu"]
+            ratios[f"fused_compiled_vs_fused_paired_per_rep@{b}"] = paired(times[f"fused_compiled@{b}"],
+                                                                           times[f"fused@{b}"], b, b)
         if ("fused_fp32", b) in by:
             ratios[f"fused_fp32_latency_over_fused@{b}"] = ratio(by[("fused_fp32", b)]["latency_per_image_ms"],
                                                                 by[("fused", b)]["latency_per_image_ms"])
@@ -220,11 +245,15 @@ def main(argv=None) -> dict:
         sorted(rows, key=lambda r: (r["batch_size"], r["method"])),
         [("method", "path"), ("batch_size", "batch"), ("latency_per_image_ms", "ms / image"),
          ("images_per_s", "images / s"), ("rel_iqr", "IQR / median"), ("speedup_of_fused", "fused is x faster"),
-         ("gflop_per_s", "GFLOP/s"), ("fraction_of_peak", "of peak")],
+         ("gflop_per_s", "GFLOP/s"), ("fraction_of_peak", "of peak"),
+         ("fraction_of_peak_cpu_median", "of peak, CPU time")],
     )
     table += (f"\n\nPeak: {peak_row['gflop_per_s']:.4g} GFLOP/s ({peak.size}x{peak.size} products, "
               f"{str(bm.dtype).removeprefix('torch.')}, median of {len(peak_times)} interleaved repetitions, "
-              f"{min(peak_row['gflop_per_s_per_rep']):.4g}-{max(peak_row['gflop_per_s_per_rep']):.4g}).")
+              f"{min(peak_row['gflop_per_s_per_rep']):.4g}-{max(peak_row['gflop_per_s_per_rep']):.4g}; "
+              f"{peak_row['gflop_per_cpu_s']:.4g} per CPU second). \"of peak, CPU time\": the median over "
+              "repetitions of the case's FLOPs per CPU second over the peak's in the same repetition (with one "
+              "thread the steadier figure on a shared machine).")
     description = bm.describe()
     print(f"\nInference ({description['shape']}, {description['dtype']}, {description['device']}, "
           f"{side}x{side} images, {reps} interleaved repetitions, median):\n")
@@ -237,7 +266,9 @@ def main(argv=None) -> dict:
         "config": description,
         "settings": {"batch_sizes": batch_sizes, "reps": reps, "warmup": 1, "image_size": [side, side],
                      "max_new_tokens": args.max_new_tokens, "long_max_new_tokens": args.long_max_new_tokens,
-                     "long_reps": args.long_reps, "pipeline": pipe is not None},
+                     "long_reps": args.long_reps, "long_batch_sizes": args.long_batch_sizes,
+                     "pipeline": pipe is not None, "compile": args.compile},
+        "compile": compile_info,
         "results": rows,
         "peak": peak_row,
         "ratios": ratios,
@@ -245,6 +276,40 @@ def main(argv=None) -> dict:
     }
     write_json(args.output, payload)
     return payload
+
+
+def compiled_copy(bm, images, batch_sizes: list[int], freezing: bool):
+    """A copy of the benchmark's models whose fused model has its layers compiled, and the compilation's cost: the
+    first call per batch size (wall and CPU seconds) and the resident memory it added (packed weights, code)."""
+    import time
+
+    import torch._inductor.config as inductor_config
+
+    from modeling_emovlm_kd import fast_path
+
+    # A compile option does not reach inductor's freezing in torch 2.13 (checked): set it for the process; it only
+    # changes compiled code, and every compilation here happens in the warm-up calls below.
+    inductor_config.freezing = freezing
+    model = copy.deepcopy(bm.model)
+    layers = fast_path.compile_layers(model.vlm, dynamic=False)
+    compiled = dataclasses.replace(bm, model=model)
+    info = {"mode": "freezing" if freezing else "inductor", "layers": layers, "compile_s": {}, "compile_cpu_s": {},
+            "rss_before_gib": _rss_gib()}
+    for b in batch_sizes:
+        log(f"Compiling the layers for batch {b} (first call) ...")
+        start, cpu = time.perf_counter(), time.process_time()
+        fused_predict(compiled, images[:b])
+        info["compile_s"][b], info["compile_cpu_s"][b] = time.perf_counter() - start, time.process_time() - cpu
+    info["rss_after_gib"] = _rss_gib()
+    return compiled, info
+
+
+def _rss_gib() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:")) / 2**20
+    except (OSError, StopIteration):
+        return None
 
 
 def paired(fast: list[float], slow: list[float], fast_batch: int, slow_batch: int) -> dict:

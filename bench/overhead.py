@@ -11,9 +11,8 @@ import argparse
 
 import torch
 
+from bench.architectures import QWEN2_VL_2B, QWEN2_VL_7B
 from bench.common import (
-    QWEN2_VL_2B_TEXT,
-    QWEN2_VL_2B_VISION,
     add_common_arguments,
     build_models,
     count_parameters,
@@ -31,22 +30,6 @@ from bench.common import (
     write_json,
 )
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
-
-# Qwen/Qwen2-VL-7B-Instruct's config (as in tests/modeling_emovlm_kd/test_modeling_emovlm_kd.py).
-QWEN2_VL_7B = {
-    "model_type": "qwen2_vl", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "image_token_id": 151655,
-    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
-                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-}
-QWEN2_VL_2B = {
-    "model_type": "qwen2_vl", "text_config": dict(QWEN2_VL_2B_TEXT), "vision_config": dict(QWEN2_VL_2B_VISION),
-    "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
-    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-}
 
 
 def parameter_shares(vlm_config: dict, label_set: str = "mikels8", head_hidden_dims=(1024,)) -> dict:

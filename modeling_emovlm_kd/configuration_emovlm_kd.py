@@ -11,7 +11,8 @@ from .backbones import DEFAULT_MODEL_TYPE, Backbone, get_backbone
 # Label sets are named and ordered once, here. The order is the class index order of every checkpoint
 # trained with them; nothing in this project derives an order from a directory listing.
 LABEL_SETS = {
-    # Mikels' eight emotions, in EmoSet's and FI's published order.
+    # Mikels' eight emotions in EmoSet's published order (its info.json: the four positive, then the four negative);
+    # FI publishes no class order, and is read in this one.
     "mikels8": ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"],
     # Emotion6: Ekman's six basic emotions, in the data set's ground-truth column order.
     "ekman6": ["anger", "disgust", "fear", "joy", "sadness", "surprise"],

@@ -48,6 +48,7 @@ from PIL import Image
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 PARAMETERS = ("top_k", "function_to_apply", "explain", "max_new_tokens")
+FUNCTIONS = ("softmax", "sigmoid", "none")  # function_to_apply, as the task's `ImageClassificationOutputTransform`
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -59,18 +60,33 @@ class EndpointHandler:
     """`EndpointHandler(path)(data)`: EmoVLM-KD's fused labels with scores, with each branch's, per image."""
 
     def __init__(self, path: str = ".", device: str | None = None, max_images: int | None = None,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, **loading):
+        """`loading`: further options of the checkpoint's `load_pipeline` (`revision`, `dtype`, `device_map`,
+        `load_in_4bit`) for servers that build the handler themselves (`emovlm-kd serve`); an endpoint passes none,
+        and `dtype` is then `EMOVLM_DTYPE` or auto."""
         self.max_images = _limit("max_images", max_images, "EMOVLM_MAX_IMAGES", DEFAULT_MAX_IMAGES)
         self.max_new_tokens = _limit("max_new_tokens", max_new_tokens, "EMOVLM_MAX_NEW_TOKENS",
                                      DEFAULT_MAX_NEW_TOKENS)
         # The repository's own loading code (its remote code, as `pipeline()` loads its pipeline class).
-        load_pipeline = get_class_from_dynamic_module("loading_emovlm_kd.load_pipeline", path)
-        self.classifier = load_pipeline(path, dtype=os.environ.get("EMOVLM_DTYPE", "").lower() or "auto",
-                                        device=device)
+        load_pipeline = get_class_from_dynamic_module("loading_emovlm_kd.load_pipeline", path,
+                                                      revision=loading.get("revision"))
+        loading.setdefault("dtype", os.environ.get("EMOVLM_DTYPE", "").lower() or "auto")
+        self.classifier = load_pipeline(path, device=device, **loading)
         self.model = self.classifier.model
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     def __call__(self, data: dict[str, Any]) -> list:
+        request = self.read(data)
+        if request.images:
+            request.fill(self.classifier(list(request.images.values()), batch_size=len(request.images),
+                                         **request.options))
+        return request.answer()
+
+    def read(self, data: dict[str, Any]) -> Request:
+        """A request body checked and decoded, before classification: its pipeline options, its images by position
+        and an error entry for each input that is not image data. `ValueError` naming the input or parameter at
+        fault for a malformed request (`TooManyImages` over `max_images`). Servers that batch requests together
+        (`emovlm-kd serve`) classify `Request.images` themselves and call `fill` and `answer`."""
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError('Send {"inputs": <image bytes, base64 text or data URI>, "parameters": {"top_k": k}}.')
         options = self.options(data.get("parameters") or {})
@@ -80,27 +96,15 @@ class EndpointHandler:
         if not items:
             raise ValueError("inputs is an empty list: send at least one image.")
         if len(items) > self.max_images:
-            raise ValueError(f"inputs holds {len(items)} images; this endpoint takes at most {self.max_images} per "
-                             "request (EMOVLM_MAX_IMAGES): send several requests.")
-        names = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(items))]
-        answers: list = [None] * len(items)
-        images = {}
-        for i, (item, name) in enumerate(zip(items, names)):
+            raise TooManyImages(f"inputs holds {len(items)} images; this endpoint takes at most {self.max_images} "
+                                "per request (EMOVLM_MAX_IMAGES): send several requests.")
+        request = Request(single, ["inputs"] if single else [f"inputs[{i}]" for i in range(len(items))], options)
+        for i, (item, name) in enumerate(zip(items, request.names)):
             try:
-                images[i] = self.image(item, name)
+                request.images[i] = self.image(item, name)
             except ValueError as error:
-                answers[i] = [{"label": None, "score": None, "error": str(error)}]
-        if images:
-            classified = self.classifier(list(images.values()), batch_size=len(images), **options)
-            for i, answer in zip(images, classified):
-                if answer[0].get("error") is not None:
-                    answer = [{**answer[0], "error": f"{names[i]}: {answer[0]['error']}"}]
-                answers[i] = answer
-        if single:
-            if answers[0][0].get("error") is not None:
-                raise ValueError(answers[0][0]["error"])
-            return answers[0]
-        return answers
+                request.answers[i] = [{"label": None, "score": None, "error": str(error)}]
+        return request
 
     def options(self, parameters: dict) -> dict:
         """The pipeline's options for a request's `parameters`, or a `ValueError` naming the one at fault."""
@@ -115,8 +119,11 @@ class EndpointHandler:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"parameters.top_k must be a whole number of at least 1 (or null), got {top_k!r}.")
         options = {"top_k": top_k}
-        if parameters.get("function_to_apply") is not None:
-            options["function_to_apply"] = parameters["function_to_apply"]
+        function = parameters.get("function_to_apply")
+        if function is not None:
+            if not isinstance(function, str) or function.lower() not in FUNCTIONS:
+                raise ValueError(f"parameters.function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}.")
+            options["function_to_apply"] = function.lower()
         explain = parameters.get("explain", False)
         if not isinstance(explain, bool):
             raise ValueError(f"parameters.explain must be true or false, got {explain!r}.")
@@ -155,6 +162,36 @@ class EndpointHandler:
         if not data:
             raise ValueError(f"{name} is empty (0 bytes), not an image.")
         return data
+
+
+class TooManyImages(ValueError):
+    """A request holds more images than the endpoint takes (`max_images`)."""
+
+
+class Request:
+    """One request between `EndpointHandler.read` and its answer: `images` (position -> image data) to classify,
+    `options` for the pipeline, and the answers so far (error entries of inputs that are not image data)."""
+
+    def __init__(self, single: bool, names: list[str], options: dict):
+        self.single, self.names, self.options = single, names, options
+        self.images: dict[int, Image.Image | bytes] = {}
+        self.answers: list = [None] * len(names)
+
+    def fill(self, classified: list) -> None:
+        """Take the pipeline's answers for `images`, in their order; an error entry gets the input's name."""
+        for i, answer in zip(self.images, classified):
+            if answer[0].get("error") is not None:
+                answer = [{**answer[0], "error": f"{self.names[i]}: {answer[0]['error']}"}]
+            self.answers[i] = answer
+
+    def answer(self) -> list:
+        """The response body: one image's answer, or one answer per image of a list; a single image that could not
+        be classified raises its error as a `ValueError`."""
+        if self.single:
+            if self.answers[0][0].get("error") is not None:
+                raise ValueError(self.answers[0][0]["error"])
+            return self.answers[0]
+        return self.answers
 
 
 def _limit(name: str, value: int | None, variable: str, default: int) -> int:

@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 from .backbones import BACKBONES
 from .configuration_emovlm_kd import EmoVLMKDConfig
 from .fast_path import applied as _fast_path_applied
+from .fast_path import is_enabled as _fast_path_enabled
 
 # The fusion lives in `fusion.py`; its names stay importable from here for existing code and checkpoints.
 from .fusion import (  # noqa: F401
@@ -70,6 +71,60 @@ def pool_visual_tokens(image_embeds: tuple[torch.Tensor, ...], pooling: str) -> 
     if pooling == "max":
         return torch.stack([tokens.max(dim=0).values for tokens in image_embeds])
     return torch.stack([tokens.mean(dim=0) for tokens in image_embeds])
+
+
+def label_token_log_probs(hidden: torch.Tensor, lm_head: nn.Module, row: torch.Tensor, tokens: list[int],
+                          chunk_bytes: int = 4 << 20) -> torch.Tensor:
+    """`log p(tokens[j])` at hidden state `row[j]` of each image, under `lm_head`'s softmax over the vocabulary.
+
+    Args:
+        hidden: `(batch, rows, hidden_size)` last hidden states of the positions that predict a token.
+        lm_head: The language model's output layer.
+        row: `(num_tokens,)` which row predicts each token.
+        tokens: The `num_tokens` predicted token ids (a list: which vocabulary slice holds each is decided on the
+            host, without waiting for the device).
+        chunk_bytes: Largest float32 logits chunk `(chunk, batch * rows)`.
+
+    A plain `nn.Linear` head is applied to `chunk_bytes`-sized slices of its weight, as `weight[slice] @ hidden.T`:
+    the vocabulary is the long side of that product, which CPU matrix kernels run near their peak without repacking
+    the weight on every call (`hidden @ weight.T` with a few hundred rows ran at half of it). Each slice's logits are
+    computed in the head's dtype (as `lm_head` computes them, summed in another order), their `logsumexp` in float32,
+    and the normaliser is the `logsumexp` of the slices'; each token's logit is read from its slice. No
+    `(batch, rows, vocabulary)` tensor is built or cast. Other heads (quantized, wrapped, hooked) run whole, then the
+    same float32 reduction.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch, num_tokens)`.
+    """
+    weight, bias = getattr(lm_head, "weight", None), getattr(lm_head, "bias", None)
+    plain = (type(lm_head) is nn.Linear and weight.dtype.is_floating_point and not lm_head._forward_hooks
+             and not lm_head._forward_pre_hooks and "forward" not in lm_head.__dict__)
+    if not plain:
+        logits = lm_head(hidden).float()
+        columns = torch.tensor(tokens, device=logits.device)
+        return logits[:, row, columns] - torch.logsumexp(logits, -1)[:, row]
+    batch, rows = hidden.shape[:2]
+    flat = hidden.reshape(batch * rows, -1).to(weight.dtype)
+    vocab = weight.shape[0]
+    chunk = max(256, chunk_bytes // (4 * batch * rows) // 256 * 256)
+    # Column of each (image, token) pair in the `(chunk, batch * rows)` logits.
+    columns = torch.arange(batch, device=hidden.device)[:, None] * rows + row[None, :]  # (batch, num_tokens)
+    normalisers = []
+    target = hidden.new_empty(batch, len(tokens), dtype=torch.float32)
+    for start in range(0, vocab, chunk):
+        stop = min(start + chunk, vocab)
+        logits = weight[start:stop] @ flat.T  # (chunk, batch * rows)
+        if bias is not None:
+            logits += bias[start:stop, None]
+        normalisers.append(torch.logsumexp(logits.float(), 0))
+        inside = [j for j, token in enumerate(tokens) if start <= token < stop]
+        if inside:
+            index = torch.tensor(inside, device=hidden.device)
+            offsets = torch.tensor([tokens[j] - start for j in inside], device=hidden.device)
+            picked = columns[:, index]  # (batch, len(inside))
+            target[:, index] = logits[offsets[None, :].expand_as(picked), picked].float()
+    normaliser = torch.logsumexp(torch.stack(normalisers), 0) if len(normalisers) > 1 else normalisers[0]
+    return target - normaliser.view(batch, rows)[:, row]
 
 
 class EmoVLMKDPreTrainedModel(PreTrainedModel):
@@ -194,6 +249,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
                 "before": torch.tensor(ids["before_image"], device=device),
                 "after": torch.tensor(ids["after_image"], device=device),
                 "continuations": torch.cat(continuations).to(device),
+                "continuation_ids": [token for c in ids["label_continuations"] for token in c],
                 "label_index": label_index.to(device),
                 "offset": offset.to(device),
             }
@@ -246,6 +302,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         label_positions = start + self._prompt_cache["offset"].view(1, 1, -1)
         return torch.cat([position_ids, label_positions], dim=-1)
 
+    # Label scoring's log-normaliser runs over chunks of the vocabulary of at most this many bytes of float32 logits:
+    # on CPU a chunk stays in cache; on accelerators few large chunks (few kernel launches) bound the memory.
+    _SCORING_CHUNK_BYTES = 4 << 20
+    _SCORING_CHUNK_BYTES_GPU = 256 << 20
+
     # Memoize label scoring's inputs for the last batch shape only while the 4D mask is this small (images of
     # thousands of tokens would keep hundreds of MiB alive between calls).
     _SCORING_MEMO_BYTES = 64 << 20
@@ -284,7 +345,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         """Log-likelihood of each label string (and the answer's closing suffix) after the answer prefix.
 
         One forward pass of the language model over `prompt + all label continuations`, with a tree-shaped
-        attention mask, so labels that share leading tokens are each scored on their own path.
+        attention mask, so labels that share leading tokens are each scored on their own path. Only the positions
+        that predict a continuation token get logits, and their log-normaliser over the vocabulary is computed chunk
+        by chunk (`label_token_log_probs`), never as a `(batch, rows, vocabulary)` float32 tensor.
 
         Returns:
             `torch.FloatTensor` of shape `(num_images, num_labels)`.
@@ -294,15 +357,18 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         inputs = dict(self._scoring_inputs(image_grid_thw, dtype))
         row = inputs.pop("row")
         prompt = self._prompt_cache
-        outputs = self.vlm(
-            **inputs,
-            image_grid_thw=image_grid_thw,
-            mm_encoder_outputs={"image": image_features},
-            use_cache=False,
-        )
-        logits = outputs.logits.float()
-        token_scores = logits[:, row, prompt["continuations"]] - torch.logsumexp(logits, -1)[:, row]
-        scores = torch.zeros(logits.shape[0], self.config.num_labels, device=logits.device)
+        encoder_outputs = {"mm_encoder_outputs": {"image": image_features}, "image_grid_thw": image_grid_thw}
+        if not _fast_path_enabled():  # the stock modules: `lm_head` over the kept rows, then the normaliser
+            logits = self.vlm(**inputs, **encoder_outputs, use_cache=False).logits.float()
+            token_scores = logits[:, row, prompt["continuations"]] - torch.logsumexp(logits, -1)[:, row]
+        else:
+            positions = inputs.pop("logits_to_keep")
+            with _fast_path_applied(self.vlm):
+                hidden = self.vlm.model(**inputs, **encoder_outputs, use_cache=False).last_hidden_state
+            chunk_bytes = self._SCORING_CHUNK_BYTES if hidden.device.type == "cpu" else self._SCORING_CHUNK_BYTES_GPU
+            token_scores = label_token_log_probs(hidden[:, positions], self.vlm.get_output_embeddings(), row,
+                                                 prompt["continuation_ids"], chunk_bytes)
+        scores = torch.zeros(token_scores.shape[0], self.config.num_labels, device=token_scores.device)
         return scores.index_add_(1, prompt["label_index"], token_scores)
 
     # ---- fusion ----------------------------------------------------------------------------------------
@@ -449,4 +515,5 @@ __all__ = [
     "GATES",
     "gate_inputs",
     "pool_visual_tokens",
+    "label_token_log_probs",
 ]

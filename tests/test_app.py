@@ -371,6 +371,186 @@ def test_max_file_size_flag_takes_sizes_and_refuses_nonsense(app, capsys):
     assert exited.value.code == 2 and "argument --max-file-size" in capsys.readouterr().err
 
 
+def fake_prediction(app, labels, fused, vlm, head, vlm_share):
+    """A Prediction whose top labels are `fused`, `vlm` and `head` (probability 0.6 each, the rest shared)."""
+    def probs(top):
+        rest = 0.4 / (len(labels) - 1)
+        return {label: 0.6 if label == top else rest for label in labels}
+
+    return app.Prediction(fused=probs(fused), vlm=probs(vlm), vlm_log_likelihood=dict.fromkeys(labels, -1.0),
+                          head=probs(head), vlm_share=vlm_share, head_share=1 - vlm_share)
+
+
+def test_the_branch_share_is_explained_in_words(app):
+    """Beside "VLM 72.9%": what the share is for the gate type (how much each branch's input moved the fused
+    logits, up or down, over every label), what it is not (a probability of being right, a vote for the label
+    shown), and, when the branch with the larger share answered another label than the fused one, that it did."""
+    labels = ["awe", "fear", "sadness"]
+    gate_words = {"concat_linear": "Linear(2C→C)", "moe": "experts", "bilinear": "Shapley",
+                  "dynamic_weighting": "softmax", "cross_gating": "sigmoid"}
+    for gate, words in gate_words.items():
+        agree = app.share_explanation(fake_prediction(app, labels, "awe", "awe", "fear", 0.729), gate, "one_hot")
+        assert words in agree, gate
+        assert "not the probability that the branch is right" in agree
+        assert "answered" not in agree  # the larger share's branch agrees with the decision: nothing to flag
+        assert "one-hot" in agree  # the gate sees the VLM's label, not its confidence
+    # The issue's case: the VLM has 72.9 % of the share but gives the fused label (awe) almost nothing.
+    disagree = app.share_explanation(fake_prediction(app, labels, "awe", "fear", "awe", 0.729), "concat_linear",
+                                     "probs")
+    assert "VLM has the larger share but answered fear, not the fused awe" in disagree
+    assert "gives awe 20.0 %" in disagree and "The fused awe is the distilled head's answer" in disagree
+    assert "one-hot" not in disagree
+    neither = app.share_explanation(fake_prediction(app, labels, "awe", "fear", "sadness", 0.2), "moe", "probs")
+    assert "distilled head has the larger share but answered sadness" in neither
+    assert "neither branch's own answer" in neither
+    html_text = app.contribution_html(fake_prediction(app, labels, "awe", "fear", "awe", 0.729), "concat_linear",
+                                      "probs")
+    assert "VLM 72.9%" in html_text and "distilled head 27.1%" in html_text
+    assert "answered fear, not the fused awe" in html_text
+    odd = fake_prediction(app, ["<b>x</b>", "y"], "<b>x</b>", "y", "<b>x</b>", 0.9)
+    assert "<b>x</b>" not in app.contribution_html(odd, "concat_linear", "probs")  # labels are text, not HTML
+
+
+def test_examples_show_their_true_class(app, tiny_checkpoint, tmp_path):
+    """An example in a folder named after one of the model's labels (as given, or as `push` names folders) is
+    captioned with that true class, and classifying it (by click or as an upload of the same file) says whether the
+    fused label matches; an example in a folder that is no label is captioned by the folder's name only."""
+    from PIL import Image
+
+    from train.commands.publish import safe_name
+
+    assert app.true_label("ankle_boot", ["t-shirt", "ankle boot"]) == "ankle boot" == \
+        app.true_label(safe_name("ankle boot"), ["t-shirt", "ankle boot"])
+    assert app.true_label("t-shirt", ["t-shirt", "ankle boot"]) == "t-shirt"
+    assert app.true_label("holiday", ["t-shirt", "ankle boot"]) is None
+    classifier = app.load_classifier(tiny_checkpoint)
+    folder = tmp_path / "examples"
+    for name, colour in (("awe", (10, 200, 30)), ("fear", (200, 10, 30)), ("my-photo", (30, 30, 200))):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), colour).save(folder / name / "0.png")
+    paths = app.example_images(folder, suffixes=classifier.image_suffixes)
+    assert app.example_captions(paths, classifier.labels) == ["true class: awe", "true class: fear", "my-photo"]
+    demo = app.build_demo(classifier, "", str(folder))
+    (dataset,) = [block for block in demo.blocks.values() if type(block).__name__ == "Dataset"]
+    assert dataset.sample_labels == ["true class: awe", "true class: fear", "my-photo"]
+    truths = app.example_truths(paths, classifier.labels)
+    assert sorted(truths.values()) == ["awe", "fear"]
+    copy = tmp_path / "upload.png"  # Gradio hands the handler a copy of the example: matched by content
+    copy.write_bytes((folder / "fear" / "0.png").read_bytes())
+    outputs = app.classify_image(classifier, "", {"path": str(copy), "orig_name": "0.png"}, truths)
+    (prediction,) = app.predict_paths(classifier, [str(copy)])
+    verdict = "matches" if prediction.label == "fear" else f"differs (fused: {prediction.label})"
+    assert outputs[-2] == f"True class of this example: **fear**; the fused decision {verdict}."
+    other = app.classify_image(classifier, "", {"path": str(folder / "my-photo" / "0.png"), "orig_name": "0.png"},
+                               truths)
+    assert other[-2] == ""
+
+
+def test_batch_results_download_as_csv_with_the_columns_predict_writes(app, tiny_checkpoint, tmp_path):
+    """The Batch tab's CSV has `predict --output x.csv`'s header and, for the same files (a broken one among them),
+    the same labels, scores and error rows; only `path` is the uploaded file's name."""
+    import csv
+
+    from conftest import random_images
+
+    from train.commands.predict import CSV_FIELDS, Predictor, predict_files
+
+    paths = []
+    for i, image in enumerate(random_images(3, seed=5)):
+        image.save(tmp_path / f"photo{i}.png")
+        paths.append(str(tmp_path / f"photo{i}.png"))
+    (tmp_path / "broken.png").write_text("not an image")
+    paths.insert(1, str(tmp_path / "broken.png"))
+    predict_files(Predictor(str(tiny_checkpoint)), paths, tmp_path / "predict.csv", batch_size=2, show_progress=False)
+    with open(tmp_path / "predict.csv", newline="") as handle:
+        predicted = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    classifier = app.load_classifier(tiny_checkpoint)
+    table, csv_path = app.classify_batch_download(classifier, "", [{"path": p, "orig_name": Path(p).name}
+                                                                   for p in paths])
+    assert [line[0] for line in table] == [Path(p).name for p in paths]
+    assert Path(csv_path).name == "predictions.csv"
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == CSV_FIELDS
+        downloaded = list(reader)
+    assert [row["path"] for row in downloaded] == [Path(p).name for p in paths]
+    for row in downloaded:
+        want = predicted[row["path"]]
+        assert bool(row["error"]) == bool(want["error"]), row
+        if row["error"]:
+            assert row["error"].startswith(f"{row['path']} is not a readable image")
+            assert (row["label"], row["score"]) == ("", "")
+            continue
+        assert (row["label"], row["vlm_label"], row["head_label"]) == (want["label"], want["vlm_label"],
+                                                                       want["head_label"])
+        assert float(row["score"]) == pytest.approx(float(want["score"]), abs=1e-6)
+    assert app.classify_batch_download(classifier, "", []) == ([], None)
+
+
+def test_the_why_button_shows_the_reasoning_with_what_it_costs(app, tiny_checkpoint, tmp_path):
+    """The "Why?" button's handler: `explain_one`'s reasoning text, and a note that it cost one generation (of how
+    many tokens) and, on a tiny model such as the tests' and the demo's, that the text is noise."""
+    from conftest import random_images
+
+    classifier = app.load_classifier(tiny_checkpoint)
+    image = tmp_path / "photo.png"
+    random_images(1, seed=2)[0].save(image)
+    text, note = app.explain_image(classifier, "", {"path": str(image), "orig_name": "photo.png"}, max_new_tokens=4)
+    explained = app.explain_one(classifier, str(image), "photo.png", max_new_tokens=4)
+    assert text == explained["explanation"]
+    assert f"{explained['explanation_tokens']} of at most 4 tokens" in note and "one generation" in note
+    assert f"fused label ({markdown_escaped(app, explained['label'])})" in note
+    assert "noise" in note  # the tiny model's VLM: a few hundred thousand parameters
+    assert app.explain_image(classifier, "", None, max_new_tokens=4) == ("", "Upload or pick an image first.")
+    (tmp_path / "notes.png").write_text("not an image")
+    text, note = app.explain_image(classifier, "", {"path": str(tmp_path / "notes.png"), "orig_name": "x.png"},
+                                   max_new_tokens=4)
+    assert text == "" and app.markdown_literal("x.png is not a readable image") in note
+
+
+def markdown_escaped(app, text: str) -> str:
+    return app.markdown_literal(text)
+
+
+def test_the_app_api_has_named_endpoints_and_serves_the_csv(app, tiny_checkpoint, tmp_path):
+    """The real app over HTTP with Gradio's own client: its public endpoints are /classify, /classify_batch and
+    /explain (they were /lambda, /lambda_1, /lambda_3), and /classify_batch returns the table and a CSV file."""
+    from conftest import random_images
+    from gradio_client import Client, handle_file
+
+    classifier = app.load_classifier(tiny_checkpoint)
+    demo = app.build_demo(classifier, "", None)
+    assert set(demo.get_api_info()["named_endpoints"]) == {"/classify", "/classify_batch", "/explain"}
+    assert not [fn.api_name for fn in demo.fns.values() if "lambda" in str(fn.api_name)]
+
+    url = f"http://127.0.0.1:{free_port()}/"
+    log = tmp_path / "app.log"
+    (tmp_path / "examples").mkdir()
+    command = [sys.executable, str(APP), "--checkpoint", str(tiny_checkpoint), "--host", "127.0.0.1",
+               "--port", url.rsplit(":", 1)[1].strip("/"), "--examples", str(tmp_path / "examples")]
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "uploads"), "HF_HUB_OFFLINE": "1"}
+    images = []
+    for i, image in enumerate(random_images(2, seed=9)):
+        image.save(tmp_path / f"p{i}.png")
+        images.append(tmp_path / f"p{i}.png")
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_until_serving(url, process, log)
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+            "/classify", "/classify_batch", "/explain"}
+        table, csv_file = client.predict([handle_file(str(p)) for p in images], api_name="/classify_batch")
+        rows = table["data"]
+        assert [row[0] for row in rows] == ["p0.png", "p1.png"]
+        header, *lines = Path(csv_file).read_text().splitlines()
+        assert header == "path,label,score,vlm_label,head_label,error"
+        assert [line.split(",")[1] for line in lines] == [row[1] for row in rows]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 # ---- the app in a browser -----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@
     python -m train predict --model runs/demo/final --input photos/ --output predictions.jsonl
     python -m train push --run-dir RUN --variant {emoset,fi,emotion6,flickr,instagram,custom} --repo-id ORG/NAME
         [--private] [--revision BRANCH] [--eval-results RESULTS_JSON ...] [--dry-run DIR]
+    python -m train serve --model runs/demo/final --port 8000    # HTTP, for huggingface_hub's InferenceClient
     python -m train tiny --output-dir runs/tiny-base --labels mikels8
+    python -m train verify runs/demo                               # recompute what the run records; exit 1 if any differs
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ TOOLS = {
     "report": ("train.commands.report", "a run's Markdown report with the paper's figures"),
     "push": ("train.commands.publish", "upload a run's Hub-ready folder with its model card"),
     "push-space": ("train.commands.space", "publish the demo app as a Space, pinned to a pushed model's current commit"),
+    "verify": ("train.commands.verify", "recompute what a run (or a published model) records from its saved files"),
+    "serve": ("train.commands.serve", "serve a model over HTTP in the image-classification format, batching requests"),
 }
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "tiny" / "demo.yaml"
 DEMO_DATA = Path(__file__).parent / "demo_data" / "fashion_mnist_sample"

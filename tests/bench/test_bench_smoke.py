@@ -18,7 +18,8 @@ RUNS = {
     "training": ["--num-images", "4", "--epochs", "2", "--max-new-tokens", "4"],
     "scaling": ["--reps", "1", "--sides", "56", "112", "--batch-sizes", "1", "2", "--max-new-tokens", "4"],
     "feature_workers": ["--num-images", "4", "--batch-size", "2", "--reps", "1"],
-    "real_shape": ["--sft-steps", "2", "--feature-image-size", "300x200"],
+    "real_shape": ["--sft-steps", "2", "--image-size", "300x200"],
+    "compare_revisions": ["--revision", "HEAD", "--batch-size", "2", "--reps", "1"],
 }
 
 
@@ -101,16 +102,24 @@ def test_bench_scripts_smoke(tmp_path):
     assert workers["workers2"]["cache_equals_workers0"] is True  # same cache with preprocessing in 2 workers
     real = results["real_shape"]
     phases = [row["phase"] for row in real["phases"]]
-    assert phases == ["build_base", "sft_load_4bit", "sft_steps", "sft_merge", "features", "distill", "gate",
-                      "export", "reload_4bit", "classify"]
+    # The real pipeline's stages (timed through its on_stage hook), stage 1 split into its Trainer's three parts.
+    assert phases == ["build_base", "instructions", "sft_load_4bit", "sft_steps", "sft_merge", "teacher", "features",
+                      "distill", "gate", "evaluate", "export", "reload_4bit", "classify"]
     assert all(row["seconds"] >= 0 and row["peak_rss_gib"] > 0 for row in real["phases"])
+    assert all(row["status"] == "pass" for row in real["phases"]) and real["failed"] == []
     done = real["results"]
     assert done["sft"]["linear4bit_modules"] > 0 and done["sft"]["steps"] == 2
     assert done["sft"]["kinds"] == ["categorical", "conversation"]
+    assert done["sft"]["rows"] == 2 * real["settings"]["images"]["train"]  # every training image, both kinds
+    assert done["sft"]["num_input_tokens_seen"] > 0 and done["teacher"]["steps"] == 1
     # 300x200 images are resized under the tiny bound (112^2 pixels: at most 16 visual tokens per image).
     tokens = [n for split in done["features"]["visual_tokens_per_image"].values() for n in split]
     assert tokens and max(tokens) <= done["features"]["max_visual_tokens_of_bound"] == 16
     assert "BF16" in done["export"]["tensors_by_dtype"] and done["export"]["head_and_gate_dtypes"] == ["F32"]
     assert done["reload_4bit"]["linear4bit_modules"] > 0 and done["reload_4bit"]["head_and_gate_dtypes"] == ["float32"]
+    compared = results["compare_revisions"]
+    assert {row["case"] for row in compared["results"]} == {"old", "new"}
+    assert compared["agreement"]["vlm_logits"]["same_argmax"] is True
+    assert all(row["fraction_of_peak_cpu"]["median"] > 0 for row in compared["results"])
     labels = set(real["config"]["labels"])
     assert len(done["classify"]["top1"]) == 1 and set(done["classify"]["top1"]) <= labels

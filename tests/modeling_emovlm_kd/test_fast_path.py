@@ -41,9 +41,13 @@ def _outputs(model, inputs, module=fast_path, stock=False):
     return {name: getattr(out, name) for name in OUTPUTS}
 
 
-def _assert_close(fast, stock, atol=1e-5):
+def _assert_close(fast, stock, rtol=1e-5):
+    """Float32 computations that differ in the order of their sums agree to about 1e-5 of the values' scale (the
+    label scores are log-likelihoods near -13, the features near 0.1): the tolerance is relative to each tensor's
+    largest magnitude, not an absolute number fitted to one tensor."""
     for name in OUTPUTS:
         assert fast[name].shape == stock[name].shape, name
+        atol = rtol * max(1.0, float(stock[name].abs().max()))
         torch.testing.assert_close(fast[name], stock[name], atol=atol, rtol=0, msg=name)
 
 
@@ -100,21 +104,81 @@ def test_fast_path_applies_to_a_vlm_assigned_after_construction(tiny_base, count
     _assert_close(fast, stock)
 
 
-def test_fast_path_with_a_4bit_vlm(tiny_checkpoint, counted):
-    pytest.importorskip("bitsandbytes")
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+# bfloat16's unit roundoff: round-to-nearest to 8 significant bits errs by at most 2^-8 of the value.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def _load_4bit(checkpoint, bf16_kernel: bool | None = None):
+    """The tiny checkpoint with its VLM in NF4 (float32 compute dtype), on the CPU. `bf16_kernel=False` turns off
+    bitsandbytes' AVX512-BF16 kernel, so every 4-bit layer dequantises its weights and multiplies in float32, as on
+    a CPU without AVX512-BF16; `None` keeps the library's choice for this CPU."""
+    import bitsandbytes as bnb
+
     # The local package's class, so that the counted fast path is the one it runs.
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
-    model = EmoVLMKDForImageClassification.from_pretrained(tiny_checkpoint, quantization_config=config,
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = EmoVLMKDForImageClassification.from_pretrained(checkpoint, quantization_config=config,
                                                            device_map="cpu").eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if bf16_kernel is not None:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = bf16_kernel
+    return model, layers
+
+
+def _bf16_kernel_bound(model, layers, reference: dict) -> dict[str, float]:
+    """How far bitsandbytes' bf16 CPU kernel may move each output from the float32-dequantised computation.
+
+    On a CPU with AVX512-BF16, `Linear4bit` in eval packs its weights and runs `gemv_4bit` in bfloat16: the layer's
+    input, the NF4 block scales (absmax) and its output are each rounded to bf16, three roundings of at most
+    `BF16_UNIT_ROUNDOFF` relative error per 4-bit layer. To first order, through blocks that normalise their input
+    (LayerNorm/RMSNorm before every attention and MLP), the errors of `n` such layers add up to at most
+    `3 * n * BF16_UNIT_ROUNDOFF` of the tensor's scale (its largest magnitude in the float32 result). The visual
+    features and the head's logits pass the vision tower's 4-bit layers; the label scores and the fused logits all
+    of them. No bf16 kernel on this CPU (AVX2 only): 0, the float32 path."""
+    bf16 = [layer for layer in layers if layer.support_avx512bf16_for_cpu]
+    if not bf16:
+        return dict.fromkeys(OUTPUTS, 0.0)
+    chosen = set(bf16)
+    visual = sum(1 for m in model.vlm.model.visual.modules() if m in chosen)
+    counts = {"visual_features": visual, "head_logits": visual, "vlm_logits": len(bf16), "logits": len(bf16)}
+    return {name: 3 * counts[name] * BF16_UNIT_ROUNDOFF * float(reference[name].abs().max()) for name in OUTPUTS}
+
+
+def test_fast_path_with_a_4bit_vlm(tiny_checkpoint, counted):
+    """The fast path in a 4-bit model gives the stock modules' outputs: exactly as in float32 where the 4-bit layers
+    compute in float32, and within bf16 rounding where bitsandbytes' CPU kernel computes in bf16 (AVX512-BF16)."""
+    pytest.importorskip("bitsandbytes")
+    inputs = EmoVLMKDImageProcessor.from_pretrained(tiny_checkpoint)(random_images(3, seed=4), return_tensors="pt")
+    # Dequantised NF4 weights, float32 products (every CPU without AVX512-BF16 runs this): the fast path only
+    # reorders the patch embedding's float32 sums, so the float32 tolerance holds, and every top-1 is the same.
+    model, _ = _load_4bit(tiny_checkpoint, bf16_kernel=False)
     (conv,) = fast_path.patch_convolutions(model.vlm)
     assert type(conv) is nn.Conv3d  # bitsandbytes leaves the patch embedding unquantized
-    inputs = EmoVLMKDImageProcessor.from_pretrained(tiny_checkpoint)(random_images(3, seed=4), return_tensors="pt")
+    stock32 = _outputs(model, inputs, stock=True)
+    fast32 = _outputs(model, inputs)
+    assert counted
+    _assert_close(fast32, stock32)
+    for name in OUTPUTS:
+        assert torch.equal(fast32[name].argmax(-1), stock32[name].argmax(-1)), name
+    # The library's kernel for this CPU (bf16 on AVX512-BF16): each path is within `bound` of the float32 result
+    # above, so the two are within 2 * bound (+ the float32 tolerance) of each other; a top-1 is the same wherever
+    # the float32 result's margin between its best and second-best entry exceeds that.
+    model, layers = _load_4bit(tiny_checkpoint)
+    calls = len(counted)
     stock = _outputs(model, inputs, stock=True)
     fast = _outputs(model, inputs)
-    assert counted
-    _assert_close(fast, stock)
+    assert len(counted) > calls
+    bound = _bf16_kernel_bound(model, layers, stock32)
+    for name in OUTPUTS:
+        tolerance = 2 * bound[name] + 1e-5 * max(1.0, float(stock32[name].abs().max()))
+        assert fast[name].shape == stock[name].shape, name
+        torch.testing.assert_close(fast[name], stock[name], atol=tolerance, rtol=0, msg=name)
+        if name in ("logits", "vlm_logits", "head_logits"):
+            top2 = stock32[name].topk(2, dim=-1).values
+            decided = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+            assert torch.equal(fast[name].argmax(-1)[decided], stock[name].argmax(-1)[decided]), name
 
 
 def test_saved_checkpoint_ships_the_fast_path_and_its_remote_code_runs_it(tiny_checkpoint):

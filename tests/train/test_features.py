@@ -25,8 +25,10 @@ def test_cached_features_equal_fresh_model_outputs(tiny_base, image_dataset):
     model.eval()
     cache = compute_vlm_features(model, processor.image_processor, image_dataset, batch_size=4)
     fresh = model(**processor.image_processor(list(image_dataset["image"]), return_tensors="pt"))
-    torch.testing.assert_close(cache["visual_features"], fresh.visual_features, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cache["vlm_logits"], fresh.vlm_logits, atol=1e-5, rtol=0)
+    # Batches of 4 against one of 6 (float32 sums in another order): 1e-5 of each tensor's scale.
+    for name in ("visual_features", "vlm_logits"):
+        atol = 1e-5 * max(1.0, float(getattr(fresh, name).abs().max()))
+        torch.testing.assert_close(cache[name], getattr(fresh, name), atol=atol, rtol=0, msg=name)
     assert cache["labels"].tolist() == list(image_dataset["label"])
 
 

@@ -44,7 +44,9 @@ def renamed(recipe: dict) -> dict:
 
 
 def test_every_shipped_recipe_is_in_the_fixture():
-    shipped = {p.relative_to(RECIPES).as_posix() for p in RECIPES.glob("*/*.yaml") if p.parent.name != "accelerate"}
+    # own-data/ came after the fixture (tests/train/test_own_data_recipes.py validates those recipes).
+    shipped = {p.relative_to(RECIPES).as_posix() for p in RECIPES.glob("*/*.yaml")
+               if p.parent.name not in ("accelerate", "own-data")}
     assert shipped == set(FIXTURE)
 
 

@@ -24,8 +24,9 @@ skips the gate).
 
 Checkpoint selection: like stage 2, each head training keeps the epoch best on validation accuracy
 (`--selection best`, checkpoints in the child run's `distill/`); `--selection last` keeps the
-final epoch instead and skips the per-epoch evaluation, which is faster. Gates are fitted as stage 3 fits them, to
-their objective's optimum by full-batch L-BFGS, so `--selection` does not apply to them.
+final epoch instead and skips the per-epoch evaluation, which is faster. Gates are fitted as stage 3 fits them, by
+full-batch L-BFGS to a minimum of their objective (the optimum for concat_linear, a local one for the other gates),
+so `--selection` does not apply to them.
 
 Means and standard deviations are over seeds (sample standard deviation, 0 for one seed); seeds are the run's
 seed, +1, +2, ..., so the variant equal to the run's own configuration reproduces the run's number with its first

@@ -328,17 +328,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              metavar=field.name.upper(), help=field.metadata.get("help"))
 
 
-def run(args: argparse.Namespace) -> int:
-    """`python -m train evaluate --model ...`: user errors exit with status 2 and a message, without a traceback."""
+def data_from_args(args: argparse.Namespace) -> tuple[dict, list[str] | str | None]:
+    """The checked `data` section and the `--labels` of parsed `add_arguments` options (`RecipeError` naming a bad
+    option). Lists and mappings (fractions, load_kwargs) are YAML, as in `--set`; other options are taken as written."""
     import yaml
 
-    from train.infra.locks import LockedError
-    from train.infra.recipe import RecipeError
-
-    if not args.data or not args.output_dir:
-        print("error: evaluate --model needs --data KIND and --output-dir DIR.", file=sys.stderr)
-        return 2
-    # Lists and mappings (fractions, load_kwargs) are YAML, as in `--set`; every other option is taken as written.
     text_fields = {"root", "split_file", "label_file", "image_dir", "name_or_path", "image_column", "label_column"}
     options = {}
     for field in data_option_fields():
@@ -346,8 +340,20 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             options[field.name] = value if field.name in text_fields else yaml.safe_load(value)
     labels = args.labels.split(",") if args.labels and "," in args.labels else args.labels
+    return data_section(args.data, options), labels
+
+
+def run(args: argparse.Namespace) -> int:
+    """`python -m train evaluate --model ...`: user errors exit with status 2 and a message, without a traceback."""
+    from train.infra.locks import LockedError
+    from train.infra.recipe import RecipeError
+
+    if not args.data or not args.output_dir:
+        print("error: evaluate --model needs --data KIND and --output-dir DIR.", file=sys.stderr)
+        return 2
     try:
-        evaluate_model(args.model, data_section(args.data, options), args.output_dir, split=args.split,
+        data, labels = data_from_args(args)
+        evaluate_model(args.model, data, args.output_dir, split=args.split,
                        revision=args.revision, labels=labels, batch_size=args.batch_size,
                        cache_every=args.cache_every, dtype=args.dtype, device=args.device, force=args.force)
     except (EvaluationError, RecipeError, LockedError) as err:
@@ -356,4 +362,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EvaluationError", "add_arguments", "evaluate_model", "resolve_model", "run", "score_batch"]
+__all__ = ["EvaluationError", "add_arguments", "data_from_args", "evaluate_model", "resolve_model", "run",
+           "score_batch"]

@@ -372,6 +372,27 @@ def parameter_counts(results: dict | None) -> dict | None:
     return {key: counts.get(key) for key in ("vlm", "head", "gate", "teacher")} if counts else None
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """The dtype most of the exported weights' elements are stored in (the VLM's: the head and the gate stay
+    float32), read from the safetensors headers; None for a folder without weights."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                size = 1
+                for dim in tensor.get_shape():
+                    size *= dim
+                dtype = SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype().lower())
+                counts[dtype] = counts.get(dtype, 0) + size
+    return max(counts, key=counts.get) if counts else None
+
+
 def eval_results(results: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
     """The model-index entries: the fused model's accuracy and macro-F1 as measured, never typed in."""
     fused = results["branches"]["fused"]
@@ -512,6 +533,7 @@ def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str 
         teacher_model=teacher,
         tiny_run=tiny_run,
         parameters=parameter_counts(folder.results),
+        weights_dtype=stored_dtype(folder.path),
         results=results_context(folder.results, folder.labels) if folder.results else None,
         has_confusion_matrix=(folder.path / "confusion_matrix.png").exists(),
         stages=stage_rows(recipe) if recipe else None,

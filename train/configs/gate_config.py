@@ -30,7 +30,7 @@ class GateConfig(CachedFeatureArguments):
     eval_strategy: str = field(default="no", metadata={
         "help": "The final gate is evaluated on validation at the end in any case; 'epoch' also logs every step."})
     load_best_model_at_end: bool = field(default=False, metadata={
-        "help": "Keep the final gate, the objective's optimum (True: the L-BFGS iterate best on validation)."})
+        "help": "Keep the final gate, where L-BFGS converged (True: the L-BFGS iterate best on validation)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Not used: L-BFGS's lr is constant."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "Not used: L-BFGS steps are line searched."})
     logging_steps: float = field(default=1, metadata={"help": "Log the objective every N L-BFGS calls."})

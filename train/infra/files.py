@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,4 +37,21 @@ def write_json_atomic(data: Any, path: str | Path, default: Callable[[Any], Any]
     return write_text_atomic(lambda: json.dumps(data, indent=2, default=default) + "\n", path)
 
 
-__all__ = ["write_json_atomic", "write_text_atomic"]
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 over a model folder's weight files (`*.safetensors` and their index, by name, in name order): the
+    identity of the weights that were saved, recorded by the export and checked by `python -m train verify`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors"
+                                                                  or p.name.endswith(".safetensors.index.json")))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights.")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["weights_sha256", "write_json_atomic", "write_text_atomic"]

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDDistillationHead
 from modeling_emovlm_kd.fusion import head_from_config
 from train.configs.distill_config import DistillationConfig
-from train.stages.trainer_utils import FeatureDataset, accuracy_metrics
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics, kept_model_metric
 
 
 def distillation_loss(
@@ -71,8 +71,9 @@ class DistillationStudent(nn.Module):
         return ModelOutput(logits=self.head(visual_features))
 
 
-class DistillationTrainer(Trainer):
-    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits."""
+class DistillationTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose loss is the EmoVLM-KD distillation loss on cached teacher logits. Its checkpoints hold the
+    head as `head.*` and load strictly (`StrictCheckpointLoading`, `submodule_tensors`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -139,7 +140,7 @@ def run(context) -> dict:
                                        resume_from_checkpoint=context.resume("distill"))
     if context.state.is_main_process:
         save_file(head.state_dict(), context.stage_dir("distill") / "head.safetensors")
-    return {"best_validation_accuracy": trainer.state.best_metric}
+    return {"best_validation_accuracy": kept_model_metric(trainer)}
 
 
 __all__ = [

@@ -9,10 +9,12 @@ from __future__ import annotations
 import shutil
 
 from train.infra.assemble import assemble, save_hub_folder
+from train.infra.files import weights_sha256
 
 
 def run(context) -> dict:
     final = context.output_dir / "final"
+    info = {"folder": str(final)}
     if context.state.is_main_process:
         # The VLM in the dtype the feature caches were computed in (results.json's numbers are this model's); the
         # head and the gate stay float32 (`_keep_in_fp32_modules_strict`).
@@ -25,7 +27,8 @@ def run(context) -> dict:
         save_hub_folder(model, processor, final, max_shard_size=recipe.model.export_max_shard_size)
         for name in ("results.json", "confusion_matrix.png"):
             shutil.copy2(context.require("evaluate") / name, final / name)
-    return {"folder": str(final)}
+        info["weights_sha256"] = weights_sha256(final)  # what `python -m train verify` checks final/ against
+    return info
 
 
 __all__ = ["run"]

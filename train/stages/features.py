@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.infra.assemble import assemble
+from train.stages.teacher import pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,22 @@ def model_fingerprint(path: str | Path) -> str:
 def data_fingerprint(dataset) -> str:
     """`datasets` fingerprint of a split (it changes with any transform of the data)."""
     return getattr(dataset, "_fingerprint", None) or hashlib.sha256(repr(dataset).encode()).hexdigest()[:16]
+
+
+def cache_fingerprint(vlm_key: str, teacher_key: str, dataset, pooling: str) -> str:
+    """The fingerprint a split's feature cache is stored under: the stage-1 model's and the teacher's
+    `model_fingerprint`, the split's `data_fingerprint` and the pooling of the visual tokens."""
+    return f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{pooling}"
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint a cache file was stored under (None: no such file, or not a complete cache)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign
+        return None
+    return metadata.get("fingerprint") if metadata.get("complete") == "1" else None
 
 
 def _read(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
@@ -141,12 +158,14 @@ def compute_vlm_features(model, image_processor, dataset, batch_size: int = 8,
 @torch.inference_mode()
 def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 32,
                            num_workers: int = 0) -> dict[str, torch.Tensor]:
-    """The fine-tuned teacher's logits for every image, in the data set's order (`num_workers`: as above)."""
+    """The fine-tuned teacher's logits for every image, in the data set's order (`num_workers`: as above), each image
+    preprocessed as the teacher stage evaluates: the transform its saved `image_processor` holds (`teacher.eval_resize`:
+    resize + centre crop by default, as the authors do)."""
     teacher.eval()
     device = next(teacher.parameters()).device
 
     def preprocess(images):
-        return image_processor([image.convert("RGB") for image in images], return_tensors="pt")
+        return {"pixel_values": pixel_values(image_processor, images)}
 
     logits, labels = [], []
     for inputs, label in _batches(dataset, batch_size, preprocess, num_workers, "Teacher logits"):
@@ -180,7 +199,7 @@ def run(context) -> None:
     run_folder = context.read()
     for split in SPLITS:
         dataset = context.data[split]
-        fingerprint = f"{vlm_key}-{teacher_key}-{data_fingerprint(dataset)}-{model.config.pooling}"
+        fingerprint = cache_fingerprint(vlm_key, teacher_key, dataset, model.config.pooling)
 
         def build(dataset=dataset):
             # Every rank runs this (or none: they all find the same stored cache), so the gather is collective.
@@ -200,10 +219,12 @@ def run(context) -> None:
 
 __all__ = [
     "SPLITS",
+    "cache_fingerprint",
     "cached",
     "compute_teacher_logits",
     "compute_vlm_features",
     "data_fingerprint",
     "model_fingerprint",
     "run",
+    "read_fingerprint",
 ]

@@ -35,7 +35,7 @@ from transformers.utils import ModelOutput
 from modeling_emovlm_kd import EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import gate_from_config
 from train.configs.gate_config import GateConfig
-from train.stages.trainer_utils import FeatureDataset, accuracy_metrics
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ class _EvaluateAtTheEnd(TrainerCallback):
         return control
 
 
-class GateTrainer(Trainer):
-    """`Trainer` whose step is a full-batch L-BFGS call on the regularised objective (see the module docstring)."""
+class GateTrainer(StrictCheckpointLoading, Trainer):
+    """`Trainer` whose step is a full-batch L-BFGS call on the regularised objective (see the module docstring). Its
+    checkpoints hold the gate as `gate.*` and load strictly (`StrictCheckpointLoading`, `submodule_tensors`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -155,7 +156,7 @@ def _report_against_branches(gate: nn.Module, validation: dict[str, torch.Tensor
     if fused_correct < correct[branch] - 1:
         logger.warning(
             "Stage 3: the fused gate is below the better single branch on validation: %d/%d right (%.4f), the %s alone "
-            "%d/%d (%.4f). The gate fits its training rows (it is at its objective's optimum); it does not carry "
+            "%d/%d (%.4f). The gate fits its training rows (at a minimum of its objective); it does not carry "
             "over to validation: more training rows, a larger weight_decay or the single branch may serve better.",
             fused_correct, total, fused_correct / total, branch, correct[branch], total, correct[branch] / total,
         )
@@ -170,8 +171,8 @@ def train_gate(
     resume_from_checkpoint: str | bool | None = None,
     head_signal: str = "probs",
 ) -> tuple[nn.Module, Trainer]:
-    """Fit `gate` on cached `vlm_logits`, `head_logits` and `labels` to its objective's optimum (full-batch
-    L-BFGS); returns the gate and the trainer, whose `state.best_metric` is the gate's validation accuracy."""
+    """Fit `gate` on cached `vlm_logits`, `head_logits` and `labels` by full-batch L-BFGS to a minimum of its objective
+    (the optimum for concat_linear, a local one for the other gates); returns the gate and the trainer, whose `state.best_metric` is the gate's validation accuracy."""
     trainer = GateTrainer(
         model=GateStudent(gate, vlm_signal, head_signal),
         args=args,

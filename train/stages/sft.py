@@ -25,7 +25,7 @@ import torch
 from accelerate import PartialState
 from peft import PeftModel
 from PIL import ExifTags, Image
-from transformers import AutoModelForImageTextToText, PreTrainedModel, set_seed
+from transformers import AutoModelForImageTextToText, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
@@ -34,6 +34,7 @@ from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
 from train.configs.sft_config import LENGTH_SAMPLERS, SFTStageConfig
 from train.infra.assemble import load_processor, quantization_config
 from train.stages.instructions import build_instruction_dataset
+from train.stages.trainer_utils import StrictCheckpointLoading
 
 logger = logging.getLogger(__name__)
 
@@ -134,18 +135,19 @@ def label_scorer(vlm, processor) -> EmoVLMKDForImageClassification:
     return scorer
 
 
-class EmoVLMSFTTrainer(SFTTrainer):
-    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume also works
-    for fully fine-tuned Qwen2-VL.
+class EmoVLMSFTTrainer(StrictCheckpointLoading, SFTTrainer):
+    """`SFTTrainer` that also reports the scored label's accuracy at each evaluation, and whose resume and best
+    checkpoint (`load_best_model_at_end`) also work for fully fine-tuned Qwen2-VL.
 
     Given `label_eval_dataset` (`image`, `label` columns), every evaluation adds `<prefix>_label_accuracy` and
     `<prefix>_label_images` to the metrics of `evaluation_loop`, so they are logged with `eval_loss` (log history,
     every `report_to` tracker). Under several processes each scores a shard and the counts are summed.
 
-    `Trainer._load_from_checkpoint` reads the checkpoint's state dict as saved (Hub key layout: `model.layers.*`,
-    `visual.*`) into a model whose modules are named `model.language_model.*`, `model.visual.*`, and loads it
-    non-strictly, so nothing but `lm_head` is restored (transformers issue #43701). Loading the checkpoint with
-    `from_pretrained` applies the model's own key conversion; the weights are then copied strictly.
+    `Trainer` reads a checkpoint's state dict as saved (Hub key layout: `model.layers.*`, `visual.*`) into a model
+    whose modules are named `model.language_model.*`, `model.visual.*`, and loads it non-strictly, so nothing but
+    `lm_head` is restored (transformers issue #43701). `StrictCheckpointLoading` loads the checkpoint with
+    `from_pretrained`, which applies the model's own key conversion, and copies every weight or fails; LoRA
+    adapters load through peft.
     """
 
     def __init__(self, *args, label_eval_dataset=None, **kwargs):
@@ -200,14 +202,6 @@ class EmoVLMSFTTrainer(SFTTrainer):
         column = self.args.length_column_name
         if self.args.train_sampling_strategy in LENGTH_SAMPLERS and column not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, column]
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = model if model is not None else self.model
-        weights = Path(resume_from_checkpoint) / "model.safetensors"
-        if not isinstance(model, PreTrainedModel) or not weights.exists():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype, device_map="cpu")
-        model.load_state_dict(restored.state_dict(), strict=True)
 
 
 def build_sft_trainer(train_dataset, processor, args: SFTStageConfig, eval_dataset=None,
