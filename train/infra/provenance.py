@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 
 # Values that change how a stage reports or connects, never what it computes: editing them reruns nothing.
 NOT_RESULTS = {"logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "report_to", "run_name",
-               "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-               "dataloader_prefetch_factor", "timeout", "max_retries", "backoff", "num_workers",
-               "requests_per_minute", "project", "trackio_space_id"}
+               "disable_tqdm", "include_num_input_tokens_seen", "dataloader_num_workers", "dataloader_pin_memory",
+               "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+               "timeout", "max_retries", "backoff", "num_workers", "requests_per_minute", "project",
+               "trackio_space_id"}
 # Keys a library renamed: both names are recorded under the new one, so a run finished under the old name stays up
 # to date after its recipe says the new one (transformers 5 renamed `gradient_checkpointing*`).
 RENAMED = {"gradient_checkpointing": "activation_checkpointing",
