@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
         sub.add_argument("--output-dir", help="Override the recipe's output_dir.")
         if name == "recipe":
+            sub.add_argument("--check-data", action="store_true",
+                             help="Also require the data to be on this machine (by default a data root that is not "
+                                  "here is reported and not checked; one that is here is always checked).")
             if argv[:1] == ["recipe"]:
                 from train.infra.recipe import recipe_help
 
@@ -175,6 +178,13 @@ def main(argv=None) -> None:
             return 2
         import yaml
 
+        try:
+            note = recipe.check_data(required=args.check_data)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         print(f"# {args.config}: valid. As stored in results.json (secrets and local paths removed):")
         print(yaml.safe_dump(recipe.public(), sort_keys=False), end="")
         return 0

@@ -2,7 +2,8 @@
 
 Every finished stage leaves `<output_dir>/<stage>/stage_done.json` with
 
-    settings        the recipe values the stage reads (flattened `section.key` -> value; secrets left out)
+    settings        the recipe values the stage reads (flattened `section.key` -> value; secrets left out, URL
+                    credentials masked)
     settings_hash   their hash
     inputs          {upstream stage: its `provenance`} for the stages whose outputs it read
     provenance      a fresh id of this execution of the stage
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from train.infra import stage_table
 from train.infra.files import write_json_atomic
 from train.infra.recipe import SECRET_KEY
+from train.infra.secrets import redact_text
 
 if TYPE_CHECKING:
     from train.infra.recipe import Recipe
@@ -68,16 +70,27 @@ def stage_settings(recipe: dict, stage: str) -> dict[str, Any]:
         leaf = key.rsplit(".", 1)[-1]
         if SECRET_KEY.search(leaf) or leaf in NOT_RESULTS:
             continue
-        selected[key] = value
+        selected[key] = _redacted(value)
     return dict(sorted(selected.items()))
 
 
+def _redacted(value):
+    """A setting with the credentials inside URLs masked (`train/infra/secrets.py`): markers and rerun reasons never
+    hold them, and a credential alone (which changes no result) reruns nothing."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    return value
+
+
 def current_names(settings: dict) -> dict[str, Any]:
-    """Recorded `section.key` settings with renamed keys under their current names (`RENAMED`)."""
+    """Recorded `section.key` settings with renamed keys under their current names (`RENAMED`) and URL credentials
+    masked (a marker written before they were)."""
     renamed = {}
     for key, value in settings.items():
         section, _, leaf = key.rpartition(".")
-        renamed[f"{section}.{RENAMED[leaf]}" if section and leaf in RENAMED else RENAMED.get(key, key)] = value
+        renamed[f"{section}.{RENAMED[leaf]}" if section and leaf in RENAMED else RENAMED.get(key, key)] = _redacted(value)
     return dict(sorted(renamed.items()))
 
 
