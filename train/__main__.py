@@ -189,7 +189,7 @@ def main(argv=None) -> None:
         print(yaml.safe_dump(recipe.public(), sort_keys=False), end="")
         return 0
     from train.infra.locks import LockedError
-    from train.stages.pipeline import Pipeline, StageError, print_results
+    from train.stages.pipeline import Pipeline, RunFolderError, StageError, print_results
 
     pipeline = Pipeline(recipe)
     try:
@@ -197,7 +197,10 @@ def main(argv=None) -> None:
             print_results(pipeline.run(force=args.force))
         else:
             pipeline.run(stages=[args.command], force=args.force)
-    except (StageError, LockedError) as err:
+    except RecipeError as err:  # the data or this machine, found before any stage ran
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (StageError, LockedError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -309,6 +309,18 @@ class Recipe:
             data["split_file"] = str(self.output_dir / "split.json")
         return kind, data
 
+    def require_data_root(self) -> None:
+        """Raise `RecipeError` if the data's root folder (or a Hub data set named by a local path) is not here."""
+        kind, options = self.data_options()
+        if kind == "hub":
+            source = str(options.get("name_or_path"))
+            if _looks_like_local_path(source) and not Path(source).expanduser().exists():
+                raise RecipeError(f"{self.source}: data.name_or_path: {source} does not exist.")
+            return
+        root = options.get("root")
+        if root is not None and not Path(root).exists():
+            raise RecipeError(f"{self.source}: data.root: {root} does not exist (data kind {kind!r}).")
+
     def check_data(self, required: bool = False) -> str | None:
         """Check the recipe's data on this machine, as cheaply as its loader allows (the file list and labels, no
         image decoded; a split file that does not exist yet is made in a temporary folder, so checking writes
@@ -318,16 +330,16 @@ class Recipe:
         import tempfile
 
         kind, options = self.data_options()
-        if kind == "hub":
-            source = options.get("name_or_path")
-            if required and _looks_like_local_path(str(source)) and not Path(str(source)).expanduser().exists():
-                raise RecipeError(f"{self.source}: data.name_or_path: {source} does not exist.")
-            return f"data.name_or_path {source}: a Hub data set is read when the first stage runs, not checked here."
-        root = options.get("root")
-        if root is not None and not Path(root).exists():
+        try:
+            self.require_data_root()
+        except RecipeError:
             if required:
-                raise RecipeError(f"{self.source}: data.root: {root} does not exist (data kind {kind!r}).")
-            return f"data.root {root} does not exist here: not checked (--check-data requires it)."
+                raise
+            where = f"data.name_or_path {options.get('name_or_path')}" if kind == "hub" else f"data.root {options.get('root')}"
+            return f"{where} does not exist here: not checked (--check-data requires it)."
+        if kind == "hub":
+            return (f"data.name_or_path {options.get('name_or_path')}: a Hub data set is read when the first stage "
+                    "runs, not checked here.")
         from train.infra.data import load_dataset_from_config
 
         with tempfile.TemporaryDirectory(prefix="emovlm-check-") as scratch:
