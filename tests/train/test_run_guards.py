@@ -280,3 +280,4 @@ def test_a_real_stage_reruns_when_its_data_changes(tmp_path, data):
         rerun.stderr
     second = json.loads((run / "teacher" / DONE).read_text())
     assert second["provenance"] != first["provenance"] and second["data"]["train"]["rows"] == 30
+
