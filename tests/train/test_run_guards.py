@@ -16,7 +16,8 @@ import pytest
 from conftest import write_recipe
 
 from train.infra.provenance import DONE, Provenance, StageError
-from train.infra.recipe import load_recipe, save_recipe
+from train.infra.recipe import RecipeError, load_recipe, save_recipe
+from train.stages.pipeline import Pipeline, is_run_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")
@@ -93,8 +94,8 @@ def test_a_missing_data_root_on_a_finished_run_deletes_nothing(tmp_path, data):
         assert snapshot(run) == before
     # Data that is here but wrong (an unknown class folder) is found before any stage folder goes, too.
     (data / "train" / "purple").mkdir()
-    result = cli("pipeline", "--config", str(recipe))
-    assert result.returncode == 2 and "Unknown label 'purple'" in one_line_error(result)
+    with pytest.raises(RecipeError, match=r"recipe\.yaml: data: Unknown label 'purple'"):
+        Pipeline(load_recipe(recipe)).run()
     assert snapshot(run) == before
 
 
@@ -114,22 +115,27 @@ def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, data):
     # An empty folder is fine, and once a run has used it, it is a run folder.
     empty = tmp_path / "empty"
     empty.mkdir()
-    first = cli("base", "--config", str(recipe), "--output-dir", str(empty))
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (empty / "recipe.yaml").is_file() and (empty / "base" / DONE).is_file()
-    again = cli("base", "--config", str(recipe), "--output-dir", str(empty))
-    assert again.returncode == 0 and "Stage base already finished; skipping." in again.stderr
+    Pipeline(load_recipe(recipe, output_dir=str(empty))).run(stages=["base"])
+    assert (empty / "recipe.yaml").is_file() and (empty / "base" / DONE).is_file() and is_run_folder(empty)
+    (empty / "notes.txt").write_text("mine")
+    Pipeline(load_recipe(recipe, output_dir=str(empty))).run(stages=["base"])
+    assert not is_run_folder(mine)
 
 
 def test_a_stage_run_before_its_inputs_is_one_line_naming_the_stage_to_run_first(tmp_path, data):
     recipe = write_recipe(tmp_path / "recipe.yaml", data, tmp_path / "run")
-    for command in ("sft", "evaluate"):
-        result = cli(command, "--config", str(recipe))
-        assert result.returncode == 1
-        line = one_line_error(result)
-        assert f"Stage {command!r} needs stage 'base', which has not finished" in line, line
-        assert "run `python -m train base`" in line
-        assert not (tmp_path / "run").exists()  # refused: nothing created
+    result = cli("sft", "--config", str(recipe))
+    assert result.returncode == 1
+    line = one_line_error(result)
+    assert "Stage 'sft' needs stage 'base', which has not finished" in line and "run `python -m train base`" in line
+    for stage in ("evaluate", "export", "features", "gate"):
+        with pytest.raises(StageError, match=rf"Stage '{stage}' needs stage 'base', which has not finished in .*: "
+                                             r"run `python -m train base` \(and the stages after it\)"):
+            Pipeline(load_recipe(recipe)).run(stages=[stage])
+    assert not (tmp_path / "run").exists()  # refused: nothing created
+    Pipeline(load_recipe(recipe)).run(stages=["base"])
+    with pytest.raises(StageError, match=r"Stage 'evaluate' needs stage 'instructions', which has not finished"):
+        Pipeline(load_recipe(recipe)).run(stages=["evaluate"])
 
 
 def test_a_refused_command_changes_nothing_in_the_run_folder(tmp_path, data):
@@ -182,7 +188,7 @@ def test_changed_data_under_the_same_recipe_reruns_exactly_the_stages_that_read_
     assert [stage for stage, reason in stale(recipe).items() if reason] == ["sft", "teacher", "features"]
 
 
-def test_a_stage_recorded_without_a_data_fingerprint_is_kept_while_its_data_is_unchanged(tmp_path, data):
+def test_a_stage_recorded_without_a_data_fingerprint_is_kept_while_its_data_is_unchanged(tmp_path, data, caplog):
     """Markers of an older version carry no fingerprint. Such a stage is reused (and given the fingerprint) when no
     file or folder of its data changed after it finished (their status-change times, which copying or touching
     cannot set back), and rerun otherwise: never silently reused on changed data, never rerun for nothing."""
@@ -192,11 +198,11 @@ def test_a_stage_recorded_without_a_data_fingerprint_is_kept_while_its_data_is_u
         del marker["data"]
         (run / stage / DONE).write_text(json.dumps(marker))
     assert stale(recipe) == dict.fromkeys(STAGES)
-    result = cli("distill", "--config", str(recipe))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Stage distill already finished; skipping." in result.stderr
+    with caplog.at_level("INFO"):
+        Pipeline(load_recipe(recipe)).run(stages=["distill"])
+    assert "Stage distill already finished; skipping." in caplog.text
     for stage in DATA_STAGES:
-        assert f"Stage {stage}: recorded the fingerprint of its data" in result.stderr
+        assert f"Stage {stage}: recorded the fingerprint of its data" in caplog.text
         assert "data" in json.loads((run / stage / DONE).read_text())
     # Stripped again, then a file changes after the stages finished: they rerun.
     for stage in DATA_STAGES:
@@ -215,6 +221,9 @@ def test_a_stage_recorded_without_a_data_fingerprint_is_kept_while_its_data_is_u
 def test_a_hub_data_sets_fingerprint_is_its_own_and_repeats_across_processes(tmp_path):
     """Images stored in the data set (no file to look at): the `datasets` fingerprint of what was loaded."""
     from datasets import ClassLabel, Dataset, Features, Image
+
+    from train.infra.data import load_hub_dataset
+    from train.infra.provenance import data_fingerprint
 
     def write(labels):
         rows = {"image": [{"bytes": (ROOT / "train" / "demo_data" / "fashion_mnist_sample" / "test" / "bag"
@@ -236,11 +245,15 @@ def test_a_hub_data_sets_fingerprint_is_its_own_and_repeats_across_processes(tmp
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
+    def fingerprint_here() -> dict:
+        files = {s: f"{tmp_path}/{s}.parquet" for s in ("train", "validation", "test")}
+        return data_fingerprint(load_hub_dataset("parquet", "binary", data_files=files))
+
     write([0, 1, 0, 1])
     first = fingerprint_in_a_fresh_process()
-    assert first == fingerprint_in_a_fresh_process() and first["train"]["rows"] == 4
+    assert first == fingerprint_in_a_fresh_process() == fingerprint_here() and first["train"]["rows"] == 4
     write([1, 0, 0, 1])
-    assert fingerprint_in_a_fresh_process()["train"] != first["train"]
+    assert fingerprint_here()["train"] != first["train"]
 
 
 # ---- the spread reads a parent run made with its recipe --------------------------------------------------------

@@ -30,6 +30,7 @@ markers of one run folder (the pipeline asks it what is stale, and starts and fi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -198,10 +199,17 @@ class DataState:
 
     def changed_after(self, when: float) -> str | None:
         """A file or folder of the data whose status changed after `when` (seconds since the epoch), or None."""
-        limit = int(when * 1e9)
+        ctime, path = self._newest_change()
+        if ctime > int(when * 1e9):
+            return f"{path} (changed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ctime / 1e9))})"
+        return None
+
+    @functools.cache  # noqa: B019 - one DataState per pipeline; its data does not change during a run
+    def _newest_change(self) -> tuple[int, str]:
+        """The latest status change (ctime) of the data: its root's tree, the image files and their folders, the
+        split and label files, a Hub data set's cache files."""
         newest = self._newest_file
-        paths = [*self._folders, *self.extra_files]
-        for path in paths:
+        for path in [*self._folders, *self.extra_files]:
             try:
                 newest = max(newest, (os.stat(path).st_ctime_ns, path))
             except OSError:
@@ -214,9 +222,7 @@ class DataState:
                         newest = max(newest, (os.lstat(path).st_ctime_ns, path))
                     except OSError:
                         continue
-        if newest[0] > limit:
-            return f"{newest[1]} (changed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(newest[0] / 1e9))})"
-        return None
+        return newest
 
 
 def data_fingerprint(dataset) -> dict[str, dict]:
