@@ -299,3 +299,15 @@ def test_the_recipe_command_checks_data_that_is_here_and_says_what_it_could_not_
     assert sorted(os.listdir(flat)) == sorted(yaml.safe_load(DEMO.read_text())["labels"])  # nothing added to the data
     with pytest.raises(RecipeError, match=r"data: .* pass a split_file to split it"):
         load_recipe(_demo_with_root(tmp_path, flat)).check_data()
+
+
+def test_a_lock_records_its_holders_command_line_without_url_credentials(tmp_path, monkeypatch):
+    from train.infra.locks import LockedError, exclusive
+
+    monkeypatch.setattr(sys, "argv", ["train", "pipeline", "--set", f"instructions.base_url={URL}"])
+    with exclusive(tmp_path / ".lock", "Run folder"):
+        recorded = (tmp_path / ".lock.pid").read_text()
+        with pytest.raises(LockedError) as error:
+            with exclusive(tmp_path / ".lock", "Run folder"):
+                pass
+    assert "llm.example.com" in recorded and not [s for s in SECRETS if s in recorded + str(error.value)]

@@ -157,15 +157,8 @@ class Pipeline:
     def check_order(self, stages: Sequence[str]) -> None:
         """Every stage that `stages` read (directly or through others) and do not run themselves has finished: else
         one line naming the first of them to run (the table's order), before anything is written."""
-        names = stage_table.names()
-        needed: set[str] = set()
-        pending = [up for stage in stages for up in stage_table.get(stage).reads]
-        while pending:
-            up = pending.pop()
-            if up not in needed and up not in stages:
-                needed.add(up)
-                pending.extend(stage_table.get(up).reads)
-        for up in sorted(needed, key=names.index):
+        needed = set().union(*(self.upstream(stage) for stage in stages)) - set(stages)
+        for up in sorted(needed, key=stage_table.names().index):
             if not self.is_done(up):
                 first = next(stage for stage in stages if up in self.upstream(stage))
                 raise StageError(f"Stage {first!r} needs stage {up!r}, which has not finished in {self.output_dir}: "
