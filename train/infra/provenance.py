@@ -262,11 +262,11 @@ class Provenance:
     def load_data(self):
         """The run's data set; a data root that is not here, or data its loader refuses, is a `RecipeError` (one
         line naming it), raised before any stage runs or any stage folder is removed."""
-        if self._load_data is None:
+        if self._load_data is None:  # (the pipeline passes its own, having checked the root itself)
             from train.infra.run import Run
 
+            self.recipe.require_data_root()
             self._load_data = lambda: Run(self.recipe).data
-        self.recipe.require_data_root()
         try:
             return self._load_data()
         except (ValueError, OSError, KeyError) as err:
