@@ -30,7 +30,6 @@ markers of one run folder (the pipeline asks it what is stale, and starts and fi
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -161,6 +160,7 @@ class DataState:
         self.root = root
         self.extra_files = [str(f) for f in extra_files if f]
         self._newest_file: tuple[int, str] = (0, "")
+        self._newest: tuple[int, str] | None = None
         self._folders: set[str] = set()
         self.splits = {split: self._split(dataset[split]) for split in dataset}
         for split in dataset:
@@ -168,12 +168,12 @@ class DataState:
 
     def _split(self, split) -> dict:
         digest = hashlib.sha256(json.dumps(split.features["label"].names).encode())
-        images = [chunk for chunk in _arrow_column(split, "image")]
         labels = [label for chunk in _arrow_column(split, "label") for label in chunk.to_pylist()]
         try:
+            images = _arrow_column(split, "image")
             paths = [p for chunk in images for p in chunk.field("path").to_pylist()]
             inline = [v for chunk in images for v in chunk.field("bytes").is_valid().to_pylist()]
-        except (AttributeError, KeyError, TypeError):  # not an `Image` column: the `datasets` fingerprint alone
+        except (AttributeError, KeyError, TypeError):  # no `Image` column: the `datasets` fingerprint alone
             paths, inline = [""] * len(labels), [True] * len(labels)
         names = ([n for chunk in _arrow_column(split, "image_path") for n in chunk.to_pylist()]
                  if "image_path" in split.column_names else paths)
@@ -204,10 +204,11 @@ class DataState:
             return f"{path} (changed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ctime / 1e9))})"
         return None
 
-    @functools.cache  # noqa: B019 - one DataState per pipeline; its data does not change during a run
     def _newest_change(self) -> tuple[int, str]:
         """The latest status change (ctime) of the data: its root's tree, the image files and their folders, the
-        split and label files, a Hub data set's cache files."""
+        split and label files, a Hub data set's cache files (walked once: the data does not change during a run)."""
+        if self._newest is not None:
+            return self._newest
         newest = self._newest_file
         for path in [*self._folders, *self.extra_files]:
             try:
@@ -222,6 +223,7 @@ class DataState:
                         newest = max(newest, (os.lstat(path).st_ctime_ns, path))
                     except OSError:
                         continue
+        self._newest = newest
         return newest
 
 

@@ -148,7 +148,9 @@ class Pipeline:
         if not folder.is_dir():
             raise StageError(f"{folder} is a file, not a run folder: choose another --output-dir (or output_dir in "
                              f"{self.recipe.source}).")
-        if any(p.name not in LOCK_FILES for p in folder.iterdir()) and not is_run_folder(folder):
+        # Hidden entries do not count: the lock, the temporary files of atomic writes (another rank's, under
+        # torchrun), a `.git`; a run writes no stage folder or result under such a name.
+        if any(not p.name.startswith(".") for p in folder.iterdir()) and not is_run_folder(folder):
             raise StageError(f"{folder} is not empty and is not a run folder (it has no recipe.yaml and no stage "
                              "marker): a run would replace its stage folders (base/, features/, evaluate/, final/, "
                              "...). Choose a new or empty folder with --output-dir (or output_dir in "
@@ -205,10 +207,6 @@ class Pipeline:
         if "base" not in to_run and any(stage != "base" for stage in to_run):
             self.check_labels()
         return to_run
-
-
-# Files a run folder holds besides its stages that do not make a folder a run (the lock of a refused command).
-LOCK_FILES = (".lock", ".lock.pid")
 
 
 def is_run_folder(folder: Path) -> bool:
