@@ -18,9 +18,10 @@ import statistics
 from train import STAGES
 from train.commands.arguments import positive_int
 from train.infra.evaluation import branch_name, markdown_table
-from train.infra.recipe import Recipe, load_recipe
+from train.infra.locks import LockedError
+from train.infra.recipe import Recipe, RecipeError, load_recipe
 from train.infra.run import Run, read_results
-from train.stages.pipeline import Pipeline, child_pipeline
+from train.stages.pipeline import Pipeline, StageError, check_run_made_with, child_pipeline
 
 SEEDED_STAGES = ("distill", "gate", "evaluate")
 SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seeded stages read, upstream
@@ -35,10 +36,13 @@ def child_run(parent: Recipe, seed: int) -> Pipeline:
 
 def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
     """Test-split accuracy and macro-F1 of every branch over the run's seed and `seeds - 1` more: per seed, mean and
-    sample standard deviation. The parent run must be finished (its own seed is read, not retrained)."""
+    sample standard deviation. The parent run must be finished and made with `parent` (its recorded settings, inputs
+    and data are the recipe's: its own seed's results are read, not retrained); otherwise `StageError`, and nothing
+    is written."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}.")
     runs = {parent.seed: Pipeline(parent)}
+    check_run_made_with(runs[parent.seed], STAGES[: STAGES.index("evaluate") + 1])
     for seed in range(parent.seed + 1, parent.seed + seeds):
         child = child_run(parent, seed)
         child.run(stages=SEEDED_STAGES)
@@ -91,8 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     """`python -m train spread`: retrain stages 2-3 over the seeds and print the table."""
-    parent = load_recipe(args.config, args.set, output_dir=args.output_dir)
-    print(format_spread(seed_spread(parent, args.seeds), read_results(parent.output_dir)))
+    try:
+        parent = load_recipe(args.config, args.set, output_dir=args.output_dir)
+        table = seed_spread(parent, args.seeds)
+    except (RecipeError, StageError, LockedError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_spread(table, read_results(parent.output_dir)))
 
 
 __all__ = ["add_arguments", "child_run", "format_spread", "main", "seed_spread"]

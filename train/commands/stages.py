@@ -2,7 +2,7 @@
 
     python -m train pipeline --config RECIPE.yaml [--set sft.num_train_epochs=2 --set seed=1 ...] [--force]
     python -m train {base,instructions,sft,teacher,features,distill,gate,evaluate,export} --config RECIPE.yaml [--force]
-    python -m train recipe --config RECIPE.yaml [--set ...]       # validate a recipe; `recipe --help`: every field
+    python -m train recipe --config RECIPE.yaml [--set ...] [--check-data]  # validate; `recipe --help`: every field
 
 Everything is validated before any stage runs or anything is deleted. A stage reruns when its recipe settings or the
 stages it reads changed; `--force` reruns it anyway. `python -m train evaluate --model M --data KIND ...` is an alias
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return parser
     parser.add_argument("--output-dir", help="Override the recipe's output_dir.")
     if command == "recipe":
+        parser.add_argument("--check-data", action="store_true",
+                            help="Also require the data to be on this machine (by default a data root that is not "
+                                 "here is reported and not checked; one that is here is always checked).")
         from train.infra.recipe import recipe_help
 
         parser.epilog = recipe_help()
@@ -79,11 +82,18 @@ def main(args: argparse.Namespace) -> int | None:
             return 2
         import yaml
 
+        try:
+            note = recipe.check_data(required=args.check_data)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         print(f"# {args.config}: valid. As stored in results.json (secrets and local paths removed):")
         print(yaml.safe_dump(recipe.public(), sort_keys=False), end="")
         return 0
     from train.infra.locks import LockedError
-    from train.stages.pipeline import Pipeline, StageError, print_results
+    from train.stages.pipeline import Pipeline, RunFolderError, StageError, print_results
 
     pipeline = Pipeline(recipe)
     try:
@@ -91,7 +101,10 @@ def main(args: argparse.Namespace) -> int | None:
             print_results(pipeline.run(force=args.force))
         else:
             pipeline.run(stages=[args.command], force=args.force)
-    except (StageError, LockedError) as err:
+    except RecipeError as err:  # the data or this machine, found before any stage ran
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (StageError, LockedError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return None

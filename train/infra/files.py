@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(text: str | Callable[[], str], path: str | Path) -> Path:
-    """Write `text` (or what a callable returns) to a unique temporary file beside `path`, then rename it into place.
+def write_text_atomic(text: str | Callable[[], str], path: str | Path, mode: int = 0o644) -> Path:
+    """Write `text` (or what a callable returns) to a unique temporary file beside `path`, then rename it into place
+    with permissions `mode` (0o600 for a file holding a credential: it is never readable by others, not even
+    between the write and a later chmod).
 
     Readers (other ranks included) see the old file or the new one, never a mix; if producing the text fails, the
     old file is left as it was and the temporary file is removed.
@@ -27,7 +29,7 @@ def write_text_atomic(text: str | Callable[[], str], path: str | Path) -> Path:
             handle.close()
             os.unlink(handle.name)
             raise
-    os.chmod(handle.name, 0o644)  # temporary files are private; results and split files are meant to be shared
+    os.chmod(handle.name, mode)  # temporary files are private; results and split files are meant to be shared
     os.replace(handle.name, path)
     return path
 
