@@ -20,8 +20,10 @@ from train.infra.recipe import RecipeError, load_recipe, public_recipe, save_rec
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "train" / "recipes" / "tiny" / "demo.yaml"
+# Every runnable recipe; the bases (the paper's values, the authors' code's) are only merged under others.
+BASES = ("paper.yaml", "authors-code.yaml")
 SHIPPED = sorted(p for p in (ROOT / "train" / "recipes").rglob("*.yaml")
-                 if p.parent.name != "accelerate" and p.name != "paper.yaml")
+                 if p.parent.name != "accelerate" and p.name not in BASES)
 URL = "https://alice:pa55-w0rd@llm.example.com/v1?api-key=key-0123456789&api-version=2024-10-21"
 SECRETS = ("alice", "pa55-w0rd", "key-0123456789")
 

@@ -130,6 +130,7 @@ RANGES: dict[str, Range] = {
     "sft.eval_max_images": AT_LEAST_1,
     # the teacher
     "teacher.crop_scale": Range(0, 1, low_open=True),
+    "teacher.image_size": AT_LEAST_1,
     # stage 2
     "distill.alpha": Range(0, 1),
     "distill.temperature": POSITIVE,
