@@ -39,8 +39,6 @@ def _assert_gate_fits_the_optimum_of_one_process(double_dir, recipe, halves, tmp
     ‖Δθ‖, a row's prediction is the same wherever its margin exceeds twice that, and the number of right predictions
     differs by at most the number of other rows."""
     from train.infra.run import open_run
-    from train.stages.gate import GateConfig
-    from train.stages.pipeline import Pipeline
 
     single_dir = tmp_path / "gate-one-process"
     for stage in ("base", "instructions", "sft", "teacher", "features", "distill", "evaluate"):
@@ -52,7 +50,7 @@ def _assert_gate_fits_the_optimum_of_one_process(double_dir, recipe, halves, tmp
     assert result.returncode == 0, result.stderr[-4000:]
     two, one = open_run(double_dir), open_run(single_dir)
     assert one.fused_config.gate_type == "concat_linear"  # the strongly convex case the bound is for
-    weight_decay = Pipeline(two.spec).stage_args("gate", GateConfig).weight_decay
+    weight_decay = two.recipe.gate.weight_decay  # the stage's typed config, as it ran
     for split in ("train", "validation", "test"):  # the same inputs: the torchrun run's caches and head
         for key, value in one.gate_inputs(split).items():
             assert torch.equal(value, two.gate_inputs(split)[key]), (split, key)
