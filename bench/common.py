@@ -45,6 +45,7 @@ from modeling_emovlm_kd import (
     resolve_label_set,
 )
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
+from train.infra import evaluation
 from train.infra.files import write_json_atomic
 from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
 from train.infra.run import count_parameters
@@ -585,10 +586,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
             return f"{value:.4g}"
         return str(value)
 
-    lines = ["| " + " | ".join(header for _, header in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(key, "")) for key, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return evaluation.markdown_table([header for _, header in columns],
+                                     [[cell(row.get(key, "")) for key, _ in columns] for row in rows])
 
 
 def add_common_arguments(parser, default_output: str) -> None:

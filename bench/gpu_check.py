@@ -19,6 +19,10 @@ recorded with its error and the phases that do not depend on it still run):
   `export` (the bf16 sharded Hub folder); `reload_4bit`: the export through the front door `load_pipeline(...,
   load_in_4bit=True)` (`pipeline()` with the one 4-bit config), as a user loads it; `classify`: the test images.
 - `inference`: `python -m bench.inference --device cuda` at batch 1/8/32 (full depth), in a subprocess.
+- `sft_knobs`: stage 1's tokens/s with each throughput recipe value on against all off (`bench.sft_throughput.
+  stage1_throughput` on the same full-depth base, 4-bit, activation checkpointing, one short epoch per case: the
+  attention implementation, length grouping, DataLoader workers, pinned memory, Liger kernels, padding-free
+  batching); a value stage 1 refuses on this machine is reported with its one-line reason.
 
 Per phase: wall time and peak GPU memory (`torch.cuda.max_memory_allocated`, reset before the phase; on CPU the
 peak RSS). A stage's figures are its body's, measured by the pipeline's `on_stage` hook; a `TrainerCallback`
@@ -60,7 +64,10 @@ from bench.pipeline_run import CANNED_ANSWER, PIPELINE_NEEDS, SPLITS, RunSetting
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 # Which phases each phase needs (a failed or skipped one skips these).
-NEEDS = {"matmul_peak": (), **PIPELINE_NEEDS, "inference": ()}
+NEEDS = {"matmul_peak": (), **PIPELINE_NEEDS, "inference": (), "sft_knobs": ("build",)}
+# Stage 1's throughput knobs' images (width, height), cycled: sizes up to the 1024^2 bound on the GPU.
+KNOB_IMAGE_SIZES = ((448, 448), (896, 672), (1024, 1024), (672, 448))
+TINY_KNOB_IMAGE_SIZES = ((56, 56), (112, 112), (112, 56), (84, 84))
 
 
 class Phases(pipeline_run.Phases):
@@ -109,6 +116,55 @@ def run_inference(args, device: torch.device, output: Path, timeout: float) -> d
             for r in result["results"] if r["method"] == "fused"]
     return {"command": " ".join(command[1:]), "fused": rows, "peak_gflop_per_s": result["peak"]["gflop_per_s"],
             "ratios": {k: v for k, v in result["ratios"].items() if not isinstance(v, dict)}}
+
+
+def run_knobs(args, device: torch.device, base: Path, bf16: bool, folder: Path, sft: dict | None,
+              remaining: float) -> dict:
+    """Stage 1's tokens/s with each throughput knob on and all off (`bench.sft_throughput.stage1_throughput`): one
+    epoch per case on the full-depth base as stage 1 runs it here (4-bit, LoRA, activation checkpointing), no
+    warm-up (the pipeline's stages have warmed the device up) and one repetition; as many knobs as `fit_knobs`
+    expects to finish in the `remaining` seconds, judged by stage 1's own run (`sft`: its row and Trainer record)."""
+    from bench.sft_throughput import KNOBS, stage1_throughput
+
+    requested = list(KNOBS) if args.knobs is None else list(args.knobs)
+    steps = -(-2 * args.knob_images // args.knob_batch_size)
+    per_case = None
+    if sft is not None:  # the 4-bit load, then each step as long as stage 1's (batch 1) times the batch size
+        per_case = (sft["row"]["parts"]["before_train"]["seconds"]
+                    + steps * args.knob_batch_size * float(np.median(sft["record"]["step_seconds"])))
+    knobs, left_out = fit_knobs(requested, per_case, remaining)
+    result = stage1_throughput(base, device, knobs, labels=args.labels, num_images=args.knob_images,
+                               image_sizes=TINY_KNOB_IMAGE_SIZES if args.tiny else KNOB_IMAGE_SIZES,
+                               batch_size=args.knob_batch_size, reps=1, warmup=0, workdir=folder, load_in_4bit=True,
+                               activation_checkpointing=True, bf16=bf16)
+    reason = (f"time budget: about {per_case:.0f} s per case estimated from stage 1, {remaining:.0f} s were left"
+              if left_out else "")
+    result["rows"] += [{"case": name, "status": "skipped", "reason": reason} for name in left_out]
+    result["estimated_seconds_per_case"] = per_case
+    return result
+
+
+def fit_knobs(requested: list[str], per_case: float | None, remaining: float) -> tuple[list[str], list[str]]:
+    """The knobs (in order) whose cases, with the all-off baseline, are expected to end within `remaining` seconds
+    at `per_case` seconds each (unknown: all), and those left out. At least one knob runs."""
+    if per_case is None or per_case <= 0:
+        return requested, []
+    fit = max(1, int(remaining // per_case) - 1)
+    return requested[:fit], requested[fit:]
+
+
+def knob_rows(knobs: dict) -> list[dict]:
+    """The knob cases as rows of the check's table: tokens/s and the ratio to all off, or why a case did not run."""
+    rows = []
+    for case in knobs["rows"]:
+        row = {"phase": f"sft_knobs: {case['case']}", "status": "pass" if case["status"] == "ok" else case["status"]}
+        if case["status"] == "ok":
+            row["throughput"] = f"{case['tokens_per_s']:,.1f} tokens/s ({case['vs_baseline']:.2f}x all off)"
+            row["seconds"] = sum(case["seconds"])
+        else:
+            row["error"] = case["reason"]
+        rows.append(row)
+    return rows
 
 
 # ---- counted work and the estimate ----------------------------------------------------------------------------
@@ -201,6 +257,12 @@ def parse_args(argv=None):
     parser.add_argument("--inference-text-layers", type=int, default=28)
     parser.add_argument("--inference-vision-depth", type=int, default=32)
     parser.add_argument("--no-inference", action="store_true", help="Skip the bench.inference phase.")
+    parser.add_argument("--knobs", nargs="*", default=None,
+                        help="Stage-1 throughput knobs of bench.sft_throughput.KNOBS to compare (default all; none "
+                             "given: skip the sft_knobs phase).")
+    parser.add_argument("--knob-images", type=int, default=None,
+                        help="Images per knob case, two rows each (default 16: 8 batches of 4; tiny 8).")
+    parser.add_argument("--knob-batch-size", type=int, default=4)
     parser.add_argument("--mfu", type=float, default=0.3, help="MFU of the estimates shown beside the measurements.")
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="Seconds after which no further phase starts (the GPU is lent for minutes).")
@@ -214,6 +276,7 @@ def parse_args(argv=None):
     args.image_size = tuple(int(x) for x in size.lower().split("x"))
     args.teacher_batch_size = args.teacher_batch_size or (4 if args.tiny else 32)
     args.feature_batch_size = args.feature_batch_size or (4 if args.tiny else 16)
+    args.knob_images = args.knob_images or (8 if args.tiny else 16)
     return args
 
 
@@ -233,7 +296,8 @@ def main(argv=None) -> dict:
                            sizes=dict.fromkeys(SPLITS, args.image_size), bf16=bf16,
                            model_dtype="bfloat16" if bf16 else "float32", sft_steps=args.sft_steps,
                            teacher_steps=args.teacher_steps, teacher_batch_size=args.teacher_batch_size,
-                           feature_batch_size=args.feature_batch_size, seed=args.seed)
+                           feature_batch_size=args.feature_batch_size, seed=args.seed,
+                           free_disk=False)  # sft_knobs trains the base model again
     keep = args.work_dir is not None
     work = Path(args.work_dir) if keep else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -254,6 +318,11 @@ def main(argv=None) -> dict:
             remaining = args.time_limit - phases.elapsed()
             results["inference"] = phases.run("inference", run_inference, args, device, work / "inference.json",
                                               remaining + 60)
+        if args.knobs != []:
+            sft = ({"row": phases.rows["sft"], "record": phases.timer.trainer("sft")}
+                   if phases.passed("sft") and phases.timer.trainer("sft") else None)
+            results["sft_knobs"] = phases.run("sft_knobs", run_knobs, args, device, work / "base", bf16,
+                                              work / "knobs", sft, args.time_limit - phases.elapsed())
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -337,7 +406,8 @@ def summarize(args, device, phases: Phases, results: dict, settings: RunSettings
                ("throughput", "throughput"), ("fraction_of_measured_peak", "of measured peak"),
                ("estimated_seconds", f"estimated s (MFU {args.mfu:g})"), ("estimated_memory_gib", "estimated GiB"),
                ("parts_text", "parts (s / peak GiB)"), ("error", "error")]
-    table = markdown_table(table_rows, columns)
+    knobs = knob_rows(results["sft_knobs"]) if results.get("sft_knobs") else []
+    table = markdown_table(table_rows + knobs, columns)
     title = (f"bench.gpu_check on {device_name(device)}: Qwen2-VL at "
              + ("the tiny test shape" if args.tiny else "Qwen2-VL-2B's full widths and depth (28 + 32 layers)")
              + f", {counts} images of {args.image_size[0]}x{args.image_size[1]}")

@@ -2,5 +2,5 @@
 
 Each named data set's own card metadata is its entry in `train/infra/registry.py`.
 
-Data files only, read by `train/commands/publish.py` from this folder; the `__init__.py` lets setuptools ship them in wheels.
+Data files only, read by `train/commands/card.py` and `space.py` from this folder; the `__init__.py` lets setuptools ship them in wheels.
 """

@@ -15,10 +15,8 @@ from .configuration_emovlm_kd import (
     EmoVLMKDConfig,
     resolve_label_set,
 )
-from .fusion import EmoVLMKDFusion
+from .fusion import GATES, EmoVLMKDDistillationHead, EmoVLMKDFusion
 from .modeling_emovlm_kd import (
-    GATES,
-    EmoVLMKDDistillationHead,
     EmoVLMKDForImageClassification,
     EmoVLMKDImageClassifierOutput,
     EmoVLMKDPreTrainedModel,

@@ -15,23 +15,7 @@ from .backbones import BACKBONES
 from .configuration_emovlm_kd import EmoVLMKDConfig
 from .fast_path import applied as _fast_path_applied
 from .fast_path import is_enabled as _fast_path_enabled
-
-# The fusion lives in `fusion.py`; its names stay importable from here for existing code and checkpoints.
-from .fusion import (  # noqa: F401
-    GATES,
-    BilinearGate,
-    ConcatLinearGate,
-    CrossGatingGate,
-    DynamicWeightingGate,
-    EmoVLMKDDistillationHead,
-    EmoVLMKDFusion,
-    MoEGate,
-    _linear_share,
-    _shares,
-    gate_inputs,
-    init_fusion_weights,
-    initializer_range,
-)
+from .fusion import EmoVLMKDFusion, init_fusion_weights, initializer_range
 
 
 @dataclass
@@ -510,10 +494,6 @@ __all__ = [
     "EmoVLMKDPreTrainedModel",
     "EmoVLMKDForImageClassification",
     "EmoVLMKDImageClassifierOutput",
-    "EmoVLMKDDistillationHead",
-    "EmoVLMKDFusion",
-    "GATES",
-    "gate_inputs",
     "pool_visual_tokens",
     "label_token_log_probs",
 ]

@@ -17,10 +17,6 @@ from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from .configuration_emovlm_kd import DEFAULT_CONVERSATION_PROMPT, DEFAULT_REASONING_PROMPT, default_categorical_prompt
 
-# The default instructions are defined once, with the config (`configuration_emovlm_kd.py`): the paper's wording.
-CONVERSATION_PROMPT = DEFAULT_CONVERSATION_PROMPT
-REASONING_PROMPT = DEFAULT_REASONING_PROMPT
-
 # Images whose decoded size would exceed this many pixels are refused before decoding (a JPEG counts at the
 # reduced scale it is decoded at). 150 Mpixel is 450 MB as 8-bit RGB; PIL's own decompression-bomb guard
 # (`PIL.Image.MAX_IMAGE_PIXELS`, twice that refuses) stays in force above it.
@@ -269,8 +265,8 @@ class EmoVLMKDProcessor(Qwen2VLProcessor):
         if categorical_prompt is None and self.labels:
             categorical_prompt = default_categorical_prompt(self.labels)
         self.categorical_prompt = categorical_prompt
-        self.conversation_prompt = conversation_prompt if conversation_prompt is not None else CONVERSATION_PROMPT
-        self.reasoning_prompt = reasoning_prompt if reasoning_prompt is not None else REASONING_PROMPT
+        self.conversation_prompt = conversation_prompt if conversation_prompt is not None else DEFAULT_CONVERSATION_PROMPT
+        self.reasoning_prompt = reasoning_prompt if reasoning_prompt is not None else DEFAULT_REASONING_PROMPT
         self.answer_prefix = answer_prefix
         self.answer_suffix = answer_suffix
         # No video processor: this model classifies images, and Qwen2-VL's video processor needs torchvision.

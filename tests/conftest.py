@@ -13,8 +13,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -109,6 +111,22 @@ def run_pipeline(recipe: Path, *extra, wait=True):
         return result
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
+
+
+def kill_when(process, path_glob: str, root: Path, timeout=240):
+    """SIGKILL a pipeline started with `run_pipeline(..., wait=False)` (its whole process group) as soon as a file
+    matching `path_glob` appears under `root`: a stage killed mid-way."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(root.glob(path_glob)):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the pipeline ended before {path_glob} appeared")
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"{path_glob} never appeared")
 
 
 def final_metrics(output_dir: Path) -> dict:

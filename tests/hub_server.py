@@ -1,8 +1,9 @@
 """`FakeHubServer`: a TEST DOUBLE of the Hugging Face Hub, for tests that push and pull without a network.
 
 It is not the Hub and not a general-purpose server: it keeps a few repositories in memory and speaks only the HTTP
-endpoints that the unmodified `huggingface_hub` client (2.x, with `HF_HUB_DISABLE_XET=1`) and `transformers` call to
-create a repo, commit to it and load from it:
+endpoints that the unmodified `huggingface_hub` client (2.4, with `HF_HUB_DISABLE_XET=1`) and `transformers` call
+when the tests push (`whoami`, `create_repo`, `create_branch`, `repo_info`, `list_repo_files`, `create_commit` with
+its `preupload_lfs_files` and LFS upload) and load (`hf_hub_download`, `snapshot_download`, `HfFileSystem`):
 
     GET  /api/whoami-v2                                   who a token belongs to
     GET  /api/agent-harnesses                             the client's agent registry (answered empty)
@@ -15,9 +16,7 @@ create a repo, commit to it and load from it:
     POST /{repo}.git/info/lfs/objects/verify              LFS verify
     POST /api/models/{repo}/commit/{branch}               ndjson commit: files, LFS files, deletions, parentCommit
     POST /api/models/{repo}/branch/{branch}               create a branch
-    GET  /api/models/{repo}/tree/{rev}[/{path}]           tree listing (recursive or not)
-    POST /api/models/{repo}/paths-info/{rev}              info on given paths
-    GET  /api/models/{repo}/refs | /commits/{rev}         branches, history
+    GET  /api/models/{repo}/tree/{rev}                    the repo's files (recursive) or its top level
     HEAD/GET /{repo}/resolve/{rev}/{path}                 download; LFS files redirect to the storage origin, with
                                                           X-Linked-Etag/-Size, as the Hub redirects to its CDN;
                                                           `Range` requests are answered with 206 (or 416)
@@ -36,12 +35,11 @@ URLs carry their own signature instead.
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_write"}  # before importing
         ...
 
-Run it on its own for manual tries: `python tests/hub_server.py --token hf_write:alice:write --org alice:emo-org`.
+`FakeHubServer.unhandled` lists the requests no route took: a client calling an endpoint the double lacks.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import fnmatch
 import hashlib
@@ -104,8 +102,6 @@ class Commit:
     oid: str
     parent: str | None
     title: str
-    message: str
-    author: str
     date: str
     files: dict[str, RepoEntry]
 
@@ -280,19 +276,17 @@ class FakeHubServer:
 
     # ---- repository operations -------------------------------------------------------------------------------
 
-    def create_repo(self, repo_id: str, private: bool, author: str, repo_type: str = "model",
-                    sdk: str | None = None) -> Repo:
+    def create_repo(self, repo_id: str, private: bool, repo_type: str = "model", sdk: str | None = None) -> Repo:
         repo = Repo(repo_id=repo_id, private=private, created_at=_now(), repo_type=repo_type, sdk=sdk)
         attributes = DEFAULT_GITATTRIBUTES.encode()
         entry = RepoEntry(".gitattributes", len(attributes), git_blob_oid(attributes), content=attributes)
-        self.add_commit(repo, "main", None, {".gitattributes": entry}, "initial commit", "", author)
+        self.add_commit(repo, "main", None, {".gitattributes": entry}, "initial commit")
         self.repos[repo.key] = repo
         return repo
 
-    def add_commit(self, repo: Repo, branch: str, parent: str | None, files: dict[str, RepoEntry], title: str,
-                   message: str, author: str) -> Commit:
+    def add_commit(self, repo: Repo, branch: str, parent: str | None, files: dict[str, RepoEntry], title: str) -> Commit:
         listing = json.dumps([parent, sorted((p, e.oid) for p, e in files.items()), title, time.time_ns()])
-        commit = Commit(hashlib.sha1(listing.encode()).hexdigest(), parent, title, message, author, _now(), files)
+        commit = Commit(hashlib.sha1(listing.encode()).hexdigest(), parent, title, _now(), files)
         repo.commits[commit.oid] = commit
         repo.branches[branch] = commit.oid
         return commit
@@ -392,8 +386,6 @@ class _HubHandler(_BaseHandler):
                 (None, "GET"): self.model_info, ("revision", "GET"): self.model_info,
                 ("preupload", "POST"): self.preupload, ("commit", "POST"): self.commit,
                 ("branch", "POST"): self.create_branch, ("tree", "GET"): self.tree,
-                ("paths-info", "POST"): self.paths_info, ("refs", "GET"): self.refs,
-                ("commits", "GET"): self.list_commits,
             }.get((action, method))
             if handler is not None:
                 return handler(repo_id, rest)
@@ -448,7 +440,7 @@ class _HubHandler(_BaseHandler):
             # The Hub's conflict answer carries the repo's URL, which `create_repo(exist_ok=True)` returns.
             raise HubError(409, f"You already created this {repo_type} repo", body={"url": self.repo_url(key)})
         private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
-        self.fake.create_repo(repo_id, private, self.user[0], repo_type, payload.get("sdk"))
+        self.fake.create_repo(repo_id, private, repo_type, payload.get("sdk"))
         self.send_json({"url": self.repo_url(key), "name": repo_id, "id": repo_id})
 
     def repo_url(self, repo_id: str) -> str:
@@ -465,24 +457,17 @@ class _HubHandler(_BaseHandler):
         repo = self.fake.readable_repo(repo_id, self.user)
         commit = self.fake.commit_of(repo, rest[0] if rest else "main")
         card = card_metadata(commit)
-        config = json.loads(commit.files["config.json"].content) if "config.json" in commit.files else None
+        info = {"_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo.repo_id, "author": repo.namespace,
+                "sha": commit.oid, "private": repo.private, "disabled": False, "likes": 0, "createdAt": repo.created_at,
+                "lastModified": commit.date, "cardData": card or None, "tags": card.get("tags", []),
+                "siblings": [{"rfilename": path} for path in sorted(commit.files)]}
         if repo.repo_type == "space":
-            return self.send_json({
-                "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo.repo_id, "author": repo.namespace,
-                "sha": commit.oid, "private": repo.private, "disabled": False, "likes": 0,
-                "createdAt": repo.created_at, "lastModified": commit.date, "sdk": card.get("sdk", repo.sdk),
-                "cardData": card or None, "tags": card.get("tags", []), "models": card.get("models", []),
-                "siblings": [{"rfilename": path} for path in sorted(commit.files)],
-            })
+            return self.send_json({**info, "sdk": card.get("sdk", repo.sdk), "models": card.get("models", [])})
+        config = json.loads(commit.files["config.json"].content) if "config.json" in commit.files else None
         self.send_json({
-            "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "author": repo.namespace, "sha": commit.oid, "private": repo.private, "gated": False, "disabled": False,
-            "downloads": 0, "likes": 0, "createdAt": repo.created_at, "lastModified": commit.date,
-            "tags": card.get("tags", []), "pipeline_tag": card.get("pipeline_tag"),
-            "library_name": card.get("library_name"), "cardData": card or None,
-            "config": {"architectures": config.get("architectures"), "model_type": config.get("model_type"),
-                       "auto_map": config.get("auto_map")} if config else None,
-            "siblings": [{"rfilename": path} for path in sorted(commit.files)],
+            **info, "modelId": repo.repo_id, "gated": False, "downloads": 0, "pipeline_tag": card.get("pipeline_tag"),
+            "library_name": card.get("library_name"),
+            "config": {key: config.get(key) for key in ("architectures", "model_type", "auto_map")} if config else None,
         })
 
     def create_branch(self, repo_id: str, rest: list[str]) -> None:
@@ -547,8 +532,7 @@ class _HubHandler(_BaseHandler):
         files = dict(head.files)
         for line in lines[1:]:
             self.apply_operation(files, line["key"], line["value"])
-        commit = self.fake.add_commit(repo, branch, head.oid, files, header.get("summary", ""),
-                                      header.get("description", ""), self.user[0])
+        commit = self.fake.add_commit(repo, branch, head.oid, files, header.get("summary", ""))
         self.send_json({"success": True, "commitOid": commit.oid, "commitUrl": f"{self.repo_url(repo_id)}/commit/"
                         f"{commit.oid}", "hookOutput": "", "pullRequestUrl": None})
 
@@ -566,58 +550,27 @@ class _HubHandler(_BaseHandler):
         elif key == "deletedFile":
             if files.pop(path, None) is None:
                 raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
-        elif key == "deletedFolder":
-            prefix = path.rstrip("/") + "/"
-            for name in [name for name in files if name.startswith(prefix)]:
-                del files[name]
         else:
             raise HubError(400, f"Unknown commit operation {key!r}")
 
     # ---- listings --------------------------------------------------------------------------------------------
 
     def tree(self, repo_id: str, rest: list[str]) -> None:
+        """`list_repo_files` asks for every file (`recursive=true`), `HfFileSystem` for the top level."""
         repo = self.fake.readable_repo(repo_id, self.user)
-        commit = self.fake.commit_of(repo, rest[0] if rest else "main")
-        prefix = "/".join(rest[1:]).strip("/")
+        if len(rest) != 1:
+            raise HubError(400, "FakeHubServer lists a whole revision only, not a folder of it")
+        commit = self.fake.commit_of(repo, rest[0])
         recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
-        under = {p: e for p, e in commit.files.items() if not prefix or p.startswith(prefix + "/")}
-        if prefix and not under:
-            if prefix in commit.files:
-                return self.send_json([commit.files[prefix].tree_item()])
-            raise HubError(404, f"{prefix} does not exist on {rest[0]}", "EntryNotFound",
-                           {"X-Repo-Commit": commit.oid})
-        items, folders = [], {}
-        for path, entry in sorted(under.items()):
-            relative = path[len(prefix) + 1:] if prefix else path
-            parts = relative.split("/")
-            if recursive:
-                for depth in range(1, len(parts)):
-                    folders.setdefault("/".join(([prefix] if prefix else []) + parts[:depth]), None)
+        items, folders = [], set()
+        for path, entry in sorted(commit.files.items()):
+            parts = path.split("/")
+            folders.update("/".join(parts[:depth]) for depth in range(1, len(parts) if recursive else min(len(parts), 2)))
+            if recursive or len(parts) == 1:
                 items.append(entry.tree_item())
-            elif len(parts) == 1:
-                items.append(entry.tree_item())
-            else:
-                folders.setdefault("/".join(([prefix] if prefix else []) + parts[:1]), None)
         items += [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
-                  for f in folders]
+                  for f in sorted(folders)]
         self.send_json(items)
-
-    def paths_info(self, repo_id: str, rest: list[str]) -> None:
-        repo = self.fake.readable_repo(repo_id, self.user)
-        commit = self.fake.commit_of(repo, "/".join(rest))
-        form = parse_qs(self.read_body().decode())
-        self.send_json([commit.files[p].tree_item() for p in form.get("paths", []) if p in commit.files])
-
-    def refs(self, repo_id: str, rest: list[str]) -> None:
-        repo = self.fake.readable_repo(repo_id, self.user)
-        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": oid} for n, oid in repo.branches.items()]
-        self.send_json({"branches": branches, "tags": [], "converts": [], "pullRequests": []})
-
-    def list_commits(self, repo_id: str, rest: list[str]) -> None:
-        repo = self.fake.readable_repo(repo_id, self.user)
-        self.fake.commit_of(repo, "/".join(rest))
-        self.send_json([{"id": c.oid, "title": c.title, "message": c.message, "date": c.date,
-                         "authors": [{"user": c.author}]} for c in repo.history("/".join(rest))])
 
     # ---- downloads -------------------------------------------------------------------------------------------
 
@@ -754,27 +707,4 @@ def model_index_errors(model_index) -> list[str]:
     return errors
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Run the FakeHubServer test double on 127.0.0.1.")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token", action="append", default=[], metavar="TOKEN:USER:ROLE")
-    parser.add_argument("--org", action="append", default=[], metavar="USER:ORG")
-    args = parser.parse_args(argv)
-    tokens = {t: (u, r) for t, u, r in (spec.split(":") for spec in args.token)}
-    organisations: dict[str, list[str]] = {}
-    for spec in args.org:
-        user, org = spec.split(":")
-        organisations.setdefault(user, []).append(org)
-    with FakeHubServer(tokens, organisations, port=args.port) as hub:
-        print(f"FakeHubServer (a test double, not the Hub) at {hub.endpoint}; storage at {hub.storage_endpoint}.\n"
-              f"Set HF_ENDPOINT={hub.endpoint} HF_HUB_DISABLE_XET=1 before importing huggingface_hub. Ctrl-C stops.")
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-
-
 __all__ = ["FakeHubServer", "HubError", "git_blob_oid", "metadata_errors"]
-
-if __name__ == "__main__":
-    main()

@@ -91,17 +91,17 @@ def test_branch_contributions_come_from_every_gate(app, checkpoint, test_images)
     fused probabilities are the model's."""
     classifier = app.load_classifier(checkpoint)
     model = classifier.model
-    modeling = importlib.import_module(type(model).__module__)
+    fusion = importlib.import_module(type(model.gate).__module__)  # the checkpoint's own fusion.py
     images = [str(path) for path in test_images]
     inputs = classifier.image_processor(images, return_tensors="pt")
     torch.manual_seed(0)
-    for gate_type, gate_class in modeling.GATES.items():
+    for gate_type, gate_class in fusion.GATES.items():
         model.gate = gate_class(model.config.num_labels, num_experts=model.config.gate_num_experts).eval()
         model.config.gate_type = gate_type
         predictions = app.predict_paths(classifier, images)
         with torch.no_grad():
             output = model(**inputs)
-            v, h = modeling.gate_inputs(output.vlm_logits, output.head_logits, model.config.gate_vlm_signal)
+            v, h = fusion.gate_inputs(output.vlm_logits, output.head_logits, model.config.gate_vlm_signal)
             expected = model.gate.branch_weights(v, h)
         shares = torch.tensor([[p.vlm_share, p.head_share] for p in predictions])
         torch.testing.assert_close(shares, expected.float(), msg=gate_type)

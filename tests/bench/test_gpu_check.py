@@ -46,6 +46,15 @@ def test_tiny_run_passes_every_phase_and_writes_one_json(tmp_path):
     assert sum(p["seconds"] for p in parts.values()) == pytest.approx(phases["sft"]["seconds"], rel=1e-9)
     assert max(p["peak_memory_gib"] for p in parts.values()) == phases["sft"]["peak_memory_gib"]
     assert phases["sft"]["estimated_seconds"] > 0 and phases["features"]["estimated_memory_gib"] > 0
+    # Stage 1's throughput knobs: each case on against all off, or the one-line reason it cannot run here.
+    from bench.sft_throughput import KNOBS
+
+    knobs = {row["case"]: row for row in result["results"]["sft_knobs"]["rows"]}
+    assert set(knobs) == {"baseline", *KNOBS}
+    assert knobs["baseline"]["status"] == "ok" and knobs["baseline"]["vs_baseline"] == 1
+    assert all(row["tokens_per_s"] > 0 if row["status"] == "ok" else row["reason"] for row in knobs.values())
+    assert knobs["flash_attention"]["status"] == "refused" and "| sft_knobs: baseline | pass |" in process.stdout
+    assert result["results"]["sft_knobs"]["estimated_seconds_per_case"] > 0  # from stage 1's own run
     assert result["results"]["reload_4bit"]["linear4bit_modules"] > 0
     assert result["results"]["reload_4bit"]["lm_head_is_4bit"] is False
     assert len(result["results"]["classify"]["top1"]) == 8
@@ -89,3 +98,12 @@ def test_without_a_gpu_only_the_tiny_run_is_offered(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args([])
     assert "--tiny" in capsys.readouterr().err
+
+
+def test_the_knobs_that_fit_the_time_left_run_and_the_rest_are_reported():
+    knobs = ["eager_attention", "group_by_length", "workers"]
+    assert gpu_check.fit_knobs(knobs, None, 10) == (knobs, [])  # no estimate: all of them
+    assert gpu_check.fit_knobs(knobs, 30.0, 1000) == (knobs, [])
+    # 95 s at 30 s per case: the all-off baseline and two knobs.
+    assert gpu_check.fit_knobs(knobs, 30.0, 95) == (["eager_attention", "group_by_length"], ["workers"])
+    assert gpu_check.fit_knobs(knobs, 30.0, 5) == (["eager_attention"], ["group_by_length", "workers"])

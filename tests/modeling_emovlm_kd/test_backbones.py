@@ -19,7 +19,7 @@ from transformers import AutoModelForImageClassification, AutoModelForImageTextT
 from modeling_emovlm_kd import GATE_TYPES, LABEL_SETS, EmoVLMKDConfig, EmoVLMKDForImageClassification
 from modeling_emovlm_kd.backbones import BACKBONES, get_backbone
 from modeling_emovlm_kd.fast_path import patch_convolutions
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd.fusion import gate_inputs
 from train.infra.assemble import assemble, quantization_config, save_hub_folder
 from train.infra.recipe import load_recipe
 from train.infra.tiny import build_tiny_image_processor, build_tiny_vlm

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_emovlm_kd import GATE_TYPES, GATES
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd.fusion import gate_inputs
 
 C = 8
 

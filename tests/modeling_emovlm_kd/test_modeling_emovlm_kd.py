@@ -13,7 +13,7 @@ from modeling_emovlm_kd import (
     EmoVLMKDImageProcessor,
     EmoVLMKDProcessor,
 )
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd.fusion import gate_inputs
 from train.infra.assemble import FULL_PRECISION_MODULES, assemble
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json, written out so no download is needed.

@@ -5,7 +5,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from modeling_emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDProcessor
-from modeling_emovlm_kd.processing_emovlm_kd import CONVERSATION_PROMPT, REASONING_PROMPT
+from modeling_emovlm_kd.configuration_emovlm_kd import DEFAULT_CONVERSATION_PROMPT, DEFAULT_REASONING_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,9 @@ def test_three_instruction_formats(processor):
     prompt = categorical[0]["content"][1]["text"]
     assert all(label in prompt for label in processor.labels)
     assert categorical[1]["content"][0]["text"] == "{'emotion': 'awe'}"
-    assert processor.conversation_messages(image, "A calm lake.")[0]["content"][1]["text"] == CONVERSATION_PROMPT
+    assert processor.conversation_messages(image, "A calm lake.")[0]["content"][1]["text"] == DEFAULT_CONVERSATION_PROMPT
     assert processor.reasoning_messages(image, "Because...")[1]["content"][0]["text"] == "Because..."
-    assert "inferring the emotion" in REASONING_PROMPT and "key elements" in CONVERSATION_PROMPT
+    assert "inferring the emotion" in DEFAULT_REASONING_PROMPT and "key elements" in DEFAULT_CONVERSATION_PROMPT
     with pytest.raises(ValueError, match="joy"):
         processor.categorical_messages(image, "joy")
 

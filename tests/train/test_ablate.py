@@ -17,6 +17,7 @@ from train.commands.ablate import (
     ablate,
     depth_min_width,
     head_parameter_count,
+    reference_name,
     scaled_hidden_dims,
 )
 from train.infra.run import count_parameters
@@ -40,6 +41,11 @@ def test_parameter_formula_matches_the_head_module():
     for dims in ([], [18], [18, 9, 5]):
         head = EmoVLMKDDistillationHead(64, dims, 3, "gelu", 0.1)
         assert head_parameter_count(64, dims, 3) == count_parameters(head)
+
+
+def test_reference_lines_are_named_from_the_branch_table():
+    assert [reference_name(b, "qwen3_vl") for b in ("vlm", "teacher", "head", "fused")] == [
+        "Qwen3-VL alone", "ViT teacher", "run's distilled head", "run's fused model"]
 
 
 def load_table(run_dir: Path, what: str) -> dict:
@@ -73,6 +79,7 @@ def test_depth_ablation_has_a_row_per_depth_with_the_implied_parameters(run_copy
     assert table["variants"][1]["runs"][1]["fused_accuracy"] == results["branches"]["fused"]["accuracy"]
     markdown = paths["md"].read_text()
     assert markdown.count("| [18") == 5 and " ± " in markdown
+    assert "Reference (test accuracy of the run itself): Qwen2-VL alone " in markdown
     assert paths["png"].stat().st_size > 10_000
 
 

@@ -7,7 +7,6 @@ checkpoint (legacy ViT key layout) non-strictly into the live model (new layout)
 tensors; a fully fine-tuned Qwen2-VL only its `lm_head`."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, LABELS, run_pipeline, write_recipe
+from conftest import COLOURS, LABELS, kill_when, run_pipeline, write_recipe
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, AutoModelForImageTextToText, TrainerCallback, set_seed
@@ -217,29 +216,12 @@ def test_stage1_with_a_best_checkpoint_saves_that_checkpoints_weights(tiny_base,
     assert_same_tensors(saved, expected, "stage 1")
 
 
-def _kill_when(process, path_glob, root: Path, timeout=600):
-    import signal
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if list(root.glob(path_glob)):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the pipeline ended before {path_glob} appeared")
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail(f"{path_glob} never appeared")
-
-
 @pytest.mark.slow
 def test_a_killed_teacher_stage_resumes_to_the_weights_of_an_uninterrupted_run(tiny_run, colour_folder, tmp_path):
     reference, killed = tiny_run[0], tmp_path / "killed"
     recipe = write_recipe(tmp_path / "killed.yaml", colour_folder, killed)
     process = run_pipeline(recipe, wait=False)
-    _kill_when(process, "teacher/checkpoint-*/trainer_state.json", killed)
+    kill_when(process, "teacher/checkpoint-*/trainer_state.json", killed, timeout=600)
     assert not (killed / "teacher" / "stage_done.json").exists(), "the kill came too late to test resuming"
     run_pipeline(recipe)
     assert_same_tensors(AutoModelForImageClassification.from_pretrained(killed / "teacher").state_dict(),

@@ -5,6 +5,7 @@ The script is installed by `pip install -e .` (`make test` installs the package 
 reinstall with `.venv/bin/python -m pip install --no-deps -e .`.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -57,6 +58,48 @@ def test_console_script_passes_on_the_exit_status(user_dir):
     push = run([str(SCRIPT), "push", "--run-dir", str(user_dir / "no-run"), "--variant", "custom", "--repo-id",
                 "me/x", "--dry-run", str(user_dir / "out")], user_dir)
     assert push.returncode == 1 and "No Hub-ready folder" in push.stderr and "Traceback" not in push.stderr
+
+
+# ---- the command table (train/__main__.py), in this process: the console script above runs the installed package ----
+
+
+def test_every_command_is_one_entry_of_the_table_with_add_arguments_and_main(capsys):
+    from train import STAGES
+    from train.__main__ import commands, parse_args
+
+    table = commands()
+    assert list(table)[:len(STAGES) + 1] == ["pipeline", *STAGES]
+    assert {"recipe", "evaluate-model", "demo", "tiny", "predict", "push", "push-space", "verify"} <= set(table)
+    for name, (module_name, _) in table.items():
+        module = importlib.import_module(module_name)
+        assert callable(module.add_arguments) and callable(module.main), name
+        assert not hasattr(module, "run"), f"{module_name}.run: a command's entry is main(args)"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    for name in table:
+        assert f"    {name} " in listed, name
+    assert parse_args(["gate", "--config", "r.yaml", "--force"]).force
+    assert parse_args(["tiny", "--output-dir", "x"]).backbone == "qwen2_vl"
+
+
+def test_evaluate_model_is_its_own_command_and_evaluate_model_says_it_is_an_alias(tmp_path, capsys):
+    from train.__main__ import main
+
+    not_a_model = tmp_path / "weights.txt"
+    not_a_model.write_text("not a model")
+    common = ["--model", str(not_a_model), "--data", "imagefolder", "--root", str(tmp_path), "--output-dir",
+              str(tmp_path / "out")]
+    assert main(["evaluate-model", *common]) == 2
+    error = capsys.readouterr().err
+    assert "weights.txt is a file" in error and "alias" not in error
+    assert main(["evaluate", *common]) == 2
+    error = capsys.readouterr().err
+    assert "`python -m train evaluate --model` is an alias of `python -m train evaluate-model`" in error
+    assert "weights.txt is a file" in error
+    assert main(["evaluate", *common, "--config", "recipe.yaml"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("revision", [None, "0123456789abcdef0123456789abcdef01234567"])

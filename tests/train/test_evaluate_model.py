@@ -299,7 +299,7 @@ def test_console_script_has_the_evaluate_command(tmp_path):
 def evaluate_main(*args) -> int:
     from train.__main__ import main
 
-    return main(["evaluate", *map(str, args)])
+    return main(["evaluate-model", *map(str, args)])
 
 
 def read_results(output_dir):

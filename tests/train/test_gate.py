@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_emovlm_kd import GATE_TYPES
-from modeling_emovlm_kd.fusion import new_gate
-from modeling_emovlm_kd.modeling_emovlm_kd import gate_inputs
+from modeling_emovlm_kd.fusion import gate_inputs, new_gate
 from train.configs.gate_config import GateConfig
 from train.stages.gate import cross_validated_logits, fit_gate, lbfgs_fit, stratified_folds, train_gate
 
@@ -324,9 +323,11 @@ def test_folds_shrink_to_what_the_validation_split_can_hold_and_a_tiny_one_is_no
 @pytest.mark.parametrize("override, message", [
     ("gate.fit_on=test", r"section 'gate' is invalid: fit_on must be one of train, validation, got 'test'"),
     ("gate.weight_decay=often", r"section 'gate' is invalid: weight_decay must be a number >= 0 or 'auto'"),
-    ("gate.weight_decay=-1", r"section 'gate' is invalid: weight_decay must be a number >= 0 or 'auto'"),
-    ("gate.folds=1", r"section 'gate' is invalid: folds must be at least 2, got 1"),
-    ("gate.weight_decay_grid=[0.1, -1]", r"section 'gate' is invalid: weight_decay_grid must hold numbers >= 0"),
+    ("gate.weight_decay=-1", r"gate\.weight_decay: must be a finite number >= 0, got -1"),
+    ("gate.weight_decay=-1e-3", r"section 'gate' is invalid: weight_decay must be a number >= 0 or 'auto'"),
+    ("gate.folds=1", r"gate\.folds: must be an integer >= 2, got 1"),
+    ("gate.weight_decay_grid=[0.1, -1]", r"gate\.weight_decay_grid \(item 1\): must be a finite number >= 0"),
+    ("gate.weight_decay_grid=[]", r"section 'gate' is invalid: weight_decay_grid must hold numbers >= 0, got \[\]"),
 ])
 def test_bad_gate_data_values_are_refused_naming_the_key(override, message):
     from train.infra.recipe import RecipeError, load_recipe

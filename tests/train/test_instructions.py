@@ -21,8 +21,11 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from modeling_emovlm_kd import LABEL_SETS, EmoVLMKDImageProcessor, EmoVLMKDProcessor
-from modeling_emovlm_kd.configuration_emovlm_kd import default_categorical_prompt
-from modeling_emovlm_kd.processing_emovlm_kd import CONVERSATION_PROMPT, REASONING_PROMPT
+from modeling_emovlm_kd.configuration_emovlm_kd import (
+    DEFAULT_CONVERSATION_PROMPT,
+    DEFAULT_REASONING_PROMPT,
+    default_categorical_prompt,
+)
 from train.stages.instructions import (
     AnswerCache,
     AnswerGenerationError,
@@ -262,7 +265,7 @@ def test_rows_feed_trl_vision_collator(processor, make_server, tmp_path):
     instructions, summary = build(make_dataset(COLOURS[:1], ["awe"]), processor, generator_for(server),
                                   tmp_path / "answers.jsonl")
     assert instructions["kind"] == ["categorical", "conversation", "reasoning"]
-    assert [m[0]["content"][1]["text"] for m in instructions["messages"]][1:] == [CONVERSATION_PROMPT, REASONING_PROMPT]
+    assert [m[0]["content"][1]["text"] for m in instructions["messages"]][1:] == [DEFAULT_CONVERSATION_PROMPT, DEFAULT_REASONING_PROMPT]
     assert summary.generated == 2 and summary.rows == 3
 
     # `apply_chat_template` passes one list of images per sample; the processor must take that nesting.

@@ -2,12 +2,9 @@
 
 import json
 import os
-import signal
-import time
-from pathlib import Path
 
 import pytest
-from conftest import COLOURS, LABELS, SIZES, final_metrics, run_pipeline, write_recipe
+from conftest import COLOURS, LABELS, SIZES, final_metrics, kill_when, run_pipeline, write_recipe
 from PIL import Image
 from transformers import pipeline
 
@@ -43,20 +40,6 @@ def test_rerun_skips_finished_stages(tiny_run):
     for stage in ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export"):
         assert f"Stage {stage} already finished; skipping." in result.stderr
     assert final_metrics(output_dir) == before
-
-
-def kill_when(process, path_glob: str, root: Path, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if list(root.glob(path_glob)):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the pipeline ended before {path_glob} appeared")
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail(f"{path_glob} never appeared")
 
 
 @pytest.mark.slow

@@ -406,3 +406,63 @@ def test_a_checkpoint_exported_before_the_front_door_is_refused_in_one_line(tiny
         main(["predict", "--model", str(old), "--input", str(folder), "--output", str(tmp_path / "p.jsonl")])
     assert "export it again" in str(exited.value) and str(old) in str(exited.value)
     assert not (tmp_path / "p.jsonl").exists() or not read_rows(tmp_path / "p.jsonl")
+
+
+# ---- the output is a predictions file of this tool, locked by its real path ------------------------------------
+
+
+def test_an_output_that_is_not_a_predictions_file_is_refused_and_left_untouched(tiny_checkpoint, folder, tmp_path):
+    from train.commands.predict import PredictionsFileError, run_predict
+
+    targets = {"model.safetensors": (tiny_checkpoint / "model.safetensors").read_bytes(),
+               "config.json": (tiny_checkpoint / "config.json").read_bytes(),
+               "photo.png": (folder / "img_0000.png").read_bytes(),
+               "notes.jsonl": b'{"note": "mine"}\n',
+               "table.csv": b"name,score\nx,1\n",
+               "preds.csv": b'{"path": "a.png", "label": "awe"}\n'}  # JSONL rows in a .csv file: not ours either
+    for name, content in targets.items():
+        target = tmp_path / name
+        target.write_bytes(content)
+        with pytest.raises(PredictionsFileError, match=rf"{target} exists and is not a predictions file"):
+            run_predict(str(tiny_checkpoint), str(folder), target, show_progress=False)
+        assert target.read_bytes() == content, name
+        assert not (tmp_path / f"{name}.lock").exists()  # refused before anything was written beside it
+    with pytest.raises(PredictionsFileError, match=r"is a folder"):
+        run_predict(str(tiny_checkpoint), str(folder), tmp_path, show_progress=False)
+    result = subprocess.run([sys.executable, "-m", "train", "predict", "--model", str(tiny_checkpoint), "--input",
+                             str(folder), "--output", str(tmp_path / "config.json")], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is not a predictions file" in result.stderr
+
+
+def test_predictions_files_of_this_tool_are_recognised_and_resumed(predictor, folder, tmp_path):
+    from train.commands.predict import is_predictions_file
+
+    paths = paths_of(folder)
+    for name in ("preds.jsonl", "preds.csv", "preds.txt"):
+        output = tmp_path / name
+        predict_files(predictor, paths[:3], output, show_progress=False)
+        assert is_predictions_file(output), name
+        summary = predict_files(predictor, paths, output, show_progress=False)  # resumed, not refused
+        assert summary.resumed == 3 and len(read_rows(output)) == len(paths)
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"path": "/x/a.png", "err')  # the first row of a run killed mid-write
+    assert is_predictions_file(torn)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert is_predictions_file(tmp_path / "empty.jsonl")
+
+
+def test_the_output_lock_holds_through_a_symlinked_name(tiny_checkpoint, folder, tmp_path):
+    from train.commands.predict import output_lock, run_predict
+    from train.infra.locks import LockedError
+
+    real, link = tmp_path / "preds.jsonl", tmp_path / "alias.jsonl"
+    link.symlink_to(real.name)
+    with output_lock(real), pytest.raises(LockedError, match=r"Predictions file .*preds\.jsonl is in use"):
+        run_predict(str(tiny_checkpoint), str(folder), link, show_progress=False)
+    assert not real.exists()
+    summary = run_predict(str(tiny_checkpoint), str(folder), link, show_progress=False)
+    assert summary.predicted == 11 and link.is_symlink()  # the rows went into the file the link names
+    assert len(read_rows(real)) == 13
+    with output_lock(link), pytest.raises(LockedError):  # and the other way round
+        run_predict(str(tiny_checkpoint), str(folder), real, show_progress=False)

@@ -19,11 +19,13 @@ import pytest
 import yaml
 from conftest import SECRET_API_KEY, run_pipeline, write_recipe
 from hub_server import FakeHubServer
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, ModelCard
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
-from train.commands.publish import HubFolder, PublishError, build_card, load_variants, package_label_sets
+from train.commands import publish
+from train.commands.card import HubFolder, PublishError, build_card, load_variants, package_label_sets
 from train.commands.space import SETTINGS_FILE, pinned_versions
+from train.infra.files import public_json, without_local_paths
 from train.infra.registry import card_variants
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -324,6 +326,69 @@ def test_card_of_a_7b_run_pins_its_branch_and_names_each_backbones_licence(tmp_p
     assert 'pip install "transformers>=5.23.0"' in text and "widget" not in card.data.to_dict()
 
 
+
+
+def test_card_of_a_tiny_run_names_its_vlm_family(tmp_path):
+    labels = ["red", "green", "blue"]
+    metrics = {"accuracy": 0.5, "macro_f1": 0.25, "per_class_accuracy": [1.0, 0.5, 0.0]}
+    results = {"labels": labels, "split": "test", "num_examples": 6, "recipe": {"base_models": {"tiny": True}},
+               "branches": {branch: metrics for branch in ("vlm", "head", "teacher", "fused")}}
+    config = {"id2label": dict(enumerate(labels)), "vlm_config": {"model_type": "qwen2_5_vl"}}
+    text = ModelCard(str(build_card(HubFolder(tmp_path, config, results), "custom", "emo-org/tiny"))).text
+    assert "tiny random Qwen2.5-VL built from a config" in text and "| Qwen2.5-VL alone | 0.5000 |" in text
+    assert "Qwen2-VL" not in text.replace("Qwen2-VL-7B", "")
+
+
+class RecordingApi:
+    """What `commit_folder` asks of `HfApi`: the repo's files at the parent commit, then one commit."""
+
+    def __init__(self, remote):
+        self.remote, self.calls = remote, []
+
+    def list_repo_files(self, repo_id, repo_type=None, revision=None):
+        self.calls.append(("list_repo_files", repo_id, repo_type, revision))
+        return self.remote
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.calls.append(("create_commit", repo_id, operations, kwargs))
+        return "commit-info"
+
+
+def test_a_push_is_its_staging_folder_in_one_commit_that_deletes_what_it_lacks(tmp_path):
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights.write_bytes(b"weights")
+    config.write_text("{}")
+    plan = {"model.safetensors": weights, "config.json": config, "README.md": b"card",
+            "examples/red/0.png": weights}
+    staged = publish.stage(plan, tmp_path / "staged", link=True)
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == sorted(plan)
+    assert (staged / "model.safetensors").stat().st_ino == weights.stat().st_ino  # linked, not copied
+    assert (staged / "README.md").read_bytes() == b"card"
+    with pytest.raises(PublishError, match="not empty"):
+        publish.stage(plan, staged)
+    copied = publish.stage(plan, tmp_path / "dry-run")
+    assert (copied / "model.safetensors").stat().st_ino != weights.stat().st_ino
+    api = RecordingApi([".gitattributes", "README.md", "model-00001-of-00002.safetensors", "examples/blue/0.png"])
+    assert publish.commit_folder(api, "emo-org/x", staged, "a" * 40, "v2", commit_message="m") == "commit-info"
+    (_, _, _, parent), (_, repo_id, operations, kwargs) = api.calls
+    assert parent == "a" * 40 and repo_id == "emo-org/x"
+    assert kwargs == {"repo_type": "model", "revision": "v2", "parent_commit": "a" * 40, "commit_message": "m"}
+    deleted = [op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)]
+    added = {op.path_in_repo: op.path_or_fileobj for op in operations if isinstance(op, CommitOperationAdd)}
+    assert deleted == ["examples/blue/0.png", "model-00001-of-00002.safetensors"]  # never .gitattributes
+    assert added == {path: str(staged / path) for path in plan}
+
+
+def test_one_scrubber_empties_every_local_name_or_path(tmp_path):
+    config = {"_name_or_path": "/runs/x/sft/merged", "vlm_config": {"_name_or_path": "~/models/qwen", "text_config": {
+        "_name_or_path": "Qwen/Qwen2-VL-7B-Instruct"}}, "list": [{"_name_or_path": "/abs"}], "name": "/not/a/config/key"}
+    assert without_local_paths(config) == {"_name_or_path": "", "vlm_config": {"_name_or_path": "", "text_config": {
+        "_name_or_path": "Qwen/Qwen2-VL-7B-Instruct"}}, "list": [{"_name_or_path": ""}], "name": "/not/a/config/key"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert json.loads(public_json(path)) == without_local_paths(config)
+    path.write_text(json.dumps(without_local_paths(config)))
+    assert public_json(path) is None  # nothing to clean: the file goes as it is
 
 
 def test_variants_file_agrees_with_the_package():

@@ -28,7 +28,7 @@ DEMO = ROOT / "train" / "recipes" / "tiny" / "demo.yaml"
     ("sft.num_train_epochs=ten", r"sft\.num_train_epochs: expected a number, got 'ten'"),
     ("teacher.per_device_train_batch_size=many", r"teacher\.per_device_train_batch_size: expected an integer"),
     ("sft.use_peft=maybe", r"sft\.use_peft: expected true or false"),
-    ("distill.alpha=1.5", r"section 'distill' is invalid: alpha must be in \[0, 1\]"),
+    ("distill.alpha=1.5", r"distill\.alpha: must be a finite number in \[0, 1\], got 1\.5"),
     ("gate.learning_rate=[1]", r"gate\.learning_rate: expected a number"),
     ("model.gate_type=linear", r"model: gate_type must be one of"),
     ("model.head_hidden_dims=wide", r"model\.head_hidden_dims: expected a list"),
@@ -37,8 +37,8 @@ DEMO = ROOT / "train" / "recipes" / "tiny" / "demo.yaml"
     ("instructions.generator=gpt", r"instructions\.generator must be one of openai, local, none"),
     ("instructions.api_key=sk-abc", r"instructions\.api_key is not an option of generator 'none'"),
     ("seed=one", r"seed: expected an integer"),
-    ("instructions.num_workers=0", r"section 'instructions' is invalid: num_workers must be at least 1, got 0"),
-    ("model.preprocess_workers=-1", r"section 'model' is invalid: preprocess_workers must be at least 0, got -1"),
+    ("instructions.num_workers=0", r"instructions\.num_workers: must be an integer >= 1, got 0"),
+    ("model.preprocess_workers=-1", r"model\.preprocess_workers: must be an integer >= 0, got -1"),
     ("model.preprocess_workers=two", r"model\.preprocess_workers: expected an integer"),
 ])
 def test_recipe_mistakes_name_the_key(override, message):

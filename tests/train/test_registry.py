@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 
 from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
-from train.commands.publish import HubFolder, PublishError, build_card, load_variants
+from train.commands.card import HubFolder, PublishError, build_card, load_variants
 from train.infra import registry
 from train.infra.data import _build, _scan_class_folders, dataset_summary, load_dataset_from_config
 from train.infra.recipe import RecipeError, validate_recipe

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ from train.commands.report import (
     pick_disagreements,
     write_report,
 )
+from train.infra.evaluation import branch_name, format_table, markdown_table, vlm_name
 from train.infra.run import open_run
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,39 @@ def test_disagreements_are_balanced_between_the_branches():
                               (5, "only head right")]
     # Both groups are too small for 7 images: a row where both are wrong fills the grid.
     assert [g for _, g in pick_disagreements(outputs, 7)].count("both wrong") == 1
+
+
+def test_branch_names_are_one_table_and_the_vlm_is_named_by_the_runs_backbone():
+    assert [branch_name(b) for b in ("vlm", "head", "teacher", "fused")] == [
+        "VLM alone", "Distilled head", "ViT teacher", "EmoVLM-KD (fused)"]
+    assert [vlm_name(t) for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")] == ["Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"]
+    assert branch_name("vlm", "qwen2_5_vl") == "Qwen2.5-VL alone" and branch_name("vlm", "qwen3_vl", short=True) == \
+        "Qwen3-VL"
+    assert branch_name("head", "qwen3_vl", short=True) == "distilled head"
+    results = {"branches": {"vlm": {"accuracy": 1.0, "macro_f1": 0.5}}}
+    assert "| Qwen3-VL alone | 1.0000 | 0.5000 |" in format_table(results, "qwen3_vl")
+
+
+def test_one_markdown_table_writer():
+    assert markdown_table(["branch", "accuracy"], [("head", "0.5000"), ("gate", 3)], align="lr") == (
+        "| branch | accuracy |\n|---|---:|\n| head | 0.5000 |\n| gate | 3 |")
+    assert markdown_table(["a", "b", "c"], []).splitlines()[1] == "|---|---|---|"
+
+
+def test_figures_are_drawn_without_pyplot_or_a_global_backend(tmp_path):
+    """Figures are `matplotlib.figure.Figure` objects saved by `save_figure`: no module selects a backend or
+    imports pyplot, so plotting never depends on a display or on global state."""
+    for path in (ROOT / "train").rglob("*.py"):
+        text = path.read_text()
+        assert "matplotlib.use(" not in text and "matplotlib.pyplot" not in text, path
+        assert "from matplotlib import pyplot" not in text, path
+    code = ("import sys; from train.infra.evaluation import plot_confusion_matrices; import train.commands.report; "
+            f"plot_confusion_matrices({{'labels': ['a', 'b'], 'branches': {{'vlm': {{'accuracy': 0.5, "
+            f"'confusion_matrix': [[1, 1], [0, 2]]}}}}}}, {str(tmp_path / 'cm.png')!r}, 'qwen2_5_vl'); "
+            "print('matplotlib.pyplot' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False" and (tmp_path / "cm.png").stat().st_size > 1000
 
 
 def linked_files(markdown: str) -> list[str]:
@@ -84,6 +122,7 @@ def test_report_links_only_files_it_wrote_and_shows_the_runs_numbers(run_copy, c
         assert f"{metrics['accuracy']:.4f}" in markdown, branch
     assert f"| {results['parameters']['head']:,} |" in markdown
     assert "differs from" not in markdown  # recomputed numbers equal the evaluate stage's
+    assert "| VLM (Qwen2-VL, tuned) |" in markdown and "| Qwen2-VL vs ViT teacher |" in markdown  # the run's backbone
     for label in results["labels"]:
         assert f"| {label} |" in markdown  # per-class table with class names
     assert "Not run yet: `python -m train ablate" in markdown  # depth and alpha were not run here

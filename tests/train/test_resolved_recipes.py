@@ -10,7 +10,6 @@ cross-validation (`gate.fit_on: validation`, `gate.weight_decay: auto`; issue 21
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -67,13 +66,15 @@ def test_resolved_recipe_and_settings_are_unchanged(name, tmp_path):
     settings = stage_settings(as_set, "sft")
     recorded = {key.replace(f"sft.{NEW}", f"sft.{OLD}"): value for key, value in settings.items()}
     assert settings_hash(recorded) == FIXTURE[name]["settings_hash"]["sft"] != hashes["sft"]
-    provenance = Provenance(SimpleNamespace(as_set=as_set, output_dir=tmp_path), state=None)
+    # The data set is not here: an empty one stands for the data stage 1 read (its fingerprint is recorded too).
+    provenance = Provenance(load_recipe(RECIPES / name, output_dir=str(tmp_path)), state=None, data=lambda: {})
     for stage in ("base", "instructions"):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / DONE).write_text(json.dumps(new_marker(stage, {}, {})))
     inputs = provenance.current_inputs("sft")
     (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / DONE).write_text(json.dumps(new_marker("sft", recorded, inputs)))
+    (tmp_path / "sft" / DONE).write_text(json.dumps(new_marker("sft", recorded, inputs,
+                                                               data=provenance.data_record("sft"))))
     assert provenance.stale_reason("sft") is None
     assert provenance.stale_reason("instructions") is not None  # a check that can fail: its settings differ
 

@@ -288,10 +288,10 @@ def test_settings_that_cannot_work_and_a_missing_model_are_one_line_errors(tiny_
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     with pytest.raises(SystemExit) as exited:
-        serve.run(parser.parse_args(["--model", str(tiny_checkpoint), "--max-queue", "2", "--max-images", "4"]))
+        serve.main(parser.parse_args(["--model", str(tiny_checkpoint), "--max-queue", "2", "--max-images", "4"]))
     assert str(exited.value).startswith("train serve: --max-queue (2) must be at least --max-images (4)")
     with pytest.raises(SystemExit) as exited:
-        serve.run(parser.parse_args(["--model", str(tmp_path / "no-such-model")]))
+        serve.main(parser.parse_args(["--model", str(tmp_path / "no-such-model")]))
     assert str(exited.value).startswith("train serve: ") and "\n" not in str(exited.value)
     assert serve.byte_size("20mb") == 20 * 2**20 and serve.byte_size("512kb") == 512 * 1024
     assert serve.byte_size("1000") == 1000

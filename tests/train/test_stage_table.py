@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 
 import train
 from train.__main__ import parse_args
-from train.commands.publish import STAGE_TITLES
+from train.commands.card import STAGE_TITLES
 from train.infra import stage_table
 from train.infra.provenance import DONE
 from train.infra.recipe import section_classes, top_level

@@ -56,21 +56,18 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig  # noqa: E402
-from modeling_emovlm_kd.fusion import gate_from_config  # noqa: E402
-from train import STAGES  # noqa: E402
-from train.infra.evaluation import classification_metrics  # noqa: E402
-from train.infra.files import write_json_atomic  # noqa: E402
-from train.infra.provenance import read_marker  # noqa: E402
-from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, count_parameters, open_run  # noqa: E402
-from train.stages.pipeline import Pipeline, child_pipeline  # noqa: E402
+from modeling_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
+from modeling_emovlm_kd.fusion import gate_from_config
+from train import STAGES
+from train.infra.evaluation import branch_name, classification_metrics, markdown_table, save_figure
+from train.infra.files import write_json_atomic
+from train.infra.provenance import read_marker
+from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, count_parameters, open_run
+from train.stages.pipeline import Pipeline, child_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -102,22 +99,22 @@ SELECTION = {
 
 @dataclass
 class RunData:
-    """What the ablations need of a run (read through `train/infra/run.py`): its fused config and cached features."""
+    """What the ablations need of the parent run (read through `train/infra/run.py`): its fused config and cached features."""
 
-    pipeline: Run
+    run: Run
 
     @cached_property
     def config(self) -> EmoVLMKDConfig:
-        return self.pipeline.fused_config
+        return self.run.fused_config
 
     @cached_property
     def splits(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {split: self.pipeline.features(split) for split in ("train", "validation", "test")}
+        return {split: self.run.features(split) for split in ("train", "validation", "test")}
 
     @cached_property
     def run_gate_inputs(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each split's VLM scores and the run's trained head's logits (the gate ablation's inputs)."""
-        return {split: self.pipeline.gate_inputs(split) for split in ("train", "validation", "test")}
+        return {split: self.run.gate_inputs(split) for split in ("train", "validation", "test")}
 
     @property
     def feature_dim(self) -> int:
@@ -130,18 +127,18 @@ class RunData:
     def fingerprint(self) -> str:
         """The files and model options every ablation reads (`Run.fingerprint`), stored in each table so that the
         report can flag a table computed on an earlier state of the run."""
-        return self.pipeline.fingerprint()
+        return self.run.fingerprint()
 
     def test_accuracy(self, logits: torch.Tensor) -> float:
         return float((logits.argmax(-1) == self.splits["test"]["labels"]).float().mean())
 
     def references(self) -> dict[str, float]:
-        """Test accuracies of the run's own branches, drawn as reference lines."""
+        """Test accuracies of the run's own branches (by branch, as in results.json), drawn as reference lines."""
         test, inputs = self.splits["test"], self.run_gate_inputs["test"]
-        return {"VLM alone": self.test_accuracy(test["vlm_logits"]),
-                "ViT teacher": self.test_accuracy(test["teacher_logits"]),
-                "run's head": self.test_accuracy(inputs["head_logits"]),
-                "run's fused model": self.test_accuracy(self.pipeline.fused_logits(inputs))}
+        return {"vlm": self.test_accuracy(test["vlm_logits"]),
+                "teacher": self.test_accuracy(test["teacher_logits"]),
+                "head": self.test_accuracy(inputs["head_logits"]),
+                "fused": self.test_accuracy(self.run.fused_logits(inputs))}
 
 
 # ---- variants ------------------------------------------------------------------------------------------------
@@ -246,18 +243,18 @@ def _head_scores(child: Run) -> dict[str, float]:
     return _scores("head", child.head_logits("test"), test["labels"], len(child.labels))
 
 
-def depth_variants(run: RunData, settings: Settings, min_width: int = MIN_WIDTH,
+def depth_variants(parent: RunData, settings: Settings, min_width: int = MIN_WIDTH,
                    with_fusion: bool = True) -> list[Variant]:
     """Table 3: the paper's five head depths, scaled to the run's feature width; head alone and fused (the run's
     gate type retrained on each head by stages 3 and `evaluate`)."""
-    floor = depth_min_width(run.num_labels, min_width)
+    floor = depth_min_width(parent.num_labels, min_width)
 
     def variant(paper_dims: list[int]) -> Variant:
-        dims = scaled_hidden_dims(paper_dims, run.feature_dim, floor)
+        dims = scaled_hidden_dims(paper_dims, parent.feature_dim, floor)
         layers = len(dims)
         return Variant(f"{layers} hidden layer{'s' if layers > 1 else ''}", "hidden-" + "-".join(map(str, dims)),
                        {"hidden_dims": dims, "paper_hidden_dims": list(paper_dims)},
-                       head_parameter_count(run.feature_dim, dims, run.num_labels),
+                       head_parameter_count(parent.feature_dim, dims, parent.num_labels),
                        {"model": {"head_hidden_dims": dims}},
                        ("distill", "gate", "evaluate") if with_fusion else ("distill",),
                        (lambda child: _evaluated(child, ("head", "fused"))) if with_fusion else _head_scores)
@@ -265,10 +262,10 @@ def depth_variants(run: RunData, settings: Settings, min_width: int = MIN_WIDTH,
     return [variant(list(dims)) for dims in PAPER_DEPTHS]
 
 
-def alpha_variants(run: RunData, settings: Settings, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[Variant]:
+def alpha_variants(parent: RunData, settings: Settings, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[Variant]:
     """Figure 3: the run's head trained with each KL weight α (stage 2 only); test accuracy and KL to the teacher."""
-    dims = run.config.head_hidden_dims
-    temperature = run.pipeline.recipe.distill.temperature
+    dims = parent.config.head_hidden_dims
+    temperature = parent.run.recipe.distill.temperature
 
     def score(child: Run) -> dict[str, float]:
         logits, teacher = child.head_logits("test"), child.features("test")["teacher_logits"]
@@ -278,21 +275,21 @@ def alpha_variants(run: RunData, settings: Settings, alphas: Sequence[float] = D
     def variant(alpha: float) -> Variant:
         return Variant(f"α={alpha:g}", f"alpha-{alpha:g}",
                        {"alpha": alpha, "temperature": temperature, "hidden_dims": list(dims)},
-                       head_parameter_count(run.feature_dim, dims, run.num_labels),
+                       head_parameter_count(parent.feature_dim, dims, parent.num_labels),
                        {"distill": {"alpha": alpha}}, ("distill",), score)
 
     return [variant(float(alpha)) for alpha in alphas]
 
 
-def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
+def gate_variants(parent: RunData, settings: Settings) -> list[Variant]:
     """Table 4: every gate type trained by stage 3 on the run's own trained head (its stage 2 is linked)."""
 
     def variant(gate_type: str) -> Variant:
-        gate = gate_from_config(run.config, gate_type=gate_type, initialise=False)
-        name = f"{gate_type} (run's)" if gate_type == run.config.gate_type else gate_type
+        gate = gate_from_config(parent.config, gate_type=gate_type, initialise=False)
+        name = f"{gate_type} (run's)" if gate_type == parent.config.gate_type else gate_type
         return Variant(name, gate_type,
-                       {"gate_type": gate_type, "vlm_signal": run.config.gate_vlm_signal,
-                        "head_signal": run.config.gate_head_signal, "num_experts": run.config.gate_num_experts},
+                       {"gate_type": gate_type, "vlm_signal": parent.config.gate_vlm_signal,
+                        "head_signal": parent.config.gate_head_signal, "num_experts": parent.config.gate_num_experts},
                        count_parameters(gate), {"model": {"gate_type": gate_type}}, ("gate", "evaluate"),
                        lambda child: _evaluated(child, ("fused",)))
 
@@ -302,13 +299,13 @@ def gate_variants(run: RunData, settings: Settings) -> list[Variant]:
 GATE_DATA = {"train": "train (the paper)", "validation": "validation"}
 
 
-def gate_data_variants(run: RunData, settings: Settings) -> list[Variant]:
+def gate_data_variants(parent: RunData, settings: Settings) -> list[Variant]:
     """Which split's branch outputs stage 3 fits the run's gate on (`gate.fit_on`): the training split's (the
     paper's setting) or the validation split's, with the run's head and its `gate.weight_decay` rule (a number or
     `auto`). Scored on test, next to the gate's own held-out estimate from its marker (validation accuracy when
     fitted on train, cross-validated accuracy when fitted on validation) and the weight decay it used."""
-    recipe = run.pipeline.recipe.gate
-    parameters = count_parameters(gate_from_config(run.config, initialise=False))
+    recipe = parent.run.recipe.gate
+    parameters = count_parameters(gate_from_config(parent.config, initialise=False))
 
     def score(child: Run) -> dict[str, float]:
         marker = read_marker(child.require("gate"))
@@ -318,7 +315,7 @@ def gate_data_variants(run: RunData, settings: Settings) -> list[Variant]:
     def variant(fit_on: str) -> Variant:
         name = f"{GATE_DATA[fit_on]} (run's)" if fit_on == recipe.fit_on else GATE_DATA[fit_on]
         return Variant(name, f"fit-on-{fit_on}", {"fit_on": fit_on, "weight_decay": recipe.weight_decay,
-                                                   "gate_type": run.config.gate_type},
+                                                   "gate_type": parent.config.gate_type},
                        parameters, {"gate": {"fit_on": fit_on}}, ("gate", "evaluate"), score)
 
     return [variant(fit_on) for fit_on in GATE_DATA]
@@ -327,18 +324,18 @@ def gate_data_variants(run: RunData, settings: Settings) -> list[Variant]:
 # ---- running, summarising --------------------------------------------------------------------------------------
 
 
-def child_run(run: RunData, what: str, variant: Variant, seed: int, settings: Settings) -> Pipeline:
+def child_run(parent: RunData, what: str, variant: Variant, seed: int, settings: Settings) -> Pipeline:
     """The variant as a child run of the parent, `<run>/ablations/<what>/<slug>/seed-<seed>`: the recipe with the
     variant's and the ablation's overrides, every stage before the variant's first one linked from the parent."""
-    parent = run.pipeline.recipe
+    recipe = parent.run.recipe
     overrides = {section: dict(values) for section, values in variant.overrides.items()}
     for stage in ("distill", "gate"):
         if stage in variant.stages:
             overrides[stage] = {**overrides.get(stage, {}), **settings.overrides(stage), "seed": seed}
     shared = STAGES[: STAGES.index(variant.stages[0])]
-    folder = run.pipeline.output_dir / "ablations" / what / variant.slug / f"seed-{seed}"
-    return child_pipeline(parent, folder, overrides, shared, where=f"{parent.source} ({what} {variant.name}, "
-                                                                   f"seed {seed})")
+    folder = parent.run.output_dir / "ablations" / what / variant.slug / f"seed-{seed}"
+    return child_pipeline(recipe, folder, overrides, shared, where=f"{recipe.source} ({what} {variant.name}, "
+                                                                 f"seed {seed})")
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:
@@ -348,7 +345,7 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
-def run_variants(what: str, variants: list[Variant], run: RunData, settings: Settings,
+def run_variants(what: str, variants: list[Variant], parent: RunData, settings: Settings,
                  fresh: bool = False) -> list[dict]:
     """Every variant with every seed as a child run through the pipeline's own stages (a finished, up-to-date child
     is not retrained: `fresh` forces it); one summary row per variant."""
@@ -356,7 +353,7 @@ def run_variants(what: str, variants: list[Variant], run: RunData, settings: Set
     for variant in variants:
         runs = []
         for seed in settings.seeds:
-            child = child_run(run, what, variant, seed, settings)
+            child = child_run(parent, what, variant, seed, settings)
             with _quiet():
                 child.run(stages=variant.stages, force=fresh)
             scores = variant.score(child.read())
@@ -382,7 +379,14 @@ def _cell(summary: dict, metric: str = "") -> str:
     return f"{summary['mean']:{form}} ± {summary['std']:{form}}"
 
 
-def markdown_table(table: dict) -> str:
+def reference_name(branch: str, vlm_type: str | None = None) -> str:
+    """A reference line's name: the VLM and the teacher as themselves, the run's own head and fused model."""
+    if branch in ("head", "fused"):
+        return f"run's {branch_name(branch, short=True)}"
+    return branch_name(branch, vlm_type)
+
+
+def ablation_markdown(table: dict) -> str:
     """The ablation as Markdown: one row per variant, `mean ± std` over seeds per metric, reference accuracies."""
     rows = table["variants"]
     metrics = list(rows[0]["summary"])
@@ -393,14 +397,13 @@ def markdown_table(table: dict) -> str:
         f"Run `{table['run']}`, {table['split']} split ({table['num_examples']} images); mean ± std over seeds "
         f"{table['seeds']}; {table['training']['epochs_note']}; checkpoint: {table['selection']}.",
         "",
-        "| variant | " + heading + " | parameters | " + " | ".join(METRIC_NAMES.get(m, m) for m in metrics) + " |",
-        "|---|---|---:|" + "---:|" * len(metrics),
+        markdown_table(["variant", heading, "parameters", *(METRIC_NAMES.get(m, m) for m in metrics)],
+                       [(row["name"], row["settings"][key], f"{row['parameters']:,}",
+                         *(_cell(row["summary"][m], m) for m in metrics)) for row in rows], align="llr" + "r" * len(metrics)),
     ]
-    for row in rows:
-        cells = [_cell(row["summary"][m], m) for m in metrics]
-        lines.append(f"| {row['name']} | {row['settings'][key]} | {row['parameters']:,} | " + " | ".join(cells) + " |")
     lines += ["", "Reference (test accuracy of the run itself): "
-              + ", ".join(f"{name} {value:.4f}" for name, value in table["references"].items()) + ".", ""]
+              + ", ".join(f"{reference_name(branch, table['vlm_type'])} {value:.4f}"
+                          for branch, value in table["references"].items()) + ".", ""]
     if table["what"] == "depth":
         lines.append(f"Widths: the paper's (for D={PAPER_FEATURE_DIM}) × D/{PAPER_FEATURE_DIM} with "
                      f"D={table['feature_dim']}, rounded, at least max(--min-width, classes) = {table['min_width']}.")
@@ -419,13 +422,14 @@ def _errorbar(ax, x, rows: list[dict], metric: str, label: str, color: str, mark
         ax.scatter([xi] * len(row["runs"]), [r[metric] for r in row["runs"]], color=color, s=10, alpha=0.35)
 
 
-def _references(ax, references: dict[str, float], names: Sequence[str]) -> None:
-    styles = {"VLM alone": ("tab:gray", "--"), "ViT teacher": ("tab:purple", ":"), "run's head": ("tab:blue", ":"),
-              "run's fused model": ("tab:green", "-.")}
-    for name in names:
-        color, style = styles[name]
-        ax.axhline(references[name], color=color, linestyle=style, linewidth=1.2,
-                   label=f"{name} ({references[name]:.3f})")
+def _references(ax, table: dict, branches: Sequence[str]) -> None:
+    styles = {"vlm": ("tab:gray", "--"), "teacher": ("tab:purple", ":"), "head": ("tab:blue", ":"),
+              "fused": ("tab:green", "-.")}
+    for branch in branches:
+        color, style = styles[branch]
+        value = table["references"][branch]
+        ax.axhline(value, color=color, linestyle=style, linewidth=1.2,
+                   label=f"{reference_name(branch, table['vlm_type'])} ({value:.3f})")
 
 
 def plot_depth(table: dict, ax) -> None:
@@ -434,7 +438,7 @@ def plot_depth(table: dict, ax) -> None:
     _errorbar(ax, x, rows, "head_accuracy", "distilled head alone", "tab:blue")
     if "fused_accuracy" in rows[0]["summary"]:
         _errorbar(ax, x, rows, "fused_accuracy", "fused (gate retrained)", "tab:green", marker="s")
-    _references(ax, table["references"], ("VLM alone", "ViT teacher"))
+    _references(ax, table, ("vlm", "teacher"))
     ax.set_xticks(x, [f"{len(r['settings']['hidden_dims'])}\n{r['settings']['hidden_dims']}\n{r['parameters']:,} params"
                       for r in rows], fontsize=8)
     ax.set_xlabel("hidden layers of the head (widths, parameters)")
@@ -445,7 +449,7 @@ def plot_alpha(table: dict, ax) -> None:
     rows = table["variants"]
     x = [row["settings"]["alpha"] for row in rows]
     _errorbar(ax, x, rows, "head_accuracy", "head accuracy", "tab:blue")
-    _references(ax, table["references"], ("ViT teacher",))
+    _references(ax, table, ("teacher",))
     ax.set_xlabel("α (weight of the KL term; 1 − α weighs cross-entropy)")
     ax.set_ylabel("test accuracy of the head", color="tab:blue")
     kl_ax = ax.twinx()
@@ -462,7 +466,7 @@ def plot_gate(table: dict, ax) -> None:
     x = list(range(len(rows)))
     # Categories, not a series: no connecting line.
     _errorbar(ax, x, rows, "fused_accuracy", "fused model, gate retrained", "tab:green", marker="s", linestyle="none")
-    _references(ax, table["references"], ("VLM alone", "run's head", "run's fused model"))
+    _references(ax, table, ("vlm", "head", "fused"))
     ax.set_xticks(x, [f"{r['name']}\n{r['parameters']:,} params" for r in rows], fontsize=8)
     ax.set_xlabel("gate (trainable parameters)")
     ax.set_ylabel("test accuracy of the fused model")
@@ -474,7 +478,7 @@ def plot_gate_data(table: dict, ax) -> None:
     _errorbar(ax, x, rows, "fused_accuracy", "fused model, test", "tab:green", marker="s", linestyle="none")
     _errorbar(ax, x, rows, "held_out_accuracy", "gate's held-out estimate", "tab:orange", marker="^",
               linestyle="none")
-    _references(ax, table["references"], ("VLM alone", "run's head", "run's fused model"))
+    _references(ax, table, ("vlm", "head", "fused"))
     ax.set_xticks(x, [f"fitted on {r['settings']['fit_on']}" for r in rows], fontsize=8)
     ax.set_xlabel("rows the gate is fitted on (gate.fit_on)")
     ax.set_ylabel("accuracy")
@@ -487,7 +491,8 @@ PLOTTERS = {"depth": plot_depth, "alpha": plot_alpha, "gate": plot_gate, "gate-d
 
 def plot_table(table: dict, path: Path) -> Path:
     """The ablation's plot: mean ± std over seeds (dots: single seeds), the run's branches as reference lines."""
-    fig, ax = plt.subplots(figsize=(8, 5.6))
+    fig = Figure(figsize=(8, 5.6))
+    ax = fig.subplots()
     PLOTTERS[table["what"]](table, ax)
     ax.grid(alpha=0.3)
     if table["what"] != "alpha":
@@ -496,19 +501,15 @@ def plot_table(table: dict, path: Path) -> Path:
     ax.set_title(f"{TITLES[table['what']]} — {Path(table['run']).name}\n"
                  f"{table['split']} split, {table['num_examples']} images, {seeds} seed{'s' if seeds > 1 else ''} "
                  "(mean ± std; dots: single seeds)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- entry points --------------------------------------------------------------------------------------------
 
 
-def _epochs_note(run: RunData, settings: Settings, what: str) -> str:
+def _epochs_note(parent: RunData, settings: Settings, what: str) -> str:
     stages = {"depth": ("distill", "gate"), "alpha": ("distill",), "gate": ("gate",), "gate-data": ("gate",)}[what]
-    recipe = run.pipeline.recipe.as_set
+    recipe = parent.run.recipe.as_set
     parts = [f"{stage} {settings.stage_values(recipe, stage).get('num_train_epochs', 'default')} epochs"
              for stage in stages]
     return ", ".join(parts) + (" (--epochs override)" if settings.epochs is not None else " (the run's recipe)")
@@ -523,27 +524,27 @@ def ablate(run_dir: str | Path, what: str, seeds: int = 3, epochs: float | None 
         raise ValueError(f"what must be one of {WHAT}, got {what!r}.")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}.")
-    run = RunData(open_run(run_dir))
-    references = run.references()  # read first: every variant below uses the run's state as it is now
-    settings = Settings(seeds=[run.pipeline.seed + i for i in range(seeds)], epochs=epochs, selection=selection)
-    variants = {"depth": lambda: depth_variants(run, settings, min_width, with_fusion),
-                "alpha": lambda: alpha_variants(run, settings, alphas),
-                "gate": lambda: gate_variants(run, settings),
-                "gate-data": lambda: gate_data_variants(run, settings)}[what]()
+    parent = RunData(open_run(run_dir))
+    references = parent.references()  # read first: every variant below uses the run's state as it is now
+    settings = Settings(seeds=[parent.run.seed + i for i in range(seeds)], epochs=epochs, selection=selection)
+    variants = {"depth": lambda: depth_variants(parent, settings, min_width, with_fusion),
+                "alpha": lambda: alpha_variants(parent, settings, alphas),
+                "gate": lambda: gate_variants(parent, settings),
+                "gate-data": lambda: gate_data_variants(parent, settings)}[what]()
     with _frozen_heap():
-        rows = run_variants(what, variants, run, settings, fresh=fresh)
+        rows = run_variants(what, variants, parent, settings, fresh=fresh)
     # The run by its folder name: the tables go into reports and cards, where a local path means nothing.
     table = {"what": what, "title": TITLES[what], "run": Path(run_dir).name, "split": "test",
-             "num_examples": int(len(run.splits["test"]["labels"])), "labels": run.config.labels,
-             "feature_dim": run.feature_dim, "min_width": depth_min_width(run.num_labels, min_width),
+             "num_examples": int(len(parent.splits["test"]["labels"])), "labels": parent.config.labels,
+             "vlm_type": parent.config.vlm_config.model_type, "feature_dim": parent.feature_dim, "min_width": depth_min_width(parent.num_labels, min_width),
              "seeds": settings.seeds,
-             "selection": selection, "training": {"epochs_note": _epochs_note(run, settings, what)},
-             "references": references, "run_fingerprint": run.fingerprint(), "variants": rows}
+             "selection": selection, "training": {"epochs_note": _epochs_note(parent, settings, what)},
+             "references": references, "run_fingerprint": parent.fingerprint(), "variants": rows}
     _check_finite(table)
-    files = ablation_files(run.pipeline.output_dir, what)
+    files = ablation_files(parent.run.output_dir, what)
     paths = {"json": write_json_atomic(table, files["json"]), "png": plot_table(table, files["png"])}
     paths["md"] = files["md"]
-    paths["md"].write_text(markdown_table(table))
+    paths["md"].write_text(ablation_markdown(table))
     return paths
 
 
@@ -570,17 +571,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
+def main(args: argparse.Namespace) -> None:
     """`python -m train ablate`: run the chosen ablations and print each table and its files."""
-    written = {}
     for what in WHAT if args.what == "all" else (args.what,):
         paths = ablate(args.run, what, seeds=args.seeds, epochs=args.epochs, alphas=args.alphas,
                        selection=args.selection, min_width=args.min_width, with_fusion=not args.no_fusion,
                        fresh=args.fresh)
         print(paths["md"].read_text())
         print("Written: " + ", ".join(str(p) for p in paths.values()) + "\n")
-        written[what] = paths
-    return written
 
 
 __all__ = [
@@ -590,6 +588,7 @@ __all__ = [
     "RunData",
     "Variant",
     "ablate",
+    "ablation_markdown",
     "add_arguments",
     "alpha_variants",
     "child_run",
@@ -599,9 +598,8 @@ __all__ = [
     "gate_variants",
     "head_parameter_count",
     "kl_to_teacher",
-    "markdown_table",
+    "main",
     "open_run",
     "plot_table",
-    "run",
     "scaled_hidden_dims",
 ]

@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line tools (`predict`, `evaluate --model`, `spread`)."""
+"""Argument types shared by the command-line tools (`predict`, `evaluate-model`, `spread`)."""
 
 import argparse
 

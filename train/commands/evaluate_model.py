@@ -1,9 +1,9 @@
-"""Evaluate any model on any data set: `python -m train evaluate --model M --data KIND ...`.
+"""Evaluate any model on any data set: `python -m train evaluate-model --model M --data KIND ...`.
 
-    python -m train evaluate --model runs/demo/final --data imagefolder --root data/colours --output-dir eval/demo
-    python -m train evaluate --model my-org/emovlm-kd-emoset --revision main --data fi --root data/FI \\
+    python -m train evaluate-model --model runs/demo/final --data imagefolder --root data/colours --output-dir eval/demo
+    python -m train evaluate-model --model my-org/emovlm-kd-emoset --revision main --data fi --root data/FI \\
         --split-file splits/fi_seed42.json --output-dir eval/emoset-on-fi
-    python -m train evaluate --model Qwen/Qwen2-VL-7B-Instruct --data emoset --root data/EmoSet-118K \\
+    python -m train evaluate-model --model Qwen/Qwen2-VL-7B-Instruct --data emoset --root data/EmoSet-118K \\
         --output-dir eval/qwen2-vl-zero-shot                # zero-shot: the VLM branch only
 
 `--model` is an EmoVLM-KD folder (an exported `final/`) or Hub repo (`--revision` pins it), or a stock Qwen2-VL
@@ -47,7 +47,7 @@ EMOVLM_KD_MODEL_TYPE = "emovlm_kd"
 RESULTS_FILE, FIGURE_FILE, CACHE_DIR = "results.json", "confusion_matrix.png", "cache"
 EMOVLM_KD_BRANCHES = ("vlm", "head", "fused")
 ZERO_SHOT_BRANCHES = ("vlm",)
-WHERE = "python -m train evaluate"
+WHERE = "python -m train evaluate-model"
 
 
 class EvaluationError(ValueError):
@@ -301,7 +301,14 @@ def evaluate_model(model: str, data: dict, output_dir: str | Path, split: str | 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--model` form of `python -m train evaluate` (the subparser also has `--config` for a run's stage)."""
+    """The arguments of `python -m train evaluate-model` (also those of its alias `evaluate --model`)."""
+    add_model_arguments(parser)
+    parser.add_argument("--output-dir", help="Folder of results.json, confusion_matrix.png and the resumable cache.")
+    parser.add_argument("--force", action="store_true", help="Drop the cache and score every image again.")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the data and how to score: what `evaluate-model` and `verify --model` share."""
     from train.infra import registry
     from train.infra.data import ALL, SPLITS
 
@@ -343,13 +350,13 @@ def data_from_args(args: argparse.Namespace) -> tuple[dict, list[str] | str | No
     return data_section(args.data, options), labels
 
 
-def run(args: argparse.Namespace) -> int:
-    """`python -m train evaluate --model ...`: user errors exit with status 2 and a message, without a traceback."""
+def main(args: argparse.Namespace) -> int:
+    """`python -m train evaluate-model`: user errors exit with status 2 and a message, without a traceback."""
     from train.infra.locks import LockedError
     from train.infra.recipe import RecipeError
 
     if not args.data or not args.output_dir:
-        print("error: evaluate --model needs --data KIND and --output-dir DIR.", file=sys.stderr)
+        print("error: evaluate-model needs --data KIND and --output-dir DIR.", file=sys.stderr)
         return 2
     try:
         data, labels = data_from_args(args)
@@ -362,5 +369,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EvaluationError", "add_arguments", "data_from_args", "evaluate_model", "resolve_model", "run",
-           "score_batch"]
+__all__ = ["EvaluationError", "add_arguments", "add_model_arguments", "data_from_args", "evaluate_model", "main",
+           "resolve_model", "score_batch"]

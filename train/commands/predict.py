@@ -19,7 +19,12 @@ model runs.
 
 While a run writes `<output>`, it holds the lock `<output>.lock` (its PID in `<output>.lock.pid`); a second run into
 the same output fails at once, naming the lock and the PID. The lock is the operating system's (`flock`), so the
-lock of a killed run never blocks the next one.
+lock of a killed run never blocks the next one. The lock and the rows go to the output's real path: a second run
+through a symbolic link to the same file is the same output.
+
+An existing output must be a predictions file of this tool (`is_predictions_file`: empty, or JSONL rows with a
+`path`, or a CSV with this tool's header): anything else (a checkpoint's `model.safetensors` or `config.json`, an
+input photo) is refused before anything is written, never truncated or appended to.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -53,7 +59,8 @@ EXPLAIN_FIELDS = ["explanation"]  # with --explain
 
 
 class PredictionsFileError(ValueError):
-    """The output file cannot take this run's rows (its CSV columns are another run's)."""
+    """The output file cannot take this run's rows (it is not a predictions file, or its CSV columns are another
+    run's)."""
 
 
 class OutdatedCheckpointError(ValueError):
@@ -143,6 +150,51 @@ def _read_csv(path: Path) -> list[dict]:
     return [r for r in records if r.get("path")]
 
 
+# How much of an existing output is read to recognise it (its first row, or CSV header, is far shorter).
+_SNIFF_BYTES = 1 << 16
+
+
+def is_predictions_file(path: str | Path) -> bool:
+    """Whether `path` (an existing file) is a predictions file this tool wrote, from its first bytes alone: empty;
+    a CSV (by suffix) whose header is this tool's; otherwise JSONL whose first row is an object with a string
+    `path` (or, killed during its first write, begins like one)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    if not head:
+        return True
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:  # a cut multi-byte character at the end of the sniffed bytes is fine
+        try:
+            text = head[:-3].decode("utf-8") if len(head) == _SNIFF_BYTES else None
+        except UnicodeDecodeError:
+            text = None
+        if text is None:
+            return False
+    first, newline, _ = text.partition("\n")
+    if path.suffix == ".csv":
+        header = next(csv.reader([first.rstrip("\r")]), [])
+        return header in (CSV_FIELDS, CSV_FIELDS + EXPLAIN_FIELDS)
+    if not newline:  # a single row cut off by a kill (or longer than the sniffed bytes)
+        return first.startswith('{"path": ')
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and isinstance(row.get("path"), str)
+
+
+def check_output(output: Path) -> None:
+    """Raise `PredictionsFileError` unless `output` is new, or a predictions file of this tool to resume."""
+    if output.is_dir():
+        raise PredictionsFileError(f"{output} is a folder: --output names a .jsonl or .csv file.")
+    if output.exists() and not is_predictions_file(output):
+        raise PredictionsFileError(
+            f"{output} exists and is not a predictions file of `train predict` (its first line is not this tool's "
+            "CSV header or a JSON row with a path): it would be appended to. Choose another --output.")
+
+
 def _row_store(path: Path) -> RecordStore:
     return RecordStore(path, validate=lambda row: isinstance(row.get("path"), str))
 
@@ -161,6 +213,7 @@ class RowWriter:
     has `fields` as its columns; appending to one with other columns is refused."""
 
     def __init__(self, path: Path, fields: Sequence[str] = CSV_FIELDS):
+        check_output(path)
         self.path = path
         self.fields = list(fields)
         self.csv = path.suffix == ".csv"
@@ -283,7 +336,9 @@ def lock_path(output: Path) -> Path:
 
 def output_lock(output: Path):
     """Hold `<output>.lock` (no waiting) while writing `output` (`train/infra/locks.py`: the holder's PID is recorded
-    beside it, a second writer fails at once naming both, a killed holder's lock is released by the system)."""
+    beside it, a second writer fails at once naming both, a killed holder's lock is released by the system). The
+    lock is the real path's: two names of one file (a symbolic link) share it."""
+    output = Path(output).resolve()
     return exclusive(lock_path(output), f"Predictions file {output}")
 
 
@@ -291,6 +346,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: Path, batc
                   show_progress: bool = True, done: set[str] = frozenset(), num_workers: int = 0) -> PredictionSummary:
     """Classify `paths` into `output`, skipping those already there (or in `done`); `output` is locked meanwhile.
     `num_workers` > 0 decodes and preprocesses in that many `DataLoader` worker processes (same rows)."""
+    output = Path(output).resolve()
+    check_output(output)
     with output_lock(output):
         return _predict_files(predictor, paths, output, batch_size, show_progress, done, num_workers)
 
@@ -341,7 +398,8 @@ def run_predict(model: str, source: str, output: str | Path, batch_size: int = 8
     (0: the main process does); `loading`: `Predictor`'s revision, dtype, device_map, load_in_4bit, explain and
     max_new_tokens."""
     state = PartialState(cpu=not torch.cuda.is_available())
-    output = Path(output)
+    output = Path(output).resolve()  # a symbolic link's rows (and lock, and merge) go to the file it names
+    check_output(output)  # before the lock: a refused target gets nothing written beside it
     output.parent.mkdir(parents=True, exist_ok=True)
     # The main process holds the output's lock for the whole run (shards, merge), before the model loads, so that
     # a second run into the same output fails at once.
@@ -403,7 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Bound of each explanation, in tokens (with --explain; default 128).")
 
 
-def run(args: argparse.Namespace) -> PredictionSummary:
+def main(args: argparse.Namespace) -> int:
+    """`python -m train predict`: bad files are reported in the output; the status is 1 only when no image could be
+    classified."""
     try:
         summary = run_predict(args.model, args.input, args.output, args.batch_size, args.top_k,
                               num_workers=args.num_workers, revision=args.revision, dtype=args.dtype,
@@ -418,8 +478,9 @@ def run(args: argparse.Namespace) -> PredictionSummary:
                 print(f"  skipped ({reason.replace('_', ' ')}): {path}")
         for error in summary.errors:
             print(f"  failed: {error['path']}: {error['error']}")
-    return summary
+    return 1 if summary.failed and not summary.predicted else 0
 
 
-__all__ = ["OutdatedCheckpointError", "PredictionSummary", "PredictionsFileError", "Predictor", "add_arguments", "list_inputs", "loading_kwargs",
-           "output_lock", "predict_files", "read_rows", "run", "run_predict", "scan_inputs"]
+__all__ = ["OutdatedCheckpointError", "PredictionSummary", "PredictionsFileError", "Predictor", "add_arguments",
+           "check_output", "is_predictions_file", "list_inputs", "loading_kwargs", "output_lock", "predict_files",
+           "main", "read_rows", "run_predict", "scan_inputs"]

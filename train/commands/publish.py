@@ -7,17 +7,23 @@
     python -m train push --run-dir RUN --variant emoset --repo-id ORG/NAME --eval-results eval/fi/results.json
 
 The run's Hub-ready folder (`<run>/final`: safetensors weights, `config.json` with `auto_map`, the remote-code and
-processor files, `results.json`, `confusion_matrix.png`) is uploaded with a `README.md` rendered from
-`hub_cards/README.md.j2`, the data set's entry of `train/infra/registry.py` and `hub_cards/variants.yaml` (what every card
-shares, the `custom` variant). The card's `model-index` carries the
-accuracy and macro-F1 measured in the run's `results.json`; a run without results gets a card that says so. Next to
-them go `handler.py` (the Inference Endpoints custom handler, from `modeling_emovlm_kd/`), a `requirements.txt`
-for the endpoint, and example images under `examples/` that the card's `widget:` shows (`--example-images`, or for
-a `custom` run on an image folder the first test image of up to four labels; never automatically for the named
-data sets, whose images are their owners'). `--space ORG/NAME-demo` links the card to the Space that
-`python -m train push-space` publishes. `--eval-results` (repeatable) adds the results.json of `python -m train
-evaluate --model` on this model as a further model-index entry (its data set and split) and uploads it under
-`evaluations/`.
+processor files, `results.json`, `confusion_matrix.png`) is uploaded with its model card (`README.md`, rendered by
+`train/commands/card.py`). Next to them go `handler.py` (the Inference Endpoints custom handler, from
+`modeling_emovlm_kd/`), a `requirements.txt` for the endpoint, and example images under `examples/` that the card's
+`widget:` shows (`--example-images`, or for a `custom` run on an image folder the first test image of up to four
+labels; never automatically for the named data sets, whose images are their owners'). `--space ORG/NAME-demo` links
+the card to the Space that `python -m train push-space` publishes. `--eval-results` (repeatable) adds the
+results.json of `python -m train evaluate-model` on this model as a further model-index entry (its data set and
+split) and uploads it under `evaluations/`. JSON files lose any local path they record (`_name_or_path`).
+
+A push writes these files into a staging folder and commits that folder in one `HfApi.create_commit`: files of an
+earlier push that this one lacks (another shard layout, examples of other labels) are deleted in the same commit,
+so the repo holds exactly the staged files (and its `.gitattributes`). `--dry-run DIR` writes the same staging
+folder into DIR and stops. Not `upload_folder(delete_patterns="*")`: with `hf_xet` installed (a dependency of
+huggingface-hub 2.x) it commits in batches and splits a batch whose commit fails into several commits, so a push
+could land half; one `create_commit` is atomic, and `parent_commit` makes it fail instead of overwriting a push that
+happened meanwhile (the deletions were computed from the commit before it). Older revisions stay loadable by their
+commit hash. The token comes from the usual places (`HF_TOKEN`, `hf auth login`).
 
 Pinning the revision. `trust_remote_code=True` runs the repository's code, so the card's snippets pass `revision=`.
 A commit's hash covers every file in it, README.md included, so no card can name the hash of its own commit. A
@@ -26,37 +32,24 @@ them leaves a card without a pin, and a concurrent push could land between them)
 So a push stays one atomic commit: the snippets name the branch pushed to (`revision="main"` or `--revision`),
 the card tells the reader to replace it with the commit hash they reviewed (shown on the Hub), and the push prints
 the snippet with the new commit's hash. `push-space` resolves and pins that hash in the Space by itself.
-
-Everything is one commit (`create_commit`), so a push is atomic and a push of a new run replaces the previous one
-in one step, older revisions staying loadable by their commit hash. The token comes from the usual places
-(`HF_TOKEN`, `hf auth login`). `--dry-run DIR` writes exactly the files that would be uploaded into DIR instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
-import json
 import logging
 import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
-import jinja2
 import yaml
-from huggingface_hub import (
-    CommitOperationAdd,
-    CommitOperationDelete,
-    EvalResult,
-    HfApi,
-    ModelCard,
-    ModelCardData,
-    constants,
-)
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalTokenNotFoundError,
@@ -64,23 +57,21 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from train.infra import registry, stage_table
+from train.commands.card import (
+    Evaluation,
+    HubFolder,
+    PublishError,
+    build_card,
+    check_card,
+    load_evaluations,
+    load_variants,
+)
+from train.infra import registry
 from train.infra import run as run_folder  # the run folder's light readers (no torch)
+from train.infra.files import public_json
 
 logger = logging.getLogger(__name__)
 
-# `hub_cards/` sits next to the `train` package, in the source tree as in an installed wheel.
-CARDS_DIR = Path(__file__).resolve().parents[2] / "hub_cards"
-TEMPLATE_PATH = CARDS_DIR / "README.md.j2"
-VARIANTS_PATH = CARDS_DIR / "variants.yaml"
-# Display names of results.json's branches, as in `train.infra.evaluation.BRANCHES` (not imported: it loads torch).
-BRANCH_TITLES = {"vlm": "VLM alone", "head": "Distilled head", "teacher": "ViT teacher", "fused": "EmoVLM-KD (fused)"}
-STAGE_TITLES = {stage.name: stage.title for stage in stage_table.stages() if stage.title}
-# Recipe keys that describe logging rather than training; the card leaves them out.
-NOT_HYPERPARAMETERS = {"disable_tqdm", "logging_steps", "report_to", "save_steps", "save_strategy", "save_total_limit"}
-# The files a folder needs to load with `from_pretrained(..., trust_remote_code=True)`.
-REQUIRED_FILES = run_folder.HUB_FOLDER_FILES
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Shipped from `modeling_emovlm_kd/` with every push: Inference Endpoints load `EndpointHandler` from it.
 HANDLER_FILE = "handler.py"
 EXAMPLES_FOLDER = "examples"
@@ -88,73 +79,7 @@ EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_EXAMPLES, MAX_EXAMPLE_BYTES, DEFAULT_EXAMPLES = 8, 5 * 1024 * 1024, 4
 
 
-class PublishError(Exception):
-    """A problem the user can fix (wrong variant, missing token, ...): the CLI prints it without a traceback."""
-
-
-# ---- the run's folder ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class HubFolder:
-    """A run's Hub-ready folder with its parsed `config.json` and, when the run was evaluated, `results.json`."""
-
-    path: Path
-    config: dict
-    results: dict | None
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> HubFolder:
-        path = find_hub_folder(run_dir)
-        config = json.loads((path / "config.json").read_text())
-        results_path = path / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.exists() else None
-        folder = cls(path, config, results)
-        folder.check()
-        return folder
-
-    @property
-    def labels(self) -> list[str]:
-        id2label = self.config.get("id2label") or {}
-        return [id2label[key] for key in sorted(id2label, key=int)]
-
-    @property
-    def recipe(self) -> dict:
-        return (self.results or {}).get("recipe") or {}
-
-    def check(self) -> None:
-        """Refuse folders that would not load from the Hub, or whose results belong to another label set."""
-        if not any((self.path / name).exists() for name in WEIGHTS_FILES):
-            raise PublishError(f"{self.path} has no safetensors weights ({' or '.join(WEIGHTS_FILES)}).")
-        modules = {ref.split(".")[0] for ref in (self.config.get("auto_map") or {}).values()}
-        if not modules:
-            raise PublishError(f"{self.path}/config.json has no auto_map: the model would not load with remote code.")
-        modules |= {task["impl"].split(".")[0] for task in (self.config.get("custom_pipelines") or {}).values()
-                    if isinstance(task, dict) and task.get("impl")}
-        missing = sorted(f"{module}.py" for module in modules if not (self.path / f"{module}.py").exists())
-        if missing:
-            raise PublishError(f"{self.path} lacks the remote-code files {missing} named by config.json's auto_map.")
-        # ... and the modules those import relatively (e.g. the modeling file's fast path), which transformers
-        # downloads with them.
-        imported = set()
-        for module in modules:
-            imported |= set(re.findall(r"^\s*from \.(\w+) import", (self.path / f"{module}.py").read_text(), re.M))
-        missing = sorted(f"{name}.py" for name in imported if not (self.path / f"{name}.py").exists())
-        if missing:
-            raise PublishError(f"{self.path} lacks the remote-code files {missing} that its modeling code imports.")
-        if self.results is not None and self.results.get("labels") != self.labels:
-            raise PublishError(f"{self.path}/results.json is for labels {self.results.get('labels')}, but the model "
-                               f"predicts {self.labels}: the results belong to another run.")
-
-
-def find_hub_folder(run_dir: str | Path) -> Path:
-    """The Hub-ready folder of a run: `<run_dir>/final`, or `run_dir` itself when it holds a `config.json`."""
-    found = run_folder.find_hub_folder(run_dir)
-    if found is not None:
-        return found
-    run_dir = Path(run_dir)
-    raise PublishError(f"No Hub-ready folder in {run_dir}: expected {run_dir / 'final'} with config.json and "
-                       "weights (`python -m train pipeline` writes it in its export stage).")
+# ---- what gets uploaded ----------------------------------------------------------------------------------------
 
 
 def folder_files(folder: Path) -> dict[str, Path]:
@@ -170,70 +95,10 @@ def folder_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-# ---- variants and label sets -----------------------------------------------------------------------------------
-
-
-def load_variants(path: str | Path = VARIANTS_PATH) -> dict:
-    """The cards' metadata: `common` and `label_sets` from `hub_cards/variants.yaml`, and one entry per variant: each
-    named data set's card metadata from `train.infra.registry`, plus `custom` (any other data) from the YAML file."""
-    data = yaml.safe_load(Path(path).read_text())
-    variants = {name: registry.get(name).card() for name in registry.named_datasets()}
-    for name, meta in variants.items():
-        if meta["label_set"] not in data["label_sets"]:
-            raise ValueError(f"Data set {name!r} of train/infra/registry.py has label set {meta['label_set']!r}, which "
-                             f"{path} does not describe under label_sets ({sorted(data['label_sets'])}).")
-    return {**data, "variants": {**variants, "custom": data["custom"]}}
-
-
 def package_dir() -> Path:
     """The folder of the `modeling_emovlm_kd` package (found without importing it, which would load torch)."""
     spec = importlib.util.find_spec("modeling_emovlm_kd")
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def package_label_sets() -> tuple[dict[str, list[str]], dict[str, str]]:
-    """`LABEL_SETS` and `DATASET_LABEL_SETS` of `modeling_emovlm_kd` (imported here: it loads torch)."""
-    from modeling_emovlm_kd import DATASET_LABEL_SETS, LABEL_SETS
-
-    return LABEL_SETS, DATASET_LABEL_SETS
-
-
-def check_variant(variant: str, folder: HubFolder, variants: dict) -> dict:
-    """The variant's metadata, after checking that the run fits it: same labels in the same order, same data."""
-    if variant not in variants["variants"]:
-        raise PublishError(f"Unknown variant {variant!r}; use one of {', '.join(variants['variants'])}.")
-    meta = variants["variants"][variant]
-    if variant == "custom":
-        return meta
-    expected = package_label_sets()[0][meta["label_set"]]
-    if folder.labels != expected:
-        raise PublishError(
-            f"The run's labels {folder.labels} are not the {variant} label set {meta['label_set']} {expected} "
-            f"(same labels, same order). Train with `labels: {meta['label_set']}` in the recipe, or push with --variant custom."
-        )
-    kind = str((folder.recipe.get("data") or {}).get("kind", "")).lower()
-    if kind in variants["variants"] and kind != variant:
-        raise PublishError(f"The run was trained on the {kind!r} data set; pushing it as {variant!r} would name the "
-                           f"wrong data set on its card. Use --variant {kind}.")
-    return meta
-
-
-def custom_dataset(recipe: dict, dataset_name: str | None) -> tuple[str | None, str | None]:
-    """(name, model-index type) of a custom run's data: `--dataset-name`, else what the recipe says."""
-    data = recipe.get("data") or {}
-    kind = data.get("kind")
-    if kind == "hub":
-        source = data.get("name_or_path")
-    elif data.get("root") or data.get("root_name"):
-        # An absolute root is not published (train/infra/recipe.py: public_recipe); its folder name is.
-        source = Path(str(data.get("root") or data["root_name"])).name
-    else:
-        source = kind
-    name = dataset_name or source
-    return name, (source or name or "custom")
-
-
-# ---- example images and the endpoint's files ------------------------------------------------------------------
 
 
 def safe_name(text: str) -> str:
@@ -297,13 +162,6 @@ def example_files(examples: list[tuple[str, Path]]) -> dict[str, tuple[str, Path
     return files
 
 
-def widget(repo_id: str, branch: str, files: dict[str, tuple[str, Path]], endpoint: str | None = None) -> list[dict]:
-    """The card's `widget:` entries: each example image by its URL on the Hub it is pushed to."""
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    return [{"src": f"{endpoint}/{repo_id}/resolve/{quote(branch, safe='')}/{quote(in_repo)}", "example_title": title}
-            for in_repo, (title, _) in files.items()]
-
-
 def endpoint_requirements(min_transformers: str) -> bytes:
     """`requirements.txt` of the repo: what an Inference Endpoint installs before it imports handler.py."""
     return ("# Installed by Hugging Face Inference Endpoints before loading handler.py (the endpoint's image brings\n"
@@ -311,317 +169,28 @@ def endpoint_requirements(min_transformers: str) -> bytes:
             f"transformers>={min_transformers}\npillow\n").encode()
 
 
-def backbone_rows(base_vlm: str | None, teacher: str | None, licences: dict[str, str]) -> list[dict]:
-    """The card's backbone table: each base model's name and licence (tiny test runs derive from none)."""
-    unknown = "not recorded here: see the model's own card"
-    rows = []
-    for role, model_id, kind in (("VLM (stages 1-3, at inference)", base_vlm, "Qwen2-VL"),
-                                 ("Vision teacher (training only)", teacher, "ViT")):
-        if model_id is None:
-            rows.append({"role": role, "model": f"tiny random {kind} built from a config (test run)",
-                         "url": None, "licence": "none: no released weights were used"})
-        else:
-            rows.append({"role": role, "model": model_id, "url": f"https://huggingface.co/{model_id}",
-                         "licence": licences.get(model_id, unknown)})
-    return rows
+def published(path: Path) -> Path | bytes:
+    """A file of the folder as uploaded: unchanged, unless it is JSON that records a local path (then rewritten)."""
+    return (public_json(path) or path) if path.suffix == ".json" else path
 
 
-# ---- the model card --------------------------------------------------------------------------------------------
-
-
-def format_value(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return ", ".join(format_value(v) for v in value) if value else "[]"
-    if isinstance(value, bool) or value is None:
-        return str(value).lower() if value is not None else "null"
-    return str(value)
-
-
-def stage_rows(recipe: dict) -> list[dict]:
-    """Each stage's hyperparameters as given in the recipe the run used (results.json's `recipe`)."""
-    stages = []
-    for key, title in STAGE_TITLES.items():
-        values = recipe.get(key) or {}
-        stages.append({"key": key, "title": title, "hyperparameters": [
-            (name, format_value(value)) for name, value in values.items() if name not in NOT_HYPERPARAMETERS
-        ]})
-    return stages
-
-
-def results_context(results: dict, labels: list[str]) -> dict:
-    """The numbers of the card's results table, straight from results.json."""
-    validation = results.get("validation") or {}
-    rows = []
-    for branch, metrics in results["branches"].items():
-        val = validation.get(branch) or {}
-        rows.append({
-            "title": BRANCH_TITLES.get(branch, branch),
-            "accuracy": f"{metrics['accuracy']:.4f}", "macro_f1": f"{metrics['macro_f1']:.4f}",
-            "validation_accuracy": f"{val['accuracy']:.4f}" if "accuracy" in val else "–",
-            "validation_macro_f1": f"{val['macro_f1']:.4f}" if "macro_f1" in val else "–",
-        })
-    per_class = (results["branches"].get("fused") or {}).get("per_class_accuracy") or []
-    return {"split": results.get("split", "test"), "num_examples": results.get("num_examples"), "rows": rows,
-            "has_validation": bool(validation),
-            "fused_per_class": [(label, f"{value:.3f}") for label, value in zip(labels, per_class)]}
-
-
-def parameter_counts(results: dict | None) -> dict | None:
-    """Parameter counts per part (results.json's `parameters`), with every key the template reads."""
-    counts = (results or {}).get("parameters")
-    return {key: counts.get(key) for key in ("vlm", "head", "gate", "teacher")} if counts else None
-
-
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-def stored_dtype(folder: Path) -> str | None:
-    """The dtype most of the exported weights' elements are stored in (the VLM's: the head and the gate stay
-    float32), read from the safetensors headers; None for a folder without weights."""
-    from safetensors import safe_open
-
-    counts: dict[str, int] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_slice(name)
-                size = 1
-                for dim in tensor.get_shape():
-                    size *= dim
-                dtype = SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype().lower())
-                counts[dtype] = counts.get(dtype, 0) + size
-    return max(counts, key=counts.get) if counts else None
-
-
-def eval_results(results: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
-    """The model-index entries: the fused model's accuracy and macro-F1 as measured, never typed in."""
-    fused = results["branches"]["fused"]
-    common = {"task_type": "image-classification", "task_name": "Image Classification", "dataset_name": dataset_name,
-              "dataset_type": dataset_type, "dataset_split": results.get("split", "test")}
-    return [
-        EvalResult(metric_type="accuracy", metric_name="Accuracy", metric_value=fused["accuracy"], **common),
-        EvalResult(metric_type="f1", metric_name="Macro F1", metric_value=fused["macro_f1"],
-                   metric_args={"average": "macro"}, **common),
-    ]
-
-
-@dataclass
-class Evaluation:
-    """A results.json of `python -m train evaluate --model` (train/commands/evaluate_model.py) and the data set it names."""
-
-    path: Path
-    results: dict
-    dataset_name: str
-    dataset_type: str
-
-    @property
-    def split(self) -> str:
-        return self.results.get("split", "test")
-
-    @property
-    def path_in_repo(self) -> str:
-        return f"evaluations/{safe_name(self.dataset_name)}-{self.split}.json"
-
-
-def load_evaluations(paths: list[str | Path], folder: HubFolder, variants: dict, variant: str = "custom",
-                     dataset_name: str | None = None) -> list[Evaluation]:
-    """The further model-index entries, read from evaluation results only: each must be of this model's kind (an
-    EmoVLM-KD model with a fused branch, not a zero-shot VLM) and labels, one per data set and split."""
-    evaluations, seen = [], {}
-    if folder.results is not None:
-        name, _ = main_dataset(folder, variants, variant, dataset_name)
-        seen[(name, folder.results.get("split", "test"))] = f"{folder.path}/results.json"
-    for path in map(Path, paths):
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise PublishError(f"--eval-results {path}: cannot read it ({err}).") from None
-        evaluated = results.get("evaluated") if isinstance(results, dict) else None
-        if not isinstance(evaluated, dict) or "branches" not in results:
-            raise PublishError(f"--eval-results {path} is not the results.json of `python -m train evaluate "
-                               "--model` (it has no `evaluated` description).")
-        model = evaluated.get("model") or {}
-        if model.get("kind") != "emovlm-kd" or "fused" not in results["branches"]:
-            raise PublishError(f"--eval-results {path} holds {model.get('kind', 'unknown')} results of "
-                               f"{model.get('name', 'another model')}, not of an EmoVLM-KD model: they do not "
-                               "describe the model pushed.")
-        if results.get("labels") != folder.labels:
-            raise PublishError(f"--eval-results {path} is for labels {results.get('labels')}, but the model "
-                               f"predicts {folder.labels}.")
-        data = evaluated.get("data") or {}
-        kind = str(data.get("kind", "")).lower()
-        if kind in variants["variants"] and kind != "custom":
-            name, dataset_type = variants["variants"][kind]["dataset"], variants["variants"][kind]["dataset_type"]
-        else:
-            name, dataset_type = custom_dataset({"data": data}, None)
-        evaluation = Evaluation(path, results, name or "custom", dataset_type or "custom")
-        key = (evaluation.dataset_name, evaluation.split)
-        if key in seen:
-            raise PublishError(f"--eval-results {path} and {seen[key]} are both results on {key[0]} [{key[1]}]: "
-                               "the card takes one entry per data set and split.")
-        seen[key] = str(path)
-        evaluations.append(evaluation)
-    return evaluations
-
-
-def main_dataset(folder: HubFolder, variants: dict, variant: str = "custom", dataset_name: str | None = None):
-    """(name, model-index type) of the data set the run's own results.json is on."""
-    if variant == "custom":
-        return custom_dataset(folder.recipe, dataset_name)
-    meta = variants["variants"][variant]
-    return dataset_name or meta["dataset"], meta["dataset_type"]
-
-
-def card_eval_results(folder: HubFolder, name: str | None, dataset_type: str | None,
-                      evaluations: list[Evaluation] = ()) -> list[EvalResult] | None:
-    """The run's own model-index entries, then one per further evaluation; None when there are no results."""
-    entries = eval_results(folder.results, name or "custom", dataset_type or "custom") if folder.results else []
-    for evaluation in evaluations:
-        entries += eval_results(evaluation.results, evaluation.dataset_name, evaluation.dataset_type)
-    return entries or None
-
-
-def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str | None = None,
-               variants: dict | None = None, revision: str | None = None, space: str | None = None,
-               examples: dict[str, tuple[str, Path]] | None = None,
-               evaluations: list[Evaluation] = ()) -> ModelCard:
-    """Render `hub_cards/README.md.j2` for a run and a variant; checks the variant fits the run first.
-
-    `revision` is the branch the card is pushed to (its snippets name it; see the module docstring for why not a
-    commit hash), `space` the repo id of the demo Space to link, `examples` the uploaded example images
-    (`example_files`), shown by the card's widget, `evaluations` further results (`load_evaluations`), one more
-    model-index entry each.
-    """
-    variants = variants or load_variants()
-    meta = check_variant(variant, folder, variants)
-    common, recipe = variants["common"], folder.recipe
-    name, dataset_type = main_dataset(folder, variants, variant, dataset_name)
-    base_models = recipe.get("base_models") or {}
-    tiny_run = bool(base_models.get("tiny"))
-    # A tiny test run derives from no Hub model; naming Qwen2-VL-7B as its base would be false.
-    base_vlm = None if tiny_run else base_models.get("vlm", common["base_model"])
-    teacher = None if tiny_run else base_models.get("teacher", common["teacher_model"])
-    model_name = repo_id.split("/")[-1]
-    card_data = ModelCardData(
-        model_name=model_name,
-        license=common["license"],
-        library_name=common["library_name"],
-        pipeline_tag=common["pipeline_tag"],
-        base_model=base_vlm,
-        tags=list(dict.fromkeys([*common["tags"], *meta.get("tags", []), *([] if not tiny_run else ["test-run"])])),
-        eval_results=card_eval_results(folder, name, dataset_type, evaluations),
-        **({"widget": widget(repo_id, revision or "main", examples)} if examples else {}),
-    )
-    label_set = meta["label_set"]
-    if variant == "custom":  # a custom run may still use a named set: say which
-        named = package_label_sets()[0]
-        label_set = next((key for key, labels in named.items() if labels == folder.labels), label_set)
-    model_options = [(k, format_value(v)) for k, v in (recipe.get("model") or {}).items()]
-    return render_card(
-        card_data,
-        model_name=model_name,
-        repo_id=repo_id,
-        dataset_name=name,
-        dataset_url=meta.get("dataset_url"),
-        dataset_citation=meta.get("citation"),
-        licence_note=meta["licence_note"],
-        labels=folder.labels,
-        label_set=label_set,
-        label_set_description=variants["label_sets"][label_set],
-        paper=common["paper"],
-        base_vlm=base_vlm,
-        teacher_model=teacher,
-        tiny_run=tiny_run,
-        parameters=parameter_counts(folder.results),
-        weights_dtype=stored_dtype(folder.path),
-        results=results_context(folder.results, folder.labels) if folder.results else None,
-        has_confusion_matrix=(folder.path / "confusion_matrix.png").exists(),
-        stages=stage_rows(recipe) if recipe else None,
-        model_options=model_options,
-        revision=revision or "main",
-        min_transformers=common["min_transformers"],
-        space_url=f"{constants.ENDPOINT.rstrip('/')}/spaces/{space}" if space else None,
-        space=space,
-        backbones=backbone_rows(base_vlm, teacher, common["backbone_licences"]),
-        has_examples=bool(examples),
-    )
-
-
-def render_card(card_data: ModelCardData, template_path: str | Path = TEMPLATE_PATH, **context) -> ModelCard:
-    """`ModelCard.from_template`, with `trim_blocks`/`lstrip_blocks` so that the template can be laid out readably."""
-    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                                     undefined=jinja2.StrictUndefined)
-    template = environment.from_string(Path(template_path).read_text(encoding="utf-8"))
-    return ModelCard(template.render(card_data=card_data.to_yaml(), **context))
-
-
-def check_card(card: ModelCard, folder: HubFolder, evaluations: list[Evaluation] = ()) -> None:
-    """Parse the rendered card back, as the Hub will, and compare its model-index with results.json (and with the
-    further evaluations' results files)."""
-    parsed = ModelCard(str(card))
-    if evaluations:
-        entries = parsed.data.eval_results or []
-        found = [(r.dataset_name, r.dataset_split, r.metric_type, r.metric_value) for r in entries]
-        measured = [(e.dataset_name, e.split, metric, e.results["branches"]["fused"][key])
-                    for e in evaluations for metric, key in (("accuracy", "accuracy"), ("f1", "macro_f1"))]
-        if found[len(found) - len(measured):] != measured:
-            raise RuntimeError(f"The card's model-index {found} does not end with the evaluations' {measured}.")
-        parsed.data.eval_results = entries[:len(entries) - len(measured)] or None  # the run's own, checked below
-    if folder.results is None:
-        if parsed.data.eval_results:
-            raise RuntimeError("A card without results must not carry a model-index.")
-        return
-    measured = {"accuracy": folder.results["branches"]["fused"]["accuracy"],
-                "f1": folder.results["branches"]["fused"]["macro_f1"]}
-    found = {result.metric_type: result.metric_value for result in parsed.data.eval_results or []}
-    if found != measured:
-        raise RuntimeError(f"The card's model-index {found} differs from results.json {measured}.")
-
-
-# ---- what gets uploaded ----------------------------------------------------------------------------------------
-
-
-def without_local_paths(data):
-    """A config's JSON with every `_name_or_path` that names a local absolute path emptied, at any depth.
-
-    `save_pretrained` records where each (sub-)config was loaded from: for a trained run, a folder of the machine
-    (`<run>/sft/merged`). It only informs, loading never reads it, and it must not be published.
-    """
-    if isinstance(data, dict):
-        return {key: "" if key == "_name_or_path" and isinstance(value, str) and (
-            os.path.isabs(value) or value.startswith("~")) else without_local_paths(value)
-            for key, value in data.items()}
-    if isinstance(data, list):
-        return [without_local_paths(value) for value in data]
-    return data
-
-
-def published_json(path: Path) -> Path | bytes:
-    """A `*.json` file of the folder as uploaded: unchanged, unless it records a local path (then rewritten)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    cleaned = without_local_paths(data)
-    if cleaned == data:
-        return path
-    return (json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def upload_plan(folder: HubFolder, card: ModelCard, examples: dict[str, tuple[str, Path]] | None = None,
-                min_transformers: str | None = None) -> dict[str, Path | bytes]:
+def upload_plan(folder: HubFolder, card, examples: dict[str, tuple[str, Path]] | None = None,
+                evaluations: list[Evaluation] = (), min_transformers: str | None = None) -> dict[str, Path | bytes]:
     """Path in the repo -> local file or bytes: the folder's files, the endpoint's handler.py and requirements.txt,
-    the example images and the rendered README.md, nothing else."""
-    plan: dict[str, Path | bytes] = {
-        in_repo: published_json(path) if path.suffix == ".json" else path
-        for in_repo, path in folder_files(folder.path).items()
-    }
+    the example images, the further evaluations' results and the rendered README.md, nothing else."""
+    plan: dict[str, Path | bytes] = {in_repo: published(path) for in_repo, path in folder_files(folder.path).items()}
     plan[HANDLER_FILE] = package_dir() / HANDLER_FILE
     plan["requirements.txt"] = endpoint_requirements(min_transformers or load_variants()["common"]["min_transformers"])
     plan.update({in_repo: path for in_repo, (_, path) in (examples or {}).items()})
+    plan.update({f"evaluations/{safe_name(e.dataset_name)}-{e.split}.json": published(e.path) for e in evaluations})
     plan["README.md"] = str(card).encode()
     return dict(sorted(plan.items()))
 
 
-def write_plan(plan: dict[str, Path | bytes], destination: str | Path) -> Path:
-    """Write a plan's files into `destination` (the dry run), refusing a non-empty folder so nothing else mixes in."""
+def stage(plan: dict[str, Path | bytes], destination: str | Path, link: bool = False) -> Path:
+    """Write a plan's files into `destination`, the folder a push commits (or a dry run leaves to inspect); refuses a
+    non-empty folder, so that nothing else mixes in. `link` hard-links unchanged files where it can (a push's
+    temporary staging folder: no copy of the weights), otherwise they are copied."""
     destination = Path(destination)
     if destination.exists() and any(destination.iterdir()):
         raise PublishError(f"{destination} is not empty; give --dry-run a new or empty folder.")
@@ -630,9 +199,35 @@ def write_plan(plan: dict[str, Path | bytes], destination: str | Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(source, bytes):
             target.write_bytes(source)
-        else:
-            shutil.copy2(source, target)
+            continue
+        if link:
+            with contextlib.suppress(OSError):  # another file system, or one without hard links: copy instead
+                os.link(source, target)
+                continue
+        shutil.copy2(source, target)
     return destination
+
+
+@contextlib.contextmanager
+def staging_folder(near: Path) -> Iterator[Path]:
+    """A temporary staging folder beside `near` (same file system, so `stage(link=True)` links), else in the
+    system's temporary folder."""
+    try:
+        folder = tempfile.mkdtemp(prefix=".push-", dir=near)
+    except OSError:
+        folder = tempfile.mkdtemp(prefix="emovlm-push-")
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def print_staged(folder: Path, title: str) -> None:
+    """The dry run's listing: each staged file with its size."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    print(f"Dry run: the {len(files)} files {title} are in {folder}:")
+    for path in files:
+        print(f"  {path.relative_to(folder).as_posix():<32} {path.stat().st_size:>12,} bytes")
 
 
 # ---- talking to the Hub ----------------------------------------------------------------------------------------
@@ -658,6 +253,32 @@ def authenticate(api: HfApi) -> dict:
     return user
 
 
+def commit_folder(api: HfApi, repo_id: str, folder: Path, parent_commit: str, revision: str = "main",
+                  repo_type: str = "model", **commit) -> CommitInfo:
+    """One commit on top of `parent_commit` that makes `repo_id@revision` hold exactly the files of `folder`: a file
+    of an earlier push that this one lacks (another shard layout, say) would otherwise be loaded along with the new
+    files, so it is deleted in the same commit. `.gitattributes` belongs to the repo, not the push."""
+    staged = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    remote = set(api.list_repo_files(repo_id, repo_type=repo_type, revision=parent_commit))
+    operations = [CommitOperationDelete(path) for path in sorted(remote - set(staged) - {".gitattributes"})]
+    operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in staged]
+    return api.create_commit(repo_id, operations, repo_type=repo_type, revision=revision,
+                             parent_commit=parent_commit, **commit)
+
+
+def hub_write_error(error: Exception, target: str, conflict: str) -> Exception:
+    """A `PublishError` for what a user can act on (no access, refused write, a concurrent push: `conflict`), or
+    the Hub's own error for anything else."""
+    if isinstance(error, RepositoryNotFoundError):
+        return PublishError(f"Cannot reach {target} with this token: {error}")
+    status = error.response.status_code if getattr(error, "response", None) is not None else None
+    if status in (401, 403):
+        return PublishError(f"The Hub refused to write to {target} (HTTP {status}): {error}")
+    if status == 412:
+        return PublishError(conflict)
+    return error
+
+
 def push(
     run_dir: str | Path,
     variant: str,
@@ -672,11 +293,12 @@ def push(
     example_images: list[str | Path] | None = None,
     eval_results_files: list[str | Path] | None = None,
 ):
-    """Upload a run's Hub-ready folder and its card in one commit; with `dry_run`, write them there instead.
+    """Upload a run's Hub-ready folder and its card in one commit; with `dry_run`, stage them there instead.
 
     `example_images` (files or folders) become the card's widget examples; without them, a `custom` run on an
     image folder contributes its first test images. `eval_results_files` (results.json files of `python -m train
-    evaluate --model` on this model) add one model-index entry each and are uploaded under `evaluations/`. Returns the `CommitInfo` of the push, or the dry-run folder.
+    evaluate-model` on this model) add one model-index entry each and are uploaded under `evaluations/`. Returns the
+    `CommitInfo` of the push, or the dry-run folder.
     """
     folder = HubFolder.load(run_dir)
     if example_images:
@@ -688,10 +310,9 @@ def push(
     card = build_card(folder, variant, repo_id, dataset_name, revision=revision, space=space, examples=examples,
                       evaluations=evaluations)
     check_card(card, folder, evaluations)
-    plan = upload_plan(folder, card, examples)
-    plan.update({evaluation.path_in_repo: published_json(evaluation.path) for evaluation in evaluations})
+    plan = upload_plan(folder, card, examples, evaluations)
     if dry_run is not None:
-        return write_plan(plan, dry_run)
+        return stage(plan, dry_run)
 
     api = HfApi(token=token)
     user = authenticate(api)
@@ -703,43 +324,15 @@ def push(
         info = api.repo_info(repo_id, revision=branch)
         if private and not info.private:
             logger.warning("%s already exists and is public: --private only applies to new repos.", repo_id)
-        operations = mirror_operations(set(api.list_repo_files(repo_id, revision=info.sha)), plan)
-        return api.create_commit(
-            repo_id,
-            operations,
-            commit_message=commit_message or f"Upload EmoVLM-KD ({variant}) from {folder.path.parent.name}",
-            commit_description=f"Pushed by {user.get('name')} with `python -m train push --variant {variant}`.",
-            revision=branch,
-            # Fails instead of overwriting if someone pushed since `info`: the deletions above were computed from it.
-            parent_commit=info.sha,
-        )
+        with staging_folder(folder.path.parent) as staged:
+            return commit_folder(
+                api, repo_id, stage(plan, staged, link=True), info.sha, branch,
+                commit_message=commit_message or f"Upload EmoVLM-KD ({variant}) from {folder.path.parent.name}",
+                commit_description=f"Pushed by {user.get('name')} with `python -m train push --variant {variant}`.",
+            )
     except (RepositoryNotFoundError, HfHubHTTPError) as error:
         raise hub_write_error(error, repo_id, f"{repo_id}@{branch} changed while pushing (someone else pushed); "
                                              "nothing was committed. Run the push again.") from None
-
-
-def mirror_operations(remote: set[str], plan: dict) -> list:
-    """Commit operations that make a repo hold exactly `plan`: a file of an earlier push that this one lacks
-    (another shard layout, say) would otherwise be loaded along with the new files. `.gitattributes` belongs to
-    the repo, not the run."""
-    stale = sorted(remote - set(plan) - {".gitattributes"})
-    return [CommitOperationDelete(path) for path in stale] + [
-        CommitOperationAdd(path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes) else str(source))
-        for path, source in plan.items()
-    ]
-
-
-def hub_write_error(error: Exception, target: str, conflict: str) -> Exception:
-    """A `PublishError` for what a user can act on (no access, refused write, a concurrent push: `conflict`), or
-    the Hub's own error for anything else."""
-    if isinstance(error, RepositoryNotFoundError):
-        return PublishError(f"Cannot reach {target} with this token: {error}")
-    status = error.response.status_code if getattr(error, "response", None) is not None else None
-    if status in (401, 403):
-        return PublishError(f"The Hub refused to write to {target} (HTTP {status}): {error}")
-    if status == 412:
-        return PublishError(conflict)
-    return error
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -762,13 +355,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"Images (files or folders, at most {MAX_EXAMPLES}) uploaded to examples/ for the "
                              "card's widget; default for a custom run on an image folder: its first test images.")
     parser.add_argument("--eval-results", action="append", metavar="RESULTS_JSON",
-                        help="results.json of `python -m train evaluate --model` on this model: one more model-index "
+                        help="results.json of `python -m train evaluate-model` on this model: one more model-index "
                              "entry (its data set and split); repeat for several.")
     parser.add_argument("--dry-run", metavar="DIR", help="Write the files that would be uploaded into DIR instead.")
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     """Run `push` from parsed arguments; user errors exit with status 1 and a message, without a traceback."""
     run_dir = args.run_dir
     if run_dir is None:
@@ -783,11 +376,7 @@ def run(args: argparse.Namespace) -> None:
     except PublishError as error:
         sys.exit(f"push: error: {error}")
     if args.dry_run is not None:
-        files = sorted(p for p in Path(result).rglob("*") if p.is_file())
-        print(f"Dry run: the {len(files)} files that would be pushed to {args.repo_id} are in {result}:")
-        for path in files:
-            print(f"  {path.relative_to(result).as_posix():<32} {path.stat().st_size:>12,} bytes")
-        return
+        return print_staged(result, f"that would be pushed to {args.repo_id}")
     print(f"Pushed to {args.repo_id}@{args.revision or 'main'}: commit {result.oid}\n  {result.commit_url}\n"
           f"Load exactly this commit (the card names the branch; pin the hash):\n"
           f"  pipeline('image-classification', model={args.repo_id!r}, revision={result.oid!r}, "
@@ -796,17 +385,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 __all__ = [
-    "HubFolder",
-    "PublishError",
     "add_arguments",
-    "build_card",
+    "authenticate",
+    "commit_folder",
     "example_files",
-    "check_variant",
-    "find_hub_folder",
-    "load_variants",
-    "package_label_sets",
+    "hub_write_error",
+    "main",
     "push",
-    "run",
+    "stage",
     "upload_plan",
-    "write_plan",
 ]

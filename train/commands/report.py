@@ -22,18 +22,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+import yaml
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from safetensors import safe_open
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from train.infra.evaluation import BRANCHES, evaluate_branches, plot_confusion_matrices  # noqa: E402
-from train.infra.recipe import public_recipe  # noqa: E402
-from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, ablation_fingerprint, open_run  # noqa: E402
+from train.infra.evaluation import (
+    branch_name,
+    evaluate_branches,
+    markdown_table,
+    plot_confusion_matrices,
+    save_figure,
+    vlm_name,
+)
+from train.infra.recipe import public_recipe
+from train.infra.run import ABLATION_TITLES, ABLATIONS, Run, ablation_files, ablation_fingerprint, open_run
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,6 @@ OUTCOME_COLOURS = ("#5aa469", "tab:blue", "tab:orange", "#c8c8c8")
 # Figure 1 compares the VLM with a conventional vision model (the ViT teacher); the second pair is what the gate
 # actually fuses (the VLM and the head distilled from that teacher).
 PAIRS = (("vlm", "teacher"), ("vlm", "head"))
-SHORT = {"vlm": "VLM", "head": "distilled head", "teacher": "ViT teacher", "fused": "fused model"}
 OK, WRONG = "\u2713", "\u2717"
 
 
@@ -65,9 +69,9 @@ class BranchOutputs:
         return self.predictions[branch] == self.labels
 
 
-def branch_outputs(pipeline: Run, split: str = "test") -> BranchOutputs:
+def branch_outputs(run: Run, split: str = "test") -> BranchOutputs:
     """The four branches' logits on a split, as stage `evaluate` computes them."""
-    return BranchOutputs(*pipeline.branch_logits(split))
+    return BranchOutputs(*run.branch_logits(split))
 
 
 def complementarity(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict[str, int]:
@@ -95,20 +99,25 @@ def adapter_parameters(run_dir: Path) -> int | None:
         return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
 
 
-def _vlm_trained(pipeline: Run, total: int) -> str:
+def _vlm_trained(run: Run, total: int) -> str:
     """What stage 1 trained of the VLM: all of it, or a LoRA adapter (`use_peft` defaults to LoRA)."""
-    if not pipeline.recipe.sft.use_peft:
+    if not run.recipe.sft.use_peft:
         return f"{total:,} (stage 1, full fine-tuning)"
-    lora = adapter_parameters(pipeline.output_dir)
+    lora = adapter_parameters(run.output_dir)
     return f"{lora:,} (stage 1, LoRA)" if lora is not None else "a LoRA adapter (stage 1; adapter file not found)"
 
 
-def module_rows(pipeline: Run, metrics: dict, validation: dict, parameters: dict) -> list[dict]:
+def model_type(run: Run) -> str:
+    """The `model_type` of the run's VLM (`qwen2_vl`, ...), which names its family in the report."""
+    return run.fused_config.vlm_config.model_type
+
+
+def module_rows(run: Run, metrics: dict, validation: dict, parameters: dict) -> list[dict]:
     """Table 2: each module's parameters, what trains it, and its accuracy (test and validation)."""
-    vlm_trained = _vlm_trained(pipeline, parameters["vlm"])
+    vlm_trained = _vlm_trained(run, parameters["vlm"])
     fused_total = parameters["vlm"] + parameters["head"] + parameters["gate"]
     rows = [
-        ("vlm", "VLM (Qwen2-VL, tuned)", parameters["vlm"], vlm_trained),
+        ("vlm", f"VLM ({vlm_name(model_type(run))}, tuned)", parameters["vlm"], vlm_trained),
         ("head", "Distillation head", parameters["head"], f"{parameters['head']:,} (stage 2)"),
         ("teacher", "ViT teacher", parameters["teacher"],
          f"{parameters['teacher']:,} (teacher stage; not part of the fused model)"),
@@ -124,17 +133,11 @@ def module_rows(pipeline: Run, metrics: dict, validation: dict, parameters: dict
 # ---- figures -------------------------------------------------------------------------------------------------
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_complementarity(pairs: list[dict], accuracies: dict[str, float], num_examples: int, path: Path) -> Path:
+def plot_complementarity(pairs: list[dict], accuracies: dict[str, float], num_examples: int, path: Path,
+                         vlm_type: str | None = None) -> Path:
     """Figure 1: one stacked bar per (VLM, vision branch) pair, split into both / only VLM / only vision / neither."""
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 1.1 * len(pairs)))
+    fig = Figure(figsize=(10, 1.6 + 1.1 * len(pairs)))
+    ax = fig.subplots()
     names = []
     for row, pair in enumerate(pairs):
         left = 0
@@ -147,8 +150,8 @@ def plot_complementarity(pairs: list[dict], accuracies: dict[str, float], num_ex
                 ax.text(left + count / 2, row, text, ha="center", va="center", fontsize=8)
             left += count
         either = 1 - pair["counts"]["neither right"] / num_examples
-        names.append(f"VLM vs {SHORT[pair['vision']]}\neither right: {either:.1%}")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in OUTCOME_COLOURS]
+        names.append(f"{pair_name(pair, vlm_type)}\neither right: {either:.1%}")
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in OUTCOME_COLOURS]
     labels = ["both right", "only the VLM right", "only the vision branch right", "neither right"]
     ax.legend(handles, labels, ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     ax.set_yticks(range(len(pairs)), names, fontsize=9)
@@ -156,21 +159,28 @@ def plot_complementarity(pairs: list[dict], accuracies: dict[str, float], num_ex
     ax.set_xlim(0, num_examples)
     ax.set_xlabel("test images")
     ax.set_title(f"Complementarity (paper Figure 1): who is right on the {num_examples} test images\n"
-                 f"accuracy: VLM {accuracies['vlm']:.3f}, ViT teacher {accuracies['teacher']:.3f}, "
-                 f"head {accuracies['head']:.3f}, fused {accuracies['fused']:.3f}", fontsize=10)
-    return _save(fig, path)
+                 "accuracy: " + ", ".join(f"{branch_name(b, vlm_type, short=True)} {accuracies[b]:.3f}"
+                                          for b in ("vlm", "teacher", "head", "fused")), fontsize=10)
+    return save_figure(fig, path)
 
 
-def plot_per_class_accuracy(metrics: dict, label_names: list[str], support: list[int], path: Path) -> Path:
+def pair_name(pair: dict, vlm_type: str | None = None) -> str:
+    """"Qwen2-VL vs ViT teacher": a (VLM, vision branch) pair of Figure 1."""
+    return f"{branch_name('vlm', vlm_type, short=True)} vs {branch_name(pair['vision'], short=True)}"
+
+
+def plot_per_class_accuracy(metrics: dict, label_names: list[str], support: list[int], path: Path,
+                            vlm_type: str | None = None) -> Path:
     """Grouped bars: each class's test accuracy for the four branches, with class names and counts."""
     branches = list(metrics)
     width = 0.8 / len(branches)
     x = np.arange(len(label_names))
-    fig, ax = plt.subplots(figsize=(max(9.0, 0.95 * len(label_names) + 4.5), 4.8))
+    fig = Figure(figsize=(max(9.0, 0.95 * len(label_names) + 4.5), 4.8))
+    ax = fig.subplots()
     for i, branch in enumerate(branches):
         values = [metrics[branch]["per_class_accuracy"][j] for j in range(len(label_names))]
         ax.bar(x + (i - (len(branches) - 1) / 2) * width, values, width, color=COLOURS.get(branch),
-               label=f"{BRANCHES.get(branch, branch)} ({metrics[branch]['accuracy']:.3f})")
+               label=f"{branch_name(branch, vlm_type)} ({metrics[branch]['accuracy']:.3f})")
     ax.set_xticks(x, [f"{name}\n(n={n})" for name, n in zip(label_names, support)], fontsize=8,
                   rotation=30 if len(label_names) > 8 else 0)
     ax.set_ylim(0, 1.05)
@@ -180,7 +190,7 @@ def plot_per_class_accuracy(metrics: dict, label_names: list[str], support: list
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
               title="branch (overall accuracy)", title_fontsize=8)
     ax.set_title("Per-class accuracy of each branch on the test split", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pick_disagreements(outputs: BranchOutputs, count: int) -> list[tuple[int, str]]:
@@ -221,7 +231,8 @@ def plot_disagreements(images: list, picked: list[tuple[int, str]], outputs: Bra
     """Figure 4: each picked test image with its true label and the VLM's, the head's and the fused label."""
     columns = min(6, len(picked))
     rows = math.ceil(len(picked) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(2.3 * columns, 3.2 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     predictions = outputs.predictions
     for ax in axes.flat:
         ax.axis("off")
@@ -236,15 +247,12 @@ def plot_disagreements(images: list, picked: list[tuple[int, str]], outputs: Bra
     fig.suptitle("Where the VLM and the distilled head disagree (paper Figure 4): "
                  f"each branch's label and the fused label ({OK} right, {WRONG} wrong)", fontsize=10)
     fig.subplots_adjust(hspace=0.9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False, bbox_inches="tight")
 
 
-def load_test_images(pipeline: Run, rows: Sequence[int], labels: torch.Tensor) -> list:
+def load_test_images(run: Run, rows: Sequence[int], labels: torch.Tensor) -> list:
     """The picked test images from the run's data set; their labels must match the caches' (same row order)."""
-    test = pipeline.data["test"]
+    test = run.data["test"]
     if len(test) != len(labels):
         raise ValueError(f"The test split has {len(test)} images but the feature cache {len(labels)} rows.")
     images = []
@@ -265,42 +273,38 @@ def _fmt(value: float | None) -> str:
 
 
 def module_section(rows: list[dict]) -> list[str]:
-    lines = ["## Modules: parameters and accuracy (paper Table 2)", "",
-             "| module | parameters | trained parameters (stage) | test accuracy | test macro-F1 | validation accuracy |",
-             "|---|---:|---|---:|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row['module']} | {row['parameters']:,} | {row['trained']} | {_fmt(row['accuracy'])} | "
-                     f"{_fmt(row['macro_f1'])} | {_fmt(row['validation_accuracy'])} |")
-    return lines + [""]
+    table = markdown_table(
+        ["module", "parameters", "trained parameters (stage)", "test accuracy", "test macro-F1", "validation accuracy"],
+        [(row["module"], f"{row['parameters']:,}", row["trained"], _fmt(row["accuracy"]), _fmt(row["macro_f1"]),
+          _fmt(row["validation_accuracy"])) for row in rows], align="lrlrrr")
+    return ["## Modules: parameters and accuracy (paper Table 2)", "", table, ""]
 
 
-def complementarity_section(pairs: list[dict], num_examples: int, fused_accuracy: float) -> list[str]:
-    lines = ["## Complementarity of the VLM and the vision branches (paper Figure 1)", "",
-             "![Complementarity](complementarity.png)", "",
-             "| pair | both right | only VLM right | only vision right | neither right | either right | "
-             "fused right where only the VLM is | fused right where only the vision branch is |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def complementarity_section(pairs: list[dict], num_examples: int, fused_accuracy: float,
+                            vlm_type: str | None = None) -> list[str]:
+    rows = []
     for pair in pairs:
         counts = pair["counts"]
         either = num_examples - counts["neither right"]
-        lines.append(
-            f"| VLM vs {SHORT[pair['vision']]} | " + " | ".join(str(counts[o]) for o in OUTCOMES)
-            + f" | {either} ({either / num_examples:.1%}) | {pair['fused_right_when_only_vlm']} of "
-            f"{counts['only VLM right']} | {pair['fused_right_when_only_vision']} of {counts['only vision right']} |")
-    lines += ["", f"\"Either right\" is the accuracy of a perfect arbiter; the fused model reaches "
-              f"{fused_accuracy:.1%}.", ""]
-    return lines
+        rows.append([pair_name(pair, vlm_type), *(counts[o] for o in OUTCOMES),
+                     f"{either} ({either / num_examples:.1%})",
+                     f"{pair['fused_right_when_only_vlm']} of {counts['only VLM right']}",
+                     f"{pair['fused_right_when_only_vision']} of {counts['only vision right']}"])
+    table = markdown_table(["pair", "both right", "only VLM right", "only vision right", "neither right", "either right",
+                            "fused right where only the VLM is", "fused right where only the vision branch is"],
+                           rows, align="lrrrrrrr")
+    return ["## Complementarity of the VLM and the vision branches (paper Figure 1)", "",
+            "![Complementarity](complementarity.png)", "", table, "",
+            f"\"Either right\" is the accuracy of a perfect arbiter; the fused model reaches {fused_accuracy:.1%}.", ""]
 
 
-def per_class_section(metrics: dict, label_names: list[str], support: list[int]) -> list[str]:
+def per_class_section(metrics: dict, label_names: list[str], support: list[int],
+                      vlm_type: str | None = None) -> list[str]:
     branches = list(metrics)
-    lines = ["## Per-class accuracy", "", "![Per-class accuracy](per_class_accuracy.png)", "",
-             "| class | test images | " + " | ".join(BRANCHES[b] for b in branches) + " |",
-             "|---|---:|" + "---:|" * len(branches)]
-    for j, name in enumerate(label_names):
-        lines.append(f"| {name} | {support[j]} | "
-                     + " | ".join(f"{metrics[b]['per_class_accuracy'][j]:.3f}" for b in branches) + " |")
-    return lines + [""]
+    table = markdown_table(["class", "test images", *(branch_name(b, vlm_type) for b in branches)],
+                           [(name, support[j], *(f"{metrics[b]['per_class_accuracy'][j]:.3f}" for b in branches))
+                            for j, name in enumerate(label_names)], align="lr" + "r" * len(branches))
+    return ["## Per-class accuracy", "", "![Per-class accuracy](per_class_accuracy.png)", "", table, ""]
 
 
 def disagreement_section(outputs: BranchOutputs, picked: list, figure: str | None, note: str | None) -> list[str]:
@@ -330,11 +334,11 @@ def shown_path(path: Path) -> str:
         return Path(path).name
 
 
-def ablation_section(pipeline: Run, report_dir: Path) -> list[str]:
+def ablation_section(run: Run, report_dir: Path) -> list[str]:
     """The run's ablation tables and plots, copied next to the report; a pointer to the command where missing."""
-    run_dir = pipeline.output_dir
+    run_dir = run.output_dir
     shown = shown_path(run_dir)
-    current = pipeline.fingerprint()
+    current = run.fingerprint()
     lines = ["## Ablations (paper Tables 3-4, Figure 3)", ""]
     for what in ABLATIONS:
         files = ablation_files(run_dir, what)
@@ -352,12 +356,12 @@ def ablation_section(pipeline: Run, report_dir: Path) -> list[str]:
     return lines
 
 
-def _stale_note(metrics: dict, stored: dict) -> str | None:
+def _stale_note(metrics: dict, stored: dict, vlm_type: str | None = None) -> str | None:
     """Name the branches whose recomputed accuracy differs from `evaluate/results.json`."""
     changed = [b for b in metrics if b in stored and abs(metrics[b]["accuracy"] - stored[b]["accuracy"]) > 1e-9]
     if not changed:
         return None
-    return ("> Note: the accuracy of " + ", ".join(BRANCHES[b] for b in changed) + " differs from "
+    return ("> Note: the accuracy of " + ", ".join(branch_name(b, vlm_type) for b in changed) + " differs from "
             "`evaluate/results.json` (a stage was rerun after evaluation); this report shows the run's current models.")
 
 
@@ -367,59 +371,60 @@ def _stale_note(metrics: dict, stored: dict) -> str | None:
 def write_report(run_dir: str | Path, output_dir: str | Path | None = None, examples: int = 12) -> Path:
     """Write `report.md` and its figures for a finished run (into `<run>/report/` by default); returns its path."""
     run_dir = Path(run_dir)
-    pipeline = open_run(run_dir)
+    run = open_run(run_dir)
     report_dir = Path(output_dir) if output_dir else run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    stored = pipeline.results()
-    label_names = pipeline.labels
-    parameters = stored.get("parameters") or pipeline.parameter_counts()
+    stored = run.results()
+    label_names = run.labels
+    parameters = stored.get("parameters") or run.parameter_counts()
 
-    outputs = branch_outputs(pipeline, "test")
+    outputs = branch_outputs(run, "test")
     test = evaluate_branches(outputs.logits, outputs.labels, label_names)
-    validation_outputs = branch_outputs(pipeline, "validation")
+    validation_outputs = branch_outputs(run, "validation")
     validation = evaluate_branches(validation_outputs.logits, validation_outputs.labels, label_names)["branches"]
     metrics, num_examples = test["branches"], test["num_examples"]
     accuracies = {branch: m["accuracy"] for branch, m in metrics.items()}
     support = torch.bincount(outputs.labels, minlength=len(label_names)).tolist()
     pairs = [pair_summary(outputs, vision) for _, vision in PAIRS]
+    vlm_type = model_type(run)
 
-    plot_complementarity(pairs, accuracies, num_examples, report_dir / "complementarity.png")
-    plot_per_class_accuracy(metrics, label_names, support, report_dir / "per_class_accuracy.png")
-    plot_confusion_matrices(test, report_dir / "confusion_matrices.png")
-    figure, note, picked = _disagreement_figure(pipeline, outputs, examples, report_dir)
+    plot_complementarity(pairs, accuracies, num_examples, report_dir / "complementarity.png", vlm_type)
+    plot_per_class_accuracy(metrics, label_names, support, report_dir / "per_class_accuracy.png", vlm_type)
+    plot_confusion_matrices(test, report_dir / "confusion_matrices.png", vlm_type)
+    figure, note, picked = _disagreement_figure(run, outputs, examples, report_dir)
 
-    recipe = public_recipe(pipeline.recipe.as_set, run_dir)  # a report is shared: no secrets, no local paths
+    recipe = public_recipe(run.recipe.as_set, run_dir)  # a report is shared: no secrets, no local paths
     lines = [f"# EmoVLM-KD report: `{run_dir.name}`", "",
              f"Run folder `{run_dir.name}`; {len(label_names)} classes ({', '.join(label_names)}); test split of "
              f"{num_examples} images, validation split of {len(validation_outputs.labels)}. "
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the run's models and feature caches.", ""]
-    if note := _stale_note(metrics, stored.get("branches", {})):
+    if note := _stale_note(metrics, stored.get("branches", {}), vlm_type):
         lines += [note, ""]
-    lines += module_section(module_rows(pipeline, metrics, validation, parameters))
-    lines += complementarity_section(pairs, num_examples, accuracies["fused"])
-    lines += per_class_section(metrics, label_names, support)
+    lines += module_section(module_rows(run, metrics, validation, parameters))
+    lines += complementarity_section(pairs, num_examples, accuracies["fused"], vlm_type)
+    lines += per_class_section(metrics, label_names, support, vlm_type)
     lines += ["## Confusion matrices", "", "Rows: true class, normalised; numbers: image counts.", "",
               "![Confusion matrices](confusion_matrices.png)", ""]
     lines += disagreement_section(outputs, picked, figure, note)
-    lines += ablation_section(pipeline, report_dir)
+    lines += ablation_section(run, report_dir)
     lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def _disagreement_figure(pipeline: Run, outputs: BranchOutputs, examples: int,
+def _disagreement_figure(run: Run, outputs: BranchOutputs, examples: int,
                          report_dir: Path) -> tuple[str | None, str | None, list]:
     """Figure 4's PNG name (or None, with the reason, when no images can be shown)."""
     picked = pick_disagreements(outputs, examples) if examples > 0 else []
     if not picked:
         return None, "No test image where the VLM and the head disagree." if examples > 0 else None, []
     try:
-        images = load_test_images(pipeline, [row for row, _ in picked], outputs.labels)
+        images = load_test_images(run, [row for row, _ in picked], outputs.labels)
     except Exception as error:  # noqa: BLE001 — a missing data set must not cost the rest of the report
         logger.warning("No example images in the report: %s", error)
         return None, f"> The example images could not be loaded from the run's data set: {error}", picked
-    plot_disagreements(images, picked, outputs, pipeline.labels, report_dir / "disagreements.png")
+    plot_disagreements(images, picked, outputs, run.labels, report_dir / "disagreements.png")
     return "disagreements.png", None, picked
 
 
@@ -430,11 +435,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace) -> None:
     """`python -m train report`: write the report and print its path."""
-    path = write_report(args.run, args.output_dir, args.examples)
-    print(f"Report: {path}")
-    return path
+    print(f"Report: {write_report(args.run, args.output_dir, args.examples)}")
 
 
 __all__ = [
@@ -448,6 +451,6 @@ __all__ = [
     "plot_complementarity",
     "plot_disagreements",
     "plot_per_class_accuracy",
-    "run",
+    "main",
     "write_report",
 ]

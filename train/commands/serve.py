@@ -338,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uvicorn's log level (info: one line per request).")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -377,4 +377,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Batcher", "Counters", "RequestError", "Settings", "add_arguments", "build_app", "byte_size", "run"]
+__all__ = ["Batcher", "Counters", "RequestError", "Settings", "add_arguments", "build_app", "byte_size", "main"]

@@ -17,9 +17,10 @@ The Space gets, in one commit:
 - `examples/<title>/<image>`: `--examples DIR` (`<label>/<image>` files), or else the example images the model
   repository carries at that commit (`python -m train push` uploads them for the card's widget).
 
-Files of an earlier push-space that this one lacks are deleted in the same commit. `--dry-run DIR` writes the files
-into DIR instead; it still asks the Hub (read only) for the model's commit. The token comes from `HF_TOKEN` or
-`hf auth login`. Link the model card to the Space with `python -m train push ... --space ORG/NAME-demo`.
+As for `python -m train push`, the files are written into a staging folder, which one commit makes the Space's whole
+content: files of an earlier push-space that this one lacks are deleted in the same commit. `--dry-run DIR` writes the
+staging folder into DIR and stops; it still asks the Hub (read only) for the model's commit. The token comes from
+`HF_TOKEN` or `hf auth login`. Link the model card to the Space with `python -m train push ... --space ORG/NAME-demo`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jinja2
 import yaml
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import (
@@ -43,17 +43,17 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from train.commands.card import CARDS_DIR, PublishError, render_template
 from train.commands.publish import (
-    CARDS_DIR,
     EXAMPLE_SUFFIXES,
     EXAMPLES_FOLDER,
     MAX_EXAMPLES,
-    PublishError,
     authenticate,
+    commit_folder,
     hub_write_error,
-    mirror_operations,
+    print_staged,
     safe_name,
-    write_plan,
+    stage,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,8 @@ def space_readme(model: str, space: str, revision: str, versions: dict[str, str]
         "short_description": "EmoVLM-KD: VLM, distilled head and gate, side by side",
         "pinned": False,
     }
-    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                                     undefined=jinja2.StrictUndefined)
-    template = environment.from_string(TEMPLATE_PATH.read_text(encoding="utf-8"))
-    text = template.render(
-        front_matter=yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).strip(),
+    text = render_template(
+        TEMPLATE_PATH, front_matter=yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).strip(),
         title=title, model=model, space=space, revision=revision, model_url=f"{endpoint.rstrip('/')}/{model}",
         gradio_version=versions["gradio"], examples=examples, examples_source=examples_source,
     )
@@ -203,26 +200,22 @@ def push_space(model: str, space: str, revision: str = "main", examples: str | P
     api = HfApi(token=token)
     if dry_run is None:
         user = authenticate(api)
-    with tempfile.TemporaryDirectory(prefix="emovlm-space-") as download_dir:
-        plan, sha = space_plan(api, model, space, revision, examples, Path(download_dir))
-        # Read the downloaded examples before the temporary folder goes.
-        plan = {path: source.read_bytes() if isinstance(source, Path) and Path(download_dir) in source.parents
-                else source for path, source in plan.items()}
-    if dry_run is not None:
-        return write_plan(plan, dry_run), sha
-    try:
-        api.create_repo(space, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-        info = api.space_info(space)
-        operations = mirror_operations(set(api.list_repo_files(space, repo_type="space", revision=info.sha)), plan)
-        result = api.create_commit(
-            space, operations, repo_type="space", parent_commit=info.sha,
-            commit_message=commit_message or f"EmoVLM-KD demo for {model}@{sha[:12]}",
-            commit_description=f"Pushed by {user.get('name')} with `python -m train push-space`; the app loads "
-                               f"{model} at commit {sha}.",
-        )
-    except (RepositoryNotFoundError, HfHubHTTPError) as error:
-        raise hub_write_error(error, f"the Space {space}", f"The Space {space} changed while pushing; nothing was "
-                                                           "committed. Run it again.") from None
+    with tempfile.TemporaryDirectory(prefix="emovlm-space-") as work:
+        plan, sha = space_plan(api, model, space, revision, examples, Path(work) / "downloads")
+        if dry_run is not None:
+            return stage(plan, dry_run), sha
+        try:
+            api.create_repo(space, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+            info = api.space_info(space)
+            result = commit_folder(
+                api, space, stage(plan, Path(work) / "space", link=True), info.sha, repo_type="space",
+                commit_message=commit_message or f"EmoVLM-KD demo for {model}@{sha[:12]}",
+                commit_description=f"Pushed by {user.get('name')} with `python -m train push-space`; the app loads "
+                                   f"{model} at commit {sha}.",
+            )
+        except (RepositoryNotFoundError, HfHubHTTPError) as error:
+            raise hub_write_error(error, f"the Space {space}", f"The Space {space} changed while pushing; nothing "
+                                                               "was committed. Run it again.") from None
     return result, sha
 
 
@@ -240,21 +233,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     try:
         result, sha = push_space(args.model, args.space, revision=args.model_revision, examples=args.examples,
                                  private=args.private, dry_run=args.dry_run, commit_message=args.commit_message)
     except PublishError as error:
         sys.exit(f"push-space: error: {error}")
     if args.dry_run is not None:
-        files = sorted(p for p in Path(result).rglob("*") if p.is_file())
-        print(f"Dry run: the {len(files)} files of the Space {args.space} ({args.model} pinned to {sha}) are in "
-              f"{result}:")
-        for path in files:
-            print(f"  {path.relative_to(result).as_posix():<32} {path.stat().st_size:>12,} bytes")
-        return
+        return print_staged(result, f"of the Space {args.space} ({args.model} pinned to {sha})")
     print(f"Pushed the Space {args.space}: commit {result.oid}\n  {constants.ENDPOINT.rstrip('/')}/spaces/"
           f"{args.space}\nIt loads {args.model} at commit {sha}.")
 
 
-__all__ = ["add_arguments", "push_space", "run", "space_plan"]
+__all__ = ["add_arguments", "main", "push_space", "space_plan"]

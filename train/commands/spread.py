@@ -17,9 +17,11 @@ import statistics
 
 from train import STAGES
 from train.commands.arguments import positive_int
-from train.infra.recipe import Recipe, load_recipe
-from train.infra.run import read_results
-from train.stages.pipeline import Pipeline, child_pipeline
+from train.infra.evaluation import branch_name, markdown_table
+from train.infra.locks import LockedError
+from train.infra.recipe import Recipe, RecipeError, load_recipe
+from train.infra.run import Run, read_results
+from train.stages.pipeline import Pipeline, StageError, check_run_made_with, child_pipeline
 
 SEEDED_STAGES = ("distill", "gate", "evaluate")
 SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seeded stages read, upstream
@@ -34,19 +36,22 @@ def child_run(parent: Recipe, seed: int) -> Pipeline:
 
 def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
     """Test-split accuracy and macro-F1 of every branch over the run's seed and `seeds - 1` more: per seed, mean and
-    sample standard deviation. The parent run must be finished (its own seed is read, not retrained)."""
+    sample standard deviation. The parent run must be finished and made with `parent` (its recorded settings, inputs
+    and data are the recipe's: its own seed's results are read, not retrained); otherwise `StageError`, and nothing
+    is written."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}.")
     runs = {parent.seed: Pipeline(parent)}
+    check_run_made_with(runs[parent.seed], STAGES[: STAGES.index("evaluate") + 1])
     for seed in range(parent.seed + 1, parent.seed + seeds):
         child = child_run(parent, seed)
         child.run(stages=SEEDED_STAGES)
         runs[seed] = child
     per_seed = {}
-    for seed, pipeline in runs.items():
-        results = read_results(pipeline.output_dir)
+    for seed, child in runs.items():
+        results = read_results(child.output_dir)
         if not results:
-            raise FileNotFoundError(f"{pipeline.output_dir} has no results.json: finish the run first.")
+            raise FileNotFoundError(f"{child.output_dir} has no results.json: finish the run first.")
         per_seed[seed] = {branch: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
                           for branch, m in results["branches"].items()}
     branches = next(iter(per_seed.values()))
@@ -58,28 +63,25 @@ def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
             summary[branch][metric] = {"mean": statistics.fmean(values),
                                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     table = {"seeds": list(per_seed), "per_seed": per_seed, "summary": summary,
-             "num_examples": read_results(parent.output_dir)["num_examples"]}
+             "num_examples": read_results(parent.output_dir)["num_examples"],
+             "vlm_type": Run(parent).fused_config.vlm_config.model_type}
     path = parent.output_dir / "seeds" / "spread.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=2) + "\n")
     return table
 
 
-NAMES = {"vlm": "Qwen2-VL (label scores)", "head": "Distilled head", "teacher": "ViT teacher",
-         "fused": "EmoVLM-KD (fused)"}
-
-
 def format_spread(table: dict, single: dict) -> str:
     """Markdown: each branch's single-run accuracy beside its mean ± std over the seeds."""
     seeds = table["seeds"]
-    lines = [f"| branch | this run (seed {seeds[0]}) | accuracy over seeds {', '.join(map(str, seeds))} | "
-             "macro-F1 over seeds |", "|---|---|---|---|"]
+    rows = []
     for branch, summary in table["summary"].items():
         acc, f1 = summary["accuracy"], summary["macro_f1"]
         fixed = " (fixed: not seeded here)" if branch in ("vlm", "teacher") else ""
-        lines.append(f"| {NAMES.get(branch, branch)} | {single['branches'][branch]['accuracy']:.4f} | "
-                     f"{acc['mean']:.4f} ± {acc['std']:.4f}{fixed} | {f1['mean']:.4f} ± {f1['std']:.4f} |")
-    return "\n".join(lines)
+        rows.append((branch_name(branch, table["vlm_type"]), f"{single['branches'][branch]['accuracy']:.4f}",
+                     f"{acc['mean']:.4f} ± {acc['std']:.4f}{fixed}", f"{f1['mean']:.4f} ± {f1['std']:.4f}"))
+    return markdown_table(["branch", f"this run (seed {seeds[0]})", f"accuracy over seeds {', '.join(map(str, seeds))}",
+                           "macro-F1 over seeds"], rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,11 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict:
-    parent = load_recipe(args.config, args.set, output_dir=args.output_dir)
-    table = seed_spread(parent, args.seeds)
+def main(args: argparse.Namespace) -> None:
+    """`python -m train spread`: retrain stages 2-3 over the seeds and print the table."""
+    try:
+        parent = load_recipe(args.config, args.set, output_dir=args.output_dir)
+        table = seed_spread(parent, args.seeds)
+    except (RecipeError, StageError, LockedError) as err:
+        raise SystemExit(f"error: {err}") from None
     print(format_spread(table, read_results(parent.output_dir)))
-    return table
 
 
-__all__ = ["child_run", "format_spread", "seed_spread"]
+__all__ = ["add_arguments", "child_run", "format_spread", "main", "seed_spread"]

@@ -391,10 +391,10 @@ def verify_model(model: str, data: dict, split: str | None = None, revision: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from train.commands.evaluate_model import add_arguments as evaluate_arguments
+    from train.commands.evaluate_model import add_model_arguments
 
     parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="A finished run folder to verify.")
-    evaluate_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--output-dir", help="--model: keep the recomputed outputs here (resumable; default: a "
                                              "temporary folder).")
     parser.add_argument("--tolerance", type=float, default=0.0,
@@ -407,7 +407,7 @@ def _refuse(message: str):
     sys.exit(2)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """`python -m train verify`: prints the table; exits 1 when a check differs, 2 when nothing can be verified."""
     from train.commands.evaluate_model import EvaluationError, data_from_args
     from train.infra.recipe import RecipeError
@@ -441,4 +441,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Check", "add_arguments", "format_checks", "run", "verify_model", "verify_run"]
+__all__ = ["Check", "add_arguments", "format_checks", "main", "verify_model", "verify_run"]

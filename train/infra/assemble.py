@@ -29,6 +29,7 @@ from modeling_emovlm_kd.backbones import DEFAULT_MODEL_TYPE, get_backbone
 from modeling_emovlm_kd.configuration_emovlm_kd import PROMPT_KEYS
 from modeling_emovlm_kd.loading_emovlm_kd import TRAINED_MODULES
 from modeling_emovlm_kd.loading_emovlm_kd import quantization_config as four_bit_config
+from train.infra.files import public_json
 
 # Modules that stay in full precision when the VLM is loaded in 4 bits (`loading_emovlm_kd.py`).
 FULL_PRECISION_MODULES = get_backbone(DEFAULT_MODEL_TYPE).skip_modules(TRAINED_MODULES)
@@ -161,14 +162,13 @@ def save_hub_folder(model: EmoVLMKDForImageClassification, processor: EmoVLMKDPr
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_killed_save(output_dir)
     register_for_auto_class(model.config)
-    # transformers records where each config was loaded from; for a run's model that is a local folder
-    # (`<run>/sft/merged`), which means nothing elsewhere and must not be published.
-    for config in (model.config, model.config.vlm_config):
-        if os.path.isabs(str(getattr(config, "_name_or_path", "") or "")):
-            config._name_or_path = ""
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        # transformers records where each config was loaded from; for a run's model that is a local folder
+        # (`<run>/sft/merged`), which means nothing elsewhere and must not be published.
+        if (public := public_json(staging / "config.json")) is not None:
+            (staging / "config.json").write_bytes(public)
         processor.save_pretrained(staging)
         # The pipeline class named by `config.custom_pipelines` is not an Auto class: copy its files by hand.
         for name in FRONT_DOOR_FILES:

@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from train.infra.files import write_text_atomic
+from train.infra.secrets import redact_text
 
 
 class LockedError(RuntimeError):
@@ -48,7 +49,8 @@ def exclusive(lock_path: str | Path, what: str):
         ) from None
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
+                # The holder's command line, shown to a second process: credentials inside URLs masked.
+                "command": redact_text(" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))[:300]}
         write_text_atomic(json.dumps(info), info_path)  # readers never see it half-written
         yield lock_path
     finally:

@@ -17,9 +17,22 @@ every key and the type of every value against the section's dataclass, so a miss
 of the wrong type, fails at once with `section.key`, what was wrong and the allowed keys, before anything is trained
 or deleted. `python -m train recipe --help` lists every field with its help text and default.
 
-What a run stores about its recipe: `<output_dir>/recipe.yaml` keeps it whole (it never leaves the machine);
-`public_recipe` is what goes into `results.json`, the report and the model card, with secrets removed and local
-paths made relative to the run or dropped.
+Every numeric value must lie in its range (`train/configs/ranges.py`), so `num_train_epochs: 0`, an infinite
+temperature or a negative seed stop the run at start too. YAML anchors and aliases are allowed, but a document whose
+aliases expand to more than `MAX_YAML_VALUES` values (an "alias bomb") or that refers to itself is refused before
+anything expands it.
+
+What is checked does not depend on the machine: a recipe for a bf16 GPU validates on a laptop. What this machine
+must have is checked when a stage starts (`Recipe.check_device`: `sft.bf16` without a bf16 GPU is one line naming
+the key to change), and the data (`Recipe.check_data`) where it is: `python -m train recipe` checks the data root's
+layout when the root is here (and refuses a missing one with `--check-data`); the pipeline and the stage commands
+load the data's file list before any stage runs or any stage folder is removed.
+
+What a run stores about its recipe: `<output_dir>/recipe.yaml` keeps it whole (it never leaves the machine; only
+its owner may read it, mode 0600); `public_recipe` is what goes into `results.json`, the report and the model card,
+with secrets removed (keys naming a key, token, secret or password; credentials inside URLs, such as
+`https://user:password@host` or `?api-key=...`) and local paths made relative to the run or dropped. Error messages
+redact URL credentials too.
 """
 
 from __future__ import annotations
@@ -42,8 +55,10 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from modeling_emovlm_kd import resolve_label_set
+from train.configs import ranges
 from train.configs.sections import BaseModelsSection, DataSection, InstructionsSection, ModelSection
 from train.infra import registry, stage_table
+from train.infra.secrets import redact_text
 from train.infra.trackers import check_report_to
 
 if TYPE_CHECKING:
@@ -54,7 +69,16 @@ if TYPE_CHECKING:
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot run: the message names the file, the `section.key` and what is allowed."""
+    """A recipe that cannot run: the message names the file, the `section.key` and what is allowed (credentials
+    inside URLs redacted: a message may quote a value)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_text(str(message)))
+
+
+class DeviceError(RecipeError):
+    """A valid recipe that this machine cannot run now (bf16 without a bf16 GPU, fp16 without CUDA, ...): the message
+    names the key to change."""
 
 
 @dataclass
@@ -164,11 +188,46 @@ def parse_section(name: str, cls, values: Any, where: str = "recipe", defaults: 
             checked[key] = _typed(value, types_[key], _field_actions(cls)[key])
         except TypeError as err:
             raise RecipeError(f"{where}: {name}.{key}: {err}.") from None
+        problem = ranges.check_value(name, key, checked[key])
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
+    values = {**(defaults or {}), **checked}
+    # Validation does not depend on the machine: TrainingArguments refuses bf16 (and tf32) where the hardware lacks
+    # it, so the section is parsed with them off and given back as the recipe says; `Recipe.check_device` checks
+    # them when a stage starts.
+    hardware = {key: None if key == "tf32" else False for key in HARDWARE_KEYS if values.get(key)}
     try:
-        (parsed,) = HfArgumentParser(cls).parse_dict({**(defaults or {}), **checked}, allow_extra_keys=False)
+        (parsed,) = HfArgumentParser(cls).parse_dict({**values, **hardware}, allow_extra_keys=False)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{where}: section {name!r} is invalid: {err}") from err
+    for key in hardware:
+        setattr(parsed, key, values[key])
+    problem = ranges.related(name, {key: getattr(parsed, key, None) for key in ranges.RELATED_KEYS})
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
     return parsed, checked
+
+
+# TrainingArguments' values that only some machines can run (checked by `Recipe.check_device` at stage start).
+HARDWARE_KEYS = ("bf16", "bf16_full_eval", "fp16", "fp16_full_eval", "tf32")
+
+
+def _bf16_gpu() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _tf32() -> bool:
+    from transformers.utils import is_torch_tf32_available
+
+    return is_torch_tf32_available()
 
 
 def _close_match(key: str, allowed) -> str:
@@ -214,13 +273,152 @@ class Recipe:
 
     def stage_config(self, stage: str, **fixed):
         """A fresh config of `stage` for running it: its section over `stage_defaults`, with the fields the
-        pipeline sets (`fixed`, e.g. the base model's resolved folder)."""
+        pipeline sets (`fixed`, e.g. the base model's resolved folder). This machine must be able to run it
+        (`check_device`)."""
+        self.check_device(stage)
         values = {**stage_defaults(self.output_dir, self.seed, stage), **(self.as_set.get(stage) or {}), **fixed}
         return stage_table.get(stage).config_class()(**values)
+
+    def check_device(self, stage: str) -> None:
+        """Raise `DeviceError`, one line naming the key to change, if this machine cannot run `stage` as the recipe
+        says (the hardware checks `validate_recipe` leaves out, so that a recipe validates on any machine)."""
+        config = getattr(self, stage, None)
+        if stage not in stage_table.config_sections() or config is None:
+            return
+        for key in ("bf16", "bf16_full_eval"):
+            if getattr(config, key) and not config.use_cpu and not _bf16_gpu():
+                raise DeviceError(f"{self.source}: {stage}.{key}: this machine has no GPU with bf16; set "
+                                  f"{stage}.{key}=false (or {stage}.use_cpu=true to train in bf16 on the CPU), or run "
+                                  "on a GPU with bf16.")
+        for key in ("fp16", "fp16_full_eval"):
+            if getattr(config, key) and not _cuda():
+                raise DeviceError(f"{self.source}: {stage}.{key}: this machine has no CUDA GPU; set {stage}.{key}=false, "
+                                  "or run on a GPU.")
+        if config.tf32 and not _tf32():
+            raise DeviceError(f"{self.source}: {stage}.tf32: this machine has no GPU with TF32 (Ampere or newer); "
+                              f"unset {stage}.tf32, or run on such a GPU.")
+
+    def data_options(self) -> tuple[str, dict[str, Any]]:
+        """The data set's kind and its loader's options, as a run reads them (`Run.data`): the recipe's labels for a
+        generic loader, `split_file: null` in the run folder."""
+        data = dict(self.as_set["data"])
+        kind = data.pop("kind")
+        if not registry.get(kind).named:  # generic loaders (imagefolder, hub) take the recipe's labels
+            data.setdefault("labels", self.labels)
+        if "split_file" in data and data["split_file"] is None:
+            data["split_file"] = str(self.output_dir / "split.json")
+        return kind, data
+
+    def require_data_root(self) -> None:
+        """Raise `RecipeError` if the data's root folder (or a Hub data set named by a local path) is not here."""
+        kind, options = self.data_options()
+        if kind == "hub":
+            source = str(options.get("name_or_path"))
+            if _looks_like_local_path(source) and not Path(source).expanduser().exists():
+                raise RecipeError(f"{self.source}: data.name_or_path: {source} does not exist.")
+            return
+        root = options.get("root")
+        if root is not None and not Path(root).exists():
+            raise RecipeError(f"{self.source}: data.root: {root} does not exist (data kind {kind!r}).")
+
+    def check_data(self, required: bool = False) -> str | None:
+        """Check the recipe's data on this machine, as cheaply as its loader allows (the file list and labels, no
+        image decoded; a split file that does not exist yet is made in a temporary folder, so checking writes
+        nothing). A root that is not here is an error when `required`, else the returned note says it was not
+        checked (a recipe written for another machine). A Hub data set is not loaded (it may be large): the first
+        stage reads it. Raises `RecipeError` naming what is wrong."""
+        import tempfile
+
+        kind, options = self.data_options()
+        try:
+            self.require_data_root()
+        except RecipeError:
+            if required:
+                raise
+            where = f"data.name_or_path {options.get('name_or_path')}" if kind == "hub" else f"data.root {options.get('root')}"
+            return f"{where} does not exist here: not checked (--check-data requires it)."
+        if kind == "hub":
+            return (f"data.name_or_path {options.get('name_or_path')}: a Hub data set is read when the first stage "
+                    "runs, not checked here.")
+        from train.infra.data import load_dataset_from_config
+
+        with tempfile.TemporaryDirectory(prefix="emovlm-check-") as scratch:
+            split = options.get("split_file")
+            if split is not None and not Path(split).exists():
+                options["split_file"] = str(Path(scratch) / "split.json")
+            try:
+                dataset = load_dataset_from_config(kind, **options)
+            except (ValueError, OSError, KeyError) as err:
+                raise RecipeError(f"{self.source}: data: {err}") from None
+        names = next(iter(dataset.values())).features["label"].names
+        if names != self.labels:
+            raise RecipeError(f"{self.source}: data: the data set's labels {names} differ from the recipe's "
+                              f"labels {self.labels}.")
+        return None
 
     def public(self) -> dict:
         """What may leave the machine (`public_recipe`), local paths relative to the run folder."""
         return public_recipe(self.as_set, self.output_dir)
+
+
+# The most values a recipe's YAML may expand to through its aliases: a recipe has a few hundred; a "billion laughs"
+# document of a few lines expands to 10^9 and exhausts memory wherever it is walked (merged, hashed, published).
+MAX_YAML_VALUES = 100_000
+
+
+class AliasBombError(yaml.YAMLError):
+    """A YAML document whose aliases expand too far, or refer to the value that contains them."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses, before anything is constructed, a document that refers to itself or whose
+    aliases expand to more than `MAX_YAML_VALUES` values (an alias is composed once and shared; only walking the
+    constructed value expands it)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root) -> None:
+    """Count the values `root` expands to (each shared node counted once per place it appears, computed once per
+    node), depth first without recursion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a cycle
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise AliasBombError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values; write the "
+                                     "values out (an alias bomb?)")
+            continue
+        if id(node) in sizes:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in open_nodes:
+                raise AliasBombError("an alias refers to the value that contains it")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def load_yaml(text: str):
+    """YAML as recipes are read: safe, with bounded aliases (`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
 
 
 def apply_overrides(recipe: dict, overrides) -> dict:
@@ -236,15 +434,22 @@ def apply_overrides(recipe: dict, overrides) -> dict:
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {override!r}: {parent!r} is not a section.")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = load_yaml(value)
+        except AliasBombError as err:
+            raise RecipeError(f"--set {key}: {err}.") from None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {key}: the value is not valid YAML: {err}") from None
     return recipe
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
+        recipe = load_yaml(path.read_text()) or {}
     except OSError as err:
         raise RecipeError(f"Cannot read recipe {path}: {err}") from err
+    except AliasBombError as err:
+        raise RecipeError(f"{path}: {err}.") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
@@ -310,6 +515,9 @@ def validate_recipe(recipe: dict, where: str = "recipe") -> Recipe:
                 as_set[key] = _typed(recipe[key], kind, _field_actions(_RunValues)[key])
             except TypeError as err:
                 raise RecipeError(f"{where}: {key}: {err}.") from None
+            problem = ranges.check_value("", key, as_set[key])
+            if problem:
+                raise RecipeError(f"{where}: {problem}")
     try:
         labels = resolve_label_set(recipe["labels"])
     except (ValueError, TypeError, KeyError) as err:
@@ -387,10 +595,11 @@ def load_recipe(path: str | Path, overrides=(), output_dir: str | None = None) -
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """The whole validated recipe (secrets included) for this machine's run folder only."""
+    """The whole validated recipe (secrets included) for this machine's run folder only: readable by its owner
+    alone (mode 0600), like any file that holds a credential."""
     from train.infra.files import write_text_atomic
 
-    write_text_atomic(yaml.safe_dump(recipe.as_set, sort_keys=False), path)
+    write_text_atomic(yaml.safe_dump(recipe.as_set, sort_keys=False), path, mode=0o600)
 
 
 def recipe_help() -> str:
@@ -432,7 +641,7 @@ REDACTED = "<redacted>"
 
 def public_recipe(recipe: dict, run_dir: str | Path | None = None) -> dict:
     """`recipe` without secrets (keys naming a key, token, secret or password; values that look like bearer
-    tokens) and without local paths: an absolute path inside `run_dir` becomes relative to it, any other absolute
+    tokens; credentials inside URLs) and without local paths: an absolute path inside `run_dir` becomes relative to it, any other absolute
     path is dropped (so is `output_dir`)."""
     run_dir = Path(run_dir).resolve() if run_dir else None
 
@@ -453,6 +662,7 @@ def public_recipe(recipe: dict, run_dir: str | Path | None = None) -> dict:
         if isinstance(value, str):
             if SECRET_VALUE.match(value):
                 return REDACTED
+            value = redact_text(value)  # credentials inside URLs: `https://user:pw@host`, `?api-key=...`
             if _looks_like_local_path(value):
                 path = Path(value).expanduser()
                 if run_dir is not None:
@@ -478,6 +688,7 @@ def _looks_like_local_path(value: str) -> bool:
         os.path.expanduser("~"))
 
 
-__all__ = ["BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection", "Recipe", "RecipeError",
-           "apply_overrides", "load_recipe", "merge", "parse_section", "public_recipe", "read_recipe", "recipe_help",
-           "resolve_bases", "save_recipe", "validate_recipe"]
+__all__ = ["MAX_YAML_VALUES", "BaseModelsSection", "DataSection", "DeviceError", "InstructionsSection",
+           "ModelSection", "Recipe", "RecipeError", "RecipeLoader", "apply_overrides", "load_recipe", "load_yaml",
+           "merge", "parse_section", "public_recipe", "read_recipe", "recipe_help", "resolve_bases", "save_recipe",
+           "validate_recipe"]

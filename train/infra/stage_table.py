@@ -24,7 +24,9 @@ class Stage:
     depends on, a section or one `section.key` (it reruns when one of them changed). `config`: the class its recipe
     section (named like the stage) is parsed into, for the `Trainer` stages. `title`: its section of the model card.
     `run`: `"module:function"`, called with the pipeline's `StageContext`; it returns what the stage's marker records
-    besides its provenance (or None)."""
+    besides its provenance (or None). `data_splits`: the splits of the recipe's data set it reads: their fingerprint
+    (files, sizes, modification times, labels: `train/infra/provenance.py`) is part of its provenance, so it reruns
+    when the data folder's contents change under the same recipe."""
 
     name: str
     run: str
@@ -33,6 +35,7 @@ class Stage:
     settings: tuple[str, ...] = ()
     config: str | None = None
     title: str | None = None
+    data_splits: tuple[str, ...] = ()
 
     def run_function(self):
         return _resolve(self.run)
@@ -54,20 +57,21 @@ TABLE: tuple[Stage, ...] = (
           # The answers depend on the images, their labels, the generator (the base VLM for `local`) and which kinds
           # stage 1 trains on; not on how fast they are asked for (num_workers, requests_per_minute: NOT_RESULTS).
           settings=("labels", "data", "base_models", "instructions", "sft.instruction_kinds", "model.min_pixels",
-                    "model.max_pixels")),
+                    "model.max_pixels"), data_splits=("train",)),
     Stage("sft", "train.stages.sft:run", "stage 1: instruction-tune the VLM", reads=("base", "instructions"),
           settings=("seed", "labels", "data", "base_models", "sft", "model.categorical_prompt",
                     "model.conversation_prompt", "model.reasoning_prompt", "model.min_pixels", "model.max_pixels"),
-          config="train.configs.sft_config:SFTStageConfig",
+          config="train.configs.sft_config:SFTStageConfig", data_splits=("train", "validation"),
           title="Stage 1: instruction tuning of the VLM (TRL `SFTTrainer`)"),
     Stage("teacher", "train.stages.teacher:run", "fine-tune the vision teacher", reads=("base",),
           settings=("seed", "labels", "data", "base_models", "teacher"),
-          config="train.configs.teacher_config:TeacherConfig",
+          config="train.configs.teacher_config:TeacherConfig", data_splits=("train", "validation"),
           title="Teacher: fine-tuning the vision teacher on the labels"),
     Stage("features", "train.stages.features:run", "cache the frozen VLM's features and the teacher's logits",
           reads=("sft", "teacher"),
           settings=("labels", "data", "model.load_in_4bit", "model.dtype", "model.feature_batch_size",
-                    "model.pooling", "model.categorical_prompt", "model.min_pixels", "model.max_pixels")),
+                    "model.pooling", "model.categorical_prompt", "model.min_pixels", "model.max_pixels"),
+          data_splits=("train", "validation", "test")),
     Stage("distill", "train.stages.distill:run", "stage 2: distil the teacher into the head", reads=("features",),
           settings=("seed", "distill", "model.head_hidden_dims", "model.head_activation", "model.head_dropout"),
           config="train.configs.distill_config:DistillationConfig",

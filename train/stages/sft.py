@@ -15,18 +15,23 @@ adapters active) is the image's label, the metric stages 2-3 and the export are 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import PartialState
 from peft import PeftModel
+from PIL import ExifTags, Image
 from transformers import AutoModelForImageTextToText, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
+from trl.data_utils import prepare_multimodal_messages
 
 from modeling_emovlm_kd import EmoVLMKDConfig, EmoVLMKDForImageClassification
-from train.configs.sft_config import SFTStageConfig
+from train.configs.sft_config import LENGTH_SAMPLERS, SFTStageConfig
 from train.infra.assemble import load_processor, quantization_config
 from train.stages.instructions import build_instruction_dataset
 from train.stages.trainer_utils import StrictCheckpointLoading
@@ -54,6 +59,67 @@ def validation_subset(dataset, max_images: int | None, seed: int):
     if max_images is None or max_images >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(max_images))
+
+
+def add_length_column(dataset, processor, column: str = "length"):
+    """`dataset` (`images`, `messages`) with each row's token count in `column`, as the vision-language collator
+    builds the row: the chat template's tokens, each image placeholder expanded to its visual tokens (the image's
+    patches at the processor's resized size, `merge_size**2` per token). The image sizes come from the files' headers
+    (EXIF rotation applied, as the processor does), so this costs a tokenisation per row, no decoding.
+
+    `train_sampling_strategy: group_by_length` (and `batch_rebalance`) read it: TRL prepares no `input_ids` for
+    vision data sets, from which `Trainer` would infer lengths."""
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    per_token = image_processor.merge_size**2
+    rows = dataset.select_columns(["images", "messages"])
+    if isinstance(rows.features["images"], datasets.List) and isinstance(rows.features["images"].feature,
+                                                                          datasets.Image):
+        rows = rows.cast_column("images", datasets.List(datasets.Image(decode=False)))  # headers only
+    lengths = []
+    for batch in rows.iter(batch_size=256):
+        conversations = [prepare_multimodal_messages(messages, images=images)
+                         for messages, images in zip(batch["messages"], batch["images"])]
+        texts = processor.apply_chat_template(conversations, tokenize=False)
+        for ids, images in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], batch["images"]):
+            visual = sum(image_processor.get_number_of_image_patches(*_image_height_width(image)) // per_token
+                         for image in images)
+            lengths.append(len(ids) - ids.count(image_token_id) + visual)
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    return dataset.add_column(column, lengths)
+
+
+def _image_height_width(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or an undecoded `datasets.Image` value, as the processor will orient it."""
+    if isinstance(image, dict):
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        with Image.open(source) as opened:
+            return _oriented(opened)
+    return _oriented(image)
+
+
+def _oriented(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    # EXIF orientations 5-8 are transposed: the processor (`exif_transpose`) swaps the sides.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+        width, height = height, width
+    return height, width
+
+
+@contextlib.contextmanager
+def masked_attention(vlm):
+    """Label scoring passes a 4D mask (each label sees the prompt and itself only), which flash-attention kernels
+    cannot take: a model training with them scores with sdpa, then switches back."""
+    current = vlm.config._attn_implementation
+    if current in ("eager", "sdpa"):
+        yield
+        return
+    vlm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        vlm.set_attn_implementation(current)
 
 
 def label_scorer(vlm, processor) -> EmoVLMKDForImageClassification:
@@ -117,36 +183,55 @@ class EmoVLMSFTTrainer(StrictCheckpointLoading, SFTTrainer):
                                               contiguous=True)
         correct, batch_size = 0, self.args.per_device_eval_batch_size
         try:
-            for start in range(0, len(shard), batch_size):
-                rows = shard[start : start + batch_size]
-                inputs = image_processor(rows["image"], return_tensors="pt").to(device)
-                features = scorer.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-                scores = scorer.score_labels(features, inputs["image_grid_thw"])
-                correct += int((scores.argmax(-1).cpu() == torch.tensor(rows["label"])).sum())
+            with masked_attention(vlm):
+                for start in range(0, len(shard), batch_size):
+                    rows = shard[start : start + batch_size]
+                    inputs = image_processor(rows["image"], return_tensors="pt").to(device)
+                    features = scorer.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+                    scores = scorer.score_labels(features, inputs["image_grid_thw"])
+                    correct += int((scores.argmax(-1).cpu() == torch.tensor(rows["label"])).sum())
         finally:
             vlm.train(was_training)
         counts = torch.tensor([correct, len(shard)], device=self.accelerator.device)
         correct, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         return {"label_accuracy": correct / max(total, 1), "label_images": total}
 
+    def _set_signature_columns_if_needed(self):
+        # TRL keeps only the vision columns; a length-grouping sampler also needs the token counts.
+        super()._set_signature_columns_if_needed()
+        column = self.args.length_column_name
+        if self.args.train_sampling_strategy in LENGTH_SAMPLERS and column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, column]
+
 
 def build_sft_trainer(train_dataset, processor, args: SFTStageConfig, eval_dataset=None,
                       label_eval_dataset=None) -> SFTTrainer:
     """`SFTTrainer` over an instruction data set (`images`, `messages` columns) for the configured base model.
 
-    `eval_dataset` (instructions) gives `eval_loss`; `label_eval_dataset` (`image`, `label`) the label accuracy."""
+    `eval_dataset` (instructions) gives `eval_loss`; `label_eval_dataset` (`image`, `label`) the label accuracy.
+    The throughput options reach the trainer here: `attn_implementation` through `model_init_kwargs`, a length
+    column for `train_sampling_strategy: group_by_length`; the rest (DataLoader workers, pinned memory, Liger
+    kernels) are `TrainingArguments` that `Trainer` applies itself."""
     args.model_init_kwargs = dict(args.model_init_kwargs or {})
     args.model_init_kwargs.setdefault("dtype", _compute_dtype(args))
+    if args.attn_implementation is not None:
+        args.model_init_kwargs["attn_implementation"] = args.attn_implementation
     if args.load_in_4bit:
         args.model_init_kwargs["quantization_config"] = quantization_config(True, _compute_dtype(args),
                                                                             args.base_model_type())
         if not torch.cuda.is_available():
             args.model_init_kwargs.setdefault("device_map", "cpu")
+    train_dataset = train_dataset.select_columns(["images", "messages"])
+    eval_dataset = eval_dataset.select_columns(["images", "messages"]) if eval_dataset is not None else None
+    if args.train_sampling_strategy in LENGTH_SAMPLERS:  # Trainer's eval sampler groups by length too
+        train_dataset = add_length_column(train_dataset, processor, args.length_column_name)
+        if eval_dataset is not None:
+            eval_dataset = add_length_column(eval_dataset, processor, args.length_column_name)
     trainer = EmoVLMSFTTrainer(
         model=args.model_name_or_path,
         args=args,
-        train_dataset=train_dataset.select_columns(["images", "messages"]),
-        eval_dataset=eval_dataset.select_columns(["images", "messages"]) if eval_dataset is not None else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=args.peft_config(),
         label_eval_dataset=label_eval_dataset,
@@ -250,5 +335,5 @@ def run(context) -> None:
               resume_from_checkpoint=context.resume("sft"), skip_missing=generated,
               **context.recipe.processor_kwargs())
 
-__all__ = ["EmoVLMSFTTrainer", "run", "build_sft_trainer", "label_scorer", "save_merged", "train_sft",
-           "validation_subset"]
+__all__ = ["EmoVLMSFTTrainer", "add_length_column", "build_sft_trainer", "label_scorer", "masked_attention", "run",
+           "save_merged", "train_sft", "validation_subset"]
