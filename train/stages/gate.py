@@ -74,7 +74,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.utils import ModelOutput
 
 from modeling_emovlm_kd import EmoVLMKDFusion
-from modeling_emovlm_kd.fusion import gate_from_config, new_gate
+from modeling_emovlm_kd.fusion import gate_from_config
 from train.configs.gate_config import GateConfig
 from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
 
@@ -190,13 +190,6 @@ class GateTrainer(StrictCheckpointLoading, Trainer):
             self.control.should_training_stop = True
         with torch.no_grad():
             return self.objective(model, inputs).detach()
-
-
-def build_gate(gate_type: str, num_labels: int, num_experts: int = 3, seed: int = 0,
-               std: float = 0.02) -> nn.Module:
-    """A new gate seeded by `seed`, built and initialised by the model package (`fusion.new_gate`)."""
-    torch.manual_seed(seed)
-    return new_gate(gate_type, num_labels, num_experts, std=std)
 
 
 # ---- fits without a Trainer: choosing the weight decay, cross-validating ---------------------------------------
@@ -430,7 +423,6 @@ def run(context) -> dict:
 __all__ = [
     "GateStudent",
     "GateTrainer",
-    "build_gate",
     "choose_weight_decay",
     "cross_validated_logits",
     "fit_gate",
