@@ -495,9 +495,11 @@ def build(work: Path, settings: RunSettings, on_stage) -> tuple[object, dict]:
     teacher_processor.save_pretrained(work / "teacher")
     generate_images(work / "images", labels, settings.counts, settings.sizes, settings.seed)
     pipeline = Pipeline(validate_recipe(make_recipe(work, settings), where="bench"), on_stage=on_stage)
+    # Stage `base` first: it makes the folder a run, which refuses to start in a folder holding anything else (the
+    # answer cache written below lives in the run folder).
+    pipeline.run(stages=["base"])
     summary = generate_answers(pipeline.data["train"], CannedAnswers(), pipeline.context.answers_cache,
                                kinds=["conversation"], show_progress=False)
-    pipeline.run(stages=["base"])
     return pipeline, {"base": base, "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                       "images": settings.counts, "image_sizes": {s: list(v) for s, v in settings.sizes.items()},
                       "canned_answers": summary.generated + summary.cached}
