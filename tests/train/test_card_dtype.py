@@ -6,7 +6,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForImageClassification
 
-from train.commands.publish import HubFolder, build_card, stored_dtype
+from train.commands.card import HubFolder, build_card, stored_dtype
 from train.infra.assemble import assemble, save_hub_folder
 
 
