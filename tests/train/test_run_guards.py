@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import write_recipe
 
-from train.infra.provenance import DONE, Provenance, StageError
+from train.infra.provenance import DONE, Provenance, StageError, is_run_folder
 from train.infra.recipe import RecipeError, load_recipe, save_recipe
-from train.stages.pipeline import Pipeline, is_run_folder
+from train.stages.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("base", "instructions", "sft", "teacher", "features", "distill", "gate", "evaluate", "export")

@@ -21,7 +21,7 @@ from train.infra.evaluation import branch_name, markdown_table
 from train.infra.locks import LockedError
 from train.infra.recipe import Recipe, RecipeError, load_recipe
 from train.infra.run import Run, read_results
-from train.stages.pipeline import Pipeline, StageError, check_run_made_with, child_pipeline
+from train.stages.pipeline import Pipeline, StageError, child_pipeline
 
 SEEDED_STAGES = ("distill", "gate", "evaluate")
 SHARED_STAGES = STAGES[: STAGES.index(SEEDED_STAGES[0])]  # everything the seeded stages read, upstream
@@ -42,7 +42,7 @@ def seed_spread(parent: Recipe, seeds: int = 3) -> dict:
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}.")
     runs = {parent.seed: Pipeline(parent)}
-    check_run_made_with(runs[parent.seed], STAGES[: STAGES.index("evaluate") + 1])
+    runs[parent.seed].provenance.check_made_with(STAGES[: STAGES.index("evaluate") + 1])
     for seed in range(parent.seed + 1, parent.seed + seeds):
         child = child_run(parent, seed)
         child.run(stages=SEEDED_STAGES)

@@ -127,6 +127,14 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return changes
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is a run folder: it holds the run's `recipe.yaml` (written by every run before its first
+    stage starts) or a stage folder with a stage's marker (finished or started)."""
+    folder = Path(folder)
+    return (folder / "recipe.yaml").is_file() or any(
+        (folder / stage / marker).is_file() for stage in stage_table.names() for marker in (DONE, STARTED))
+
+
 def read_marker(stage_dir: Path, name: str = DONE) -> dict | None:
     try:
         marker = json.loads((stage_dir / name).read_text())
@@ -346,6 +354,61 @@ class Provenance:
                         "no file of the data changed since it finished).", stage)
         return True
 
+    def check_output_folder(self) -> None:
+        """Refuse an output folder that holds files but no run (`is_run_folder`): a run would replace its stage
+        folders. Nothing is written, not even the lock."""
+        folder, source = self.output_dir, self.recipe.source
+        if not folder.exists():
+            return
+        if not folder.is_dir():
+            raise StageError(f"{folder} is a file, not a run folder: choose another --output-dir (or output_dir in "
+                             f"{source}).")
+        # Hidden entries do not count: the lock, the temporary files of atomic writes (another rank's, under
+        # torchrun), a `.git`; a run writes no stage folder or result under such a name.
+        if any(not p.name.startswith(".") for p in folder.iterdir()) and not is_run_folder(folder):
+            raise StageError(f"{folder} is not empty and is not a run folder (it has no recipe.yaml and no stage "
+                             "marker): a run would replace its stage folders (base/, features/, evaluate/, final/, "
+                             f"...). Choose a new or empty folder with --output-dir (or output_dir in {source}).")
+
+    def check_order(self, stages) -> None:
+        """Every stage that `stages` read (directly or through others) and do not run themselves has finished: else
+        one line naming the first of them to run (the table's order), before anything is written."""
+        needed = set().union(*(stage_table.upstream(stage) for stage in stages)) - set(stages)
+        for up in sorted(needed, key=stage_table.names().index):
+            if not self.is_done(up):
+                first = next(stage for stage in stages if up in stage_table.upstream(stage))
+                raise StageError(f"Stage {first!r} needs stage {up!r}, which has not finished in {self.output_dir}: "
+                                 f"run `python -m train {up}` (and the stages after it) or the whole pipeline first.")
+
+    def stale_stages(self, stages, force: bool = False) -> list[str]:
+        """The stages of `stages` that will run (stale, forced, or reading one that runs), after checking that what
+        they read without running it is up to date (else `StageError` naming the stage to run first)."""
+        for stage in stages:
+            for up in stage_table.get(stage).reads:
+                if up not in stages:
+                    self.check_inputs_fresh(up)
+                    reason = self.stale_reason(up)
+                    if reason:
+                        raise StageError(f"Stage {stage!r} reads stage {up!r}, which is out of date in "
+                                         f"{self.output_dir}: {reason}. Run `python -m train {up}` (and what "
+                                         "follows) or the whole pipeline first.")
+        to_run: list[str] = []
+        for stage in stages:
+            reads = stage_table.get(stage).reads
+            if force or any(up in to_run for up in reads) or self.stale_reason(stage) is not None:
+                to_run.append(stage)
+        return to_run
+
+    def check_made_with(self, stages) -> None:
+        """Raise `StageError` unless each of `stages` is finished and up to date with this recipe (what a tool
+        reading a finished run, e.g. the seed spread, relies on)."""
+        for stage in stages:
+            reason = self.stale_reason(stage)
+            if reason:
+                raise StageError(f"The run in {self.output_dir} was not made with this recipe: stage {stage!r}: "
+                                 f"{reason}. Give the --set overrides it was made with, or bring it up to date with "
+                                 "`python -m train pipeline` first.")
+
     def check_inputs_fresh(self, stage: str) -> None:
         """Raise `StageError` unless every stage upstream of `stage` is finished and up to date."""
         for up in stage_table.get(stage).reads:
@@ -413,6 +476,6 @@ class Provenance:
             time.sleep(poll)
 
 
-__all__ = ["DONE", "FAILED", "RENAMED", "STARTED", "DataState", "Provenance", "StageError", "changed_keys",
-           "current_names", "data_fingerprint", "describe_data_change", "new_marker", "read_marker", "settings_hash",
-           "stage_settings"]
+__all__ = ["DONE", "DataState", "FAILED", "Provenance", "RENAMED", "STARTED", "StageError", "changed_keys",
+           "current_names", "data_fingerprint", "describe_data_change", "is_run_folder", "new_marker", "read_marker",
+           "settings_hash", "stage_settings"]

@@ -104,6 +104,24 @@ def get(name: str) -> Stage:
     raise KeyError(f"unknown stage {name!r}; the stages are {', '.join(names())}.")
 
 
+def upstream(name: str) -> set[str]:
+    """Every stage whose outputs `name` reads, directly or through others."""
+    found: set[str] = set()
+    pending = list(get(name).reads)
+    while pending:
+        up = pending.pop()
+        if up not in found:
+            found.add(up)
+            pending.extend(get(up).reads)
+    return found
+
+
+def consulted(stages) -> list[str]:
+    """The stages `stages` are and those they read, in the table's order."""
+    wanted = set(stages).union(*(upstream(stage) for stage in stages))
+    return [stage for stage in names() if stage in wanted]
+
+
 def config_sections() -> tuple[str, ...]:
     """The recipe sections that are stage configs (each named like its stage)."""
     return tuple(stage.name for stage in TABLE if stage.config)
@@ -111,4 +129,4 @@ def config_sections() -> tuple[str, ...]:
 
 STAGES = names()  # the order, for the command line and the analysis tools
 
-__all__ = ["STAGES", "TABLE", "Stage", "config_sections", "get", "names", "stages"]
+__all__ = ["STAGES", "TABLE", "Stage", "config_sections", "consulted", "get", "names", "stages", "upstream"]

@@ -10,7 +10,7 @@ process at a time works on a run folder (`<output_dir>/.lock`). Runs under `torc
 `Trainer` stages use all processes, the other stages run on the main process while the others wait.
 
 Nothing is lost and nothing runs on bad inputs. Before any stage runs, any stage folder is removed or `recipe.yaml`
-is written, `Pipeline.run` checks, in this order: that the output folder is a run folder or empty (`is_run_folder`:
+is written, `Pipeline.run` checks, in this order: that the output folder is a run folder or empty (`provenance.is_run_folder`:
 it holds `recipe.yaml` or a stage marker; a non-empty folder without one is refused, so `--output-dir` never wipes a
 folder of one's own); that each stage a command runs has the stages it reads finished and up to date (one line
 naming the stage to run first); the data (its file list and labels: a missing root or a layout its loader refuses is
@@ -37,7 +37,7 @@ from accelerate import PartialState
 from train.infra import stage_table
 from train.infra.evaluation import format_table
 from train.infra.locks import exclusive
-from train.infra.provenance import DONE, STARTED, Provenance, StageError
+from train.infra.provenance import Provenance, StageError
 from train.infra.recipe import DeviceError, Recipe, RecipeError, load_recipe, save_recipe, validate_recipe
 from train.infra.run import Run, RunFolderError
 from train.stages.context import StageContext
@@ -113,15 +113,15 @@ class Pipeline:
         subset (a single-stage command), the stages it reads must already be finished and up to date. Everything is
         checked (see the module docstring) before `recipe.yaml` is written or any stage starts."""
         stages = list(stage_table.names() if stages is None else stages)
-        self.check_output_folder()
-        self.check_order(stages)
-        if any(stage_table.get(stage).data_splits for stage in self.consulted(stages)):
+        self.provenance.check_output_folder()
+        self.provenance.check_order(stages)
+        if any(stage_table.get(stage).data_splits for stage in stage_table.consulted(stages)):
             self.recipe.require_data_root()  # a mistyped data root, named before anything else
         with self.lock():
             to_run = self.plan(stages, force)
             if self.state.is_main_process:
                 save_recipe(self.recipe, self.output_dir / "recipe.yaml")
-            for stage in self.consulted(stages):
+            for stage in stage_table.consulted(stages):
                 self.provenance.record_data(stage)
             labels_checked = "base" not in to_run
             for stage in stages:
@@ -139,67 +139,10 @@ class Pipeline:
                 self.run_stage(stage)
         return self.read().results()
 
-    def check_output_folder(self) -> None:
-        """Refuse an output folder that holds files but no run (`is_run_folder`): a run would replace its stage
-        folders. Nothing is written, not even the lock."""
-        folder = self.output_dir
-        if not folder.exists():
-            return
-        if not folder.is_dir():
-            raise StageError(f"{folder} is a file, not a run folder: choose another --output-dir (or output_dir in "
-                             f"{self.recipe.source}).")
-        # Hidden entries do not count: the lock, the temporary files of atomic writes (another rank's, under
-        # torchrun), a `.git`; a run writes no stage folder or result under such a name.
-        if any(not p.name.startswith(".") for p in folder.iterdir()) and not is_run_folder(folder):
-            raise StageError(f"{folder} is not empty and is not a run folder (it has no recipe.yaml and no stage "
-                             "marker): a run would replace its stage folders (base/, features/, evaluate/, final/, "
-                             "...). Choose a new or empty folder with --output-dir (or output_dir in "
-                             f"{self.recipe.source}).")
-
-    def check_order(self, stages: Sequence[str]) -> None:
-        """Every stage that `stages` read (directly or through others) and do not run themselves has finished: else
-        one line naming the first of them to run (the table's order), before anything is written."""
-        needed = set().union(*(self.upstream(stage) for stage in stages)) - set(stages)
-        for up in sorted(needed, key=stage_table.names().index):
-            if not self.is_done(up):
-                first = next(stage for stage in stages if up in self.upstream(stage))
-                raise StageError(f"Stage {first!r} needs stage {up!r}, which has not finished in {self.output_dir}: "
-                                 f"run `python -m train {up}` (and the stages after it) or the whole pipeline first.")
-
-    @staticmethod
-    def upstream(stage: str) -> set[str]:
-        """Every stage whose outputs `stage` reads, directly or through others."""
-        found: set[str] = set()
-        pending = list(stage_table.get(stage).reads)
-        while pending:
-            up = pending.pop()
-            if up not in found:
-                found.add(up)
-                pending.extend(stage_table.get(up).reads)
-        return found
-
-    def consulted(self, stages: Sequence[str]) -> list[str]:
-        """The stages a command runs and those they read, in the table's order."""
-        wanted = set(stages).union(*(self.upstream(stage) for stage in stages))
-        return [stage for stage in stage_table.names() if stage in wanted]
-
     def plan(self, stages: Sequence[str], force: bool) -> list[str]:
         """The stages that will run, after checking what they read (stages, data, this machine, the labels);
         raises `StageError`, `RecipeError` (the data) or `DeviceError` naming the first problem."""
-        for stage in stages:  # what a command reads without running it is up to date
-            for up in stage_table.get(stage).reads:
-                if up not in stages:
-                    self.provenance.check_inputs_fresh(up)
-                    reason = self.provenance.stale_reason(up)
-                    if reason:
-                        raise StageError(f"Stage {stage!r} reads stage {up!r}, which is out of date in "
-                                         f"{self.output_dir}: {reason}. Run `python -m train {up}` (and what "
-                                         "follows) or the whole pipeline first.")
-        to_run: list[str] = []
-        for stage in stages:
-            reads = stage_table.get(stage).reads
-            if force or any(up in to_run for up in reads) or self.provenance.stale_reason(stage) is not None:
-                to_run.append(stage)
+        to_run = self.provenance.stale_stages(stages, force)
         if any(stage_table.get(stage).data_splits for stage in to_run):
             self.provenance.data_state()  # the data's file list and labels, before any stage folder goes
         for stage in to_run:
@@ -207,25 +150,6 @@ class Pipeline:
         if "base" not in to_run and any(stage != "base" for stage in to_run):
             self.check_labels()
         return to_run
-
-
-def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` is a run folder: it holds the run's `recipe.yaml` (written by every run before its first
-    stage starts) or a stage folder with a stage's marker (finished or started)."""
-    folder = Path(folder)
-    return (folder / "recipe.yaml").is_file() or any(
-        (folder / stage / marker).is_file() for stage in stage_table.names() for marker in (DONE, STARTED))
-
-
-def check_run_made_with(pipeline: Pipeline, stages: Sequence[str]) -> None:
-    """Raise `StageError` unless each of `stages` is finished and up to date with `pipeline`'s recipe (what a tool
-    reading a finished run, e.g. the seed spread, relies on)."""
-    for stage in stages:
-        reason = pipeline.provenance.stale_reason(stage)
-        if reason:
-            raise StageError(f"The run in {pipeline.output_dir} was not made with this recipe: stage {stage!r}: "
-                             f"{reason}. Give the --set overrides it was made with, or bring it up to date with "
-                             "`python -m train pipeline` first.")
 
 
 def child_pipeline(parent: Recipe, folder: Path, overrides: dict[str, dict], shared: Sequence[str],
@@ -263,5 +187,5 @@ def print_results(results: dict) -> None:
 
 STAGES = stage_table.STAGES
 
-__all__ = ["STAGES", "DeviceError", "Pipeline", "RecipeError", "RunFolderError", "StageError", "check_run_made_with",
-           "child_pipeline", "is_run_folder", "load_recipe", "print_results"]
+__all__ = ["STAGES", "DeviceError", "Pipeline", "RecipeError", "RunFolderError", "StageError", "child_pipeline",
+           "load_recipe", "print_results"]
