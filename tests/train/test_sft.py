@@ -271,7 +271,7 @@ def test_evaluation_needs_a_validation_split_and_eval_max_images_an_evaluation(t
         sft_args(tmp_path, eval_max_images=4)
 
 
-@pytest.mark.parametrize("value, message", [(0, r"eval_max_images must be at least 1"),
+@pytest.mark.parametrize("value, message", [(0, r"sft\.eval_max_images: must be an integer >= 1, got 0"),
                                             ("many", r"sft\.eval_max_images: expected int")])
 def test_a_bad_eval_max_images_in_the_recipe_fails_naming_the_key(tmp_path, value, message):
     from train.infra.recipe import RecipeError, validate_recipe
