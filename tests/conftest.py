@@ -164,3 +164,29 @@ def qwen2_vl_tokenizer(tmp_path_factory):
     tokenizer = build_qwen2_vl_tokenizer(folder)
     tokenizer.name_or_path = str(folder)
     return tokenizer
+
+
+def _machine() -> str:
+    """The CPU this suite ran on and whether it has bf16 kernels: the numerics differ between this project's
+    machines (AVX512-BF16/AMX Xeons, AVX2-only EPYCs), so every run's output names the one it passed or failed on."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{name}, {os.cpu_count()} logical CPUs, {' '.join(simd) or 'no AVX2'}; {gpu}; torch {torch.__version__}"
+
+
+def pytest_report_header(config):
+    return f"machine: {_machine()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"machine: {_machine()}")
