@@ -23,6 +23,7 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
+from train.configs.sections import DEFAULT_TEACHER, DEFAULT_VLM
 from train.infra import registry, stage_table
 from train.infra import run as run_folder  # the run folder's light readers (no torch)
 from train.infra.evaluation import branch_name, vlm_name
@@ -360,8 +361,8 @@ def build_card(folder: HubFolder, variant: str, repo_id: str, dataset_name: str 
     base_models = recipe.get("base_models") or {}
     tiny_run = bool(base_models.get("tiny"))
     # A tiny test run derives from no Hub model; naming Qwen2-VL-7B as its base would be false.
-    base_vlm = None if tiny_run else base_models.get("vlm", common["base_model"])
-    teacher = None if tiny_run else base_models.get("teacher", common["teacher_model"])
+    base_vlm = None if tiny_run else base_models.get("vlm", DEFAULT_VLM)
+    teacher = None if tiny_run else base_models.get("teacher", DEFAULT_TEACHER)
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
         model_name=model_name,
