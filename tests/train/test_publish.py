@@ -339,6 +339,25 @@ def test_card_of_a_tiny_run_names_its_vlm_family(tmp_path):
     assert "Qwen2-VL" not in text.replace("Qwen2-VL-7B", "")
 
 
+def test_card_marks_the_fused_validation_numbers_in_sample_when_the_gate_was_fitted_on_validation(tmp_path):
+    """With `gate.fit_on: validation` the gate is fitted on the validation split: the fused model's validation
+    accuracy there is in-sample, and the card says so and gives the cross-validated figure stage 3 recorded."""
+    labels = ["red", "green", "blue"]
+    metrics = {"accuracy": 0.5, "macro_f1": 0.25, "per_class_accuracy": [1.0, 0.5, 0.0]}
+    results = {"labels": labels, "split": "test", "num_examples": 6, "recipe": {"base_models": {"tiny": True}},
+               "branches": {branch: metrics for branch in ("vlm", "head", "teacher", "fused")},
+               "validation": {branch: {"accuracy": 0.75, "macro_f1": 0.5} for branch in ("vlm", "head", "fused")},
+               "validation_in_sample": {"fused": {"fit_on": "validation", "cross_validated_accuracy": 0.625}}}
+    config = {"id2label": dict(enumerate(labels)), "vlm_config": {"model_type": "qwen2_vl"}}
+    text = ModelCard(str(build_card(HubFolder(tmp_path, config, results), "custom", "emo-org/tiny"))).text
+    assert "| EmoVLM-KD (fused) | 0.5000 | 0.2500 | 0.7500 (in-sample) | 0.5000 (in-sample) |" in text
+    assert "| Distilled head | 0.5000 | 0.2500 | 0.7500 | 0.5000 |" in text
+    assert "cross-validated accuracy there is 0.6250" in text
+    del results["validation_in_sample"]  # the paper's setting (fit_on: train): nothing to mark
+    text = ModelCard(str(build_card(HubFolder(tmp_path, config, results), "custom", "emo-org/tiny"))).text
+    assert "in-sample" not in text and "| EmoVLM-KD (fused) | 0.5000 | 0.2500 | 0.7500 | 0.5000 |" in text
+
+
 class RecordingApi:
     """What `commit_folder` asks of `HfApi`: the repo's files at the parent commit, then one commit."""
 

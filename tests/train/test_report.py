@@ -122,6 +122,15 @@ def test_report_links_only_files_it_wrote_and_shows_the_runs_numbers(run_copy, c
         assert f"{metrics['accuracy']:.4f}" in markdown, branch
     assert f"| {results['parameters']['head']:,} |" in markdown
     assert "differs from" not in markdown  # recomputed numbers equal the evaluate stage's
+    # The gate is fitted on the validation split (the default): the fused validation accuracy is in-sample, and
+    # results.json, the report and the card say so with stage 3's cross-validated figure.
+    gate = json.loads((run_copy / "gate" / "stage_done.json").read_text())
+    assert gate["fit_on"] == "validation"
+    assert results["validation_in_sample"] == {"fused": {"fit_on": "validation", "folds": gate["folds"],
+                                                         "cross_validated_accuracy": gate["cross_validated_accuracy"]}}
+    assert (f"| {results['validation']['fused']['accuracy']:.4f} (in-sample; cross-validated "
+            f"{gate['cross_validated_accuracy']:.4f}) |") in markdown
+    assert f"| {results['validation']['head']['accuracy']:.4f} |" in markdown  # the head's is not marked
     assert "| VLM (Qwen2-VL, tuned) |" in markdown and "| Qwen2-VL vs ViT teacher |" in markdown  # the run's backbone
     for label in results["labels"]:
         assert f"| {label} |" in markdown  # per-class table with class names

@@ -46,7 +46,8 @@ def test_a_clean_run_verifies(tiny_run):
                 "features/test.safetensors: fingerprint", "features: read sft, teacher (provenance)",
                 "final/: weights SHA-256 (export/stage_done.json)", "results.json fused accuracy (caches)",
                 "results.json fused accuracy (final/ on the test images)", "results.json teacher accuracy (caches)",
-                "final/: gate is gate/gate.safetensors"):
+                "final/: gate is gate/gate.safetensors", "results.json fused accuracy (caches, validation split)",
+                "results.json validation_in_sample (gate/stage_done.json fit_on)"):
         assert f"| {row} |" in result.stdout, row
     assert "All " in result.stdout and " checks agree." in result.stdout
     # The recomputed accuracies are compared exactly: the tolerance column says 0 and on what.
@@ -82,6 +83,26 @@ def test_an_edited_results_file_is_caught(tiny_run, tmp_path):
     assert "results.json fused accuracy (caches)" in failed
     assert "results.json fused accuracy (final/ on the test images)" in failed
     assert "results.json vlm accuracy (caches)" not in failed  # only what was edited is named
+
+
+@pytest.mark.slow
+def test_an_unmarked_or_edited_validation_table_is_caught(tiny_run, tmp_path):
+    """The gate is fitted on the validation split: results.json must mark the fused validation numbers in-sample
+    (a run written before the mark, or with it removed, fails naming it), and its validation table is recomputed."""
+    run, _ = copy_run(tiny_run, tmp_path)
+    for where in ("evaluate", "final"):
+        path = run / where / "results.json"
+        results = json.loads(path.read_text())
+        del results["validation_in_sample"]
+        results["validation"]["head"]["macro_f1"] = results["validation"]["head"]["macro_f1"] / 2
+        path.write_text(json.dumps(results, indent=2))
+    result = verify(run)
+    assert result.returncode == 1
+    failed = failing_rows(result.stdout)
+    assert "results.json validation_in_sample (gate/stage_done.json fit_on)" in failed
+    assert "rerun `python -m train evaluate --force`" in result.stdout
+    assert "results.json head macro_f1 (caches, validation split)" in failed
+    assert "results.json fused accuracy (caches, validation split)" not in failed
 
 
 @pytest.mark.slow

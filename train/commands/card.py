@@ -217,18 +217,23 @@ def stage_rows(recipe: dict) -> list[dict]:
 def results_context(results: dict, labels: list[str], vlm_type: str | None = None) -> dict:
     """The numbers of the card's results table, straight from results.json."""
     validation = results.get("validation") or {}
+    in_sample = results.get("validation_in_sample") or {}
     rows = []
     for branch, metrics in results["branches"].items():
         val = validation.get(branch) or {}
+        mark = " (in-sample)" if branch in in_sample else ""
         rows.append({
             "title": branch_name(branch, vlm_type),
             "accuracy": f"{metrics['accuracy']:.4f}", "macro_f1": f"{metrics['macro_f1']:.4f}",
-            "validation_accuracy": f"{val['accuracy']:.4f}" if "accuracy" in val else "–",
-            "validation_macro_f1": f"{val['macro_f1']:.4f}" if "macro_f1" in val else "–",
+            "validation_accuracy": f"{val['accuracy']:.4f}{mark}" if "accuracy" in val else "–",
+            "validation_macro_f1": f"{val['macro_f1']:.4f}{mark}" if "macro_f1" in val else "–",
         })
     per_class = (results["branches"].get("fused") or {}).get("per_class_accuracy") or []
+    fused = in_sample.get("fused") or {}
+    cross_validated = fused.get("cross_validated_accuracy")
     return {"split": results.get("split", "test"), "num_examples": results.get("num_examples"), "rows": rows,
-            "has_validation": bool(validation),
+            "has_validation": bool(validation), "fused_in_sample": bool(fused),
+            "fused_cross_validated": f"{cross_validated:.4f}" if cross_validated is not None else None,
             "fused_per_class": [(label, f"{value:.3f}") for label, value in zip(labels, per_class)]}
 
 

@@ -13,7 +13,8 @@ records is computed again:
 - the validation accuracy each stage recorded (`stage_done.json`): the teacher's from its saved folder
   (`AutoModelForImageClassification`) on the validation images, the head's and the gate's from their safetensors on
   the cached features;
-- `results.json`'s per-branch table of the test split from the caches, and the VLM's, head's and fused model's
+- `results.json`'s per-branch tables of the test and validation splits from the caches (and which validation numbers
+  it marks in-sample: the fused model's when stage 3 fitted the gate on validation), and the VLM's, head's and fused model's
   from `final/` itself (loaded with `from_pretrained`, as a user loads it, in the dtype the run recorded);
 - `final/`: its weights' SHA-256 is the one the export recorded, its head and gate are stage 2's and stage 3's, its
   `results.json` is the evaluation's.
@@ -228,15 +229,24 @@ def _branch_checks(source: str, recorded: dict, recomputed: dict, branches, tole
     return checks
 
 
-def results_from_caches(run) -> list[Check]:
-    """`results.json`'s test table computed again from the caches, the head and the gate."""
-    from train.infra.evaluation import evaluate_branches
+def results_from_caches(run, gate_marker: dict | None) -> list[Check]:
+    """`results.json`'s test and validation tables computed again from the caches, the head and the gate, and its
+    mark of the validation numbers that are in-sample (the gate fitted on validation: stage 3's marker)."""
+    from train.infra.evaluation import evaluate_branches, validation_in_sample
 
     recorded = run.results()
     recomputed = evaluate_branches(*run.branch_logits("test"), run.labels)
+    validation = evaluate_branches(*run.branch_logits("validation"), run.labels)
+    in_sample = validation_in_sample(gate_marker)
     return [Check("results.json num_examples (test split)", recorded.get("num_examples"),
                   recomputed["num_examples"]),
-            *_branch_checks("caches", recorded, recomputed, recomputed["branches"], 0.0)]
+            *_branch_checks("caches", recorded, recomputed, recomputed["branches"], 0.0),
+            *_branch_checks("caches, validation split", {"branches": recorded.get("validation")}, validation,
+                            validation["branches"], 0.0),
+            Check("results.json validation_in_sample (gate/stage_done.json fit_on)",
+                  recorded.get("validation_in_sample", {} if not in_sample else None), in_sample, None,
+                  "" if "validation_in_sample" in recorded or not in_sample else
+                  "not marked: rerun `python -m train evaluate --force`")]
 
 
 def load_final(folder: Path, computed_with: dict, device: str):
@@ -325,7 +335,7 @@ def verify_run(run_dir: str | Path, device: str | None = None, tolerance: float 
         *provenance_checks(run),
         *_guarded("feature caches: fingerprints", None, lambda: cache_checks(run)),
         *_guarded("stage accuracies", None, lambda: stage_accuracy_checks(run, markers, device)),
-        *_guarded("results.json from the caches", None, lambda: results_from_caches(run)),
+        *_guarded("results.json from the caches", None, lambda: results_from_caches(run, markers.get("gate"))),
         *_guarded("final/", None, lambda: final_checks(run, markers, device, tolerance)),
     ]
 

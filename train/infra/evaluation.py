@@ -100,6 +100,17 @@ def evaluate_branches(logits: dict[str, torch.Tensor], labels: torch.Tensor, lab
     return results
 
 
+def validation_in_sample(gate_marker: dict | None) -> dict:
+    """Which branches' validation numbers are in-sample: with `gate.fit_on: validation` stage 3 fits the gate on the
+    validation split, so the fused model's accuracy there is the fit's own (optimistic); its cross-validated accuracy
+    on those rows (stage 3's marker) is the fair figure. The paper's setting (`fit_on: train`) marks nothing."""
+    marker = gate_marker or {}
+    if marker.get("fit_on") != "validation":
+        return {}
+    return {"fused": {"fit_on": "validation", "cross_validated_accuracy": marker.get("cross_validated_accuracy"),
+                      "folds": marker.get("folds")}}
+
+
 def plot_confusion_matrices(results: dict, path: str | Path, model_type: str | None = None) -> Path:
     """The branches' confusion matrices side by side, rows normalised, with class names and counts."""
     import numpy as np
@@ -134,4 +145,4 @@ def format_table(results: dict, model_type: str | None = None) -> str:
 
 
 __all__ = ["BRANCHES", "BranchName", "branch_name", "classification_metrics", "evaluate_branches", "format_table",
-           "markdown_table", "plot_confusion_matrices", "save_figure", "vlm_name"]
+           "markdown_table", "plot_confusion_matrices", "save_figure", "validation_in_sample", "vlm_name"]

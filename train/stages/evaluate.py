@@ -6,8 +6,9 @@ caches and the trained head and gate, into `evaluate/results.json` with a confus
 
 from __future__ import annotations
 
-from train.infra.evaluation import evaluate_branches, plot_confusion_matrices
+from train.infra.evaluation import evaluate_branches, plot_confusion_matrices, validation_in_sample
 from train.infra.files import write_json_atomic
+from train.infra.provenance import read_marker
 
 
 def run(context) -> None:
@@ -18,6 +19,9 @@ def run(context) -> None:
     test = results["test"]
     test["split"] = "test"
     test["validation"] = results["validation"]["branches"]
+    # A gate fitted on the validation split makes the fused model's validation numbers in-sample: say so.
+    if in_sample := validation_in_sample(read_marker(context.stage_dir("gate"))):
+        test["validation_in_sample"] = in_sample
     # What may leave the machine (results.json goes into `final/`, the report and the model card).
     test["recipe"] = recipe.public()
     test["parameters"] = run.parameter_counts()
