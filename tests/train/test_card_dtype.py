@@ -50,7 +50,7 @@ def test_a_folder_without_weights_has_no_stored_dtype(tmp_path):
 def test_a_card_without_recorded_base_models_names_the_recipe_defaults(tiny_base, tmp_path):
     """The card's `base_model` falls back to the recipe's own defaults (one place: train/configs/sections.py), not to
     a second copy of the model ids."""
-    from train.configs.sections import DEFAULT_TEACHER, DEFAULT_VLM
+    from train.configs.base_models import DEFAULT_TEACHER, DEFAULT_VLM
 
     card = ModelCard(str(build_card(HubFolder.load(_export(tiny_base, tmp_path / "final", "float32")), "custom",
                                     "emo-org/defaults")))

@@ -23,7 +23,7 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
-from train.configs.sections import DEFAULT_TEACHER, DEFAULT_VLM
+from train.configs.base_models import DEFAULT_TEACHER, DEFAULT_VLM
 from train.infra import registry, stage_table
 from train.infra import run as run_folder  # the run folder's light readers (no torch)
 from train.infra.evaluation import branch_name, vlm_name

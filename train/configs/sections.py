@@ -17,9 +17,9 @@ from modeling_emovlm_kd.configuration_emovlm_kd import (
     EmoVLMKDConfig,
 )
 
-# The models a run starts from unless its recipe names others: the paper's.
-DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
-DEFAULT_TEACHER = "google/vit-base-patch16-384"
+# The models a run starts from unless its recipe names others: the paper's (train/configs/base_models.py).
+from train.configs.base_models import DEFAULT_TEACHER, DEFAULT_VLM
+
 # `EmoVLMKDConfig`'s defaults (a dataclass): the model section's options that go into the config default to them.
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EmoVLMKDConfig)}
 _CONFIG_FIELDS: list[str] = []  # the fields made by `_config_field`, in order
@@ -178,4 +178,4 @@ class ModelSection:
 ModelSection.CONFIG_KEYS = tuple(_CONFIG_FIELDS)
 
 
-__all__ = ["DEFAULT_TEACHER", "DEFAULT_VLM", "BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection"]
+__all__ = ["BaseModelsSection", "DataSection", "InstructionsSection", "ModelSection"]

@@ -15,7 +15,7 @@ from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_availa
 from trl import ModelConfig, SFTConfig, get_peft_config
 
 from modeling_emovlm_kd.backbones import get_backbone
-from train.configs.sections import DEFAULT_VLM
+from train.configs.base_models import DEFAULT_VLM
 
 # The instruction formats of stage 1 (the paper's three); an answer must be generated for all but the first.
 KINDS = ("categorical", "conversation", "reasoning")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from train.configs.sections import DEFAULT_TEACHER
+from train.configs.base_models import DEFAULT_TEACHER
 from train.configs.trainer_args import BestOnValidationArguments
 
 # How evaluation (and the teacher logits of the feature caches) fit an image to the teacher's square input.
