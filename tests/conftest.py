@@ -181,7 +181,14 @@ def _machine() -> str:
         pass
     simd = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{name}, {os.cpu_count()} logical CPUs, {' '.join(simd) or 'no AVX2'}; {gpu}; torch {torch.__version__}"
+    # What torch actually runs (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can hold it below the CPU's flags).
+    try:
+        bf16 = "yes" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    except (AttributeError, RuntimeError):
+        bf16 = "unknown"
+    kernels = f"torch kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {bf16}"
+    return (f"{name}, {os.cpu_count()} logical CPUs, {' '.join(simd) or 'no AVX2'} ({kernels}); {gpu}; "
+            f"torch {torch.__version__}")
 
 
 def pytest_report_header(config):
