@@ -437,6 +437,24 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             `explanation` (the decoded answer), `generated_tokens` (its length, the end-of-turn token included) and
             `truncated` (True when `max_new_tokens` cut it before the end of the turn).
         """
+        pixel_values, image_grid_thw = self._explanation_inputs(image_or_inputs, processor, max_new_tokens)
+        probabilities = self(pixel_values=pixel_values, image_grid_thw=image_grid_thw).logits.float().softmax(-1)
+        results = []
+        for answer, probs in zip(self._explanations(pixel_values, image_grid_thw, processor, max_new_tokens),
+                                 probabilities):
+            label = int(probs.argmax())
+            results.append({"label": self.config.id2label[label], "score": float(probs[label]), **answer})
+        return results
+
+    @torch.inference_mode()
+    def explanations(self, image_or_inputs, processor, max_new_tokens: int = 128) -> list[dict]:
+        """`explain` without its classification pass, for a caller that has already classified the same images
+        (the pipeline): one dict per image with `explanation`, `generated_tokens` and `truncated`."""
+        pixel_values, image_grid_thw = self._explanation_inputs(image_or_inputs, processor, max_new_tokens)
+        return self._explanations(pixel_values, image_grid_thw, processor, max_new_tokens)
+
+    def _explanation_inputs(self, image_or_inputs, processor, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """`explain`'s checks, and its images as `pixel_values` and `image_grid_thw` on the model's device."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}.")
         if processor.reasoning_prompt != self.config.reasoning_prompt:
@@ -446,9 +464,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             images = image_or_inputs if isinstance(image_or_inputs, (list, tuple)) else [image_or_inputs]
             image_or_inputs = processor.image_processor(images, return_tensors="pt")
         device = self.get_input_embeddings().weight.device
-        pixel_values = image_or_inputs["pixel_values"].to(device)
-        image_grid_thw = image_or_inputs["image_grid_thw"].to(device)
-        probabilities = self(pixel_values=pixel_values, image_grid_thw=image_grid_thw).logits.float().softmax(-1)
+        return image_or_inputs["pixel_values"].to(device), image_or_inputs["image_grid_thw"].to(device)
+
+    def _explanations(self, pixel_values, image_grid_thw, processor, max_new_tokens: int) -> list[dict]:
+        """The reasoning answer generated for each image (greedy, bounded by `max_new_tokens`)."""
         prompt = self._reasoning_prompt(processor, image_grid_thw)
         tokenizer = processor.tokenizer
         # The chat template ends the assistant's turn with `<|im_end|>` (Qwen's, every supported backbone).
@@ -460,12 +479,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             do_sample=False, eos_token_id=stop or None, pad_token_id=_pad_id(tokenizer),
         )
         results = []
-        for row, probs in zip(sequences[:, prompt["input_ids"].shape[1] :].tolist(), probabilities):
+        for row in sequences[:, prompt["input_ids"].shape[1] :].tolist():
             end = next((k for k, token in enumerate(row) if token in stop), None)
-            label = int(probs.argmax())
             results.append({
-                "label": self.config.id2label[label],
-                "score": float(probs[label]),
                 "explanation": tokenizer.decode(row[:end], skip_special_tokens=True).strip(),
                 "generated_tokens": len(row) if end is None else end + 1,
                 "truncated": end is None,

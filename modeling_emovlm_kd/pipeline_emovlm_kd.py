@@ -102,13 +102,13 @@ class EmoVLMKDImageClassificationPipeline(ImageClassificationPipeline):
         results = {}
         if targets and targets == readable:
             try:
-                results = dict(zip(targets, self.model.explain(batch, self.explaining_processor, **options)))
+                results = dict(zip(targets, self.model.explanations(batch, self.explaining_processor, **options)))
             except BATCH_ERRORS:
                 results = {}
         for i in targets:
             if i not in results:
                 try:
-                    (results[i],) = self.model.explain(singles[i], self.explaining_processor, **options)
+                    (results[i],) = self.model.explanations(singles[i], self.explaining_processor, **options)
                 except BATCH_ERRORS as error:
                     errors[i] = f"cannot explain this image: {' '.join(str(error).split())}"
         blank = [None] * len(errors)

@@ -98,3 +98,12 @@ def test_the_front_door_explains_on_request_and_only_then(tiny_checkpoint, loade
         assert b[0]["explanation"] == want["explanation"] and b[0]["label"] == want["label"]
     (bad,) = classifier(b"not an image", explain=True, max_new_tokens=5)
     assert bad["label"] is None and "error" in bad
+
+
+def test_the_front_door_classifies_once_when_it_explains(tiny_checkpoint):
+    """The pipeline has already classified the batch: explaining adds the generation only, not a second forward."""
+    classifier = pipeline("image-classification", model=str(tiny_checkpoint), trust_remote_code=True)
+    forwards = []
+    classifier.model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    classifier(images(seed=4), batch_size=3, explain=True, max_new_tokens=3)
+    assert len(forwards) == 1
