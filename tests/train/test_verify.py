@@ -100,7 +100,7 @@ def test_an_unmarked_or_edited_validation_table_is_caught(tiny_run, tmp_path):
     assert result.returncode == 1
     failed = failing_rows(result.stdout)
     assert "results.json validation_in_sample (gate/stage_done.json fit_on)" in failed
-    assert "rerun `python -m train evaluate --force`" in result.stdout
+    assert "rerun `python -m train evaluate --force`, then `python -m train export`" in result.stdout
     assert "results.json head macro_f1 (caches, validation split)" in failed
     assert "results.json fused accuracy (caches, validation split)" not in failed
 

@@ -95,11 +95,6 @@ def _guarded(name: str, recorded, compute: Callable[[], list[Check]]) -> list[Ch
         return [Check(name, recorded, f"error: {type(err).__name__}: {' '.join(str(err).split())}")]
 
 
-def _accuracy(logits, labels) -> float:
-    """Right predictions / rows in double precision, as the stages' `accuracy_metrics` (numpy) computes it."""
-    return int((logits.argmax(-1) == labels).sum()) / len(labels)
-
-
 def _tensors_digest(tensors: dict) -> str:
     """SHA-256 over named tensors (names, dtypes, shapes, bytes), independent of the file they are stored in."""
     import torch
@@ -128,12 +123,12 @@ def _folder_tensors(folder: Path, prefix: str) -> dict:
 # ---- a run ------------------------------------------------------------------------------------------------------
 
 
-def provenance_checks(run) -> list[Check]:
-    """Each marker's recorded inputs are the provenance of the markers it read; its settings are the recipe's."""
+def provenance_checks(run, markers: dict) -> list[Check]:
+    """Each marker's recorded inputs are the provenance of the markers it read (`markers`: each stage's, as read
+    once by `verify_run`); its settings are the recipe's."""
     from train.infra import stage_table
-    from train.infra.provenance import current_names, read_marker, settings_hash, stage_settings
+    from train.infra.provenance import current_names, settings_hash, stage_settings
 
-    markers = {stage: read_marker(run.stage_dir(stage)) for stage in STAGES}
     checks = []
     for stage in STAGES:
         marker = markers[stage]
@@ -203,6 +198,8 @@ def _accuracy_and_note(result: tuple[float, str]) -> tuple[float, float, str]:
 
 def stage_accuracy_checks(run, markers: dict, device: str) -> list[Check]:
     """The validation accuracy the teacher, distill and gate markers record, recomputed from the saved files."""
+    from train.stages.trainer_utils import accuracy
+
     validation = run.features("validation")
     recorded = {stage: (markers.get(stage) or {}).get("best_validation_accuracy")
                 for stage in ("teacher", "distill", "gate")}
@@ -212,10 +209,10 @@ def stage_accuracy_checks(run, markers: dict, device: str) -> list[Check]:
             *_accuracy_and_note(teacher_validation_accuracy(run, device)))]),
         *_guarded("distill/head.safetensors: validation accuracy", recorded["distill"], lambda: [Check(
             "distill/head.safetensors: validation accuracy (distill/stage_done.json)", recorded["distill"],
-            _accuracy(run.head_logits("validation"), validation["labels"]), 0.0)]),
+            accuracy(run.head_logits("validation"), validation["labels"]), 0.0)]),
         *_guarded("gate/gate.safetensors: validation accuracy", recorded["gate"], lambda: [Check(
             "gate/gate.safetensors: validation accuracy (gate/stage_done.json)", recorded["gate"],
-            _accuracy(run.fused_logits(run.gate_inputs("validation")), validation["labels"]), 0.0)]),
+            accuracy(run.fused_logits(run.gate_inputs("validation")), validation["labels"]), 0.0)]),
     ]
 
 
@@ -246,7 +243,7 @@ def results_from_caches(run, gate_marker: dict | None) -> list[Check]:
             Check("results.json validation_in_sample (gate/stage_done.json fit_on)",
                   recorded.get("validation_in_sample", {} if not in_sample else None), in_sample, None,
                   "" if "validation_in_sample" in recorded or not in_sample else
-                  "not marked: rerun `python -m train evaluate --force`")]
+                  "not marked: rerun `python -m train evaluate --force`, then `python -m train export`")]
 
 
 def load_final(folder: Path, computed_with: dict, device: str):
@@ -332,7 +329,7 @@ def verify_run(run_dir: str | Path, device: str | None = None, tolerance: float 
     run = open_run(run_dir)
     markers = {stage: read_marker(run.stage_dir(stage)) for stage in STAGES}
     return [
-        *provenance_checks(run),
+        *provenance_checks(run, markers),
         *_guarded("feature caches: fingerprints", None, lambda: cache_checks(run)),
         *_guarded("stage accuracies", None, lambda: stage_accuracy_checks(run, markers, device)),
         *_guarded("results.json from the caches", None, lambda: results_from_caches(run, markers.get("gate"))),

@@ -76,7 +76,7 @@ from transformers.utils import ModelOutput
 from modeling_emovlm_kd import EmoVLMKDFusion
 from modeling_emovlm_kd.fusion import gate_from_config
 from train.configs.gate_config import GateConfig
-from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy_metrics
+from train.stages.trainer_utils import FeatureDataset, StrictCheckpointLoading, accuracy, accuracy_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +216,6 @@ def fused_logits(gate: nn.Module, rows: dict[str, torch.Tensor], vlm_signal: str
         return EmoVLMKDFusion(None, gate, vlm_signal, head_signal)(
             rows["vlm_logits"].to(device), head_logits=rows["head_logits"].to(device),
             output_branch_weights=False).logits.cpu()
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return int((logits.argmax(-1) == labels).sum()) / len(labels)
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
@@ -373,7 +369,6 @@ def fit_gate(
     """Stage 3 as the recipe's `gate` section says (see the module docstring): `gate` fitted on the rows
     `args.fit_on` names, with `args.weight_decay` or the value `auto` chooses on held-out rows. Returns the gate,
     its trainer and what the stage's marker records."""
-    initial = copy.deepcopy(gate)  # where every selection and cross-validation fit starts
     folds = _validation_folds(validation["labels"], args) if args.fit_on == "validation" else args.folds
     on_validation = folds is not None and args.fit_on == "validation"
     rows = validation if on_validation else train
@@ -382,7 +377,7 @@ def fit_gate(
         record["fit_on_requested"] = args.fit_on  # too few validation rows to cross-validate (warned above)
     weight_decay = args.weight_decay
     if weight_decay == "auto":
-        weight_decay, scores = choose_weight_decay(initial, rows, None if on_validation else validation, vlm_signal,
+        weight_decay, scores = choose_weight_decay(gate, rows, None if on_validation else validation, vlm_signal,
                                                    head_signal, args, folds, args.seed)
         record["weight_decay_selection"] = {
             "on": f"{folds}-fold cross-validation on validation" if on_validation else "validation", "scores": scores}
@@ -390,7 +385,7 @@ def fit_gate(
                     record["weight_decay_selection"]["on"])
     record["weight_decay"] = weight_decay
     if on_validation:
-        logits = cross_validated_logits(initial, validation, vlm_signal, head_signal, args, args.weight_decay, folds,
+        logits = cross_validated_logits(gate, validation, vlm_signal, head_signal, args, args.weight_decay, folds,
                                         args.seed)
         record.update(folds=folds, cross_validated_accuracy=accuracy(logits, validation["labels"]))
         _report_against_branches(logits.argmax(-1), validation, f"on validation ({folds}-fold cross-validated)")
