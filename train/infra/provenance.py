@@ -383,15 +383,9 @@ class Provenance:
     def stale_stages(self, stages, force: bool = False) -> list[str]:
         """The stages of `stages` that will run (stale, forced, or reading one that runs), after checking that what
         they read without running it is up to date (else `StageError` naming the stage to run first)."""
+        checked: set[str] = set()
         for stage in stages:
-            for up in stage_table.get(stage).reads:
-                if up not in stages:
-                    self.check_inputs_fresh(up)
-                    reason = self.stale_reason(up)
-                    if reason:
-                        raise StageError(f"Stage {stage!r} reads stage {up!r}, which is out of date in "
-                                         f"{self.output_dir}: {reason}. Run `python -m train {up}` (and what "
-                                         "follows) or the whole pipeline first.")
+            self.check_inputs_fresh(stage, skip=stages, checked=checked)
         to_run: list[str] = []
         for stage in stages:
             reads = stage_table.get(stage).reads
@@ -409,16 +403,22 @@ class Provenance:
                                  f"{reason}. Give the --set overrides it was made with, or bring it up to date with "
                                  "`python -m train pipeline` first.")
 
-    def check_inputs_fresh(self, stage: str) -> None:
-        """Raise `StageError` unless every stage upstream of `stage` is finished and up to date."""
+    def check_inputs_fresh(self, stage: str, skip=(), checked: set[str] | None = None) -> None:
+        """Raise `StageError` unless every stage upstream of `stage` is finished and up to date, depth first. The
+        stages `stage` reads directly that are in `skip` are not checked (they are about to run); `checked` holds the
+        stages already found up to date, so each is read once per call however many stages read it."""
+        checked = set() if checked is None else checked
         for up in stage_table.get(stage).reads:
-            self.check_inputs_fresh(up)
+            if up in skip or up in checked:
+                continue
+            self.check_inputs_fresh(up, checked=checked)
             reason = self.stale_reason(up)
             if reason:
                 raise StageError(
                     f"Stage {stage!r} reads stage {up!r}, which is out of date in {self.output_dir}: {reason}. "
                     f"Run `python -m train {up}` (and what follows) or the whole pipeline first."
                 )
+            checked.add(up)
 
     def start(self, stage: str) -> None:
         """Clear what must not be reused, then record what this execution of the stage is computed from.

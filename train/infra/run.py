@@ -127,15 +127,9 @@ class Run:
     @cached_property
     def data(self):
         """The recipe's data set (`DatasetDict` of train/validation/test), with the recipe's labels checked."""
-        from train.infra import registry
         from train.infra.data import load_dataset_from_config
 
-        data = dict(self.recipe.as_set["data"])
-        kind = data.pop("kind")
-        if not registry.get(kind).named:  # generic loaders (imagefolder, hub) take the recipe's labels
-            data.setdefault("labels", self.labels)
-        if "split_file" in data and data["split_file"] is None:
-            data["split_file"] = str(self.output_dir / "split.json")
+        kind, data = self.recipe.data_options()
         dataset = load_dataset_from_config(kind, **data)
         names = dataset["train"].features["label"].names
         if names != self.labels:

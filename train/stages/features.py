@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from modeling_emovlm_kd.modeling_emovlm_kd import pool_visual_tokens
 from train.infra.assemble import assemble
+from train.infra.run import SPLITS
 from train.stages.teacher import pixel_values
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,6 @@ def compute_teacher_logits(teacher, image_processor, dataset, batch_size: int = 
     return {"teacher_logits": torch.cat(logits), "labels": torch.cat(labels)}
 
 
-SPLITS = ("train", "validation", "test")
-
-
 def run(context) -> None:
     """Pooled visual features, VLM label scores and teacher logits of every split, computed once.
 
@@ -218,7 +216,6 @@ def run(context) -> None:
         state.wait_for_everyone()
 
 __all__ = [
-    "SPLITS",
     "cache_fingerprint",
     "cached",
     "compute_teacher_logits",
