@@ -414,7 +414,7 @@ def classify_image(classifier: Classifier | None, load_error: str, payload: Any,
         # of raising keeps the outputs consistent with the input, and the server serves on either way.
         gr.Warning(str(err))
         return (*empty, f"**⚠️ {markdown_literal(err)}**")
-    truth = (truths or {}).get(file_digest(path))
+    truth = truths.get(file_digest(path)) if truths else None  # hashing a 20 MB upload only when there are examples
     verdict = "matches" if truth == prediction.label else f"differs (fused: {markdown_literal(prediction.label)})"
     return (
         prediction.fused,

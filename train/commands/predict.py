@@ -67,6 +67,14 @@ class OutdatedCheckpointError(ValueError):
     """The checkpoint's pipeline is not the front door this tool reads (it was exported by an earlier version)."""
 
 
+def require_front_door(pipeline, model_path) -> None:
+    """Refuse a checkpoint whose pipeline predates the front door (`predict` and `serve` read every branch from it)."""
+    if not getattr(pipeline, "answers_every_branch", False):
+        raise OutdatedCheckpointError(
+            f"{model_path} ships a pipeline_emovlm_kd.py from before the front door answered every branch: "
+            "export it again with this version (python -m train export --config RECIPE).")
+
+
 @dataclass
 class PredictionSummary:
     total: int = 0
@@ -255,10 +263,7 @@ class Predictor:
                  explain: bool = False, max_new_tokens: int | None = None):
         self.pipeline = load_pipeline(model_path, revision=revision, dtype=dtype or "auto", device=device,
                                       device_map=device_map, load_in_4bit=load_in_4bit)
-        if not getattr(self.pipeline, "answers_every_branch", False):
-            raise OutdatedCheckpointError(
-                f"{model_path} ships a pipeline_emovlm_kd.py from before the front door answered every branch: "
-                "export it again with this version (python -m train export --config RECIPE).")
+        require_front_door(self.pipeline, model_path)
         self.model = self.pipeline.model
         self.image_processor = self.pipeline.image_processor
         self.device = self.model.get_input_embeddings().weight.device
@@ -483,4 +488,4 @@ def main(args: argparse.Namespace) -> int:
 
 __all__ = ["OutdatedCheckpointError", "PredictionSummary", "PredictionsFileError", "Predictor", "add_arguments",
            "check_output", "is_predictions_file", "list_inputs", "loading_kwargs", "output_lock", "predict_files",
-           "main", "read_rows", "run_predict", "scan_inputs"]
+           "main", "read_rows", "require_front_door", "run_predict", "scan_inputs"]

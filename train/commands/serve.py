@@ -45,6 +45,7 @@ from functools import partial
 from modeling_emovlm_kd.handler import DEFAULT_MAX_IMAGES, DEFAULT_MAX_NEW_TOKENS, EndpointHandler, TooManyImages
 from modeling_emovlm_kd.loading_emovlm_kd import DTYPES
 from train.commands.arguments import non_negative_int, positive_int
+from train.commands.predict import require_front_door
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +88,14 @@ class Counters:
 
     requests: int = 0
     images: int = 0
-    batches: int = 0
-    largest_batch: int = 0
-    batch_sizes: Counter = field(default_factory=Counter)
+    batch_sizes: Counter = field(default_factory=Counter)  # batches formed, by size
     refused_busy: int = 0
     refused_too_large: int = 0
     refused_bad_request: int = 0
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "images": self.images, "batches": self.batches,
-                "largest_batch": self.largest_batch,
+        return {"requests": self.requests, "images": self.images, "batches": sum(self.batch_sizes.values()),
+                "largest_batch": max(self.batch_sizes, default=0),
                 "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
                 "refused_busy": self.refused_busy, "refused_too_large": self.refused_too_large,
                 "refused_bad_request": self.refused_bad_request}
@@ -179,9 +178,7 @@ class Batcher:
         for jobs in groups.values():
             options = {**jobs[0].options, "top_k": max(job.options["top_k"] for job in jobs)}
             images = [job.image for job in jobs]
-            self.counters.batches += 1
             self.counters.batch_sizes[len(jobs)] += 1
-            self.counters.largest_batch = max(self.counters.largest_batch, len(jobs))
             try:
                 answers = await asyncio.get_running_loop().run_in_executor(
                     self.executor, partial(self.classifier, images, batch_size=len(images), **options))
@@ -351,9 +348,7 @@ def main(args: argparse.Namespace) -> int:
                                   max_new_tokens=args.max_new_tokens, revision=args.revision, dtype=args.dtype,
                                   device_map=args.device_map, load_in_4bit=args.load_in_4bit)
         settings.check(handler.max_images)
-        if not getattr(handler.classifier, "answers_every_branch", False):
-            raise ValueError(f"{args.model} ships a pipeline_emovlm_kd.py from before the front door: export it again "
-                             "with this version (python -m train export --config RECIPE).")
+        require_front_door(handler.classifier, args.model)
     except (OSError, ValueError) as error:
         raise SystemExit(f"train serve: {error}") from None
     app = build_app(handler, settings, name=args.model)
