@@ -377,8 +377,9 @@ class Phases:
 # ---- what the phases build ---------------------------------------------------------------------------------
 
 
-def build_base(shape: Shape, folder: Path, seed: int) -> dict:
-    """A random Qwen2-VL of `shape` saved in bf16 with its tokenizer and bounded image processor."""
+def build_base(shape: Shape, folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A random Qwen2-VL of `shape` saved in `dtype` (bf16 by default) with its tokenizer and bounded image
+    processor."""
     from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
     from train.infra.run import count_parameters
     from train.infra.tiny import build_tiny_tokenizer
@@ -386,9 +387,9 @@ def build_base(shape: Shape, folder: Path, seed: int) -> dict:
     tokenizer = (build_tiny_tokenizer(resolve_label_set("mikels8")) if shape.name == "tiny" else
                  build_qwen2_vl_tokenizer(Path(__file__).parent / ".cache" / "qwen2-vl-tokenizer"))
     config = qwen2_vl_config(shape, tokenizer)
-    # Allocated once in bf16, torch's per-layer initialisers skipped (minutes for 2.2 B parameters on a small CPU);
-    # `random_init_` fills every matrix with N(0, 0.02) values instead.
-    with default_dtype(torch.bfloat16), no_init_weights():
+    # Allocated once in `dtype`, torch's per-layer initialisers skipped (minutes for 2.2 B parameters on a small
+    # CPU); `random_init_` fills every matrix with N(0, 0.02) values instead.
+    with default_dtype(dtype), no_init_weights():
         model = Qwen2VLForConditionalGeneration(config)
     random_init_(model, std=config.get_text_config().initializer_range, seed=seed)
     if config.tie_word_embeddings:

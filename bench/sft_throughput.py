@@ -32,26 +32,23 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import PrinterCallback, Qwen2VLForConditionalGeneration, TrainerCallback
-from transformers.initialization import no_init_weights
+from transformers import PrinterCallback, TrainerCallback
 
+from bench import pipeline_run
 from bench.common import (
     RESULTS_DIR,
-    default_dtype,
     device_name,
     log,
     make_shape,
     markdown_table,
-    qwen2_vl_config,
     random_images,
-    random_init_,
+    resolve_device,
     setup,
     summarize,
     write_json,
 )
-from modeling_emovlm_kd import EmoVLMKDImageProcessor, resolve_label_set
+from modeling_emovlm_kd import resolve_label_set
 from train.infra.assemble import load_processor
-from train.infra.qwen_tokenizer import build_qwen2_vl_tokenizer
 from train.infra.tiny import build_tiny_base_models
 from train.stages.instructions import build_instruction_dataset
 from train.stages.sft import SFTStageConfig, build_sft_trainer
@@ -177,8 +174,7 @@ def stage1_throughput(model: str | Path, device: str | torch.device = "auto", kn
     Returns `{"settings", "rows", "table"}`; a row per case: `status` (ok, refused, no effect), `reason`,
     `tokens_per_s` (median over `reps`, tokens without padding), `vs_baseline`, `padding_fraction`,
     `examples_per_s`, `rel_iqr`, `first_loss`, `seconds` (every repetition)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else \
-        torch.device(device)
+    device = resolve_device(str(device))
     names = list(KNOBS) if knobs is None else list(knobs)
     unknown = [name for name in names if name not in KNOBS]
     if unknown:
@@ -250,17 +246,8 @@ def build_base(shape_name: str, folder: Path, text_layers=None, vision_depth=Non
     and pixel-bounded image processor, or the test suite's tiny one."""
     if shape_name == "tiny":
         return Path(build_tiny_base_models(folder, resolve_label_set("mikels8"), seed=seed)["vlm"])
-    shape = make_shape(shape_name, text_layers, vision_depth)
-    tokenizer = build_qwen2_vl_tokenizer(Path(__file__).parent / ".cache" / "qwen2-vl-tokenizer")
-    config = qwen2_vl_config(shape, tokenizer)
-    with default_dtype(torch.float32), no_init_weights():
-        model = Qwen2VLForConditionalGeneration(config)
-    random_init_(model, std=config.get_text_config().initializer_range, seed=seed)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    EmoVLMKDImageProcessor(min_pixels=shape.min_pixels, max_pixels=shape.max_pixels).save_pretrained(folder)
+    # The pipeline benchmark's random base, in float32 (the dtype stage 1 trains in on a CPU).
+    pipeline_run.build_base(make_shape(shape_name, text_layers, vision_depth), folder, seed, dtype=torch.float32)
     return folder
 
 
