@@ -181,10 +181,11 @@ def test_a_model_cards_model_index_is_checked(tiny_run, colour_folder, tmp_path)
 def test_check_tolerances():
     import torch
 
-    from train.commands.verify import Check, _accuracy
+    from train.commands.verify import Check
+    from train.stages.trainer_utils import accuracy
 
     # As the stages' metric computes it (double precision): 3/5 is 0.6, not float32's 0.6000000238.
-    assert _accuracy(torch.eye(5)[[0, 1, 2, 0, 0]], torch.tensor([0, 1, 2, 3, 4])) == 0.6
+    assert accuracy(torch.eye(5)[[0, 1, 2, 0, 0]], torch.tensor([0, 1, 2, 3, 4])) == 0.6
 
     assert Check("a", 0.5, 0.5, 0.0).agrees and not Check("a", 0.5, 0.5 + 1e-9, 0.0).agrees
     assert Check("a", 0.5, 0.52, 0.05).agrees and not Check("a", None, 0.5, 1.0).agrees
